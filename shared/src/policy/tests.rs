@@ -1,0 +1,246 @@
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use governor::clock::FakeRelativeClock;
+
+use super::packet::build;
+use super::*;
+use crate::catalog::{PortRange, Rule};
+use crate::units::{Kbit, KbitPerSec};
+
+fn vnf(s: &str) -> VnfId {
+    VnfId::new(s).expect("vnf")
+}
+
+fn rule(name: &str, protocol: Protocol, port: Option<u16>, rate: u64, burst: u64) -> Rule {
+    Rule {
+        name: name.into(),
+        protocol,
+        ports: port.map(|p| PortRange { lo: p, hi: p }),
+        sources: None,
+        police: Police {
+            rate: KbitPerSec(rate),
+            burst: Kbit(burst),
+        },
+    }
+}
+
+fn catalog(rules: Vec<Rule>, default_action: DefaultAction) -> Arc<SecCatalog> {
+    Arc::new(SecCatalog {
+        vnf: vnf("server"),
+        version: 1,
+        gateway: None,
+        default_action,
+        rules,
+    })
+}
+
+fn engine(c: Arc<SecCatalog>) -> (PolicyEngine<FakeRelativeClock>, FakeRelativeClock) {
+    let clock = FakeRelativeClock::default();
+    (PolicyEngine::new(c, clock.clone()), clock)
+}
+
+#[test]
+fn after_idle_the_admitted_burst_equals_burst_exactly() {
+    for (rate, burst) in [(1000u64, 100u64), (10_000, 1000), (64, 16), (500_000, 8000)] {
+        let (mut e, clock) = engine(catalog(
+            vec![rule("http", Protocol::Tcp, Some(80), rate, burst)],
+            DefaultAction::Drop,
+        ));
+        let src = e.source_key(&vnf("client"));
+        clock.advance(Duration::from_secs(3600));
+        // 125-byte packets: burst bytes (burst * 125) is a whole number of them.
+        let pkt = build::tcp4(80, 125);
+        let mut admitted = 0u64;
+        for _ in 0..1_000_000 {
+            if !e.handle_packet(src, &pkt).passes() {
+                break;
+            }
+            admitted += 125;
+        }
+        assert_eq!(admitted, burst * 125, "rate {rate} burst {burst}");
+    }
+}
+
+#[test]
+fn offered_twice_the_rate_the_admitted_rate_is_within_2_percent() {
+    for rate_kbit in [64u64, 1_000, 10_000, 100_000, 1_000_000, 10_000_000] {
+        let (mut e, clock) = engine(catalog(
+            vec![rule("r", Protocol::Udp, Some(53), rate_kbit, 100)],
+            DefaultAction::Drop,
+        ));
+        let src = e.source_key(&vnf("client"));
+        let rate_bytes = rate_kbit * 125;
+        let len = 1000usize;
+        // Offer 2x the rate for 10 s, evenly spaced.
+        let offered_pps = 2 * rate_bytes / len as u64;
+        let gap = Duration::from_nanos(1_000_000_000 / offered_pps.max(1));
+        let n = (offered_pps * 10).max(20);
+        let pkt = build::ipv4(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            proto::UDP,
+            &build::udp(1, 53, len - 28),
+        );
+        let mut admitted = 0u64;
+        for _ in 0..n {
+            if e.handle_packet(src, &pkt).passes() {
+                admitted += len as u64;
+            }
+            clock.advance(gap);
+        }
+        let elapsed = gap.as_secs_f64() * n as f64;
+        let burst_bytes = 100.0 * 125.0;
+        let measured = (admitted as f64 - burst_bytes) / elapsed;
+        let err = (measured - rate_bytes as f64).abs() / rate_bytes as f64;
+        assert!(
+            err <= 0.02,
+            "rate {rate_kbit} kbit/s: admitted {measured:.0} B/s vs {rate_bytes} B/s ({:.2}%)",
+            err * 100.0
+        );
+    }
+}
+
+#[test]
+fn unmatched_traffic_gets_the_default_action() {
+    let rules = vec![rule("http", Protocol::Tcp, Some(80), 0, 0)];
+    let (mut e, _) = engine(catalog(rules.clone(), DefaultAction::Drop));
+    let src = SourceKey::UNKNOWN;
+    assert_eq!(
+        e.handle_packet(src, &build::tcp4(80, 60)),
+        Decision::Pass(Matched::Rule(0))
+    );
+    assert_eq!(e.handle_packet(src, &build::tcp4(22, 60)), Decision::DropNotListed);
+
+    let lowered = DefaultAction::Police(Police {
+        rate: KbitPerSec(8),
+        burst: Kbit(8),
+    });
+    let (mut e, _) = engine(catalog(rules, lowered));
+    // 8 kbit burst = 1000 bytes: ten 100-byte packets pass, the eleventh is limited.
+    for _ in 0..10 {
+        assert_eq!(
+            e.handle_packet(src, &build::tcp4(22, 100)),
+            Decision::Pass(Matched::Default)
+        );
+    }
+    assert_eq!(
+        e.handle_packet(src, &build::tcp4(22, 100)),
+        Decision::DropLimited(Matched::Default)
+    );
+    let c = e.counters();
+    assert_eq!((c.default.passed_packets, c.default.limited_packets), (10, 1));
+}
+
+#[test]
+fn a_catalog_swap_takes_effect_on_the_next_packet() {
+    let (mut e, _) = engine(catalog(vec![], DefaultAction::Drop));
+    let src = e.source_key(&vnf("client"));
+    let pkt = build::tcp4(443, 80);
+    assert_eq!(e.handle_packet(src, &pkt), Decision::DropNotListed);
+    e.set_catalog(catalog(
+        vec![rule("https", Protocol::Tcp, Some(443), 0, 0)],
+        DefaultAction::Drop,
+    ));
+    assert!(e.handle_packet(src, &pkt).passes());
+    e.set_catalog(catalog(vec![], DefaultAction::Drop));
+    assert_eq!(e.handle_packet(src, &pkt), Decision::DropNotListed);
+    // The rule's counter survives the swap.
+    assert_eq!(e.counters().rules["https"].passed_packets, 1);
+}
+
+#[test]
+fn sources_restrict_a_rule_and_limits_are_per_source() {
+    let mut r = rule("http", Protocol::Tcp, Some(80), 8, 8);
+    r.sources = Some(BTreeSet::from([vnf("client"), vnf("monitor")]));
+    let (mut e, _) = engine(catalog(vec![r], DefaultAction::Drop));
+    let (client, monitor, other) = (
+        e.source_key(&vnf("client")),
+        e.source_key(&vnf("monitor")),
+        e.source_key(&vnf("intruder")),
+    );
+    let pkt = build::tcp4(80, 1000);
+    assert!(e.handle_packet(client, &pkt).passes());
+    assert!(!e.handle_packet(client, &pkt).passes(), "client's burst is spent");
+    assert!(e.handle_packet(monitor, &pkt).passes(), "monitor has its own limiter");
+    assert_eq!(e.handle_packet(other, &pkt), Decision::DropNotListed);
+    assert_eq!(e.handle_packet(SourceKey::UNKNOWN, &pkt), Decision::DropNotListed);
+}
+
+#[test]
+fn per_source_keys_are_bounded() {
+    let clock = FakeRelativeClock::default();
+    let mut e = PolicyEngine::with_max_keys(
+        catalog(vec![rule("any", Protocol::Any, None, 8, 8)], DefaultAction::Drop),
+        clock,
+        4,
+    );
+    let pkt = build::tcp4(1, 1000);
+    let keys: Vec<SourceKey> = (0..10).map(|i| e.source_key(&vnf(&format!("s{i}")))).collect();
+    let passed = keys.iter().filter(|k| e.handle_packet(**k, &pkt).passes()).count();
+    // Four keyed limiters plus one shared overflow limiter: five packets pass, not ten.
+    assert_eq!(passed, 5);
+}
+
+#[test]
+fn protocols_ports_icmp_and_fragments() {
+    let mut range = rule("range", Protocol::Udp, None, 0, 0);
+    range.ports = Some(PortRange { lo: 1000, hi: 2000 });
+    let rules = vec![
+        rule("ping", Protocol::Icmp, None, 0, 0),
+        range,
+        rule("udp-any", Protocol::Udp, None, 0, 0),
+    ];
+    let (mut e, _) = engine(catalog(rules, DefaultAction::Drop));
+    let src = SourceKey::UNKNOWN;
+    let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+    let echo = build::ipv4(a, b, proto::ICMP, &build::icmp_echo(56));
+    assert_eq!(e.handle_packet(src, &echo), Decision::Pass(Matched::Rule(0)));
+    let (a6, b6) = (Ipv6Addr::LOCALHOST, Ipv6Addr::UNSPECIFIED);
+    let echo6 = build::ipv6(a6, b6, proto::ICMPV6, &[128, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(e.handle_packet(src, &echo6), Decision::Pass(Matched::Rule(0)));
+    let in_range = build::ipv4(a, b, proto::UDP, &build::udp(9, 1500, 4));
+    assert_eq!(e.handle_packet(src, &in_range), Decision::Pass(Matched::Rule(1)));
+    let out = build::ipv4(a, b, proto::UDP, &build::udp(9, 2001, 4));
+    assert_eq!(e.handle_packet(src, &out), Decision::Pass(Matched::Rule(2)));
+    // A non-first fragment skips the port rule and matches the port-less UDP rule.
+    let mut frag = build::ipv4(a, b, proto::UDP, &[1, 2, 3, 4]);
+    frag[7] = 0x20;
+    assert_eq!(e.handle_packet(src, &frag), Decision::Pass(Matched::Rule(2)));
+    let tcp = build::tcp4(1500, 40);
+    assert_eq!(e.handle_packet(src, &tcp), Decision::DropNotListed);
+    assert!(matches!(
+        e.handle_packet(src, &[0x45, 0, 0]),
+        Decision::DropMalformed(_)
+    ));
+    assert_eq!(e.counters().malformed_packets, 1);
+}
+
+#[test]
+fn packets_larger_than_the_burst_are_limited_not_panicking() {
+    let (mut e, _) = engine(catalog(
+        vec![rule("tiny", Protocol::Tcp, None, 8, 1)],
+        DefaultAction::Drop,
+    ));
+    // Burst 1 kbit = 125 bytes; a 1500-byte packet can never conform.
+    assert_eq!(
+        e.handle_packet(SourceKey::UNKNOWN, &build::tcp4(80, 1500)),
+        Decision::DropLimited(Matched::Rule(0))
+    );
+}
+
+#[test]
+fn limiter_cells_grow_with_the_rate() {
+    let spec = |kbit| {
+        LimiterSpec::from_police(&Police {
+            rate: KbitPerSec(kbit),
+            burst: Kbit(0),
+        })
+        .expect("limited")
+    };
+    assert_eq!(spec(10_000).cell_bytes, 1);
+    assert_eq!(spec(10_000).period, Duration::from_nanos(800));
+    assert_eq!(spec(10_000).burst_cells, 1_000_000);
+    assert!(spec(100_000_000).period >= Duration::from_nanos(100));
+    assert!(LimiterSpec::from_police(&Police::UNLIMITED).is_none());
+}
