@@ -232,7 +232,10 @@ impl SecCatalog {
         if self.rules.len() > MAX_RULES {
             return Err((
                 "rules".into(),
-                format!("{} rules; at most {MAX_RULES} are allowed", self.rules.len()),
+                format!(
+                    "{} rules; at most {MAX_RULES} are allowed",
+                    self.rules.len()
+                ),
             ));
         }
         if let DefaultAction::Police(p) = self.default_action {
@@ -315,7 +318,9 @@ pub struct Vnfd {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CatalogError {
     /// Larger than [`MAX_FILE_BYTES`].
-    #[error("{file}: {size} bytes is too large; a VNFD or catalog file may have at most {MAX_FILE_BYTES} bytes")]
+    #[error(
+        "{file}: {size} bytes is too large; a VNFD or catalog file may have at most {MAX_FILE_BYTES} bytes"
+    )]
     TooLarge {
         /// The file.
         file: String,
@@ -387,8 +392,9 @@ struct CatalogRaw {
     gateway: Option<String>,
     #[serde(default)]
     default_action: Option<DefaultRaw>,
+    /// `rules:` with nothing under it means no rules.
     #[serde(default)]
-    rules: Vec<RuleRaw>,
+    rules: Option<Vec<RuleRaw>>,
 }
 
 #[derive(Deserialize)]
@@ -476,7 +482,10 @@ fn parse_yaml<T: de::DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, Ca
         // The parser's message can quote the input; keep it to a readable length.
         let mut reason = e.to_string();
         if reason.len() > 600 {
-            let cut = (0..=600).rev().find(|&i| reason.is_char_boundary(i)).unwrap_or(0);
+            let cut = (0..=600)
+                .rev()
+                .find(|&i| reason.is_char_boundary(i))
+                .unwrap_or(0);
             reason.truncate(cut);
             reason.push_str("...");
         }
@@ -531,10 +540,11 @@ fn looks_like_vnfd(bytes: &[u8]) -> bool {
 }
 
 fn build_catalog(vnf: VnfId, raw: CatalogRaw) -> Result<SecCatalog, (String, String)> {
-    if raw.rules.len() > MAX_RULES {
+    let raw_rules = raw.rules.unwrap_or_default();
+    if raw_rules.len() > MAX_RULES {
         return Err((
             "rules".into(),
-            format!("{} rules; at most {MAX_RULES} are allowed", raw.rules.len()),
+            format!("{} rules; at most {MAX_RULES} are allowed", raw_rules.len()),
         ));
     }
     let gateway = raw
@@ -552,8 +562,8 @@ fn build_catalog(vnf: VnfId, raw: CatalogRaw) -> Result<SecCatalog, (String, Str
             burst: Kbit(p.ingress_policing_burst),
         }),
     };
-    let mut rules = Vec::with_capacity(raw.rules.len());
-    for (i, r) in raw.rules.into_iter().enumerate() {
+    let mut rules = Vec::with_capacity(raw_rules.len());
+    for (i, r) in raw_rules.into_iter().enumerate() {
         let f = |x: &str| format!("rules[{i}].{x}");
         let protocol: Protocol = r.protocol.parse().map_err(|e| (f("protocol"), e))?;
         let ports = r
@@ -566,7 +576,8 @@ fn build_catalog(vnf: VnfId, raw: CatalogRaw) -> Result<SecCatalog, (String, Str
             Some(list) => {
                 let mut set = BTreeSet::new();
                 for (j, s) in list.into_iter().enumerate() {
-                    let v = VnfId::new(s).map_err(|e| (f(&format!("sources[{j}]")), e.to_string()))?;
+                    let v =
+                        VnfId::new(s).map_err(|e| (f(&format!("sources[{j}]")), e.to_string()))?;
                     set.insert(v);
                 }
                 Some(set)
@@ -605,7 +616,12 @@ mod tests {
         let v = parse_vnfd("web-server.vnfd.yaml", EXAMPLE.as_bytes()).expect("example");
         assert_eq!(v.vnf.as_str(), "web-server");
         assert!(!v.catalog.rules.is_empty());
-        assert!(v.catalog.rules.iter().any(|r| r.ports == Some(PortRange { lo: 80, hi: 80 })));
+        assert!(
+            v.catalog
+                .rules
+                .iter()
+                .any(|r| r.ports == Some(PortRange { lo: 80, hi: 80 }))
+        );
     }
 
     fn vnfd(catalog: &str) -> String {
@@ -642,20 +658,56 @@ mod tests {
         );
         let zero = vnfd("    default_action:\n      police:\n        ingress_policing_rate: 0\n");
         let e = parse_vnfd("f.yaml", zero.as_bytes()).expect_err("rate 0 default");
-        assert!(e.to_string().contains("default_action.police.ingress_policing_rate"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("default_action.police.ingress_policing_rate"),
+            "{e}"
+        );
     }
 
     #[test]
     fn errors_name_file_field_and_reason() {
         let cases = [
-            ("    rules:\n      - protocol: sctp\n", "rules[0].protocol", "sctp"),
-            ("    rules:\n      - protocol: icmp\n        port: 7\n", "rules[0].port", "no ports"),
-            ("    rules:\n      - protocol: tcp\n        port: 0\n", "rules[0].port", "port 0"),
-            ("    rules:\n      - protocol: tcp\n        port: 70000\n", "rules[0].port", "70000"),
-            ("    rules:\n      - protocol: tcp\n        port: \"90-80\"\n", "rules[0].port", "empty"),
-            ("    rules:\n      - protocol: tcp\n        sources: []\n", "rules[0].sources", "admits nobody"),
-            ("    rules:\n      - protocol: tcp\n        sources: [\"bad name\"]\n", "rules[0].sources[0]", "letters"),
-            ("    rules:\n      - name: a\n        protocol: tcp\n      - name: a\n        protocol: udp\n", "rules[1].name", "duplicate"),
+            (
+                "    rules:\n      - protocol: sctp\n",
+                "rules[0].protocol",
+                "sctp",
+            ),
+            (
+                "    rules:\n      - protocol: icmp\n        port: 7\n",
+                "rules[0].port",
+                "no ports",
+            ),
+            (
+                "    rules:\n      - protocol: tcp\n        port: 0\n",
+                "rules[0].port",
+                "port 0",
+            ),
+            (
+                "    rules:\n      - protocol: tcp\n        port: 70000\n",
+                "rules[0].port",
+                "70000",
+            ),
+            (
+                "    rules:\n      - protocol: tcp\n        port: \"90-80\"\n",
+                "rules[0].port",
+                "empty",
+            ),
+            (
+                "    rules:\n      - protocol: tcp\n        sources: []\n",
+                "rules[0].sources",
+                "admits nobody",
+            ),
+            (
+                "    rules:\n      - protocol: tcp\n        sources: [\"bad name\"]\n",
+                "rules[0].sources[0]",
+                "letters",
+            ),
+            (
+                "    rules:\n      - name: a\n        protocol: tcp\n      - name: a\n        protocol: udp\n",
+                "rules[1].name",
+                "duplicate",
+            ),
             ("    gateway: web\n", "gateway", "own gateway"),
         ];
         for (catalog, field, reason) in cases {
@@ -666,13 +718,16 @@ mod tests {
             assert!(msg.contains(reason), "{msg} should say {reason}");
         }
         let typo = vnfd("    rulez: []\n");
-        let msg = parse_vnfd("typo.yaml", typo.as_bytes()).expect_err("typo").to_string();
+        let msg = parse_vnfd("typo.yaml", typo.as_bytes())
+            .expect_err("typo")
+            .to_string();
         assert!(msg.contains("typo.yaml") && msg.contains("rulez"), "{msg}");
     }
 
     #[test]
     fn standalone_catalog_files() {
-        let text = "vnf: web\nsec_catalog:\n  version: 7\n  rules:\n    - protocol: udp\n      port: 53\n";
+        let text =
+            "vnf: web\nsec_catalog:\n  version: 7\n  rules:\n    - protocol: udp\n      port: 53\n";
         let c = parse_catalog("c.yaml", text.as_bytes()).expect("catalog");
         assert_eq!((c.vnf.as_str(), c.version), ("web", 7));
         let c2 = parse_catalog("v.yaml", EXAMPLE.as_bytes()).expect("vnfd as catalog");

@@ -203,8 +203,7 @@ impl ChainProver {
 
     /// Bytes of state held (the structure and its buffers' capacity).
     pub fn state_bytes(&self) -> usize {
-        size_of::<Self>()
-            + (self.checkpoints.capacity() + self.segment.capacity()) * HASH_LEN
+        size_of::<Self>() + (self.checkpoints.capacity() + self.segment.capacity()) * HASH_LEN
     }
 
     /// Reveals the next element down the chain; `None` when only `h_0` is left.
@@ -288,7 +287,9 @@ pub enum RevealError {
     SeedRevealed,
     /// The element does not hash to the last accepted one: a wrong image or nonce, or
     /// another instance's chain.
-    #[error("element {index} does not extend the chain (wrong image, wrong nonce, or a foreign chain)")]
+    #[error(
+        "element {index} does not extend the chain (wrong image, wrong nonce, or a foreign chain)"
+    )]
     Mismatch {
         /// The reveal's index.
         index: u32,
@@ -465,7 +466,11 @@ const RENEWAL_NONCE: [u8; 12] = [0; 12];
 
 /// Seals the anchor of `new` under the element being revealed (`reveal` must be the
 /// element the prover reveals with this renewal).
-pub fn seal_renewal(reveal: &Reveal, new: &ChainSpec, new_anchor: &[u8; HASH_LEN]) -> SealedRenewal {
+pub fn seal_renewal(
+    reveal: &Reveal,
+    new: &ChainSpec,
+    new_anchor: &[u8; HASH_LEN],
+) -> SealedRenewal {
     let key = renewal_key(&reveal.element, new);
     let cipher = ChaCha20Poly1305::new(key.expose().into());
     let aad = renewal_aad(new);
@@ -604,7 +609,12 @@ mod tests {
         let spec = ChainSpec::new(key, 0, 20).expect("spec");
         let golden = seed(&Nonce::new([1; 32]), &key, b"golden", 0);
         let v = ChainVerifier::new(spec, anchor(&spec, &golden), 4);
-        let fake = seed(&Nonce::new([1; 32]), &key, b"golden-with-one-byte-changed", 0);
+        let fake = seed(
+            &Nonce::new([1; 32]),
+            &key,
+            b"golden-with-one-byte-changed",
+            0,
+        );
         let mut p = ChainProver::new(spec, fake);
         assert!(matches!(
             v.verify(&p.reveal().expect("r")),
@@ -650,7 +660,10 @@ mod tests {
         assert!(peak <= 64 * 1024, "prover state {peak} bytes");
         // The budget is 2 ms per reveal in release (see the benchmark); this only catches
         // a 10x regression in a debug build on a busy machine.
-        assert!(max < std::time::Duration::from_millis(50), "worst reveal {max:?}");
+        assert!(
+            max < std::time::Duration::from_millis(50),
+            "worst reveal {max:?}"
+        );
     }
 
     fn renewal_setup() -> (ChainProver, ChainVerifier, Reveal, ChainSpec, [u8; 32]) {

@@ -134,6 +134,44 @@ name_type!(
     "instance"
 );
 
+/// The role of an instance's agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// An ordinary VNF: tunnels to its peers, enforces its own catalog on ingress.
+    #[default]
+    Vnf,
+    /// The VNF-G/W: forwards between tunnels and enforces protected VNFs' catalogs.
+    Gateway,
+}
+
+impl Role {
+    /// The name used in files and on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Vnf => "vnf",
+            Role::Gateway => "gateway",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vnf" => Ok(Role::Vnf),
+            "gateway" => Ok(Role::Gateway),
+            other => Err(format!("unknown role {other:?}: expected vnf or gateway")),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The identity of one instance: SHA-256 over the labelled, length-prefixed tuple
 /// (tenant, VNF, instance, nonce). Public: it is a hash of the secret nonce, and it names
 /// the instance in every chain step, key derivation and message.

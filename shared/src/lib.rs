@@ -25,10 +25,10 @@
 
 pub mod catalog;
 pub mod chain;
+pub mod crypto;
 pub mod dh;
 pub mod ids;
 pub mod measure;
 pub mod policy;
-pub mod crypto;
 pub mod units;
 pub mod wire;

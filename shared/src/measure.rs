@@ -450,7 +450,10 @@ mod tests {
         let hex = |a| m.get(a).expect("digest").to_hex();
         assert_eq!(hex(Algorithm::Crc32), "352441c2");
         assert_eq!(hex(Algorithm::Md5), "900150983cd24fb0d6963f7d28e17f72");
-        assert_eq!(hex(Algorithm::Sha1), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(
+            hex(Algorithm::Sha1),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
         assert_eq!(
             hex(Algorithm::Sha256),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -516,7 +519,10 @@ mod tests {
         )
         .expect_err("must fail");
         let msg = err.to_string();
-        assert!(msg.contains("disk on fire") && msg.contains("disk"), "{msg}");
+        assert!(
+            msg.contains("disk on fire") && msg.contains("disk"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -59,7 +59,9 @@ pub enum UnsupportedGroup {
     #[error("D-H group {0} is too small: use ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192")]
     TooSmall(String),
     /// Anything else: custom primes are not accepted.
-    #[error("unknown D-H group {0:?}: only the RFC 7919 groups ffdhe3072, ffdhe4096, ffdhe6144 and ffdhe8192 are accepted")]
+    #[error(
+        "unknown D-H group {0:?}: only the RFC 7919 groups ffdhe3072, ffdhe4096, ffdhe6144 and ffdhe8192 are accepted"
+    )]
     Unknown(String),
 }
 
@@ -404,7 +406,10 @@ mod tests {
             assert_eq!(p.bits() as usize, g.bits());
             let bytes = p.to_bytes_be();
             assert!(bytes[..8].iter().all(|&b| b == 0xff), "{g} top 64 bits");
-            assert!(bytes[bytes.len() - 8..].iter().all(|&b| b == 0xff), "{g} low 64 bits");
+            assert!(
+                bytes[bytes.len() - 8..].iter().all(|&b| b == 0xff),
+                "{g} low 64 bits"
+            );
             // p = 7 mod 8, so 2 is a quadratic residue and generates the order-q subgroup.
             assert_eq!(p % 8u32, BigUint::from(7u32));
         }
@@ -423,7 +428,10 @@ mod tests {
                 return Some((tag, usize::from(l0), 2));
             }
             let n = usize::from(l0 & 0x7f);
-            let len = b.get(2..2 + n)?.iter().fold(0usize, |a, &x| (a << 8) | usize::from(x));
+            let len = b
+                .get(2..2 + n)?
+                .iter()
+                .fold(0usize, |a, &x| (a << 8) | usize::from(x));
             Some((tag, len, 2 + n))
         }
         let (t, _, h) = header(der)?;
@@ -465,12 +473,7 @@ mod tests {
         let g = Group::Ffdhe3072;
         let p = g.prime();
         let enc = |v: &BigUint| encode(g, v);
-        for bad in [
-            BigUint::zero(),
-            BigUint::one(),
-            p - 1u32,
-            p.clone(),
-        ] {
+        for bad in [BigUint::zero(), BigUint::one(), p - 1u32, p.clone()] {
             assert_eq!(
                 DhPublic::validate(g, &enc(&bad)),
                 Err(InvalidPublic::OutOfRange),

@@ -172,7 +172,6 @@ impl LimiterSpec {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst)
     }
-
 }
 
 /// One source's limiter and the bytes it owes short of a whole cell.
@@ -188,7 +187,8 @@ impl<C: Clock> SourceLimiter<C> {
         let ok = match u32::try_from(cells) {
             Ok(0) => true,
             Ok(n) => matches!(
-                self.gcra.check_n(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)),
+                self.gcra
+                    .check_n(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)),
                 Ok(Ok(()))
             ),
             Err(_) => false,

@@ -359,7 +359,14 @@ mod tests {
     #[test]
     fn ipv4_transports() {
         let p = parse(&ipv4(A4, B4, proto::TCP, &tcp(1234, 80, 0x02, 10))).expect("tcp");
-        assert_eq!(p.transport, Transport::Tcp { src_port: 1234, dst_port: 80, flags: 2 });
+        assert_eq!(
+            p.transport,
+            Transport::Tcp {
+                src_port: 1234,
+                dst_port: 80,
+                flags: 2
+            }
+        );
         assert_eq!((p.src, p.dst, p.len), (A4.into(), B4.into(), 50));
         let p = parse(&ipv4(A4, B4, proto::UDP, &udp(5, 53, 3))).expect("udp");
         assert_eq!(p.dst_port(), Some(53));
@@ -372,7 +379,12 @@ mod tests {
     #[test]
     fn ipv4_options_and_fragments() {
         // IHL 6: one 4-byte option word before TCP.
-        let mut p = ipv4(A4, B4, proto::TCP, &[[1u8, 1, 1, 0].as_slice(), &tcp(1, 22, 0, 0)].concat());
+        let mut p = ipv4(
+            A4,
+            B4,
+            proto::TCP,
+            &[[1u8, 1, 1, 0].as_slice(), &tcp(1, 22, 0, 0)].concat(),
+        );
         p[0] = 0x46;
         assert_eq!(parse(&p).expect("options").dst_port(), Some(22));
         // A non-first fragment has no transport header.
@@ -415,7 +427,10 @@ mod tests {
         // First fragment (offset 0) keeps its transport header; a later one does not.
         let mut f = vec![proto::UDP, 0, 0, 1, 0, 0, 0, 1];
         f.extend_from_slice(&udp(1, 53, 0));
-        assert_eq!(parse(&ipv6(A6, B6, 44, &f)).expect("frag0").dst_port(), Some(53));
+        assert_eq!(
+            parse(&ipv6(A6, B6, 44, &f)).expect("frag0").dst_port(),
+            Some(53)
+        );
         let later = [proto::UDP, 0, 0x05, 0x00, 0, 0, 0, 1, 9, 9];
         let p = parse(&ipv6(A6, B6, 44, &later)).expect("frag");
         assert_eq!((p.transport, p.protocol), (Transport::Fragment, proto::UDP));
@@ -430,7 +445,10 @@ mod tests {
         assert!(parse(&ipv6(A6, B6, 0, &l)).is_err());
         // A chain of hop-by-hop headers longer than the limit.
         let chain: Vec<u8> = (0..10).flat_map(|_| [0u8, 0, 0, 0, 0, 0, 0, 0]).collect();
-        assert_eq!(parse(&ipv6(A6, B6, 0, &chain)), Err(PacketError::TooManyExtensions));
+        assert_eq!(
+            parse(&ipv6(A6, B6, 0, &chain)),
+            Err(PacketError::TooManyExtensions)
+        );
         let mut p = ipv6(A6, B6, proto::UDP, &udp(1, 2, 0));
         p[5] = 200;
         assert_eq!(parse(&p), Err(PacketError::BadLength("IPv6 payload")));

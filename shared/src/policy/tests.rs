@@ -110,7 +110,10 @@ fn unmatched_traffic_gets_the_default_action() {
         e.handle_packet(src, &build::tcp4(80, 60)),
         Decision::Pass(Matched::Rule(0))
     );
-    assert_eq!(e.handle_packet(src, &build::tcp4(22, 60)), Decision::DropNotListed);
+    assert_eq!(
+        e.handle_packet(src, &build::tcp4(22, 60)),
+        Decision::DropNotListed
+    );
 
     let lowered = DefaultAction::Police(Police {
         rate: KbitPerSec(8),
@@ -129,7 +132,10 @@ fn unmatched_traffic_gets_the_default_action() {
         Decision::DropLimited(Matched::Default)
     );
     let c = e.counters();
-    assert_eq!((c.default.passed_packets, c.default.limited_packets), (10, 1));
+    assert_eq!(
+        (c.default.passed_packets, c.default.limited_packets),
+        (10, 1)
+    );
 }
 
 #[test]
@@ -161,23 +167,40 @@ fn sources_restrict_a_rule_and_limits_are_per_source() {
     );
     let pkt = build::tcp4(80, 1000);
     assert!(e.handle_packet(client, &pkt).passes());
-    assert!(!e.handle_packet(client, &pkt).passes(), "client's burst is spent");
-    assert!(e.handle_packet(monitor, &pkt).passes(), "monitor has its own limiter");
+    assert!(
+        !e.handle_packet(client, &pkt).passes(),
+        "client's burst is spent"
+    );
+    assert!(
+        e.handle_packet(monitor, &pkt).passes(),
+        "monitor has its own limiter"
+    );
     assert_eq!(e.handle_packet(other, &pkt), Decision::DropNotListed);
-    assert_eq!(e.handle_packet(SourceKey::UNKNOWN, &pkt), Decision::DropNotListed);
+    assert_eq!(
+        e.handle_packet(SourceKey::UNKNOWN, &pkt),
+        Decision::DropNotListed
+    );
 }
 
 #[test]
 fn per_source_keys_are_bounded() {
     let clock = FakeRelativeClock::default();
     let mut e = PolicyEngine::with_max_keys(
-        catalog(vec![rule("any", Protocol::Any, None, 8, 8)], DefaultAction::Drop),
+        catalog(
+            vec![rule("any", Protocol::Any, None, 8, 8)],
+            DefaultAction::Drop,
+        ),
         clock,
         4,
     );
     let pkt = build::tcp4(1, 1000);
-    let keys: Vec<SourceKey> = (0..10).map(|i| e.source_key(&vnf(&format!("s{i}")))).collect();
-    let passed = keys.iter().filter(|k| e.handle_packet(**k, &pkt).passes()).count();
+    let keys: Vec<SourceKey> = (0..10)
+        .map(|i| e.source_key(&vnf(&format!("s{i}"))))
+        .collect();
+    let passed = keys
+        .iter()
+        .filter(|k| e.handle_packet(**k, &pkt).passes())
+        .count();
     // Four keyed limiters plus one shared overflow limiter: five packets pass, not ten.
     assert_eq!(passed, 5);
 }
@@ -195,18 +218,30 @@ fn protocols_ports_icmp_and_fragments() {
     let src = SourceKey::UNKNOWN;
     let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
     let echo = build::ipv4(a, b, proto::ICMP, &build::icmp_echo(56));
-    assert_eq!(e.handle_packet(src, &echo), Decision::Pass(Matched::Rule(0)));
+    assert_eq!(
+        e.handle_packet(src, &echo),
+        Decision::Pass(Matched::Rule(0))
+    );
     let (a6, b6) = (Ipv6Addr::LOCALHOST, Ipv6Addr::UNSPECIFIED);
     let echo6 = build::ipv6(a6, b6, proto::ICMPV6, &[128, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(e.handle_packet(src, &echo6), Decision::Pass(Matched::Rule(0)));
+    assert_eq!(
+        e.handle_packet(src, &echo6),
+        Decision::Pass(Matched::Rule(0))
+    );
     let in_range = build::ipv4(a, b, proto::UDP, &build::udp(9, 1500, 4));
-    assert_eq!(e.handle_packet(src, &in_range), Decision::Pass(Matched::Rule(1)));
+    assert_eq!(
+        e.handle_packet(src, &in_range),
+        Decision::Pass(Matched::Rule(1))
+    );
     let out = build::ipv4(a, b, proto::UDP, &build::udp(9, 2001, 4));
     assert_eq!(e.handle_packet(src, &out), Decision::Pass(Matched::Rule(2)));
     // A non-first fragment skips the port rule and matches the port-less UDP rule.
     let mut frag = build::ipv4(a, b, proto::UDP, &[1, 2, 3, 4]);
     frag[7] = 0x20;
-    assert_eq!(e.handle_packet(src, &frag), Decision::Pass(Matched::Rule(2)));
+    assert_eq!(
+        e.handle_packet(src, &frag),
+        Decision::Pass(Matched::Rule(2))
+    );
     let tcp = build::tcp4(1500, 40);
     assert_eq!(e.handle_packet(src, &tcp), Decision::DropNotListed);
     assert!(matches!(
