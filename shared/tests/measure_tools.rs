@@ -101,6 +101,7 @@ fn small_and_boundary_sizes_match_the_tools() {
     let options = MeasureOptions {
         chunk_size: chunk,
         queue_depth: 2,
+        workers: 0,
     };
     for size in [
         0,
