@@ -87,22 +87,22 @@ proptest! {
         let (a, b, c) = (id(&sa, "a"), id(&sb, "b"), id(&sc, "c"));
         let ka = DhKeyPair::derive(g, &ChainElement::new(sa), &a, ea);
         let kb = DhKeyPair::derive(g, &ChainElement::new(sb), &b, eb);
-        let ab = ka.preshared_key((&a, ea), (&b, eb), kb.public().as_bytes()).expect("ab");
-        let ba = kb.preshared_key((&b, eb), (&a, ea), ka.public().as_bytes()).expect("ba");
+        let ab = ka.preshared_key((&a, ea), (&b, eb), kb.public()).expect("ab");
+        let ba = kb.preshared_key((&b, eb), (&a, ea), ka.public()).expect("ba");
         prop_assert_eq!(&ab, &ba);
 
         // A third party with another chain, posing as a, gets another key with b.
         let kc = DhKeyPair::derive(g, &ChainElement::new(sc), &a, ea);
-        let cb = kc.preshared_key((&a, ea), (&b, eb), kb.public().as_bytes()).expect("cb");
+        let cb = kc.preshared_key((&a, ea), (&b, eb), kb.public()).expect("cb");
         prop_assert_ne!(&cb, &ab);
         let _ = c;
 
         // Either side at another epoch derives another key.
         let ka2 = DhKeyPair::derive(g, &ChainElement::new(sa), &a, ea + 1);
-        let ab2 = ka2.preshared_key((&a, ea + 1), (&b, eb), kb.public().as_bytes()).expect("ab2");
+        let ab2 = ka2.preshared_key((&a, ea + 1), (&b, eb), kb.public()).expect("ab2");
         prop_assert_ne!(&ab2, &ab);
         let kb2 = DhKeyPair::derive(g, &ChainElement::new(sb), &b, eb + 1);
-        let ab3 = ka.preshared_key((&a, ea), (&b, eb + 1), kb2.public().as_bytes()).expect("ab3");
+        let ab3 = ka.preshared_key((&a, ea), (&b, eb + 1), kb2.public()).expect("ab3");
         prop_assert_ne!(&ab3, &ab);
     }
 }

@@ -88,12 +88,12 @@ fn structures_holding_secrets_print_no_secret() {
     // the shared value.
     let kp = DhKeyPair::derive(Group::Ffdhe3072, &sd, &id, 0);
     let other = DhKeyPair::derive(Group::Ffdhe3072, &ChainElement::new([1; 32]), &id, 1);
-    let shared = kp.shared_secret(other.public().as_bytes()).expect("shared");
+    let shared = kp.shared_secret(other.public()).expect("shared");
     let text = format!("{kp:?} {shared:?}");
     assert_clean("DhKeyPair", &text, &seed_bytes);
     assert_clean("shared value", &text, &shared.expose()[..32]);
     let psk = kp
-        .preshared_key((&id, 0), (&id, 1), other.public().as_bytes())
+        .preshared_key((&id, 0), (&id, 1), other.public())
         .expect("psk");
     assert_clean("PresharedKey", &format!("{psk:?}"), psk.expose());
 

@@ -15,8 +15,15 @@
 //! order-q subgroup exactly when it is a quadratic residue, which costs a GCD-like loop
 //! instead of a full-size exponentiation.
 //!
-//! Exponents and shared values live in zeroized buffers; the temporary big integers that
-//! `num-bigint` builds during an exponentiation are not zeroized (it offers no way to).
+//! Exponentiation with a secret exponent must not leak the exponent through its timing.
+//! `num-bigint`'s `modpow` is variable-time, so with the default `libcrypto` feature the
+//! secret exponentiations run in OpenSSL's constant-time Montgomery ladder
+//! (`BN_mod_exp_mont_consttime`, also about five times faster here); `num-bigint` parses
+//! and validates public values, and does the exponentiation only in builds without
+//! libcrypto (documented as variable-time there).
+//!
+//! Exponents and shared values live in zeroized buffers; libcrypto's temporaries are
+//! cleared before they are freed, `num-bigint`'s are not (it offers no way to).
 
 mod groups;
 
@@ -303,14 +310,11 @@ impl DhKeyPair {
             x[0] = 1;
         }
         let exponent = SecretVec::new(x);
-        let prm = group.params();
-        let r = prm
-            .g
-            .modpow(&BigUint::from_bytes_be(exponent.expose()), &prm.p);
+        let public = DhPublic(secret_pow(group, &group.params().g, &exponent));
         Self {
             group,
             exponent,
-            public: DhPublic(encode(group, &r)),
+            public,
         }
     }
 
@@ -324,26 +328,64 @@ impl DhKeyPair {
         &self.public
     }
 
-    /// K_ij = R_peer^x mod p, after validating R_peer.
-    pub fn shared_secret(&self, peer: &[u8]) -> Result<SecretVec, InvalidPublic> {
-        let prm = self.group.params();
-        let r = parse_public(self.group, peer)?;
-        let x = BigUint::from_bytes_be(self.exponent.expose());
-        let k = r.modpow(&x, &prm.p);
-        Ok(SecretVec::new(encode(self.group, &k)))
+    /// K_ij = R_peer^x mod p. `peer` was validated when it was decoded.
+    pub fn shared_secret(&self, peer: &DhPublic) -> Result<SecretVec, InvalidPublic> {
+        if peer.0.len() != self.group.element_len() {
+            // A value validated in another group.
+            return Err(InvalidPublic::Length {
+                expected: self.group.element_len(),
+                got: peer.0.len(),
+            });
+        }
+        let r = BigUint::from_bytes_be(&peer.0);
+        Ok(SecretVec::new(secret_pow(self.group, &r, &self.exponent)))
     }
 
-    /// The WireGuard preshared key between `me` (at `my_epoch`) and `peer` (at
-    /// `peer_epoch`, with public value `peer_public`). Both sides derive the same key.
+    /// The WireGuard preshared key between `me` and `peer`, each an (identity, epoch);
+    /// `peer_public` is the peer's validated R. Both sides derive the same key.
     pub fn preshared_key(
         &self,
         me: (&InstanceKey, u32),
         peer: (&InstanceKey, u32),
-        peer_public: &[u8],
+        peer_public: &DhPublic,
     ) -> Result<PresharedKey, InvalidPublic> {
         let k = self.shared_secret(peer_public)?;
         Ok(psk_from_shared(&k, me, peer))
     }
+}
+
+/// `base^exponent mod p`, encoded to the group's length, in constant time with libcrypto.
+#[cfg(feature = "libcrypto")]
+fn secret_pow(group: Group, base: &BigUint, exponent: &SecretVec) -> Vec<u8> {
+    use openssl::bn::{BigNum, BigNumContext};
+    let run = || -> Result<Vec<u8>, openssl::error::ErrorStack> {
+        let p = BigNum::from_slice(&group.params().p.to_bytes_be())?;
+        let b = BigNum::from_slice(&base.to_bytes_be())?;
+        let mut x = BigNum::from_slice(exponent.expose())?;
+        x.set_const_time();
+        let mut out = BigNum::new()?;
+        out.set_const_time();
+        let mut ctx = BigNumContext::new()?;
+        out.mod_exp(&b, &x, &p, &mut ctx)?;
+        let len = i32::try_from(group.element_len()).unwrap_or(i32::MAX);
+        let v = out.to_vec_padded(len)?;
+        x.clear();
+        out.clear();
+        Ok(v)
+    };
+    // libcrypto fails here only on allocation failure; fall back rather than panic.
+    run().unwrap_or_else(|_| variable_time_pow(group, base, exponent))
+}
+
+#[cfg(not(feature = "libcrypto"))]
+fn secret_pow(group: Group, base: &BigUint, exponent: &SecretVec) -> Vec<u8> {
+    variable_time_pow(group, base, exponent)
+}
+
+/// `num-bigint`'s exponentiation: correct, but its timing depends on the exponent.
+fn variable_time_pow(group: Group, base: &BigUint, exponent: &SecretVec) -> Vec<u8> {
+    let x = BigUint::from_bytes_be(exponent.expose());
+    encode(group, &base.modpow(&x, &group.params().p))
 }
 
 /// PSK = HKDF(K_ij, label | lower (ID, epoch) | higher (ID, epoch)).
@@ -514,12 +556,15 @@ mod tests {
         let sb = ChainElement::new([2; 32]);
         let ka = DhKeyPair::derive(Group::Ffdhe3072, &sa, &a, 0);
         let kb = DhKeyPair::derive(Group::Ffdhe3072, &sb, &b, 0);
-        let pa = ka
-            .preshared_key((&a, 0), (&b, 0), kb.public().as_bytes())
-            .expect("a");
-        let pb = kb
-            .preshared_key((&b, 0), (&a, 0), ka.public().as_bytes())
-            .expect("b");
+        let pa = ka.preshared_key((&a, 0), (&b, 0), kb.public()).expect("a");
+        let pb = kb.preshared_key((&b, 0), (&a, 0), ka.public()).expect("b");
         assert_eq!(pa, pb);
+        // libcrypto's constant-time exponentiation agrees with num-bigint's.
+        let x = SecretVec::new(vec![0x5a; Group::Ffdhe3072.exponent_len()]);
+        let base = BigUint::from_bytes_be(kb.public().as_bytes());
+        assert_eq!(
+            secret_pow(Group::Ffdhe3072, &base, &x),
+            variable_time_pow(Group::Ffdhe3072, &base, &x)
+        );
     }
 }

@@ -32,7 +32,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::catalog::{DefaultAction, Police, Protocol, SecCatalog};
 use crate::ids::VnfId;
-use packet::{PacketError, PacketMeta, Transport, proto};
+use packet::{PacketError, PacketMeta, proto};
 
 /// Default bound on per-source limiters per rule.
 pub const DEFAULT_MAX_KEYS: usize = 4096;
@@ -245,47 +245,35 @@ impl<C: Clock + Clone> KeyedLimiter<C> {
     }
 }
 
+/// The match part of a rule, kept small and contiguous (12 bytes) and evaluated without
+/// branches: the scan over a catalog's rules touches only these, not the limiters and
+/// counters.
 #[derive(Clone, Copy)]
-enum ProtoMatch {
-    Exact(u8),
-    Icmp,
-    Any,
+struct Matcher {
+    /// The two protocol numbers that match (ICMP and ICMPv6 for `icmp`; twice the same
+    /// number for TCP and UDP).
+    proto_a: u8,
+    proto_b: u8,
+    any_proto: bool,
+    /// Whether the rule names ports; then `lo..=hi` must hold the destination port.
+    needs_port: bool,
+    lo: u16,
+    hi: u16,
+    /// Index into `PolicyEngine::rule_sources`; `NO_SOURCES` = any source.
+    sources: u16,
 }
 
-struct CompiledRule<C: Clock> {
-    proto: ProtoMatch,
-    ports: Option<(u16, u16)>,
-    /// Sorted interned sources; `None` = any.
-    sources: Option<Vec<u32>>,
-    limiter: Option<KeyedLimiter<C>>,
-    counters: RuleCounters,
-}
+const NO_SOURCES: u16 = u16::MAX;
 
-impl<C: Clock> CompiledRule<C> {
-    fn matches(&self, m: &PacketMeta, source: SourceKey) -> bool {
-        let proto_ok = match self.proto {
-            ProtoMatch::Exact(p) => m.protocol == p,
-            ProtoMatch::Icmp => m.protocol == proto::ICMP || m.protocol == proto::ICMPV6,
-            ProtoMatch::Any => true,
-        };
-        if !proto_ok {
-            return false;
-        }
-        if let Some((lo, hi)) = self.ports {
-            // Non-first fragments carry no port: they never match a port rule.
-            match m.transport {
-                Transport::Tcp { dst_port, .. } | Transport::Udp { dst_port, .. } => {
-                    if dst_port < lo || dst_port > hi {
-                        return false;
-                    }
-                }
-                _ => return false,
-            }
-        }
-        match &self.sources {
-            None => true,
-            Some(list) => list.binary_search(&source.0).is_ok(),
-        }
+impl Matcher {
+    #[inline]
+    fn matches(&self, protocol: u8, port: Option<u16>) -> bool {
+        let proto_ok = self.any_proto | (protocol == self.proto_a) | (protocol == self.proto_b);
+        // Non-first fragments carry no port (`port` is `None`): they never match a port
+        // rule.
+        let (has_port, p) = (port.is_some(), port.unwrap_or(0));
+        let port_ok = !self.needs_port | (has_port & (self.lo <= p) & (p <= self.hi));
+        proto_ok & port_ok
     }
 }
 
@@ -295,7 +283,15 @@ pub struct PolicyEngine<C: Clock + Clone> {
     clock: C,
     max_keys: usize,
     catalog: Arc<SecCatalog>,
-    rules: Vec<CompiledRule<C>>,
+    matchers: Vec<Matcher>,
+    /// For TCP (0) and UDP (1): per destination port, the first rule that matches the
+    /// protocol and port (sources aside), or `NO_RULE`. A port-addressed packet then costs
+    /// one lookup instead of a scan of the catalog.
+    port_index: [Vec<u16>; 2],
+    /// Sorted interned sources of the rules that name them.
+    rule_sources: Vec<Vec<u32>>,
+    limiters: Vec<Option<KeyedLimiter<C>>>,
+    counters: Vec<RuleCounters>,
     default_limiter: Option<KeyedLimiter<C>>,
     default_counters: RuleCounters,
     not_listed: (u64, u64),
@@ -310,7 +306,7 @@ impl<C: Clock + Clone> std::fmt::Debug for PolicyEngine<C> {
         f.debug_struct("PolicyEngine")
             .field("vnf", &self.catalog.vnf)
             .field("version", &self.catalog.version)
-            .field("rules", &self.rules.len())
+            .field("rules", &self.matchers.len())
             .finish_non_exhaustive()
     }
 }
@@ -327,7 +323,11 @@ impl<C: Clock + Clone> PolicyEngine<C> {
             clock,
             max_keys: max_keys.max(1),
             catalog: Arc::new(SecCatalog::deny_all(catalog.vnf.clone())),
-            rules: Vec::new(),
+            matchers: Vec::new(),
+            port_index: [Vec::new(), Vec::new()],
+            rule_sources: Vec::new(),
+            limiters: Vec::new(),
+            counters: Vec::new(),
             default_limiter: None,
             default_counters: RuleCounters::default(),
             not_listed: (0, 0),
@@ -365,34 +365,51 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     /// Replaces the catalog. Limiters start afresh; counters of rules whose name stays
     /// carry on.
     pub fn set_catalog(&mut self, catalog: Arc<SecCatalog>) {
-        for (old, r) in self.catalog.rules.iter().zip(self.rules.drain(..)) {
-            let e = self.retired.entry(old.name.clone()).or_default();
-            add(e, &r.counters);
+        for (old, c) in self.catalog.rules.iter().zip(self.counters.drain(..)) {
+            add(self.retired.entry(old.name.clone()).or_default(), &c);
         }
-        let mut rules = Vec::with_capacity(catalog.rules.len());
+        self.matchers.clear();
+        self.rule_sources.clear();
+        self.limiters.clear();
         for r in &catalog.rules {
-            let sources = r.sources.as_ref().map(|set| {
-                let mut v: Vec<u32> = set.iter().map(|s| self.intern(s).0).collect();
-                v.sort_unstable();
-                v.dedup();
-                v
-            });
-            let counters = self.retired.remove(&r.name).unwrap_or_default();
-            rules.push(CompiledRule {
-                proto: match r.protocol {
-                    Protocol::Tcp => ProtoMatch::Exact(proto::TCP),
-                    Protocol::Udp => ProtoMatch::Exact(proto::UDP),
-                    Protocol::Icmp => ProtoMatch::Icmp,
-                    Protocol::Any => ProtoMatch::Any,
-                },
-                ports: r.ports.map(|p| (p.lo, p.hi)),
+            let sources = match &r.sources {
+                None => NO_SOURCES,
+                Some(set) => {
+                    let mut v: Vec<u32> = set.iter().map(|s| self.intern(s).0).collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    self.rule_sources.push(v);
+                    // At most MAX_RULES (1024) rules, so the index fits below NO_SOURCES.
+                    (self.rule_sources.len() - 1) as u16
+                }
+            };
+            let (proto_a, proto_b, any_proto) = match r.protocol {
+                Protocol::Tcp => (proto::TCP, proto::TCP, false),
+                Protocol::Udp => (proto::UDP, proto::UDP, false),
+                Protocol::Icmp => (proto::ICMP, proto::ICMPV6, false),
+                Protocol::Any => (0, 0, true),
+            };
+            let (lo, hi) = r.ports.map_or((0, u16::MAX), |p| (p.lo, p.hi));
+            self.matchers.push(Matcher {
+                proto_a,
+                proto_b,
+                any_proto,
+                needs_port: r.ports.is_some(),
+                lo,
+                hi,
                 sources,
-                limiter: LimiterSpec::from_police(&r.police)
-                    .map(|s| KeyedLimiter::new(s, &self.clock, self.max_keys)),
-                counters,
             });
+            self.limiters.push(
+                LimiterSpec::from_police(&r.police)
+                    .map(|s| KeyedLimiter::new(s, &self.clock, self.max_keys)),
+            );
+            self.counters
+                .push(self.retired.remove(&r.name).unwrap_or_default());
         }
-        self.rules = rules;
+        self.port_index = [
+            first_rule_per_port(&self.matchers, proto::TCP),
+            first_rule_per_port(&self.matchers, proto::UDP),
+        ];
         self.default_limiter = match catalog.default_action {
             DefaultAction::Drop => None,
             DefaultAction::Police(p) => LimiterSpec::from_police(&p)
@@ -416,22 +433,43 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     /// Decides for an already parsed packet.
     pub fn decide(&mut self, source: SourceKey, meta: &PacketMeta) -> Decision {
         let len = meta.len;
-        for (i, r) in self.rules.iter_mut().enumerate() {
-            if !r.matches(meta, source) {
-                continue;
-            }
+        let port = meta.dst_port();
+        // Where the scan starts: the port index's first candidate for TCP and UDP.
+        let start = match (meta.protocol, port) {
+            (proto::TCP, Some(p)) => self.port_index[0].get(usize::from(p)).copied(),
+            (proto::UDP, Some(p)) => self.port_index[1].get(usize::from(p)).copied(),
+            _ => Some(0),
+        }
+        .unwrap_or(0);
+        let hit = if start == NO_RULE {
+            None
+        } else {
+            let start = usize::from(start);
+            self.matchers[start..]
+                .iter()
+                .position(|m| {
+                    m.matches(meta.protocol, port)
+                        && (m.sources == NO_SOURCES
+                            || self.rule_sources[usize::from(m.sources)]
+                                .binary_search(&source.0)
+                                .is_ok())
+                })
+                .map(|i| i + start)
+        };
+        if let Some(i) = hit {
             let which = Matched::Rule(i as u16);
-            let ok = match &mut r.limiter {
+            let ok = match &mut self.limiters[i] {
                 None => true,
                 Some(l) => l.admit(source, len),
             };
+            let c = &mut self.counters[i];
             return if ok {
-                r.counters.passed_packets += 1;
-                r.counters.passed_bytes += len as u64;
+                c.passed_packets += 1;
+                c.passed_bytes += len as u64;
                 Decision::Pass(which)
             } else {
-                r.counters.limited_packets += 1;
-                r.counters.limited_bytes += len as u64;
+                c.limited_packets += 1;
+                c.limited_bytes += len as u64;
                 Decision::DropLimited(which)
             };
         }
@@ -458,8 +496,8 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     /// Every counter, cumulative.
     pub fn counters(&self) -> CounterSnapshot {
         let mut rules = self.retired.clone();
-        for (r, c) in self.catalog.rules.iter().zip(&self.rules) {
-            add(rules.entry(r.name.clone()).or_default(), &c.counters);
+        for (r, c) in self.catalog.rules.iter().zip(&self.counters) {
+            add(rules.entry(r.name.clone()).or_default(), c);
         }
         CounterSnapshot {
             catalog_version: self.catalog.version,
@@ -470,6 +508,46 @@ impl<C: Clock + Clone> PolicyEngine<C> {
             malformed_packets: self.malformed,
         }
     }
+}
+
+/// No rule: the value of a port-index entry no rule covers.
+const NO_RULE: u16 = u16::MAX;
+
+/// For every destination port, the index of the first rule matching (`protocol`, port),
+/// by a sweep over the ports with the covering rules in a min-heap (`O(65536 log R)`).
+fn first_rule_per_port(matchers: &[Matcher], protocol: u8) -> Vec<u16> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
+    // (first port, last port, rule index) of every rule that can match this protocol.
+    let mut spans: Vec<(u16, u16, u16)> = matchers
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.matches(protocol, None) || (m.needs_port && m.matches(protocol, Some(m.lo))))
+        .map(|(i, m)| {
+            let (lo, hi) = if m.needs_port { (m.lo, m.hi) } else { (0, u16::MAX) };
+            (lo, hi, i as u16)
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut table = vec![NO_RULE; 1 << 16];
+    let mut active: BinaryHeap<Reverse<(u16, u16)>> = BinaryHeap::new();
+    let mut next = 0;
+    for (port, slot) in table.iter_mut().enumerate() {
+        while next < spans.len() && usize::from(spans[next].0) == port {
+            active.push(Reverse((spans[next].2, spans[next].1)));
+            next += 1;
+        }
+        while active.peek().is_some_and(|Reverse((_, hi))| usize::from(*hi) < port) {
+            active.pop();
+        }
+        // The heap's top is the lowest-numbered rule still covering the port; a rule that
+        // ended earlier but is not on top is removed when it surfaces.
+        if let Some(Reverse((idx, _))) = active.peek() {
+            *slot = *idx;
+        }
+    }
+    table
 }
 
 fn add(into: &mut RuleCounters, c: &RuleCounters) {

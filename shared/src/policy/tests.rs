@@ -279,3 +279,64 @@ fn limiter_cells_grow_with_the_rate() {
     assert!(spec(100_000_000).period >= Duration::from_nanos(100));
     assert!(LimiterSpec::from_police(&Police::UNLIMITED).is_none());
 }
+
+#[test]
+fn the_port_index_agrees_with_a_linear_scan() {
+    // Overlapping ranges, port-less rules, `any` and source-restricted rules, in an order
+    // where later rules are shadowed on part of their range.
+    let mut r = vec![
+        rule("a", Protocol::Tcp, None, 0, 0),
+        rule("b", Protocol::Udp, None, 0, 0),
+        rule("c", Protocol::Udp, None, 0, 0),
+        rule("d", Protocol::Tcp, Some(443), 0, 0),
+        rule("e", Protocol::Any, None, 0, 0),
+    ];
+    r[0].ports = Some(PortRange { lo: 100, hi: 200 });
+    r[0].sources = Some(BTreeSet::from([vnf("client")]));
+    r[1].ports = Some(PortRange { lo: 150, hi: 160 });
+    r[2].ports = Some(PortRange { lo: 1, hi: 65535 });
+    r[2].sources = Some(BTreeSet::from([vnf("monitor")]));
+    let c = catalog(r.clone(), DefaultAction::Drop);
+    let (mut e, _) = engine(c.clone());
+    let keys = [
+        e.source_key(&vnf("client")),
+        e.source_key(&vnf("monitor")),
+        SourceKey::UNKNOWN,
+    ];
+    let names: Vec<VnfId> = vec![vnf("client"), vnf("monitor"), vnf("nobody")];
+    for port in [1u16, 99, 100, 150, 155, 160, 161, 200, 201, 443, 444, 65535] {
+        for (k, who) in keys.iter().zip(&names) {
+            for (udp, pkt) in [
+                (false, build::tcp4(port, 60)),
+                (
+                    true,
+                    build::ipv4(
+                        Ipv4Addr::new(10, 0, 0, 1),
+                        Ipv4Addr::new(10, 0, 0, 2),
+                        proto::UDP,
+                        &build::udp(7, port, 4),
+                    ),
+                ),
+            ] {
+                // The first rule in catalog order that matches, computed naively.
+                let expected = r.iter().position(|rl| {
+                    let proto_ok = match rl.protocol {
+                        Protocol::Tcp => !udp,
+                        Protocol::Udp => udp,
+                        Protocol::Any => true,
+                        Protocol::Icmp => false,
+                    };
+                    proto_ok
+                        && rl.ports.is_none_or(|p| p.contains(port))
+                        && rl.sources.as_ref().is_none_or(|s| s.contains(who))
+                });
+                let got = match e.handle_packet(*k, &pkt) {
+                    Decision::Pass(Matched::Rule(i)) => Some(usize::from(i)),
+                    Decision::DropNotListed => None,
+                    other => panic!("unexpected {other:?}"),
+                };
+                assert_eq!(got, expected, "port {port} udp {udp} source {who}");
+            }
+        }
+    }
+}
