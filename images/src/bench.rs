@@ -84,9 +84,18 @@ fn ours(file: &Path, algs: &[Algorithm], repeat: usize) -> Result<f64, MeasureEr
 }
 
 /// Runs the benchmark on `file`.
-pub fn run(file: &Path, repeat: usize, log: &mut dyn FnMut(&str)) -> Result<BenchReport, MeasureError> {
+pub fn run(
+    file: &Path,
+    repeat: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<BenchReport, MeasureError> {
     log("warming the page cache");
-    let warm = measure_path(file, &[Algorithm::Crc32], MeasureOptions::default(), &mut |_| {})?;
+    let warm = measure_path(
+        file,
+        &[Algorithm::Crc32],
+        MeasureOptions::default(),
+        &mut |_| {},
+    )?;
     let mut rows = Vec::new();
     for alg in Algorithm::ALL {
         log(&format!("{alg}: ours"));
@@ -106,7 +115,11 @@ pub fn run(file: &Path, repeat: usize, log: &mut dyn FnMut(&str)) -> Result<Benc
             }
             other => {
                 let flag = format!("-{}", other.name());
-                base(&format!("openssl dgst {flag}"), "openssl", &["dgst", flag.as_str()]);
+                base(
+                    &format!("openssl dgst {flag}"),
+                    "openssl",
+                    &["dgst", flag.as_str()],
+                );
                 let tool = format!("{}sum", other.name());
                 base(&tool, &tool, &[]);
             }
@@ -118,7 +131,12 @@ pub fn run(file: &Path, repeat: usize, log: &mut dyn FnMut(&str)) -> Result<Benc
         });
     }
     // One pass with four hashes against MD5 alone (ours), the slowest of the four.
-    let combo = [Algorithm::Crc32, Algorithm::Md5, Algorithm::Sha1, Algorithm::Sha256];
+    let combo = [
+        Algorithm::Crc32,
+        Algorithm::Md5,
+        Algorithm::Sha1,
+        Algorithm::Sha256,
+    ];
     log("crc32+md5+sha1+sha256 in one pass");
     let combined = ours(file, &combo, repeat)?;
     let md5_alone = ours(file, &[Algorithm::Md5], repeat)?;

@@ -118,7 +118,12 @@ mod tests {
         let mut bytes = std::fs::read(&c).expect("read");
         bytes[4_000_000] ^= 1;
         std::fs::write(&c, bytes).expect("write");
-        let algs = [Algorithm::Crc32, Algorithm::Md5, Algorithm::Sha1, Algorithm::Sha256];
+        let algs = [
+            Algorithm::Crc32,
+            Algorithm::Md5,
+            Algorithm::Sha1,
+            Algorithm::Sha256,
+        ];
         let same = compare(&a, &b, &algs, MeasureOptions::default(), &mut |_| {}).expect("ab");
         assert!(same.equal);
         let diff = compare(&a, &c, &algs, MeasureOptions::default(), &mut |_| {}).expect("ac");

@@ -40,7 +40,11 @@ pub fn parse_size(s: &str) -> Result<u64, InvalidSize> {
     if frac.len() > 12 {
         return Err(bad());
     }
-    let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let int: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
     let mut bytes = int.checked_mul(mult).ok_or_else(bad)?;
     if !frac.is_empty() {
         let f: u128 = frac.parse().map_err(|_| bad())?;
@@ -82,7 +86,15 @@ mod tests {
         assert_eq!(parse_size("1.5Gi"), Ok(1_610_612_736));
         assert_eq!(parse_size("1024"), Ok(1024));
         assert_eq!(parse_size(" 7 b "), Ok(7));
-        for bad in ["", "G", "1.2.3G", "12X", "-1", "99999999999999999999", "1e9"] {
+        for bad in [
+            "",
+            "G",
+            "1.2.3G",
+            "12X",
+            "-1",
+            "99999999999999999999",
+            "1e9",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert_eq!(human(2_550_000_000), "2.55 GB");

@@ -114,7 +114,9 @@ pub fn make_test_image(
             match w.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => first_err = first_err.or(Some(e)),
-                Err(_) => first_err = first_err.or(Some(io::Error::other("a writer thread panicked"))),
+                Err(_) => {
+                    first_err = first_err.or(Some(io::Error::other("a writer thread panicked")))
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -168,7 +170,10 @@ mod tests {
         assert_ne!(da[..64], da[BLOCK as usize..BLOCK as usize + 64]);
         let c = dir.path().join("c.img");
         make_test_image(&c, size, 8, false, 2, &mut |_| {}).expect("c");
-        assert!(std::fs::read(&c).expect("c") != da, "another seed, other bytes");
+        assert!(
+            std::fs::read(&c).expect("c") != da,
+            "another seed, other bytes"
+        );
         // Refuses to overwrite without force.
         assert!(matches!(
             make_test_image(&a, 10, 7, false, 1, &mut |_| {}),

@@ -14,8 +14,8 @@ use asmn_shared::chain::{ChainProver, ChainSpec, ChainVerifier, anchor, seed};
 use asmn_shared::crypto::{ChainElement, Nonce};
 use asmn_shared::dh::{DhKeyPair, Group};
 use asmn_shared::ids::{InstanceKey, InstanceName, TenantId, VnfId};
-use asmn_shared::policy::packet::build;
 use asmn_shared::policy::PolicyEngine;
+use asmn_shared::policy::packet::build;
 use asmn_shared::units::{Kbit, KbitPerSec};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use governor::clock::QuantaClock;
@@ -24,7 +24,11 @@ fn catalog_20() -> Arc<SecCatalog> {
     let rules = (0..20u16)
         .map(|i| Rule {
             name: format!("r{i}"),
-            protocol: if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp },
+            protocol: if i % 2 == 0 {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            },
             ports: Some(PortRange {
                 lo: 1000 + i * 10,
                 hi: 1000 + i * 10 + 5,
@@ -59,9 +63,15 @@ fn policy(c: &mut Criterion) {
     );
     let none = build::tcp4(22, 64);
     let mut g = c.benchmark_group("policy");
-    g.bench_function("first_rule", |b| b.iter(|| engine.handle_packet(src, black_box(&first))));
-    g.bench_function("last_of_20_rules", |b| b.iter(|| engine.handle_packet(src, black_box(&last))));
-    g.bench_function("no_match", |b| b.iter(|| engine.handle_packet(src, black_box(&none))));
+    g.bench_function("first_rule", |b| {
+        b.iter(|| engine.handle_packet(src, black_box(&first)))
+    });
+    g.bench_function("last_of_20_rules", |b| {
+        b.iter(|| engine.handle_packet(src, black_box(&last)))
+    });
+    g.bench_function("no_match", |b| {
+        b.iter(|| engine.handle_packet(src, black_box(&none)))
+    });
     g.finish();
 }
 
@@ -82,7 +92,10 @@ fn dh(c: &mut Criterion) {
     let mut g = c.benchmark_group("dh");
     g.sample_size(30);
     g.bench_function("psk_ffdhe3072", |bch| {
-        bch.iter(|| ka.preshared_key((&a, 0), (&b, 0), black_box(&peer)).expect("psk"))
+        bch.iter(|| {
+            ka.preshared_key((&a, 0), (&b, 0), black_box(&peer))
+                .expect("psk")
+        })
     });
     g.bench_function("keypair_ffdhe3072", |bch| {
         bch.iter(|| DhKeyPair::derive(Group::Ffdhe3072, &ChainElement::new([3; 32]), &a, 0))
@@ -122,7 +135,9 @@ fn chain(c: &mut Criterion) {
     let v = ChainVerifier::new(spec, a, 16);
     let mut q = ChainProver::new(spec, s.clone());
     let r = q.reveal().expect("reveal");
-    g.bench_function("verify", |b| b.iter(|| v.verify(black_box(&r)).expect("ok")));
+    g.bench_function("verify", |b| {
+        b.iter(|| v.verify(black_box(&r)).expect("ok"))
+    });
     g.finish();
 }
 

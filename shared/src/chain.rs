@@ -164,7 +164,7 @@ impl ChainProver {
         checkpoints.push(v);
         for k in 1..=spec.length {
             v = step(&spec, k, &v);
-            if k % interval == 0 && k <= next {
+            if k.is_multiple_of(interval) && k <= next {
                 checkpoints.push(v);
             }
         }
@@ -649,7 +649,7 @@ mod tests {
             max = max.max(t.elapsed());
             peak = peak.max(p.state_bytes());
             // Verify a sample (verification is Sec-EM's cost, not the prover's).
-            if n % 997 == 0 {
+            if n.is_multiple_of(997) {
                 v.last_index = r.index + 1;
                 v.last_element = step(&v.spec, r.index + 1, r.element.expose());
                 v.accept(&r).expect("sampled reveal");

@@ -27,6 +27,8 @@ pub mod catalog;
 pub mod chain;
 pub mod crypto;
 pub mod dh;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod measure;
 pub mod policy;

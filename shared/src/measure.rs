@@ -385,7 +385,14 @@ fn pipeline<'a>(
     }
     let depth = options.queue_depth.max(1);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let groups = assign_workers(&algos, if options.workers == 0 { cores } else { options.workers });
+    let groups = assign_workers(
+        &algos,
+        if options.workers == 0 {
+            cores
+        } else {
+            options.workers
+        },
+    );
 
     std::thread::scope(|scope| {
         let mut senders: Vec<SyncSender<Piece<'a>>> = Vec::with_capacity(groups.len());
@@ -484,10 +491,17 @@ fn assign_workers(algos: &[Algorithm], workers: usize) -> Vec<Vec<Algorithm>> {
             g.1.push(a);
         }
     }
-    groups.into_iter().map(|(_, g)| g).filter(|g| !g.is_empty()).collect()
+    groups
+        .into_iter()
+        .map(|(_, g)| g)
+        .filter(|g| !g.is_empty())
+        .collect()
 }
 
-fn hash_worker(algs: &[Algorithm], rx: Receiver<Piece<'_>>) -> Result<Vec<DigestValue>, HashFailed> {
+fn hash_worker(
+    algs: &[Algorithm],
+    rx: Receiver<Piece<'_>>,
+) -> Result<Vec<DigestValue>, HashFailed> {
     let mut hashers = algs
         .iter()
         .map(|&a| Hasher::new(a).map_err(|_| HashFailed(a)).map(|h| (a, h)))
@@ -569,7 +583,13 @@ fn measure_slice(
 
 /// Measures an in-memory buffer (tests, small inputs).
 pub fn measure_bytes(data: &[u8], algorithms: &[Algorithm]) -> Result<Measurement, MeasureError> {
-    measure_slice(data, "buffer", algorithms, MeasureOptions::default(), &mut |_| {})
+    measure_slice(
+        data,
+        "buffer",
+        algorithms,
+        MeasureOptions::default(),
+        &mut |_| {},
+    )
 }
 
 /// The one place that maps files: mapping is a system call whose safety contract the
@@ -685,7 +705,12 @@ mod tests {
 
     #[test]
     fn workers_get_balanced_groups() {
-        let all = [Algorithm::Crc32, Algorithm::Md5, Algorithm::Sha1, Algorithm::Sha256];
+        let all = [
+            Algorithm::Crc32,
+            Algorithm::Md5,
+            Algorithm::Sha1,
+            Algorithm::Sha256,
+        ];
         let g = assign_workers(&all, 2);
         assert_eq!(g.len(), 2);
         assert_eq!(g[0], vec![Algorithm::Md5]);
@@ -693,7 +718,12 @@ mod tests {
         assert_eq!(assign_workers(&[Algorithm::Sha1], 8).len(), 1);
         assert_eq!(
             assign_workers(&all, 1),
-            vec![vec![Algorithm::Md5, Algorithm::Sha256, Algorithm::Sha1, Algorithm::Crc32]]
+            vec![vec![
+                Algorithm::Md5,
+                Algorithm::Sha256,
+                Algorithm::Sha1,
+                Algorithm::Crc32
+            ]]
         );
         // Every worker count gives the same digests.
         let data = vec![7u8; 300_000];

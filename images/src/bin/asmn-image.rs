@@ -83,9 +83,11 @@ fn bar(total: u64, what: &str) -> Option<ProgressBar> {
     }
     let pb = ProgressBar::new(total);
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     Some(pb)
@@ -186,8 +188,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.b.seconds
                 );
                 for (alg, eq) in &r.equal_by_algorithm {
-                    let da = r.a.measurement.get(*alg).map(|d| d.to_hex()).unwrap_or_default();
-                    let db = r.b.measurement.get(*alg).map(|d| d.to_hex()).unwrap_or_default();
+                    let da =
+                        r.a.measurement
+                            .get(*alg)
+                            .map(|d| d.to_hex())
+                            .unwrap_or_default();
+                    let db =
+                        r.b.measurement
+                            .get(*alg)
+                            .map(|d| d.to_hex())
+                            .unwrap_or_default();
                     println!(
                         "{alg:<7} {}  A {da}\n{:<7} {:<9}  B {db}",
                         if *eq { "equal" } else { "DIFFERENT" },
@@ -197,11 +207,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!(
                     "{} in {:.2} s",
-                    if r.equal { "images are equal" } else { "images differ" },
+                    if r.equal {
+                        "images are equal"
+                    } else {
+                        "images differ"
+                    },
                     r.seconds
                 );
             }
-            Ok(if r.equal { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if r.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Bench { file, repeat, json } => {
             let quiet = json;

@@ -153,7 +153,7 @@ impl LimiterSpec {
         // multiples of 125 bytes, so one is found quickly; a cell at most 8x the minimum
         // keeps the burst's granularity fine.
         let cell_bytes = (min_cell..=min_cell * 8)
-            .find(|d| burst_bytes % d == 0)
+            .find(|d| burst_bytes.is_multiple_of(*d))
             .unwrap_or(min_cell);
         let period_ns = ((u128::from(cell_bytes) * 1_000_000_000 + u128::from(rate) / 2)
             / u128::from(rate))
@@ -523,9 +523,15 @@ fn first_rule_per_port(matchers: &[Matcher], protocol: u8) -> Vec<u16> {
     let mut spans: Vec<(u16, u16, u16)> = matchers
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.matches(protocol, None) || (m.needs_port && m.matches(protocol, Some(m.lo))))
+        .filter(|(_, m)| {
+            m.matches(protocol, None) || (m.needs_port && m.matches(protocol, Some(m.lo)))
+        })
         .map(|(i, m)| {
-            let (lo, hi) = if m.needs_port { (m.lo, m.hi) } else { (0, u16::MAX) };
+            let (lo, hi) = if m.needs_port {
+                (m.lo, m.hi)
+            } else {
+                (0, u16::MAX)
+            };
             (lo, hi, i as u16)
         })
         .collect();
@@ -538,7 +544,10 @@ fn first_rule_per_port(matchers: &[Matcher], protocol: u8) -> Vec<u16> {
             active.push(Reverse((spans[next].2, spans[next].1)));
             next += 1;
         }
-        while active.peek().is_some_and(|Reverse((_, hi))| usize::from(*hi) < port) {
+        while active
+            .peek()
+            .is_some_and(|Reverse((_, hi))| usize::from(*hi) < port)
+        {
             active.pop();
         }
         // The heap's top is the lowest-numbered rule still covering the port; a rule that

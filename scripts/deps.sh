@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what building and testing ASMN needs on Debian 12, as root. Sourced by
+# demo.sh and test.sh; safe to run again (it installs only what is missing).
+set -euo pipefail
+
+APT_PACKAGES=(
+  build-essential pkg-config libssl-dev   # the Rust build: cc for the hash assembly, libcrypto
+  protobuf-compiler                       # etcd-client's build script (controller)
+  openssl coreutils python3               # baselines and cross-checks of the measurement tests
+  libarchive-zip-perl                     # `crc32`, zlib's CRC32, a measurement baseline
+  ca-certificates curl git
+)
+
+asmn_need_root() {
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "error: run this as root (sudo $0): it installs Debian packages." >&2
+    exit 1
+  fi
+}
+
+asmn_install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    echo "==> installing Debian packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+asmn_install_rust() {
+  if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "==> installing the Rust toolchain with rustup (stable)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  local v
+  v=$(rustc --version | awk '{print $2}')
+  if ! printf '1.88.0\n%s\n' "$v" | sort -V -C; then
+    echo "error: Rust $v is too old; ASMN needs 1.88 or newer (rustup update stable)." >&2
+    exit 1
+  fi
+}
+
+asmn_deps() {
+  asmn_need_root
+  asmn_install_apt
+  asmn_install_rust
+}
