@@ -102,6 +102,7 @@ fn small_and_boundary_sizes_match_the_tools() {
         chunk_size: chunk,
         queue_depth: 2,
         workers: 0,
+        mapped_piece: chunk,
     };
     for size in [
         0,
