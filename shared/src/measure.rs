@@ -103,7 +103,8 @@ impl Algorithm {
 
 impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        // `pad` honours width and alignment, for tables.
+        f.pad(self.name())
     }
 }
 

@@ -187,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     size::human(r.b.measurement.bytes),
                     r.b.seconds
                 );
+                println!("{:<9} {:<9}  digests", "algorithm", "result");
                 for (alg, eq) in &r.equal_by_algorithm {
                     let da =
                         r.a.measurement
@@ -198,12 +199,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .get(*alg)
                             .map(|d| d.to_hex())
                             .unwrap_or_default();
-                    println!(
-                        "{alg:<7} {}  A {da}\n{:<7} {:<9}  B {db}",
-                        if *eq { "equal" } else { "DIFFERENT" },
-                        "",
-                        ""
-                    );
+                    let verdict = if *eq { "equal" } else { "DIFFERENT" };
+                    println!("{alg:<9} {verdict:<9}  A {da}\n{:<19}  B {db}", "");
                 }
                 println!(
                     "{} in {:.2} s",
