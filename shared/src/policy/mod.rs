@@ -13,14 +13,13 @@
 //! configured one to the byte, and each limiter carries the bytes of a packet that do not
 //! fill a whole cell over to the next packet, so no rounding accumulates.
 //!
-//! Keys are bounded: each rule keeps at most `max_keys` per-source limiters; sources
-//! beyond that share one overflow limiter, so a flood of new sources cannot grow memory or
-//! escape policing.
+//! Keys are bounded: each rule keeps at most `max_keys` per-source limiters (for the first
+//! `max_keys` source VNFs the engine interns); later and unknown sources share one overflow
+//! limiter, so a flood of new sources cannot grow memory or escape policing.
 
 pub mod packet;
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,25 +109,6 @@ pub struct CounterSnapshot {
 
 type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// A multiplicative hasher for `u32` keys: the keys are our own interned indices, not
-/// attacker-chosen, so SipHash's flood resistance buys nothing on the packet path.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
 /// Limiter parameters derived from OVS's rate and burst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimiterSpec {
@@ -205,7 +185,9 @@ struct KeyedLimiter<C: Clock> {
     spec: LimiterSpec,
     quota: Quota,
     clock: C,
-    per_source: HashMap<u32, SourceLimiter<C>, BuildHasherDefault<KeyHasher>>,
+    /// Indexed by the interned source key: keys are dense from 0, so the first
+    /// `max_keys` sources the engine knows have a limiter each, found without hashing.
+    per_source: Vec<Option<SourceLimiter<C>>>,
     overflow: SourceLimiter<C>,
     max_keys: usize,
 }
@@ -217,7 +199,7 @@ impl<C: Clock + Clone> KeyedLimiter<C> {
             spec,
             quota,
             clock: clock.clone(),
-            per_source: HashMap::default(),
+            per_source: Vec::new(),
             overflow: SourceLimiter {
                 gcra: RateLimiter::direct_with_clock(quota, clock.clone()),
                 carry: 0,
@@ -228,17 +210,18 @@ impl<C: Clock + Clone> KeyedLimiter<C> {
 
     fn admit(&mut self, source: SourceKey, len: usize) -> bool {
         let cell = self.spec.cell_bytes;
-        if let Some(l) = self.per_source.get_mut(&source.0) {
-            return l.admit(cell, len);
-        }
-        if self.per_source.len() >= self.max_keys {
+        let i = source.0 as usize;
+        if i >= self.max_keys {
+            // Beyond the bound, and unknown sources: one shared limiter.
             return self.overflow.admit(cell, len);
         }
-        let (quota, clock) = (self.quota, self.clock.clone());
-        self.per_source
-            .entry(source.0)
-            .or_insert_with(|| SourceLimiter {
-                gcra: RateLimiter::direct_with_clock(quota, clock),
+        if i >= self.per_source.len() {
+            self.per_source.resize_with(i + 1, || None);
+        }
+        let (quota, clock) = (self.quota, &self.clock);
+        self.per_source[i]
+            .get_or_insert_with(|| SourceLimiter {
+                gcra: RateLimiter::direct_with_clock(quota, clock.clone()),
                 carry: 0,
             })
             .admit(cell, len)
