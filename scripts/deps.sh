@@ -5,7 +5,8 @@ set -euo pipefail
 
 APT_PACKAGES=(
   build-essential pkg-config libssl-dev   # the Rust build: cc for the hash assembly, libcrypto
-  protobuf-compiler                       # etcd-client's build script (controller)
+  protobuf-compiler libprotobuf-dev       # etcd-client's build script (protoc + well-known types)
+  etcd-server                             # etcd 3.4, started by the store tests on loopback
   openssl coreutils python3               # baselines and cross-checks of the measurement tests
   libarchive-zip-perl                     # `crc32`, zlib's CRC32, a measurement baseline
   ca-certificates curl git
@@ -41,8 +42,8 @@ asmn_install_rust() {
   fi
   local v
   v=$(rustc --version | awk '{print $2}')
-  if ! printf '1.88.0\n%s\n' "$v" | sort -V -C; then
-    echo "error: Rust $v is too old; ASMN needs 1.88 or newer (rustup update stable)." >&2
+  if ! printf '1.90.0\n%s\n' "$v" | sort -V -C; then
+    echo "error: Rust $v is too old; ASMN needs 1.90 or newer (rustup update stable)." >&2
     exit 1
   fi
 }

@@ -1,9 +1,10 @@
 //! Sec-EM, the security element manager of a tenant, and `asmnctl`, its operator CLI.
 //!
-//! It will serve agents and operators over QUIC, keep its state in an embedded store or
-//! in etcd, verify chain reveals, answer peer verifications, push catalogs and
-//! revocations, and keep a hash-chained audit log. The protocol logic it drives lives in
-//! `asmn-shared`. Nothing is implemented here yet (issue 3): there is no binary until
-//! there is something to run.
+//! Built so far: the [`store`] layer (the `Store` trait, its embedded and etcd backends,
+//! and a watch that survives broken streams and compaction). The QUIC services, the
+//! `sec-em` daemon and `asmnctl` come next (issue 3); there is no binary until there is
+//! something to run. The protocol logic the services drive lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
+
+pub mod store;

@@ -1,0 +1,262 @@
+//! The etcd backend (`--store etcd://host:port[,host:port...]`), for several Sec-EM
+//! replicas sharing one cluster. etcd 3.4 (Debian 12's `etcd-server`) is the reference.
+//!
+//! Revisions are etcd's: a key's `mod_revision`, the cluster's header revision. A
+//! compare-and-swap is one transaction comparing the key's `mod_revision` (or, for
+//! [`Expect::Absent`], its `version` with 0), so two replicas racing on the same reveal
+//! see exactly one success.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    AbortOnDrop, Cas, Expect, Listing, RawEvent, RawWatch, Store, StoreError, Versioned, check_key,
+    check_value,
+};
+
+/// An etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn rev(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
+    Versioned {
+        value: kv.value().to_vec(),
+        revision: rev(kv.mod_revision()),
+    }
+}
+
+/// Parses `etcd://host:port[,host:port...]` into endpoint URLs.
+pub fn parse_url(url: &str) -> Result<Vec<String>, StoreError> {
+    let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+        StoreError::Invalid(format!(
+            "store URL {url:?} must look like etcd://host:port[,host:port...]"
+        ))
+    })?;
+    let endpoints: Vec<String> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|hp| format!("http://{hp}"))
+        .collect();
+    if endpoints.is_empty() || rest.split(',').any(|hp| !hp.trim().contains(':')) {
+        return Err(StoreError::Invalid(format!(
+            "store URL {url:?} must name at least one host:port"
+        )));
+    }
+    Ok(endpoints)
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `etcd://host:port[,host:port...]`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let endpoints = parse_url(url)?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let client = Client::connect(&endpoints, Some(options))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { client, endpoints })
+    }
+
+    /// Compacts the cluster's history up to `revision` (tests and maintenance).
+    pub async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        let r = i64::try_from(revision)
+            .map_err(|_| StoreError::Invalid("revision too large".into()))?;
+        self.client
+            .clone()
+            .compact(r, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> u64 {
+    h.map_or(0, |h| rev(h.revision()))
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        check_key(key)?;
+        let resp = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.kvs().first().map(versioned))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let resp = self
+            .client
+            .clone()
+            .put(key, value, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(header_revision(resp.header()))
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+    ) -> Result<Cas, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let cmp = match expect {
+            Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(
+                key,
+                CompareOp::Equal,
+                i64::try_from(r).map_err(|_| StoreError::Invalid("revision too large".into()))?,
+            ),
+        };
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(key, value, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        if resp.succeeded() {
+            return Ok(Cas::Swapped {
+                revision: header_revision(resp.header()),
+            });
+        }
+        let current = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(versioned)),
+            _ => None,
+        });
+        Ok(Cas::Conflict {
+            current: current.flatten(),
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let resp = self
+            .client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.deleted() > 0)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let resp = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        let mut entries = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let key = kv
+                .key_str()
+                .map_err(|_| StoreError::Database("a key is not UTF-8".into()))?
+                .to_string();
+            entries.push((key, versioned(kv)));
+        }
+        Ok(Listing {
+            entries,
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
+        let start =
+            i64::try_from(from).map_err(|_| StoreError::Invalid("revision too large".into()))?;
+        let mut stream = self
+            .client
+            .clone()
+            .watch(
+                prefix,
+                Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+            )
+            .await
+            .map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let task = tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(StoreError::Broken("etcd closed the watch".into())))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(StoreError::Broken(e.to_string()))).await;
+                        return;
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    let _ = tx
+                        .send(Err(StoreError::Compacted(rev(resp.compact_revision()))))
+                        .await;
+                    return;
+                }
+                if resp.canceled() {
+                    let _ = tx
+                        .send(Err(StoreError::Broken(format!(
+                            "etcd canceled the watch: {}",
+                            resp.cancel_reason()
+                        ))))
+                        .await;
+                    return;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let Ok(key) = kv.key_str() else { continue };
+                    let out = match ev.event_type() {
+                        EventType::Put => RawEvent::Put {
+                            key: key.to_string(),
+                            value: kv.value().to_vec(),
+                            revision: rev(kv.mod_revision()),
+                        },
+                        EventType::Delete => RawEvent::Delete {
+                            key: key.to_string(),
+                            revision: rev(kv.mod_revision()),
+                        },
+                    };
+                    if tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(RawWatch {
+            events: rx,
+            _task: AbortOnDrop(task),
+        })
+    }
+}
