@@ -17,7 +17,7 @@
 pub mod embedded;
 pub mod etcd;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::future::Future;
 use std::sync::Arc;

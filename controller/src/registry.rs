@@ -1,0 +1,645 @@
+//! Sec-EM's decisions over the store: on-boarding, instantiation, enrollment and
+//! re-attestation (the paper's Phase 1), revocation and quarantine, each audited.
+//!
+//! Protocol logic only: no sockets, no clock (the caller passes `now` in seconds), no
+//! randomness (the caller passes the nonce). Every accepted reveal is written by
+//! compare-and-swap on the instance record's revision before it is acknowledged, so a
+//! reveal is accepted at most once even by several Sec-EM replicas on one etcd.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use asmn_shared::catalog::{SecCatalog, Vnfd};
+use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal, RevealError};
+use asmn_shared::crypto::Nonce;
+use asmn_shared::dh::Group;
+use asmn_shared::ids::{InstanceKey, InstanceName, Role, TenantId, VnfId};
+use asmn_shared::measure::{Algorithm, DigestValue};
+use asmn_shared::wire::msg::RefusalCode;
+use asmn_shared::wire::{BootstrapBundle, Enroll, Enrolled, Overlay};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditLog;
+use crate::store::{Cas, Expect, PREFIX, Store, StoreError};
+
+/// Settings of a registry.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Controller addresses written into bundles.
+    pub controllers: Vec<String>,
+    /// TLS server name of the controller.
+    pub server_name: String,
+    /// The controller CA (PEM) agents pin.
+    pub ca_pem: String,
+    /// Chain length of new instances.
+    pub chain_length: u32,
+    /// D-H group of the tenant.
+    pub dh_group: Group,
+    /// Re-attestation interval handed to agents, in seconds.
+    pub reattest_interval_secs: u32,
+    /// The overlay network of tenants: addresses are handed out from it in order.
+    pub overlay_net: Ipv4Addr,
+    /// Its prefix length.
+    pub overlay_prefix: u8,
+}
+
+/// An on-boarded VNF.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnfRecord {
+    /// The VNFD.
+    pub vnfd: Vnfd,
+    /// Golden digests of the image (SHA-256 always).
+    pub golden: BTreeMap<Algorithm, DigestValue>,
+    /// Image size in bytes.
+    pub image_bytes: u64,
+}
+
+/// Where an instance stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
+pub enum InstanceState {
+    /// Created; its bundle is out; not yet enrolled.
+    Created,
+    /// Enrolled and attesting.
+    Enrolled,
+    /// Refused (a fake VNF): never enrolled, never given to a peer.
+    Quarantined(String),
+    /// Revoked: cannot enroll again with this identity.
+    Revoked(String),
+}
+
+/// The chain as Sec-EM tracks it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainRecord {
+    /// Epoch.
+    pub epoch: u32,
+    /// N.
+    pub length: u32,
+    /// Last accepted index (N = only the anchor so far).
+    pub last_index: u32,
+    /// Last accepted element (hex; the anchor at first).
+    pub last_element: String,
+    /// Skip window.
+    pub window: u32,
+}
+
+/// One instance, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Identity (hex).
+    pub id: String,
+    /// Tenant.
+    pub tenant: TenantId,
+    /// VNF.
+    pub vnf: VnfId,
+    /// Instance name.
+    pub instance: InstanceName,
+    /// Role.
+    pub role: Role,
+    /// Overlay address, "ip/prefix".
+    pub overlay: String,
+    /// State.
+    pub state: InstanceState,
+    /// The chain.
+    pub chain: ChainRecord,
+    /// WireGuard public key (hex), once enrolled.
+    pub wg_public_key: Option<String>,
+    /// D-H public value (hex), once enrolled.
+    pub dh_public: Option<String>,
+    /// Underlay endpoint, once enrolled.
+    pub endpoint: Option<String>,
+    /// When the last reveal was accepted (seconds since the epoch).
+    pub last_attestation: Option<u64>,
+    /// Catalog version the agent acknowledged.
+    pub enforced_catalog: Option<u64>,
+}
+
+impl InstanceRecord {
+    fn verifier(&self, id: InstanceKey) -> Result<ChainVerifier, RegistryError> {
+        let spec = ChainSpec::new(id, self.chain.epoch, self.chain.length)
+            .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
+        let mut last = [0u8; 32];
+        hex::decode_to_slice(&self.chain.last_element, &mut last)
+            .map_err(|e| RegistryError::Corrupt(format!("chain element: {e}")))?;
+        Ok(ChainVerifier {
+            spec,
+            last_index: self.chain.last_index,
+            last_element: last,
+            window: self.chain.window,
+        })
+    }
+}
+
+/// A refusal to send to an agent or operator, with its typed reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct Refusal {
+    /// The typed reason.
+    pub code: RefusalCode,
+    /// What a human should read.
+    pub message: String,
+}
+
+fn refuse(code: RefusalCode, message: impl Into<String>) -> RegistryError {
+    RegistryError::Refused(Refusal {
+        code,
+        message: message.into(),
+    })
+}
+
+/// Why a registry operation did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The request was refused; tell the requester.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// The store failed; retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored data does not decode.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The audit log failed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+fn vnf_key(vnf: &VnfId) -> String {
+    format!("{PREFIX}vnfs/{vnf}")
+}
+
+/// Key of an instance record.
+pub fn instance_key(id: &InstanceKey) -> String {
+    format!("{PREFIX}instances/{}", id.to_hex())
+}
+
+fn overlay_counter_key(tenant: &TenantId) -> String {
+    format!("{PREFIX}tenants/{tenant}/next-host")
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(v).map_err(|e| RegistryError::Corrupt(e.to_string()))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(b).map_err(|e| RegistryError::Corrupt(e.to_string()))
+}
+
+/// Sec-EM's decisions over a store.
+#[derive(Debug)]
+pub struct Registry<S: Store> {
+    store: S,
+    config: RegistryConfig,
+    audit: AuditLog,
+}
+
+/// Most compare-and-swap retries on one record before giving up (each retry means another
+/// writer changed it in between).
+const CAS_RETRIES: usize = 64;
+
+impl<S: Store> Registry<S> {
+    /// A registry over `store`.
+    pub fn new(store: S, config: RegistryConfig) -> Self {
+        Self {
+            store,
+            config,
+            audit: AuditLog::new(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    async fn audit(
+        &self,
+        now: u64,
+        kind: &str,
+        id: Option<&InstanceKey>,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        self.audit
+            .append(&self.store, now, kind, id.map(|i| i.to_hex()), detail)
+            .await?;
+        Ok(())
+    }
+
+    /// Registers a VNF with its golden digests (SHA-256 required).
+    pub async fn onboard(
+        &self,
+        now: u64,
+        vnfd: Vnfd,
+        golden: BTreeMap<Algorithm, DigestValue>,
+        image_bytes: u64,
+    ) -> Result<(), RegistryError> {
+        if !golden.contains_key(&Algorithm::Sha256) {
+            return Err(refuse(
+                RefusalCode::InvalidRequest,
+                "on-boarding needs the image's SHA-256 (attestation uses it)",
+            ));
+        }
+        let vnf = vnfd.vnf.clone();
+        let rec = VnfRecord {
+            vnfd,
+            golden,
+            image_bytes,
+        };
+        self.store.put(&vnf_key(&vnf), json(&rec)?).await?;
+        self.audit(now, "vnf.onboarded", None, format!("VNF {vnf} on-boarded"))
+            .await
+    }
+
+    /// The on-boarded VNF `vnf`.
+    pub async fn vnf(&self, vnf: &VnfId) -> Result<Option<VnfRecord>, RegistryError> {
+        match self.store.get(&vnf_key(vnf)).await? {
+            Some(v) => Ok(Some(parse(&v.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn next_overlay(&self, tenant: &TenantId) -> Result<Overlay, RegistryError> {
+        let key = overlay_counter_key(tenant);
+        let capacity = 1u64 << (32 - u32::from(self.config.overlay_prefix.min(30)));
+        for _ in 0..CAS_RETRIES {
+            let current = self.store.get(&key).await?;
+            let (next, expect) = match &current {
+                None => (1u64, Expect::Absent),
+                Some(v) => (parse::<u64>(&v.value)?, Expect::Revision(v.revision)),
+            };
+            if next + 1 >= capacity {
+                return Err(refuse(
+                    RefusalCode::Unavailable,
+                    format!("tenant {tenant}'s overlay network is full"),
+                ));
+            }
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&key, expect, json(&(next + 1))?)
+                .await?
+            {
+                let base = u32::from(self.config.overlay_net);
+                let ip = Ipv4Addr::from(base.wrapping_add(next as u32));
+                return Ok(Overlay {
+                    ip: IpAddr::V4(ip),
+                    prefix: self.config.overlay_prefix,
+                });
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "overlay allocation contended".into(),
+        )))
+    }
+
+    /// Creates an instance of an on-boarded VNF and returns its bootstrap bundle. `nonce`
+    /// must come from a cryptographic random source.
+    pub async fn create_instance(
+        &self,
+        now: u64,
+        tenant: TenantId,
+        vnf: VnfId,
+        instance: InstanceName,
+        role: Role,
+        nonce: Nonce,
+    ) -> Result<BootstrapBundle, RegistryError> {
+        let rec = self.vnf(&vnf).await?.ok_or_else(|| {
+            refuse(
+                RefusalCode::UnknownInstance,
+                format!("VNF {vnf} is not on-boarded"),
+            )
+        })?;
+        let golden = rec
+            .golden
+            .get(&Algorithm::Sha256)
+            .ok_or_else(|| RegistryError::Corrupt(format!("VNF {vnf} has no SHA-256")))?;
+        let id = InstanceKey::derive(&tenant, &vnf, &instance, &nonce);
+        let spec = ChainSpec::new(id, 0, self.config.chain_length)
+            .map_err(|e| refuse(RefusalCode::InvalidRequest, e.to_string()))?;
+        let seed = chain::seed(&nonce, &id, &golden.0, 0);
+        let anchor = chain::anchor(&spec, &seed);
+        let overlay = self.next_overlay(&tenant).await?;
+        let record = InstanceRecord {
+            id: id.to_hex(),
+            tenant: tenant.clone(),
+            vnf: vnf.clone(),
+            instance: instance.clone(),
+            role,
+            overlay: overlay.to_string(),
+            state: InstanceState::Created,
+            chain: ChainRecord {
+                epoch: 0,
+                length: spec.length,
+                last_index: spec.length,
+                last_element: hex::encode(anchor),
+                window: DEFAULT_WINDOW,
+            },
+            wg_public_key: None,
+            dh_public: None,
+            endpoint: None,
+            last_attestation: None,
+            enforced_catalog: None,
+        };
+        match self
+            .store
+            .compare_and_swap(&instance_key(&id), Expect::Absent, json(&record)?)
+            .await?
+        {
+            Cas::Swapped { .. } => {}
+            Cas::Conflict { .. } => {
+                return Err(refuse(
+                    RefusalCode::AlreadyExists,
+                    format!("instance {instance} of {vnf} in {tenant} exists"),
+                ));
+            }
+        }
+        self.audit(
+            now,
+            "instance.created",
+            Some(&id),
+            format!("{tenant}/{vnf}/{instance} as {role}, overlay {overlay}"),
+        )
+        .await?;
+        Ok(BootstrapBundle {
+            controllers: self.config.controllers.clone(),
+            server_name: self.config.server_name.clone(),
+            ca_pem: self.config.ca_pem.clone(),
+            tenant,
+            vnf,
+            instance,
+            nonce,
+            chain_length: spec.length,
+            role,
+            dh_group: self.config.dh_group,
+        })
+    }
+
+    /// The record of instance `id`, with its store revision.
+    pub async fn instance(
+        &self,
+        id: &InstanceKey,
+    ) -> Result<Option<(InstanceRecord, u64)>, RegistryError> {
+        match self.store.get(&instance_key(id)).await? {
+            Some(v) => Ok(Some((parse(&v.value)?, v.revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Quarantines `id` (a refused instance) unless it is revoked already.
+    async fn quarantine(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        reason: &str,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(id).await? else {
+                return Ok(());
+            };
+            if matches!(
+                rec.state,
+                InstanceState::Quarantined(_) | InstanceState::Revoked(_)
+            ) {
+                break;
+            }
+            rec.state = InstanceState::Quarantined(reason.to_string());
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
+                .await?
+            {
+                break;
+            }
+        }
+        self.audit(now, "instance.quarantined", Some(id), reason.to_string())
+            .await
+    }
+
+    /// Phase 1: the first reveal. Accepts it (stored before this returns) or refuses
+    /// with a typed reason; refusals are audited, and a reveal that does not extend the
+    /// chain (a wrong image or nonce) quarantines the instance.
+    pub async fn enroll(&self, now: u64, req: &Enroll) -> Result<Enrolled, RegistryError> {
+        let id = req.id;
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(&id).await? else {
+                self.audit(now, "enroll.refused", Some(&id), "unknown instance".into())
+                    .await?;
+                return Err(refuse(
+                    RefusalCode::UnknownInstance,
+                    "no such instance: it was never created, or its bundle is wrong",
+                ));
+            };
+            if rec.tenant != req.tenant || rec.vnf != req.vnf || rec.instance != req.instance {
+                self.audit(now, "enroll.refused", Some(&id), "identity mismatch".into())
+                    .await?;
+                return Err(refuse(
+                    RefusalCode::UnknownInstance,
+                    "the names do not match the instance",
+                ));
+            }
+            match &rec.state {
+                InstanceState::Revoked(r) => {
+                    self.audit(now, "enroll.refused", Some(&id), format!("revoked: {r}"))
+                        .await?;
+                    return Err(refuse(
+                        RefusalCode::Revoked,
+                        format!("instance revoked: {r}"),
+                    ));
+                }
+                InstanceState::Quarantined(r) => {
+                    self.audit(
+                        now,
+                        "enroll.refused",
+                        Some(&id),
+                        format!("quarantined: {r}"),
+                    )
+                    .await?;
+                    return Err(refuse(
+                        RefusalCode::Quarantined,
+                        format!("instance quarantined: {r}"),
+                    ));
+                }
+                InstanceState::Created | InstanceState::Enrolled => {}
+            }
+            if req.dh_group != self.config.dh_group {
+                return Err(refuse(
+                    RefusalCode::InvalidRequest,
+                    format!("the tenant uses {}", self.config.dh_group),
+                ));
+            }
+            let verifier = rec.verifier(id)?;
+            let verified = match verifier.verify(&req.reveal) {
+                Ok(v) => v,
+                Err(e) => return Err(self.refuse_reveal(now, &id, e).await?),
+            };
+            rec.chain.last_index = verified.index;
+            rec.chain.last_element = hex::encode(verified.element);
+            rec.state = InstanceState::Enrolled;
+            rec.wg_public_key = Some(hex::encode(req.wg_public_key));
+            rec.dh_public = Some(hex::encode(req.dh_public.as_bytes()));
+            rec.endpoint = Some(req.endpoint.to_string());
+            rec.last_attestation = Some(now);
+            match self
+                .store
+                .compare_and_swap(&instance_key(&id), Expect::Revision(rev), json(&rec)?)
+                .await?
+            {
+                Cas::Swapped { .. } => {
+                    self.audit(
+                        now,
+                        "enroll.accepted",
+                        Some(&id),
+                        format!("element {} accepted", verified.index),
+                    )
+                    .await?;
+                    let catalog = self
+                        .vnf(&rec.vnf)
+                        .await?
+                        .map(|v| v.vnfd.catalog)
+                        .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
+                    return Ok(Enrolled {
+                        overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
+                        dh_group: self.config.dh_group,
+                        epoch: rec.chain.epoch,
+                        last_index: rec.chain.last_index,
+                        reattest_interval: std::time::Duration::from_secs(u64::from(
+                            self.config.reattest_interval_secs,
+                        )),
+                        catalog,
+                    });
+                }
+                // Another writer changed the record: look again (a concurrent acceptance of
+                // the same reveal now shows as a replay).
+                Cas::Conflict { .. } => continue,
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "instance record contended".into(),
+        )))
+    }
+
+    async fn refuse_reveal(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        e: RevealError,
+    ) -> Result<RegistryError, RegistryError> {
+        let code = match e {
+            RevealError::Mismatch { .. } | RevealError::SeedRevealed => {
+                RefusalCode::WrongMeasurement
+            }
+            RevealError::Replayed { .. } => RefusalCode::Replayed,
+            RevealError::SkipTooFar { .. } => RefusalCode::SkipTooFar,
+            RevealError::WrongEpoch { .. } => RefusalCode::WrongEpoch,
+        };
+        let not_yet_enrolled = matches!(
+            self.instance(id).await?,
+            Some((
+                InstanceRecord {
+                    state: InstanceState::Created,
+                    ..
+                },
+                _
+            ))
+        );
+        if code == RefusalCode::WrongMeasurement && not_yet_enrolled {
+            // A wrong image or nonce at enrollment: a fake VNF. Quarantine it, so no peer
+            // ever learns it. An enrolled instance is not quarantined by a bad reveal: its
+            // ID is known to its peers, and one of them could otherwise cut it off.
+            self.quarantine(now, id, &e.to_string()).await?;
+        } else {
+            self.audit(now, "reveal.refused", Some(id), e.to_string())
+                .await?;
+        }
+        Ok(refuse(code, e.to_string()))
+    }
+
+    /// Revokes an instance: it cannot enroll again with this identity.
+    pub async fn revoke(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        reason: &str,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(id).await? else {
+                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
+            };
+            rec.state = InstanceState::Revoked(reason.to_string());
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
+                .await?
+            {
+                return self
+                    .audit(now, "instance.revoked", Some(id), reason.to_string())
+                    .await;
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "instance record contended".into(),
+        )))
+    }
+
+    /// A reveal after enrollment (re-attestation, strict mode): the element must extend
+    /// the chain and the fresh measurement must equal the golden SHA-256; a changed target
+    /// revokes the instance.
+    pub async fn reattest(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        reveal: &Reveal,
+        measurement: &[u8],
+    ) -> Result<u32, RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(id).await? else {
+                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
+            };
+            if rec.state != InstanceState::Enrolled {
+                return Err(refuse(
+                    RefusalCode::Revoked,
+                    format!("instance is not enrolled ({:?})", rec.state),
+                ));
+            }
+            let verified = match rec.verifier(*id)?.verify(reveal) {
+                Ok(v) => v,
+                Err(e) => return Err(self.refuse_reveal(now, id, e).await?),
+            };
+            let golden = self
+                .vnf(&rec.vnf)
+                .await?
+                .and_then(|v| v.golden.get(&Algorithm::Sha256).cloned())
+                .ok_or_else(|| RegistryError::Corrupt("VNF without SHA-256".into()))?;
+            if golden.0 != measurement {
+                self.revoke(now, id, "re-attestation: the measured image changed")
+                    .await?;
+                return Err(refuse(
+                    RefusalCode::Revoked,
+                    "the image no longer matches its golden measurement",
+                ));
+            }
+            rec.chain.last_index = verified.index;
+            rec.chain.last_element = hex::encode(verified.element);
+            rec.last_attestation = Some(now);
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
+                .await?
+            {
+                self.audit(
+                    now,
+                    "reattest.accepted",
+                    Some(id),
+                    format!("element {} accepted", verified.index),
+                )
+                .await?;
+                return Ok(verified.index);
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "instance record contended".into(),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests;

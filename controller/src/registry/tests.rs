@@ -1,0 +1,341 @@
+use std::sync::Arc;
+
+use asmn_shared::catalog::parse_vnfd;
+use asmn_shared::chain::{ChainProver, ChainSpec, seed};
+use asmn_shared::crypto::Nonce;
+use asmn_shared::dh::DhKeyPair;
+use asmn_shared::measure::{Algorithm, measure_bytes};
+
+use super::*;
+use crate::audit;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
+use crate::store::tests::EtcdServer;
+
+const IMAGE: &[u8] = b"a VNF image: kernel, rootfs, the asmn-agent binary and its unit";
+
+fn config() -> RegistryConfig {
+    RegistryConfig {
+        controllers: vec!["127.0.0.1:7443".into()],
+        server_name: "sec-em".into(),
+        ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+        chain_length: 200,
+        dh_group: Group::Ffdhe3072,
+        reattest_interval_secs: 30,
+        overlay_net: Ipv4Addr::new(10, 77, 0, 0),
+        overlay_prefix: 16,
+    }
+}
+
+async fn onboarded<S: Store>(store: S) -> Registry<S> {
+    let r = Registry::new(store, config());
+    let vnfd = parse_vnfd(
+        "web.yaml",
+        include_bytes!("../../../images/examples/web-server.vnfd.yaml"),
+    )
+    .expect("vnfd");
+    let m = measure_bytes(IMAGE, &[Algorithm::Sha256, Algorithm::Md5]).expect("measure");
+    r.onboard(1, vnfd, m.digests, IMAGE.len() as u64)
+        .await
+        .expect("onboard");
+    r
+}
+
+/// An agent simulated with the shared state machines.
+struct Agent {
+    bundle: BootstrapBundle,
+    prover: ChainProver,
+    request: Enroll,
+}
+
+fn agent(bundle: BootstrapBundle, image: &[u8]) -> Agent {
+    let id = bundle.instance_key();
+    let digest = measure_bytes(image, &[Algorithm::Sha256]).expect("m");
+    let s = seed(
+        &bundle.nonce,
+        &id,
+        &digest.get(Algorithm::Sha256).expect("sha").0,
+        0,
+    );
+    let spec = ChainSpec::new(id, 0, bundle.chain_length).expect("spec");
+    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
+    let mut prover = ChainProver::new(spec, s);
+    let reveal = prover.reveal().expect("reveal");
+    let request = Enroll {
+        id,
+        tenant: bundle.tenant.clone(),
+        vnf: bundle.vnf.clone(),
+        instance: bundle.instance.clone(),
+        reveal,
+        wg_public_key: [7; 32],
+        dh_group: bundle.dh_group,
+        dh_public: dh.public().clone(),
+        endpoint: "192.0.2.1:51820".parse().expect("addr"),
+        role: bundle.role,
+    };
+    Agent {
+        bundle,
+        prover,
+        request,
+    }
+}
+
+async fn create<S: Store>(r: &Registry<S>, name: &str, nonce: u8) -> BootstrapBundle {
+    r.create_instance(
+        2,
+        TenantId::new("t1").expect("t"),
+        VnfId::new("web-server").expect("v"),
+        InstanceName::new(name).expect("i"),
+        Role::Vnf,
+        Nonce::new([nonce; 32]),
+    )
+    .await
+    .expect("create")
+}
+
+fn code(e: RegistryError) -> RefusalCode {
+    match e {
+        RegistryError::Refused(r) => r.code,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+async fn state<S: Store>(r: &Registry<S>, id: &InstanceKey) -> InstanceState {
+    r.instance(id).await.expect("get").expect("present").0.state
+}
+
+async fn kinds<S: Store>(r: &Registry<S>) -> Vec<String> {
+    audit::verify(r.store())
+        .await
+        .expect("audit chain holds")
+        .into_iter()
+        .map(|a| a.kind)
+        .collect()
+}
+
+fn embedded() -> (tempfile::TempDir, EmbeddedStore) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = EmbeddedStore::open(&dir.path().join("s.redb")).expect("open");
+    (dir, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_genuine_instance_enrolls() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let a = agent(create(&r, "web-0", 1).await, IMAGE);
+    let enrolled = r.enroll(10, &a.request).await.expect("genuine");
+    assert_eq!(enrolled.overlay.to_string(), "10.77.0.1/16");
+    assert_eq!(enrolled.last_index, a.bundle.chain_length - 1);
+    assert_eq!(enrolled.catalog.vnf.as_str(), "web-server");
+    assert_eq!(state(&r, &a.request.id).await, InstanceState::Enrolled);
+    assert!(kinds(&r).await.contains(&"enroll.accepted".to_string()));
+    // A second instance gets the next address.
+    let b = agent(create(&r, "web-1", 2).await, IMAGE);
+    assert_eq!(
+        r.enroll(11, &b.request)
+            .await
+            .expect("b")
+            .overlay
+            .to_string(),
+        "10.77.0.2/16"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fakes_and_replays_are_refused_audited_and_quarantined() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+
+    // The image differs by one byte: the first reveal fails, the instance is quarantined.
+    let mut fake_image = IMAGE.to_vec();
+    fake_image[10] ^= 1;
+    let fake = agent(create(&r, "fake-0", 3).await, &fake_image);
+    assert_eq!(
+        code(r.enroll(10, &fake.request).await.expect_err("fake")),
+        RefusalCode::WrongMeasurement
+    );
+    assert!(matches!(
+        state(&r, &fake.request.id).await,
+        InstanceState::Quarantined(_)
+    ));
+    // Its genuine twin (same bundle, right image) is refused too: quarantine sticks.
+    let twin = agent(fake.bundle.clone(), IMAGE);
+    assert_eq!(
+        code(r.enroll(11, &twin.request).await.expect_err("twin")),
+        RefusalCode::Quarantined
+    );
+
+    // A wrong nonce: a different identity, unknown to Sec-EM.
+    let good = create(&r, "web-0", 4).await;
+    let mut wrong = good.clone();
+    wrong.nonce = Nonce::new([5; 32]);
+    let w = agent(wrong, IMAGE);
+    assert_eq!(
+        code(r.enroll(12, &w.request).await.expect_err("nonce")),
+        RefusalCode::UnknownInstance
+    );
+
+    // An element of another instance's chain, under this instance's identity.
+    let other = agent(create(&r, "web-9", 6).await, IMAGE);
+    let mut foreign = agent(good.clone(), IMAGE);
+    foreign.request.reveal = other.request.reveal.clone();
+    assert_eq!(
+        code(r.enroll(13, &foreign.request).await.expect_err("foreign")),
+        RefusalCode::WrongMeasurement
+    );
+
+    // A replay of an accepted reveal.
+    let g2 = create(&r, "web-2", 8).await;
+    let genuine = agent(g2, IMAGE);
+    r.enroll(14, &genuine.request).await.expect("genuine");
+    assert_eq!(
+        code(r.enroll(15, &genuine.request).await.expect_err("replay")),
+        RefusalCode::Replayed
+    );
+
+    let k = kinds(&r).await;
+    assert!(
+        k.iter().filter(|x| *x == "instance.quarantined").count() >= 2,
+        "{k:?}"
+    );
+    assert!(
+        k.contains(&"reveal.refused".to_string()) && k.contains(&"enroll.refused".to_string()),
+        "{k:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_instances_cannot_enroll_again() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    r.revoke(11, &a.request.id, "operator")
+        .await
+        .expect("revoke");
+    let again = agent(a.bundle.clone(), IMAGE);
+    assert_eq!(
+        code(r.enroll(12, &again.request).await.expect_err("revoked")),
+        RefusalCode::Revoked
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_reattestation() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let mut a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let golden = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let sha = &golden.get(Algorithm::Sha256).expect("sha").0;
+    let next = a.prover.reveal().expect("next");
+    assert_eq!(
+        r.reattest(20, &a.request.id, &next, sha).await.expect("ok"),
+        next.index
+    );
+    let next2 = a.prover.reveal().expect("next");
+    let changed = vec![0u8; 32];
+    assert_eq!(
+        code(
+            r.reattest(30, &a.request.id, &next2, &changed)
+                .await
+                .expect_err("changed")
+        ),
+        RefusalCode::Revoked
+    );
+    assert!(matches!(
+        state(&r, &a.request.id).await,
+        InstanceState::Revoked(_)
+    ));
+}
+
+async fn race<S: Store>(a: Arc<Registry<S>>, b: Arc<Registry<S>>, req: Enroll) -> usize {
+    // Two tasks on two worker threads, both past their read before either writes.
+    let ta = tokio::spawn({
+        let (a, req) = (Arc::clone(&a), req.clone());
+        async move { a.enroll(10, &req).await }
+    });
+    let tb = tokio::spawn({
+        let (b, req) = (Arc::clone(&b), req.clone());
+        async move { b.enroll(10, &req).await }
+    });
+    let (ra, rb) = (ta.await.expect("task a"), tb.await.expect("task b"));
+    let oks = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+    for r in [ra, rb].into_iter().filter_map(Result::err) {
+        assert_eq!(code(r), RefusalCode::Replayed);
+    }
+    oks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reveal_twice_at_once_is_accepted_once() {
+    let (_d, s) = embedded();
+    let r = Arc::new(onboarded(s).await);
+    for i in 0..10u8 {
+        let a = agent(create(&r, &format!("web-{i}"), 20 + i).await, IMAGE);
+        assert_eq!(race(Arc::clone(&r), Arc::clone(&r), a.request).await, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_etcd_accept_a_reveal_once() {
+    let Some(server) = EtcdServer::start().await else {
+        return;
+    };
+    let a = Arc::new(onboarded(EtcdStore::connect(&server.url).await.expect("a")).await);
+    let b = Arc::new(Registry::new(
+        EtcdStore::connect(&server.url).await.expect("b"),
+        config(),
+    ));
+    for i in 0..10u8 {
+        let ag = agent(create(&a, &format!("web-{i}"), 40 + i).await, IMAGE);
+        assert_eq!(
+            race(Arc::clone(&a), Arc::clone(&b), ag.request).await,
+            1,
+            "round {i}"
+        );
+    }
+    // Both replicas appended to one audit chain, and it holds.
+    assert!(
+        kinds(&a)
+            .await
+            .iter()
+            .filter(|k| *k == "enroll.accepted")
+            .count()
+            == 10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_or_deleted_audit_record_is_detected() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let records = audit::verify(r.store()).await.expect("holds");
+    assert!(records.len() >= 3);
+    // Change one record's detail.
+    let key = format!("{}{:020}", audit::prefix(), 2);
+    let mut rec = records[1].clone();
+    rec.detail.push_str(" (edited)");
+    r.store()
+        .put(&key, serde_json::to_vec(&rec).expect("json"))
+        .await
+        .expect("put");
+    assert!(matches!(
+        audit::verify(r.store()).await,
+        Err(audit::AuditError::Altered(2))
+    ));
+    // Restore it, then delete one.
+    r.store()
+        .put(&key, serde_json::to_vec(&records[1]).expect("json"))
+        .await
+        .expect("put");
+    audit::verify(r.store()).await.expect("restored");
+    r.store().delete(&key).await.expect("delete");
+    assert!(matches!(
+        audit::verify(r.store()).await,
+        Err(audit::AuditError::Missing(2))
+    ));
+}
