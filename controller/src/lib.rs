@@ -2,13 +2,16 @@
 //!
 //! Built so far: the [`store`] layer (the `Store` trait, its embedded and etcd backends,
 //! and a watch that survives broken streams and compaction), the hash-chained [`audit`]
-//! log, and the [`registry`]: on-boarding, instantiation, enrollment, re-attestation,
-//! quarantine and revocation as decisions over the store. The QUIC services, the
-//! `sec-em` daemon and `asmnctl` come next (issue 3); there is no binary until there is
-//! something to run. The protocol logic the services drive lives in `asmn-shared`.
+//! log, the [`registry`] (on-boarding, instantiation, enrollment, re-attestation,
+//! quarantine and revocation as decisions over the store), the controller's [`pki`] and
+//! its validated [`config`]. The binary `sec-em` makes the PKI and configuration
+//! (`init`) and checks configurations (`check-config`); the QUIC services (`serve`) and
+//! `asmnctl` come next (issue 3). The protocol logic lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod config;
+pub mod pki;
 pub mod registry;
 pub mod store;
