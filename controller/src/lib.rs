@@ -14,4 +14,6 @@ pub mod audit;
 pub mod config;
 pub mod pki;
 pub mod registry;
+pub mod service;
 pub mod store;
+pub mod transport;

@@ -1,0 +1,197 @@
+//! Sec-EM's request handling: one envelope in, one envelope out, over the registry.
+//!
+//! Operator requests need the admin client certificate; agents' need nothing but their
+//! reveals. Every malformed or unexpected message is answered with a typed refusal and
+//! changes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use asmn_shared::catalog::parse_vnfd;
+use asmn_shared::crypto::Nonce;
+use asmn_shared::ids::{InstanceName, TenantId, VnfId};
+use asmn_shared::measure::{Algorithm, DigestValue};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::{self, Enroll};
+use rand::{RngCore, TryRngCore};
+
+use crate::registry::{Registry, RegistryError};
+use crate::store::Store;
+use crate::transport;
+
+/// Seconds since the Unix epoch (the daemon's clock; the registry takes it as input).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn refusal(code: RefusalCode, message: impl Into<String>) -> Body {
+    Body::Refused(msg::Refusal {
+        code: code as i32,
+        message: message.into(),
+    })
+}
+
+fn from_error(e: RegistryError) -> Body {
+    match e {
+        RegistryError::Refused(r) => refusal(r.code, r.message),
+        other => {
+            tracing::error!(error = %other, "request failed");
+            refusal(
+                RefusalCode::Unavailable,
+                "Sec-EM could not complete the request; retry",
+            )
+        }
+    }
+}
+
+/// Handles one request.
+pub async fn handle<S: Store>(
+    registry: &Registry<S>,
+    admin: bool,
+    env: msg::Envelope,
+) -> msg::Envelope {
+    let request_id = env.request_id;
+    let body = match env.body {
+        None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
+        Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
+            Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
+            Ok(req) => match registry.enroll(now(), &req).await {
+                Ok(enrolled) => Body::Enrolled((&enrolled).into()),
+                Err(e) => from_error(e),
+            },
+        },
+        Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
+        Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
+        Some(Body::Onboard(_))
+        | Some(Body::CreateInstance(_))
+        | Some(Body::Revoke(_))
+        | Some(Body::ApplyCatalog(_))
+        | Some(Body::Query(_))
+        | Some(Body::ShowCatalog(_))
+            if !admin =>
+        {
+            refusal(
+                RefusalCode::NotAuthorized,
+                "operator requests need the admin client certificate (asmnctl --cert/--key)",
+            )
+        }
+        Some(_) => refusal(
+            RefusalCode::InvalidRequest,
+            "this message is not a request Sec-EM serves (yet)",
+        ),
+    };
+    msg::Envelope {
+        request_id,
+        body: Some(body),
+    }
+}
+
+async fn onboard<S: Store>(registry: &Registry<S>, m: msg::OnboardRequest) -> Body {
+    let vnfd = match parse_vnfd("onboard request", m.vnfd_yaml.as_bytes()) {
+        Ok(v) => v,
+        Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
+    };
+    let mut golden = BTreeMap::new();
+    for d in &m.digests {
+        let Ok(alg) = d.algorithm.parse::<Algorithm>() else {
+            return refusal(
+                RefusalCode::InvalidRequest,
+                format!("unknown digest algorithm {:?}", d.algorithm),
+            );
+        };
+        if d.value.len() != alg.output_len() {
+            return refusal(
+                RefusalCode::InvalidRequest,
+                format!("{alg} digest of {} bytes", d.value.len()),
+            );
+        }
+        golden.insert(alg, DigestValue(d.value.clone()));
+    }
+    match registry.onboard(now(), vnfd, golden, m.image_bytes).await {
+        Ok(()) => Body::Ok(msg::Ack {}),
+        Err(e) => from_error(e),
+    }
+}
+
+async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanceRequest) -> Body {
+    let names = (
+        m.tenant.parse::<TenantId>(),
+        m.vnf.parse::<VnfId>(),
+        if m.instance.is_empty() {
+            let mut b = [0u8; 4];
+            rand::rng().fill_bytes(&mut b);
+            format!("{}-{}", m.vnf, hex::encode(b))
+        } else {
+            m.instance.clone()
+        }
+        .parse::<InstanceName>(),
+    );
+    let (tenant, vnf, instance) = match names {
+        (Ok(t), Ok(v), Ok(i)) => (t, v, i),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return refusal(RefusalCode::InvalidRequest, e.to_string());
+        }
+    };
+    let role = match msg::RoleMsg::try_from(m.role) {
+        Ok(msg::RoleMsg::Gateway) => asmn_shared::ids::Role::Gateway,
+        Ok(msg::RoleMsg::Vnf) | Ok(msg::RoleMsg::Unspecified) => asmn_shared::ids::Role::Vnf,
+        Err(_) => return refusal(RefusalCode::InvalidRequest, "unknown role"),
+    };
+    // The instance's secret: 256 bits from the operating system's CSPRNG.
+    let mut nonce = [0u8; 32];
+    if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
+        return refusal(
+            RefusalCode::Unavailable,
+            "the system's random source failed",
+        );
+    }
+    let secret = Nonce::new(nonce);
+    zeroize::Zeroize::zeroize(&mut nonce);
+    let nonce = secret;
+    match registry
+        .create_instance(now(), tenant, vnf, instance, role, nonce)
+        .await
+    {
+        Ok(bundle) => Body::InstanceCreated((&bundle).into()),
+        Err(e) => from_error(e),
+    }
+}
+
+/// Serves connections on `endpoint` until it is closed: every connection and stream in
+/// its own task, each request bounded by the frame cap.
+pub async fn serve<S: Store>(endpoint: quinn::Endpoint, registry: Arc<Registry<S>>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            let admin = transport::is_admin(&conn);
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let registry = Arc::clone(&registry);
+                tokio::spawn(async move {
+                    let reply = match recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await {
+                        Err(e) => msg::Envelope {
+                            request_id: 0,
+                            body: Some(refusal(
+                                RefusalCode::MalformedMessage,
+                                format!("request too large or cut: {e}"),
+                            )),
+                        },
+                        Ok(bytes) => match transport::decode_one_frame(&bytes) {
+                            Err(e) => msg::Envelope {
+                                request_id: 0,
+                                body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
+                            },
+                            Ok(env) => handle(&registry, admin, env).await,
+                        },
+                    };
+                    if let Ok(frame) = wire::encode_frame(&reply) {
+                        let _ = send.write_all(&frame).await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+    }
+}

@@ -1,0 +1,367 @@
+//! Sec-EM over QUIC on loopback: an operator on-boards and instantiates, an agent
+//! (simulated with the shared state machines) enrolls; unauthorized and malformed requests
+//! are refused and change nothing in the store.
+
+use std::sync::Arc;
+
+use asmn_controller::registry::{Registry, RegistryConfig};
+use asmn_controller::store::Store;
+use asmn_controller::store::embedded::EmbeddedStore;
+use asmn_controller::{pki, service, transport};
+use asmn_shared::chain::{ChainProver, ChainSpec, seed};
+use asmn_shared::dh::{DhKeyPair, Group};
+use asmn_shared::measure::{Algorithm, measure_bytes};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::{BootstrapBundle, Enroll, FRAME_HEADER};
+
+const IMAGE: &[u8] = b"the golden VNF image";
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    pki: pki::Pki,
+    addr: std::net::SocketAddr,
+    store: Arc<EmbeddedStore>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+/// The store is shared with the test (through an Arc'd wrapper) to compare its contents.
+#[derive(Clone)]
+struct Shared(Arc<EmbeddedStore>);
+
+impl Store for Shared {
+    async fn get(
+        &self,
+        k: &str,
+    ) -> Result<Option<asmn_controller::store::Versioned>, asmn_controller::store::StoreError> {
+        self.0.get(k).await
+    }
+    async fn put(&self, k: &str, v: Vec<u8>) -> Result<u64, asmn_controller::store::StoreError> {
+        self.0.put(k, v).await
+    }
+    async fn compare_and_swap(
+        &self,
+        k: &str,
+        e: asmn_controller::store::Expect,
+        v: Vec<u8>,
+    ) -> Result<asmn_controller::store::Cas, asmn_controller::store::StoreError> {
+        self.0.compare_and_swap(k, e, v).await
+    }
+    async fn delete(&self, k: &str) -> Result<bool, asmn_controller::store::StoreError> {
+        self.0.delete(k).await
+    }
+    async fn list(
+        &self,
+        p: &str,
+    ) -> Result<asmn_controller::store::Listing, asmn_controller::store::StoreError> {
+        self.0.list(p).await
+    }
+    async fn watch_raw(
+        &self,
+        p: &str,
+        f: u64,
+    ) -> Result<asmn_controller::store::RawWatch, asmn_controller::store::StoreError> {
+        self.0.watch_raw(p, f).await
+    }
+}
+
+async fn lab() -> Lab {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = pki::generate(&["sec-em".into()], 2025).expect("pki");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"));
+    let registry = Arc::new(Registry::new(
+        Shared(Arc::clone(&store)),
+        RegistryConfig {
+            controllers: vec!["127.0.0.1:7443".into()],
+            server_name: "sec-em".into(),
+            ca_pem: pki.ca_cert.clone(),
+            chain_length: 100,
+            dh_group: Group::Ffdhe3072,
+            reattest_interval_secs: 30,
+            overlay_net: "10.77.0.0".parse().expect("net"),
+            overlay_prefix: 16,
+        },
+    ));
+    let endpoint = transport::server(
+        "127.0.0.1:0".parse().expect("addr"),
+        &pki.ca_cert,
+        &pki.server_cert,
+        &pki.server_key,
+    )
+    .expect("server");
+    let addr = endpoint.local_addr().expect("addr");
+    let server = tokio::spawn(service::serve(endpoint, registry));
+    Lab {
+        _dir: dir,
+        pki,
+        addr,
+        store,
+        _server: server,
+    }
+}
+
+async fn connect(lab: &Lab, admin: bool) -> quinn::Connection {
+    let identity = admin.then_some((lab.pki.admin_cert.as_str(), lab.pki.admin_key.as_str()));
+    let ep = transport::client(&lab.pki.ca_cert, identity).expect("client");
+    ep.connect(lab.addr, "sec-em")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+async fn ask(c: &quinn::Connection, body: Body) -> Body {
+    let env = msg::Envelope {
+        request_id: 7,
+        body: Some(body),
+    };
+    let reply = transport::request(c, &env).await.expect("request");
+    assert_eq!(reply.request_id, 7);
+    reply.body.expect("body")
+}
+
+fn refused(b: &Body) -> RefusalCode {
+    match b {
+        Body::Refused(r) => RefusalCode::try_from(r.code).expect("code"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
+    let id = bundle.instance_key();
+    let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let s = seed(
+        &bundle.nonce,
+        &id,
+        &m.get(Algorithm::Sha256).expect("sha").0,
+        0,
+    );
+    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
+    let mut p = ChainProver::new(ChainSpec::new(id, 0, bundle.chain_length).expect("spec"), s);
+    let e = Enroll {
+        id,
+        tenant: bundle.tenant.clone(),
+        vnf: bundle.vnf.clone(),
+        instance: bundle.instance.clone(),
+        reveal: p.reveal().expect("reveal"),
+        wg_public_key: [1; 32],
+        dh_group: bundle.dh_group,
+        dh_public: dh.public().clone(),
+        endpoint: "192.0.2.5:51820".parse().expect("ep"),
+        role: bundle.role,
+    };
+    (&e).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_onboards_and_an_agent_enrolls_over_quic() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let onboard = Body::Onboard(msg::OnboardRequest {
+        vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+        digests: vec![msg::DigestMsg {
+            algorithm: "sha256".into(),
+            value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
+        }],
+        image_bytes: IMAGE.len() as u64,
+    });
+    assert!(matches!(ask(&admin, onboard.clone()).await, Body::Ok(_)));
+    let created = ask(
+        &admin,
+        Body::CreateInstance(msg::CreateInstanceRequest {
+            tenant: "t1".into(),
+            vnf: "web-server".into(),
+            instance: String::new(),
+            role: msg::RoleMsg::Vnf as i32,
+        }),
+    )
+    .await;
+    let Body::InstanceCreated(bundle_msg) = created else {
+        panic!("bundle: {created:?}")
+    };
+    let bundle = BootstrapBundle::try_from(&bundle_msg).expect("a valid bundle");
+
+    // An agent: no client certificate, the CA pinned from its bundle.
+    let agent = connect(&lab, false).await;
+    assert_eq!(
+        refused(&ask(&agent, onboard).await),
+        RefusalCode::NotAuthorized
+    );
+    let req = enroll_request(&bundle);
+    let reply = ask(&agent, Body::Enroll(req.clone())).await;
+    let Body::Enrolled(e) = reply else {
+        panic!("enrolled: {reply:?}")
+    };
+    assert_eq!(e.overlay, "10.77.0.1/16");
+    // The same reveal again is a replay.
+    assert_eq!(
+        refused(&ask(&agent, Body::Enroll(req)).await),
+        RefusalCode::Replayed
+    );
+}
+
+async fn create(admin: &quinn::Connection, name: &str) -> BootstrapBundle {
+    let body = ask(
+        admin,
+        Body::CreateInstance(msg::CreateInstanceRequest {
+            tenant: "t1".into(),
+            vnf: "web-server".into(),
+            instance: name.into(),
+            role: 1,
+        }),
+    )
+    .await;
+    let Body::InstanceCreated(b) = body else {
+        panic!("bundle: {body:?}")
+    };
+    BootstrapBundle::try_from(&b).expect("bundle")
+}
+
+async fn record(lab: &Lab, bundle: &BootstrapBundle) -> (String, u64) {
+    let v = lab
+        .store
+        .get(&asmn_controller::registry::instance_key(
+            &bundle.instance_key(),
+        ))
+        .await
+        .expect("get")
+        .expect("record");
+    let r: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
+    (
+        r["state"]["state"].as_str().unwrap_or("?").to_string(),
+        v.revision,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_requests_are_refused_without_changing_state() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    ask(
+        &admin,
+        Body::Onboard(msg::OnboardRequest {
+            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+            digests: vec![msg::DigestMsg {
+                algorithm: "sha256".into(),
+                value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
+            }],
+            image_bytes: 1,
+        }),
+    )
+    .await;
+    let agent = connect(&lab, false).await;
+    let send_raw = |bytes: Vec<u8>| {
+        let agent = agent.clone();
+        async move {
+            let (mut s, mut r) = agent.open_bi().await.expect("stream");
+            s.write_all(&bytes).await.expect("write");
+            s.finish().expect("finish");
+            let back = r.read_to_end(1 << 20).await.expect("reply");
+            transport::decode_one_frame(&back)
+                .expect("a framed reply")
+                .body
+                .expect("body")
+        }
+    };
+    // Each corruption goes to a fresh instance, so its effect is seen alone.
+    type Mutation = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let probe = transport::encode_payload(&msg::Envelope {
+        request_id: 0,
+        body: Some(Body::Enroll(enroll_request(&create(&admin, "probe").await))),
+    });
+    let mut mutations: Vec<(String, Mutation)> = Vec::new();
+    for i in (0..probe.len()).step_by(5) {
+        mutations.push((
+            format!("flip {i}"),
+            Box::new(move |p: &[u8]| {
+                let mut p = p.to_vec();
+                p[i] ^= 0x08;
+                framed_owned(&p)
+            }),
+        ));
+    }
+    for cut in [1usize, 40, probe.len() / 2, probe.len() - 1] {
+        mutations.push((
+            format!("truncated to {cut}"),
+            Box::new(move |p: &[u8]| framed_owned(&p[..cut])),
+        ));
+        mutations.push((
+            format!("frame cut at {cut}"),
+            Box::new(move |p: &[u8]| framed_owned(p)[..FRAME_HEADER + cut].to_vec()),
+        ));
+    }
+    mutations.push((
+        "trailing bytes".into(),
+        Box::new(|p: &[u8]| {
+            let mut f = framed_owned(p);
+            f.extend_from_slice(&[0xff; 9]);
+            f
+        }),
+    ));
+    mutations.push((
+        "garbage frame".into(),
+        Box::new(|_: &[u8]| vec![0xff, 0xff, 0xff, 0xff]),
+    ));
+    // The Enroll body (field 10) under the tag of another message type (21: Reattested).
+    mutations.push((
+        "retyped".into(),
+        Box::new(|p: &[u8]| {
+            let mut p = p.to_vec();
+            if let Some(pos) = p.iter().position(|&b| b == (10 << 3 | 2)) {
+                p[pos] = 21 << 3 | 2;
+            }
+            framed_owned(&p)
+        }),
+    ));
+
+    let (mut refused_clean, mut fakes, mut valid) = (0, 0, 0);
+    for (i, (what, mutate)) in mutations.iter().enumerate() {
+        let bundle = create(&admin, &format!("web-{i}")).await;
+        let payload = transport::encode_payload(&msg::Envelope {
+            request_id: 0,
+            body: Some(Body::Enroll(enroll_request(&bundle))),
+        });
+        let before = record(&lab, &bundle).await;
+        let answer = send_raw(mutate(&payload)).await;
+        let after = record(&lab, &bundle).await;
+        match answer {
+            Body::Refused(r) => match RefusalCode::try_from(r.code).expect("code") {
+                // A well-formed enrollment whose reveal does not verify is a fake VNF.
+                RefusalCode::WrongMeasurement => {
+                    assert_eq!(after.0, "quarantined", "{what}");
+                    fakes += 1;
+                }
+                code => {
+                    assert_eq!(
+                        after, before,
+                        "{what}: refused ({code:?}) but the record changed"
+                    );
+                    refused_clean += 1;
+                }
+            },
+            // The corruption left a valid request (a bit in a key or the endpoint): it is
+            // processed as such.
+            Body::Enrolled(_) => {
+                assert_eq!(after.0, "enrolled", "{what}");
+                valid += 1;
+            }
+            other => panic!("{what}: unexpected answer {other:?}"),
+        }
+    }
+    assert!(
+        refused_clean > 10 && fakes > 0,
+        "refused {refused_clean}, fakes {fakes}, valid {valid}"
+    );
+    // The server still serves a genuine agent.
+    let bundle = create(&admin, "genuine").await;
+    assert!(matches!(
+        ask(&agent, Body::Enroll(enroll_request(&bundle))).await,
+        Body::Enrolled(_)
+    ));
+}
+
+fn framed_owned(p: &[u8]) -> Vec<u8> {
+    let mut f = (p.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(p);
+    f
+}
