@@ -5,13 +5,15 @@
 //! log, the [`registry`] (on-boarding, instantiation, enrollment, re-attestation,
 //! quarantine and revocation as decisions over the store), the controller's [`pki`] and
 //! its validated [`config`]. The binary `sec-em` makes the PKI and configuration
-//! (`init`) and checks configurations (`check-config`); the QUIC services (`serve`) and
-//! `asmnctl` come next (issue 3). The protocol logic lives in `asmn-shared`.
+//! (`init`), checks configurations (`check-config`) and serves enrollment, on-boarding and
+//! instantiation over QUIC (`serve`, see [`daemon`] and [`service`]); catalog pushes,
+//! peer verification, metrics and `asmnctl` come next (issue 3). The protocol logic lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
+pub mod daemon;
 pub mod pki;
 pub mod registry;
 pub mod service;

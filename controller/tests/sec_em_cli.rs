@@ -85,3 +85,112 @@ fn init_makes_pki_and_config_and_refuses_to_overwrite() {
         text(&o)
     );
 }
+
+/// Kills a child (SIGKILL, by PID) if the test fails before it stops it.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
+    use asmn_shared::wire::msg::{self, Body};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let ds = dir.path().to_str().expect("utf-8");
+    let o = sec_em(&[
+        "init",
+        "--dir",
+        ds,
+        "--server-name",
+        "sec-em",
+        "--listen",
+        &listen,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = dir.path().join("sec-em.toml");
+    let mut daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sec-em"))
+            .args([
+                "serve",
+                "--config",
+                cfg.to_str().expect("utf-8"),
+                "--log-format",
+                "json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("serve"),
+    );
+
+    let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect(n);
+    let (ca, cert, key) = (read("ca.pem"), read("admin.pem"), read("admin.key"));
+    let ep = asmn_controller::transport::client(&ca, Some((&cert, &key))).expect("client");
+    let addr: std::net::SocketAddr = listen.parse().expect("addr");
+    // Poll until the daemon answers (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let conn = loop {
+        if let Ok(c) = ep.connect(addr, "sec-em").expect("connect").await {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sec-em did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(Body::CreateInstance(msg::CreateInstanceRequest {
+            tenant: "t".into(),
+            vnf: "never-onboarded".into(),
+            instance: String::new(),
+            role: 1,
+        })),
+    };
+    let reply = asmn_controller::transport::request(&conn, &env)
+        .await
+        .expect("reply");
+    assert!(
+        matches!(&reply.body, Some(Body::Refused(r)) if r.message.contains("not on-boarded")),
+        "{reply:?}"
+    );
+
+    // SIGTERM (by PID): a clean exit, within the drain deadline.
+    let pid = daemon.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sec-em did not stop on SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    let mut log = String::new();
+    use std::io::Read;
+    if let Some(mut e) = daemon.0.stdout.take() {
+        let _ = e.read_to_string(&mut log);
+    }
+    assert!(log.contains("shutting down"), "{log}");
+}

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 ///
 /// It attests VNF instances by their hash chains, introduces verified peers to each other,
 /// and pushes Sec-catalogs and revocations. Start with `sec-em init` to make its CA,
-/// certificates and configuration. (`sec-em serve` arrives with the QUIC services.)
+/// certificates and configuration, then `sec-em serve`.
 #[derive(Parser, Debug)]
 #[command(name = "sec-em", version, about, long_about)]
 struct Cli {
@@ -39,6 +39,15 @@ enum Command {
         /// refused).
         #[arg(long)]
         force: bool,
+    },
+    /// Serve agents and operators over QUIC until SIGTERM or SIGINT.
+    Serve {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/asmn/sec-em.toml")]
+        config: PathBuf,
+        /// Log format: text or json.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Read a configuration file and report the first problem, if any.
     CheckConfig {
@@ -96,6 +105,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Serve { config, log_format } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            if log_format == "json" {
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_env_filter(filter)
+                    .init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
+            let cfg = config::Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(async { asmn_controller::daemon::run(cfg, shutdown_signal()).await })?;
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let c = config::Config::load(&config)?;
             println!(
@@ -108,6 +133,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.dh_group
             );
             Ok(())
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

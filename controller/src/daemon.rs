@@ -1,0 +1,106 @@
+//! `sec-em serve`: load the PKI, open the store, serve QUIC until told to stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{Config, StoreUrl};
+use crate::registry::{Registry, RegistryConfig};
+use crate::store::Store;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::EtcdStore;
+use crate::{service, transport};
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A file named in the configuration could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The QUIC endpoint could not start.
+    #[error("starting the QUIC endpoint: {0}")]
+    Transport(#[from] transport::TransportError),
+}
+
+/// How long open connections get to finish when the daemon stops.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+fn read(path: &std::path::Path) -> Result<String, DaemonError> {
+    std::fs::read_to_string(path).map_err(|source| DaemonError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Runs Sec-EM with `config` until `shutdown` completes, then closes every connection
+/// cleanly and waits up to [`DRAIN`] for them to go.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let ca = read(&config.ca)?;
+    let cert = read(&config.cert)?;
+    let key = read(&config.key)?;
+    match config.store.clone() {
+        StoreUrl::Embedded(path) => {
+            let store = EmbeddedStore::open(&path)?;
+            tracing::info!(path = %path.display(), "store: embedded");
+            serve_with(config, store, &ca, &cert, &key, shutdown).await
+        }
+        StoreUrl::Etcd(url) => {
+            let store = EtcdStore::connect(&url).await?;
+            tracing::info!(%url, "store: etcd");
+            serve_with(config, store, &ca, &cert, &key, shutdown).await
+        }
+    }
+}
+
+async fn serve_with<S: Store>(
+    config: Config,
+    store: S,
+    ca: &str,
+    cert: &str,
+    key: &str,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let endpoint = transport::server(config.listen, ca, cert, key)?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|e| transport::TransportError::Connection(e.to_string()))?;
+    let advertise = if config.listen.ip().is_unspecified() {
+        format!("{}:{}", config.server_name, local.port())
+    } else {
+        local.to_string()
+    };
+    let registry = Arc::new(Registry::new(
+        store,
+        RegistryConfig {
+            controllers: vec![advertise],
+            server_name: config.server_name.clone(),
+            ca_pem: ca.to_string(),
+            chain_length: config.chain_length,
+            dh_group: config.dh_group,
+            reattest_interval_secs: config.reattest_interval_secs,
+            overlay_net: config.overlay_net,
+            overlay_prefix: config.overlay_prefix,
+        },
+    ));
+    tracing::info!(listen = %local, server_name = %config.server_name, "sec-em serving");
+    let server = tokio::spawn(service::serve(endpoint.clone(), registry));
+    shutdown.await;
+    tracing::info!("shutting down: closing connections");
+    endpoint.close(0u32.into(), b"sec-em shutting down");
+    if tokio::time::timeout(DRAIN, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {DRAIN:?}; exiting anyway");
+    }
+    server.abort();
+    Ok(())
+}
