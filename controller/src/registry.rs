@@ -384,6 +384,16 @@ impl<S: Store> Registry<S> {
         }
     }
 
+    /// Every instance record.
+    pub async fn instances(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
+        let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
+        listing
+            .entries
+            .iter()
+            .map(|(_, v)| parse(&v.value))
+            .collect()
+    }
+
     /// Quarantines `id` (a refused instance) unless it is revoked already.
     async fn quarantine(
         &self,

@@ -64,6 +64,8 @@ pub async fn handle<S: Store>(
         },
         Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
+        Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
+        Some(Body::Query(m)) if admin => query(registry, m).await,
         Some(Body::Onboard(_))
         | Some(Body::CreateInstance(_))
         | Some(Body::Revoke(_))
@@ -155,6 +157,70 @@ async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanc
         .await
     {
         Ok(bundle) => Body::InstanceCreated((&bundle).into()),
+        Err(e) => from_error(e),
+    }
+}
+
+async fn revoke<S: Store>(registry: &Registry<S>, m: msg::RevokeRequest) -> Body {
+    let Some(id) = asmn_shared::ids::InstanceKey::from_slice(&m.instance_key) else {
+        return refusal(RefusalCode::InvalidRequest, "instance_key must be 32 bytes");
+    };
+    let reason = if m.reason.is_empty() {
+        "revoked by the operator".to_string()
+    } else {
+        m.reason.chars().take(256).collect()
+    };
+    match registry.revoke(now(), &id, &reason).await {
+        Ok(()) => Body::Ok(msg::Ack {}),
+        Err(e) => from_error(e),
+    }
+}
+
+async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
+    let result = match m.what.as_str() {
+        "instances" => registry
+            .instances()
+            .await
+            .map(|v| serde_json::to_string(&v)),
+        "instance" => {
+            let Some(id) = hex::decode(&m.argument)
+                .ok()
+                .and_then(|b| asmn_shared::ids::InstanceKey::from_slice(&b))
+            else {
+                return refusal(
+                    RefusalCode::InvalidRequest,
+                    "the instance ID is 64 hex digits",
+                );
+            };
+            match registry.instance(&id).await {
+                Ok(Some((rec, _))) => Ok(serde_json::to_string(&rec)),
+                Ok(None) => return refusal(RefusalCode::UnknownInstance, "no such instance"),
+                Err(e) => Err(e),
+            }
+        }
+        "audit" => crate::audit::verify(registry.store())
+            .await
+            .map(|v| serde_json::to_string(&v))
+            .map_err(RegistryError::from),
+        "audit-verify" => match crate::audit::verify(registry.store()).await {
+            Ok(v) => Ok(serde_json::to_string(
+                &serde_json::json!({"ok": true, "records": v.len()}),
+            )),
+            Err(crate::audit::AuditError::Store(e)) => Err(RegistryError::Store(e)),
+            Err(e) => Ok(serde_json::to_string(
+                &serde_json::json!({"ok": false, "error": e.to_string()}),
+            )),
+        },
+        other => {
+            return refusal(
+                RefusalCode::InvalidRequest,
+                format!("unknown query {other:?}: instances, instance, audit, audit-verify"),
+            );
+        }
+    };
+    match result {
+        Ok(Ok(json)) => Body::QueryResult(msg::QueryResult { json }),
+        Ok(Err(e)) => refusal(RefusalCode::Unavailable, e.to_string()),
         Err(e) => from_error(e),
     }
 }

@@ -194,3 +194,219 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
     }
     assert!(log.contains("shutting down"), "{log}");
 }
+
+fn asmnctl(pki: &std::path::Path, listen: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_asmnctl"))
+        .args([
+            "--pki",
+            pki.to_str().expect("utf-8"),
+            "--controller",
+            listen,
+        ])
+        .args(args)
+        .output()
+        .expect("run asmnctl")
+}
+
+fn start_daemon(dir: &std::path::Path) -> Daemon {
+    let cfg = dir.join("sec-em.toml");
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sec-em"))
+            .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve"),
+    )
+}
+
+fn wait_up(dir: &std::path::Path, listen: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = asmnctl(dir, listen, &["--timeout", "1", "audit", "verify"]);
+        if o.status.code() != Some(3) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sec-em did not come up: {}",
+            text(&o)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn asmnctl_end_to_end() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    assert!(
+        sec_em(&[
+            "init",
+            "--dir",
+            d.to_str().expect("utf-8"),
+            "--listen",
+            &listen
+        ])
+        .status
+        .success()
+    );
+    let mut daemon = start_daemon(d);
+    wait_up(d, &listen);
+
+    let image = d.join("web.img");
+    std::fs::write(&image, vec![0x42u8; 1 << 20]).expect("image");
+    let vnfd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../images/examples/web-server.vnfd.yaml"
+    );
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "image",
+            "onboard",
+            image.to_str().expect("p"),
+            "--vnfd",
+            vnfd,
+            "--algo",
+            "md5",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("sha256") && text(&o).contains("md5"),
+        "{}",
+        text(&o)
+    );
+
+    let bundle = d.join("web-0.bundle");
+    let b = bundle.to_str().expect("p");
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "--json",
+            "instance",
+            "create",
+            "--tenant",
+            "t1",
+            "--vnf",
+            "web-server",
+            "--name",
+            "web-0",
+            "--out",
+            b,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        std::fs::metadata(&bundle)
+            .expect("bundle")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // Not overwritten without --force.
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "instance",
+            "create",
+            "--tenant",
+            "t1",
+            "--vnf",
+            "web-server",
+            "--out",
+            b,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // An unknown VNF is Sec-EM's refusal: exit 1, with the reason.
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "instance",
+            "create",
+            "--tenant",
+            "t1",
+            "--vnf",
+            "nope",
+            "--out",
+            d.join("x").to_str().expect("p"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("not on-boarded"), "{}", text(&o));
+
+    let o = asmnctl(d, &listen, &["--json", "instance", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    let o = asmnctl(d, &listen, &["instance", "list"]);
+    assert!(
+        text(&o).contains("web-0") && text(&o).contains("created"),
+        "{}",
+        text(&o)
+    );
+    let o = asmnctl(d, &listen, &["instance", "show", &id]);
+    assert!(
+        o.status.success() && text(&o).contains("10.77.0.1/16"),
+        "{}",
+        text(&o)
+    );
+    let o = asmnctl(d, &listen, &["revoke", &id, "--reason", "test"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = asmnctl(d, &listen, &["instance", "show", &id]);
+    assert!(text(&o).contains("revoked"), "{}", text(&o));
+    let o = asmnctl(d, &listen, &["audit", "verify"]);
+    assert!(
+        o.status.success() && text(&o).contains("intact"),
+        "{}",
+        text(&o)
+    );
+    let o = asmnctl(d, &listen, &["audit", "show"]);
+    assert!(text(&o).contains("instance.revoked"), "{}", text(&o));
+
+    // Tamper with the audit log while Sec-EM is stopped; the next verify fails.
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        rt.block_on(async {
+            use asmn_controller::store::Store;
+            let store =
+                asmn_controller::store::embedded::EmbeddedStore::open(&d.join("sec-em.redb"))
+                    .expect("open");
+            let key = format!("{}{:020}", asmn_controller::audit::prefix(), 2);
+            let v = store.get(&key).await.expect("get").expect("record 2");
+            let mut rec: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
+            rec["detail"] = serde_json::Value::String("nothing happened here".into());
+            store
+                .put(&key, serde_json::to_vec(&rec).expect("json"))
+                .await
+                .expect("put");
+        });
+    }
+    let _daemon = start_daemon(d);
+    wait_up(d, &listen);
+    let o = asmnctl(d, &listen, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("altered"), "{}", text(&o));
+    // Unreachable Sec-EM: exit 3.
+    let o = asmnctl(
+        d,
+        &listen.replace(&port.to_string(), "1"),
+        &["--timeout", "1", "instance", "list"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+}

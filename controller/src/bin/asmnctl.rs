@@ -1,0 +1,412 @@
+//! `asmnctl`: the operator's command line for Sec-EM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use asmn_controller::{pki, transport};
+use asmn_shared::catalog::parse_vnfd;
+use asmn_shared::measure::{self, MeasureOptions};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use clap::{Parser, Subcommand};
+use prost::Message;
+
+/// Operate Sec-EM: on-board VNF images, create instances and their bootstrap bundles,
+/// inspect and revoke instances, read and verify the audit log.
+///
+/// Exit codes: 0 success; 1 Sec-EM refused (or the audit log does not verify); 2 a local
+/// error (arguments, files); 3 Sec-EM unreachable.
+#[derive(Parser, Debug)]
+#[command(name = "asmnctl", version, about, long_about)]
+struct Cli {
+    /// Sec-EM's QUIC address.
+    #[arg(long, global = true, default_value = "127.0.0.1:7443")]
+    controller: SocketAddr,
+    /// The name in Sec-EM's certificate.
+    #[arg(long, global = true, default_value = "sec-em")]
+    server_name: String,
+    /// Directory with ca.pem, admin.pem and admin.key (made by `sec-em init`).
+    #[arg(long, global = true, default_value = "/etc/asmn")]
+    pki: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for Sec-EM to answer the connection.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// VNF images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// VNF instances.
+    Instance {
+        #[command(subcommand)]
+        command: InstanceCommand,
+    },
+    /// Revoke an instance: it is cut off and cannot enroll again.
+    Revoke {
+        /// The instance ID (64 hex digits, from `instance list`).
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+    /// The audit log of security decisions.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Measure an image and register it with its VNFD and Sec-catalog.
+    Onboard {
+        /// The image file or block device.
+        image: PathBuf,
+        /// The VNFD (YAML, with its sec_catalog section).
+        #[arg(long)]
+        vnfd: PathBuf,
+        /// Golden digests to register (SHA-256 is always included).
+        #[arg(long, default_value = "sha256")]
+        algo: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InstanceCommand {
+    /// Create an instance and write its bootstrap bundle (its secret, mode 0600).
+    Create {
+        /// Tenant.
+        #[arg(long)]
+        tenant: String,
+        /// On-boarded VNF.
+        #[arg(long)]
+        vnf: String,
+        /// Role: vnf or gateway.
+        #[arg(long, default_value = "vnf", value_parser = ["vnf", "gateway"])]
+        role: String,
+        /// Instance name (default: VNF name and a random suffix).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to write the bundle for the VIM to hand to the VM.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing bundle file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List instances.
+    List,
+    /// Show one instance.
+    Show {
+        /// The instance ID (64 hex digits).
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Print the audit log.
+    Show,
+    /// Check the log's hash chain: exit 1 if a record was changed or deleted.
+    Verify,
+}
+
+/// An error with the exit code it maps to.
+struct Failure(u8, String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(2, e.to_string())
+    }
+}
+
+fn unreachable_err(e: impl std::fmt::Display) -> Failure {
+    Failure(
+        3,
+        format!("cannot reach Sec-EM: {e} (is `sec-em serve` running, and --controller right?)"),
+    )
+}
+
+fn read(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure(2, format!("{}: {e} (see --pki)", path.display())))
+}
+
+async fn call(cli: &Cli, body: Body) -> Result<Body, Failure> {
+    let ca = read(&cli.pki.join("ca.pem"))?;
+    let cert = read(&cli.pki.join("admin.pem"))?;
+    let key = read(&cli.pki.join("admin.key"))?;
+    let ep = transport::client(&ca, Some((&cert, &key)))?;
+    let conn = tokio::time::timeout(
+        std::time::Duration::from_secs(cli.timeout.max(1)),
+        ep.connect(cli.controller, &cli.server_name)
+            .map_err(unreachable_err)?,
+    )
+    .await
+    .map_err(|_| {
+        Failure(
+            3,
+            format!("cannot reach Sec-EM at {}: timed out", cli.controller),
+        )
+    })?
+    .map_err(unreachable_err)?;
+    let reply = transport::request(
+        &conn,
+        &msg::Envelope {
+            request_id: 1,
+            body: Some(body),
+        },
+    )
+    .await
+    .map_err(unreachable_err)?;
+    conn.close(0u32.into(), b"done");
+    match reply.body {
+        Some(Body::Refused(r)) => {
+            let code =
+                RefusalCode::try_from(r.code).map_or("unknown".to_string(), |c| format!("{c:?}"));
+            Err(Failure(
+                1,
+                format!("Sec-EM refused ({code}): {}", r.message),
+            ))
+        }
+        Some(b) => Ok(b),
+        None => Err(Failure(1, "Sec-EM sent an empty answer".into())),
+    }
+}
+
+async fn query(cli: &Cli, what: &str, argument: &str) -> Result<serde_json::Value, Failure> {
+    match call(
+        cli,
+        Body::Query(msg::QueryRequest {
+            what: what.into(),
+            argument: argument.into(),
+        }),
+    )
+    .await?
+    {
+        Body::QueryResult(r) => Ok(serde_json::from_str(&r.json)?),
+        other => Err(Failure(1, format!("unexpected answer: {other:?}"))),
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+fn print_instances(list: &serde_json::Value) {
+    println!(
+        "{:<12}  {:<10} {:<14} {:<18} {:<8} {:<16} {:<12} {:>13}",
+        "ID", "TENANT", "VNF", "INSTANCE", "ROLE", "OVERLAY", "STATE", "CHAIN"
+    );
+    for r in list.as_array().into_iter().flatten() {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<12}  {:<10} {:<14} {:<18} {:<8} {:<16} {:<12} {:>6}/{:<6}",
+            short(&s("id")),
+            s("tenant"),
+            s("vnf"),
+            s("instance"),
+            s("role"),
+            s("overlay"),
+            r["state"]["state"].as_str().unwrap_or("?"),
+            r["chain"]["last_index"],
+            r["chain"]["length"]
+        );
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Image {
+            command: ImageCommand::Onboard { image, vnfd, algo },
+        } => {
+            let text =
+                std::fs::read(vnfd).map_err(|e| Failure(2, format!("{}: {e}", vnfd.display())))?;
+            parse_vnfd(&vnfd.display().to_string(), &text)?;
+            let mut algs = measure::parse_algorithms(algo)?;
+            algs.push(measure::Algorithm::Sha256);
+            let m = measure::measure_path(image, &algs, MeasureOptions::default(), &mut |_| {})?;
+            let digests = m
+                .digests
+                .iter()
+                .map(|(a, d)| msg::DigestMsg {
+                    algorithm: a.name().into(),
+                    value: d.0.clone(),
+                })
+                .collect();
+            call(
+                cli,
+                Body::Onboard(msg::OnboardRequest {
+                    vnfd_yaml: String::from_utf8(text)
+                        .map_err(|_| Failure(2, "the VNFD is not UTF-8".into()))?,
+                    digests,
+                    image_bytes: m.bytes,
+                }),
+            )
+            .await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"onboarded": image, "bytes": m.bytes, "digests": m.digests})
+                );
+            } else {
+                println!("on-boarded {} ({} bytes)", image.display(), m.bytes);
+                for (a, d) in &m.digests {
+                    println!("  {a:<7} {d}");
+                }
+            }
+        }
+        Command::Instance {
+            command:
+                InstanceCommand::Create {
+                    tenant,
+                    vnf,
+                    role,
+                    name,
+                    out,
+                    force,
+                },
+        } => {
+            if out.exists() && !force {
+                return Err(Failure(
+                    2,
+                    format!("{} exists; pass --force to replace it", out.display()),
+                ));
+            }
+            let role = if role == "gateway" {
+                msg::RoleMsg::Gateway
+            } else {
+                msg::RoleMsg::Vnf
+            };
+            let b = match call(
+                cli,
+                Body::CreateInstance(msg::CreateInstanceRequest {
+                    tenant: tenant.clone(),
+                    vnf: vnf.clone(),
+                    instance: name.clone().unwrap_or_default(),
+                    role: role as i32,
+                }),
+            )
+            .await?
+            {
+                Body::InstanceCreated(b) => b,
+                other => return Err(Failure(1, format!("unexpected answer: {other:?}"))),
+            };
+            let bundle = asmn_shared::wire::BootstrapBundle::try_from(&b)?;
+            pki::write_file(out, &b.encode_to_vec(), true)?;
+            let id = bundle.instance_key().to_hex();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": id, "instance": b.instance, "bundle": out})
+                );
+            } else {
+                println!("created {}/{}/{} ({})", b.tenant, b.vnf, b.instance, id);
+                println!(
+                    "bundle written to {} (mode 0600): hand it to the VM (cloud-init or config drive)",
+                    out.display()
+                );
+            }
+        }
+        Command::Instance {
+            command: InstanceCommand::List,
+        } => {
+            let v = query(cli, "instances", "").await?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                print_instances(&v);
+            }
+        }
+        Command::Instance {
+            command: InstanceCommand::Show { id },
+        } => {
+            let v = query(cli, "instance", id).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Revoke { id, reason } => {
+            let bytes = hex::decode(id)
+                .map_err(|_| Failure(2, "the instance ID is 64 hex digits".into()))?;
+            call(
+                cli,
+                Body::Revoke(msg::RevokeRequest {
+                    instance_key: bytes,
+                    reason: reason.clone(),
+                }),
+            )
+            .await?;
+            println!("revoked {id}");
+        }
+        Command::Audit {
+            command: AuditCommand::Show,
+        } => {
+            let v = query(cli, "audit", "").await?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                for r in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6}  {:>10}  {:<22} {:<12}  {}",
+                        r["seq"],
+                        r["time"],
+                        r["kind"].as_str().unwrap_or("?"),
+                        r["instance"].as_str().map(short).unwrap_or("-"),
+                        r["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => {
+            let v = query(cli, "audit-verify", "").await?;
+            if cli.json {
+                println!("{v}");
+            }
+            if v["ok"] == true {
+                if !cli.json {
+                    println!(
+                        "audit log intact: {} records, hash chain holds",
+                        v["records"]
+                    );
+                }
+            } else {
+                return Err(Failure(
+                    1,
+                    format!(
+                        "audit log NOT intact: {}",
+                        v["error"].as_str().unwrap_or("?")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("asmnctl: error: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, message)) => {
+            eprintln!("asmnctl: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
