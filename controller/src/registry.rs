@@ -384,6 +384,20 @@ impl<S: Store> Registry<S> {
         }
     }
 
+    /// Writes `rec` if the record is still at `rev`; whether it was.
+    async fn store_if_unchanged(
+        &self,
+        id: &InstanceKey,
+        rev: u64,
+        rec: &InstanceRecord,
+    ) -> Result<bool, RegistryError> {
+        let cas = self
+            .store
+            .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(rec)?)
+            .await?;
+        Ok(matches!(cas, Cas::Swapped { .. }))
+    }
+
     /// Every instance record.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
         let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
@@ -412,11 +426,7 @@ impl<S: Store> Registry<S> {
                 break;
             }
             rec.state = InstanceState::Quarantined(reason.to_string());
-            if let Cas::Swapped { .. } = self
-                .store
-                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
-                .await?
-            {
+            if self.store_if_unchanged(id, rev, &rec).await? {
                 break;
             }
         }
@@ -488,39 +498,32 @@ impl<S: Store> Registry<S> {
             rec.dh_public = Some(hex::encode(req.dh_public.as_bytes()));
             rec.endpoint = Some(req.endpoint.to_string());
             rec.last_attestation = Some(now);
-            match self
-                .store
-                .compare_and_swap(&instance_key(&id), Expect::Revision(rev), json(&rec)?)
-                .await?
-            {
-                Cas::Swapped { .. } => {
-                    self.audit(
-                        now,
-                        "enroll.accepted",
-                        Some(&id),
-                        format!("element {} accepted", verified.index),
-                    )
-                    .await?;
-                    let catalog = self
-                        .vnf(&rec.vnf)
-                        .await?
-                        .map(|v| v.vnfd.catalog)
-                        .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
-                    return Ok(Enrolled {
-                        overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
-                        dh_group: self.config.dh_group,
-                        epoch: rec.chain.epoch,
-                        last_index: rec.chain.last_index,
-                        reattest_interval: std::time::Duration::from_secs(u64::from(
-                            self.config.reattest_interval_secs,
-                        )),
-                        catalog,
-                    });
-                }
-                // Another writer changed the record: look again (a concurrent acceptance of
-                // the same reveal now shows as a replay).
-                Cas::Conflict { .. } => continue,
+            if self.store_if_unchanged(&id, rev, &rec).await? {
+                self.audit(
+                    now,
+                    "enroll.accepted",
+                    Some(&id),
+                    format!("element {} accepted", verified.index),
+                )
+                .await?;
+                let catalog = self
+                    .vnf(&rec.vnf)
+                    .await?
+                    .map(|v| v.vnfd.catalog)
+                    .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
+                return Ok(Enrolled {
+                    overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
+                    dh_group: self.config.dh_group,
+                    epoch: rec.chain.epoch,
+                    last_index: rec.chain.last_index,
+                    reattest_interval: std::time::Duration::from_secs(u64::from(
+                        self.config.reattest_interval_secs,
+                    )),
+                    catalog,
+                });
             }
+            // Another writer changed the record: look again (a concurrent acceptance of the
+            // same reveal now shows as a replay).
         }
         Err(RegistryError::Store(StoreError::Unavailable(
             "instance record contended".into(),
@@ -575,11 +578,7 @@ impl<S: Store> Registry<S> {
                 return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
             };
             rec.state = InstanceState::Revoked(reason.to_string());
-            if let Cas::Swapped { .. } = self
-                .store
-                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
-                .await?
-            {
+            if self.store_if_unchanged(id, rev, &rec).await? {
                 return self
                     .audit(now, "instance.revoked", Some(id), reason.to_string())
                     .await;
@@ -630,11 +629,7 @@ impl<S: Store> Registry<S> {
             rec.chain.last_index = verified.index;
             rec.chain.last_element = hex::encode(verified.element);
             rec.last_attestation = Some(now);
-            if let Cas::Swapped { .. } = self
-                .store
-                .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(&rec)?)
-                .await?
-            {
+            if self.store_if_unchanged(id, rev, &rec).await? {
                 self.audit(
                     now,
                     "reattest.accepted",
