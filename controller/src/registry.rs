@@ -168,6 +168,15 @@ fn vnf_key(vnf: &VnfId) -> String {
     format!("{PREFIX}vnfs/{vnf}")
 }
 
+/// Where catalogs in force live (agents and the push service watch it).
+pub fn catalog_prefix() -> String {
+    format!("{PREFIX}catalogs/")
+}
+
+fn catalog_key(vnf: &VnfId) -> String {
+    format!("{}{vnf}", catalog_prefix())
+}
+
 /// Key of an instance record.
 pub fn instance_key(id: &InstanceKey) -> String {
     format!("{PREFIX}instances/{}", id.to_hex())
@@ -240,14 +249,69 @@ impl<S: Store> Registry<S> {
             ));
         }
         let vnf = vnfd.vnf.clone();
+        let catalog = vnfd.catalog.clone();
         let rec = VnfRecord {
             vnfd,
             golden,
             image_bytes,
         };
         self.store.put(&vnf_key(&vnf), json(&rec)?).await?;
+        // The VNFD's catalog becomes the one in force, unless a later one was applied.
+        if self.catalog(&vnf).await?.is_none() {
+            self.apply_catalog(now, catalog).await?;
+        }
         self.audit(now, "vnf.onboarded", None, format!("VNF {vnf} on-boarded"))
             .await
+    }
+
+    /// The Sec-catalog in force for `vnf`, with its store revision.
+    pub async fn catalog(&self, vnf: &VnfId) -> Result<Option<(SecCatalog, u64)>, RegistryError> {
+        match self.store.get(&catalog_key(vnf)).await? {
+            Some(v) => Ok(Some((parse(&v.value)?, v.revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Puts `catalog` in force for its VNF as the next version (the version in the file
+    /// is replaced: versions only increase). Agents learn it by watching
+    /// [`catalog_prefix`]. Returns the version.
+    pub async fn apply_catalog(
+        &self,
+        now: u64,
+        mut catalog: SecCatalog,
+    ) -> Result<u64, RegistryError> {
+        catalog
+            .validate()
+            .map_err(|(f, r)| refuse(RefusalCode::InvalidCatalog, format!("{f}: {r}")))?;
+        let key = catalog_key(&catalog.vnf);
+        for _ in 0..CAS_RETRIES {
+            let (expect, version) = match self.catalog(&catalog.vnf).await? {
+                None => (Expect::Absent, 1),
+                Some((c, rev)) => (Expect::Revision(rev), c.version + 1),
+            };
+            catalog.version = version;
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&key, expect, json(&catalog)?)
+                .await?
+            {
+                self.audit(
+                    now,
+                    "catalog.applied",
+                    None,
+                    format!(
+                        "{} catalog version {version}: {} rules",
+                        catalog.vnf,
+                        catalog.rules.len()
+                    ),
+                )
+                .await?;
+                return Ok(version);
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "catalog contended".into(),
+        )))
     }
 
     /// The on-boarded VNF `vnf`.
@@ -506,10 +570,11 @@ impl<S: Store> Registry<S> {
                     format!("element {} accepted", verified.index),
                 )
                 .await?;
+                // Fail closed: a VNF without a catalog gets the one that admits nothing.
                 let catalog = self
-                    .vnf(&rec.vnf)
+                    .catalog(&rec.vnf)
                     .await?
-                    .map(|v| v.vnfd.catalog)
+                    .map(|(c, _)| c)
                     .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
                 return Ok(Enrolled {
                     overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,

@@ -66,6 +66,39 @@ pub async fn handle<S: Store>(
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
         Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
         Some(Body::Query(m)) if admin => query(registry, m).await,
+        Some(Body::ApplyCatalog(m)) if admin => match m
+            .catalog
+            .as_ref()
+            .map(asmn_shared::catalog::SecCatalog::try_from)
+        {
+            None => refusal(
+                RefusalCode::MalformedMessage,
+                "apply_catalog.catalog is missing",
+            ),
+            Some(Err(e)) => refusal(RefusalCode::InvalidCatalog, e.to_string()),
+            Some(Ok(c)) => {
+                let vnf = c.vnf.to_string();
+                match registry.apply_catalog(now(), c).await {
+                    Ok(version) => Body::CatalogApplied(msg::CatalogApplied {
+                        vnf,
+                        version,
+                        pushed_to: 0,
+                    }),
+                    Err(e) => from_error(e),
+                }
+            }
+        },
+        Some(Body::ShowCatalog(m)) if admin => match m.vnf.parse::<VnfId>() {
+            Err(e) => refusal(RefusalCode::InvalidRequest, e.to_string()),
+            Ok(vnf) => match registry.catalog(&vnf).await {
+                Ok(Some((c, _))) => Body::CatalogPush((&c).into()),
+                Ok(None) => refusal(
+                    RefusalCode::UnknownInstance,
+                    format!("VNF {vnf} has no catalog (not on-boarded?)"),
+                ),
+                Err(e) => from_error(e),
+            },
+        },
         Some(Body::Onboard(_))
         | Some(Body::CreateInstance(_))
         | Some(Body::Revoke(_))

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, default_value = "revoked by the operator")]
         reason: String,
     },
+    /// Sec-catalogs.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
     /// The audit log of security decisions.
     Audit {
         #[command(subcommand)]
@@ -109,6 +114,21 @@ enum InstanceCommand {
     Show {
         /// The instance ID (64 hex digits).
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CatalogCommand {
+    /// Validate a catalog file (`vnf:` + `sec_catalog:`, or a whole VNFD) and put it in
+    /// force as the VNF's next version.
+    Apply {
+        /// The catalog file.
+        file: PathBuf,
+    },
+    /// Show the catalog in force for a VNF.
+    Show {
+        /// The VNF.
+        vnf: String,
     },
 }
 
@@ -345,6 +365,83 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             )
             .await?;
             println!("revoked {id}");
+        }
+        Command::Catalog {
+            command: CatalogCommand::Apply { file },
+        } => {
+            let bytes =
+                std::fs::read(file).map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
+            let catalog = asmn_shared::catalog::parse_catalog(&file.display().to_string(), &bytes)?;
+            let t = std::time::Instant::now();
+            let applied = call(
+                cli,
+                Body::ApplyCatalog(msg::ApplyCatalogRequest {
+                    catalog: Some((&catalog).into()),
+                }),
+            )
+            .await?;
+            let Body::CatalogApplied(a) = applied else {
+                return Err(Failure(1, format!("unexpected answer: {applied:?}")));
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"vnf": a.vnf, "version": a.version, "seconds": t.elapsed().as_secs_f64()})
+                );
+            } else {
+                println!(
+                    "catalog of {} is now version {} ({} rules)",
+                    a.vnf,
+                    a.version,
+                    catalog.rules.len()
+                );
+            }
+        }
+        Command::Catalog {
+            command: CatalogCommand::Show { vnf },
+        } => {
+            let shown = call(
+                cli,
+                Body::ShowCatalog(msg::ShowCatalogRequest { vnf: vnf.clone() }),
+            )
+            .await?;
+            let Body::CatalogPush(c) = shown else {
+                return Err(Failure(1, format!("unexpected answer: {shown:?}")));
+            };
+            let c = asmn_shared::catalog::SecCatalog::try_from(&c)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "{} catalog version {}, default {:?}",
+                    c.vnf, c.version, c.default_action
+                );
+                println!(
+                    "{:<16} {:<6} {:<12} {:<24} {:>12} {:>10}",
+                    "RULE", "PROTO", "PORTS", "SOURCES", "RATE kbit/s", "BURST kbit"
+                );
+                for r in &c.rules {
+                    let sources = r.sources.as_ref().map_or("any".to_string(), |s| {
+                        s.iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    });
+                    println!(
+                        "{:<16} {:<6} {:<12} {:<24} {:>12} {:>10}",
+                        r.name,
+                        r.protocol.name(),
+                        r.ports.map_or("any".to_string(), |p| p.to_string()),
+                        sources,
+                        if r.police.rate.is_unlimited() {
+                            "unlimited".to_string()
+                        } else {
+                            r.police.rate.0.to_string()
+                        },
+                        r.police.effective_burst().0
+                    );
+                }
+            }
         }
         Command::Audit {
             command: AuditCommand::Show,
