@@ -177,6 +177,10 @@ fn catalog_key(vnf: &VnfId) -> String {
     format!("{}{vnf}", catalog_prefix())
 }
 
+fn overlay_index_key(tenant: &TenantId, ip: &IpAddr) -> String {
+    format!("{PREFIX}overlays/{tenant}/{ip}")
+}
+
 /// Key of an instance record.
 pub fn instance_key(id: &InstanceKey) -> String {
     format!("{PREFIX}instances/{}", id.to_hex())
@@ -408,7 +412,16 @@ impl<S: Store> Registry<S> {
             .compare_and_swap(&instance_key(&id), Expect::Absent, json(&record)?)
             .await?
         {
-            Cas::Swapped { .. } => {}
+            Cas::Swapped { .. } => {
+                // The address was allocated to this instance alone, so the index entry is
+                // new; peers are looked up by it.
+                self.store
+                    .put(
+                        &overlay_index_key(&tenant, &overlay.ip),
+                        id.to_hex().into_bytes(),
+                    )
+                    .await?;
+            }
             Cas::Conflict { .. } => {
                 return Err(refuse(
                     RefusalCode::AlreadyExists,
@@ -460,6 +473,154 @@ impl<S: Store> Registry<S> {
             .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(rec)?)
             .await?;
         Ok(matches!(cas, Cas::Swapped { .. }))
+    }
+
+    /// Phase 1's pair check (the paper's Fig. 2): `requester` asks for the instance at
+    /// `overlay`. Both must be enrolled, in one tenant, and the peer's catalog must admit
+    /// the requester's VNF (a rule for any source or naming it, a lowered default service,
+    /// or the requester being its gateway). A VNF behind a gateway is answered with the
+    /// gateway to go through. Refused peers are never described.
+    pub async fn verify_peer(
+        &self,
+        now: u64,
+        requester: &InstanceKey,
+        overlay: IpAddr,
+    ) -> Result<asmn_shared::wire::Peer, RegistryError> {
+        let not_allowed = |why: String| refuse(RefusalCode::PeerNotAllowed, why);
+        let Some((me, _)) = self.instance(requester).await? else {
+            return Err(refuse(RefusalCode::NotAuthorized, "enroll first"));
+        };
+        if me.state != InstanceState::Enrolled {
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                "the requester is not enrolled",
+            ));
+        }
+        let peer_id = match self
+            .store
+            .get(&overlay_index_key(&me.tenant, &overlay))
+            .await?
+        {
+            Some(v) => String::from_utf8(v.value)
+                .ok()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| InstanceKey::from_slice(&b))
+                .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into()))?,
+            None => {
+                self.audit(
+                    now,
+                    "peer.refused",
+                    Some(requester),
+                    format!("no instance at {overlay}"),
+                )
+                .await?;
+                return Err(refuse(
+                    RefusalCode::PeerUnknown,
+                    format!("no instance at {overlay} in this tenant"),
+                ));
+            }
+        };
+        let Some((peer, _)) = self.instance(&peer_id).await? else {
+            return Err(refuse(RefusalCode::PeerUnknown, "no such peer"));
+        };
+        if peer.state != InstanceState::Enrolled || peer.tenant != me.tenant {
+            self.audit(
+                now,
+                "peer.refused",
+                Some(requester),
+                format!("{overlay} is not an enrolled instance"),
+            )
+            .await?;
+            return Err(refuse(
+                RefusalCode::PeerUnknown,
+                format!("no enrolled instance at {overlay}"),
+            ));
+        }
+        let catalog = self
+            .catalog(&peer.vnf)
+            .await?
+            .map(|(c, _)| c)
+            .unwrap_or_else(|| SecCatalog::deny_all(peer.vnf.clone()));
+        let is_gateway = catalog.gateway.as_ref() == Some(&me.vnf);
+        let admitted = is_gateway
+            || matches!(
+                catalog.default_action,
+                asmn_shared::catalog::DefaultAction::Police(_)
+            )
+            || catalog
+                .rules
+                .iter()
+                .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(&me.vnf)));
+        if !admitted {
+            self.audit(
+                now,
+                "peer.refused",
+                Some(requester),
+                format!("{}'s catalog does not admit {}", peer.vnf, me.vnf),
+            )
+            .await?;
+            return Err(not_allowed(format!(
+                "{}'s Sec-catalog does not admit {}",
+                peer.vnf, me.vnf
+            )));
+        }
+        let via_gateway = match (&catalog.gateway, is_gateway || me.role == Role::Gateway) {
+            (Some(g), false) => {
+                let gw = self
+                    .instances()
+                    .await?
+                    .into_iter()
+                    .find(|r| {
+                        r.tenant == me.tenant
+                            && &r.vnf == g
+                            && r.role == Role::Gateway
+                            && r.state == InstanceState::Enrolled
+                    })
+                    .ok_or_else(|| {
+                        not_allowed(format!(
+                            "{} is reachable only through gateway {g}, which is not enrolled",
+                            peer.vnf
+                        ))
+                    })?;
+                let o: Overlay = gw.overlay.parse().map_err(RegistryError::Corrupt)?;
+                Some(o.ip)
+            }
+            _ => None,
+        };
+        let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
+                .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
+            Ok(b)
+        };
+        let dh = hex::decode(peer.dh_public.as_deref().unwrap_or(""))
+            .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
+        let out = asmn_shared::wire::Peer {
+            id: peer_id,
+            vnf: peer.vnf.clone(),
+            overlay,
+            endpoint: peer
+                .endpoint
+                .as_deref()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
+            wg_public_key: decode32(&peer.wg_public_key)?,
+            dh_group: self.config.dh_group,
+            dh_public: asmn_shared::dh::DhPublic::validate(self.config.dh_group, &dh)
+                .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
+            epoch: peer.chain.epoch,
+            via_gateway,
+            role: peer.role,
+        };
+        self.audit(
+            now,
+            "peer.verified",
+            Some(requester),
+            format!("{} may reach {} ({overlay})", me.vnf, peer.vnf),
+        )
+        .await?;
+        Ok(out)
     }
 
     /// Every instance record.

@@ -46,19 +46,55 @@ fn from_error(e: RegistryError) -> Body {
     }
 }
 
+/// What Sec-EM knows about one connection.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The peer presented the admin client certificate.
+    pub admin: bool,
+    /// The instance that enrolled on this connection (set by a successful Enroll).
+    pub agent: std::sync::Mutex<Option<asmn_shared::ids::InstanceKey>>,
+}
+
+impl Session {
+    fn agent(&self) -> Option<asmn_shared::ids::InstanceKey> {
+        self.agent.lock().ok().and_then(|g| *g)
+    }
+}
+
 /// Handles one request.
 pub async fn handle<S: Store>(
     registry: &Registry<S>,
-    admin: bool,
+    session: &Session,
     env: msg::Envelope,
 ) -> msg::Envelope {
+    let admin = session.admin;
     let request_id = env.request_id;
     let body = match env.body {
         None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
         Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
             Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
             Ok(req) => match registry.enroll(now(), &req).await {
-                Ok(enrolled) => Body::Enrolled((&enrolled).into()),
+                Ok(enrolled) => {
+                    if let Ok(mut g) = session.agent.lock() {
+                        *g = Some(req.id);
+                    }
+                    Body::Enrolled((&enrolled).into())
+                }
+                Err(e) => from_error(e),
+            },
+        },
+        Some(Body::VerifyPeer(m)) => match (session.agent(), m.overlay.parse::<std::net::IpAddr>())
+        {
+            (None, _) => refusal(
+                RefusalCode::NotAuthorized,
+                "enroll on this connection first",
+            ),
+            (_, Err(_)) => refusal(
+                RefusalCode::MalformedMessage,
+                "verify_peer.overlay is not an IP address",
+            ),
+            (Some(me), Ok(ip)) => match registry.verify_peer(now(), &me, ip).await {
+                Ok(peer) => Body::Peer((&peer).into()),
                 Err(e) => from_error(e),
             },
         },
@@ -265,9 +301,12 @@ pub async fn serve<S: Store>(endpoint: quinn::Endpoint, registry: Arc<Registry<S
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
-            let admin = transport::is_admin(&conn);
+            let session = Arc::new(Session {
+                admin: transport::is_admin(&conn),
+                agent: std::sync::Mutex::new(None),
+            });
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let registry = Arc::clone(&registry);
+                let (registry, session) = (Arc::clone(&registry), Arc::clone(&session));
                 tokio::spawn(async move {
                     let reply = match recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await {
                         Err(e) => msg::Envelope {
@@ -282,7 +321,7 @@ pub async fn serve<S: Store>(endpoint: quinn::Endpoint, registry: Arc<Registry<S
                                 request_id: 0,
                                 body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
                             },
-                            Ok(env) => handle(&registry, admin, env).await,
+                            Ok(env) => handle(&registry, &session, env).await,
                         },
                     };
                     if let Ok(frame) = wire::encode_frame(&reply) {

@@ -339,3 +339,143 @@ async fn a_changed_or_deleted_audit_record_is_detected() {
         Err(audit::AuditError::Missing(2))
     ));
 }
+
+async fn enrolled<S: Store>(
+    r: &Registry<S>,
+    vnf: &str,
+    name: &str,
+    nonce: u8,
+    role: Role,
+) -> Agent {
+    let b = r
+        .create_instance(
+            3,
+            TenantId::new("t1").expect("t"),
+            VnfId::new(vnf).expect("v"),
+            InstanceName::new(name).expect("i"),
+            role,
+            Nonce::new([nonce; 32]),
+        )
+        .await
+        .expect("create");
+    let a = agent(b, IMAGE);
+    r.enroll(4, &a.request).await.expect("enroll");
+    a
+}
+
+async fn onboard_as<S: Store>(r: &Registry<S>, vnf: &str, catalog: &str) {
+    let text = format!("vnfd:\n  id: {vnf}\n  sec_catalog:\n{catalog}");
+    let vnfd = parse_vnfd("x.yaml", text.as_bytes()).expect("vnfd");
+    let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    r.onboard(1, vnfd, m.digests, 1).await.expect("onboard");
+}
+
+async fn overlay_of<S: Store>(r: &Registry<S>, a: &Agent) -> IpAddr {
+    let (rec, _) = r.instance(&a.request.id).await.expect("get").expect("rec");
+    rec.overlay.parse::<Overlay>().expect("overlay").ip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_are_verified_by_catalog_tenant_and_state() {
+    let (_d, s) = embedded();
+    let r = Registry::new(s, config());
+    onboard_as(&r, "server", "    gateway: gw\n    rules:\n      - protocol: tcp\n        port: 80\n        sources: [client]\n").await;
+    onboard_as(&r, "client", "    rules:\n      - protocol: icmp\n").await;
+    onboard_as(&r, "gw", "    rules:\n      - protocol: any\n").await;
+    onboard_as(&r, "intruder", "    rules: []\n").await;
+    let server = enrolled(&r, "server", "server-0", 1, Role::Vnf).await;
+    let client = enrolled(&r, "client", "client-0", 2, Role::Vnf).await;
+    let intruder = enrolled(&r, "intruder", "intruder-0", 3, Role::Vnf).await;
+    let server_ip = overlay_of(&r, &server).await;
+
+    // The server sits behind a gateway that is not enrolled yet: refused.
+    assert_eq!(
+        code(
+            r.verify_peer(5, &client.request.id, server_ip)
+                .await
+                .expect_err("no gw")
+        ),
+        RefusalCode::PeerNotAllowed
+    );
+    let gw = enrolled(&r, "gw", "gw-0", 4, Role::Gateway).await;
+    let p = r
+        .verify_peer(5, &client.request.id, server_ip)
+        .await
+        .expect("client may reach server");
+    assert_eq!(p.id, server.request.id);
+    assert_eq!(p.via_gateway, Some(overlay_of(&r, &gw).await));
+    assert_eq!(p.wg_public_key, server.request.wg_public_key);
+    // The gateway itself reaches the server directly.
+    assert_eq!(
+        r.verify_peer(5, &gw.request.id, server_ip)
+            .await
+            .expect("gw")
+            .via_gateway,
+        None
+    );
+    // The server's catalog does not admit the intruder.
+    assert_eq!(
+        code(
+            r.verify_peer(5, &intruder.request.id, server_ip)
+                .await
+                .expect_err("intruder")
+        ),
+        RefusalCode::PeerNotAllowed
+    );
+    // The reverse direction: the client's catalog admits any VNF (icmp, no sources).
+    let client_ip = overlay_of(&r, &client).await;
+    assert_eq!(
+        r.verify_peer(5, &server.request.id, client_ip)
+            .await
+            .expect("reverse")
+            .id,
+        client.request.id
+    );
+
+    // A quarantined (fake) instance is never described to anyone.
+    let fb = r
+        .create_instance(
+            6,
+            TenantId::new("t1").expect("t"),
+            VnfId::new("client").expect("v"),
+            InstanceName::new("fake").expect("i"),
+            Role::Vnf,
+            Nonce::new([9; 32]),
+        )
+        .await
+        .expect("create");
+    let mut bad = IMAGE.to_vec();
+    bad[0] ^= 1;
+    let fake = agent(fb, &bad);
+    assert!(r.enroll(7, &fake.request).await.is_err());
+    let fake_ip = overlay_of(&r, &fake).await;
+    assert_eq!(
+        code(
+            r.verify_peer(8, &server.request.id, fake_ip)
+                .await
+                .expect_err("fake")
+        ),
+        RefusalCode::PeerUnknown
+    );
+    // Nor may it ask about others.
+    assert_eq!(
+        code(
+            r.verify_peer(8, &fake.request.id, server_ip)
+                .await
+                .expect_err("fake asks")
+        ),
+        RefusalCode::NotAuthorized
+    );
+    // Revocation cuts a peer off.
+    r.revoke(9, &client.request.id, "test")
+        .await
+        .expect("revoke");
+    assert_eq!(
+        code(
+            r.verify_peer(10, &server.request.id, client_ip)
+                .await
+                .expect_err("revoked")
+        ),
+        RefusalCode::PeerUnknown
+    );
+}
