@@ -91,7 +91,9 @@ async fn serve_with<S: Store>(
         },
     ));
     tracing::info!(listen = %local, server_name = %config.server_name, "sec-em serving");
-    let server = tokio::spawn(service::serve(endpoint.clone(), registry));
+    let hub = crate::push::PushHub::new();
+    let _follower = crate::push::follow(registry.store_arc(), Arc::clone(&hub));
+    let server = tokio::spawn(service::serve(endpoint.clone(), registry, hub));
     shutdown.await;
     tracing::info!("shutting down: closing connections");
     endpoint.close(0u32.into(), b"sec-em shutting down");

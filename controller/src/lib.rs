@@ -15,6 +15,7 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod pki;
+pub mod push;
 pub mod registry;
 pub mod service;
 pub mod store;

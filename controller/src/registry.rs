@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use asmn_shared::catalog::{SecCatalog, Vnfd};
 use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal, RevealError};
@@ -201,7 +202,7 @@ fn parse<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, RegistryError> {
 /// Sec-EM's decisions over a store.
 #[derive(Debug)]
 pub struct Registry<S: Store> {
-    store: S,
+    store: Arc<S>,
     config: RegistryConfig,
     audit: AuditLog,
 }
@@ -213,6 +214,11 @@ const CAS_RETRIES: usize = 64;
 impl<S: Store> Registry<S> {
     /// A registry over `store`.
     pub fn new(store: S, config: RegistryConfig) -> Self {
+        Self::with_shared_store(Arc::new(store), config)
+    }
+
+    /// A registry over a store others share too (the push follower watches it).
+    pub fn with_shared_store(store: Arc<S>, config: RegistryConfig) -> Self {
         Self {
             store,
             config,
@@ -223,6 +229,11 @@ impl<S: Store> Registry<S> {
     /// The store.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The shared store.
+    pub fn store_arc(&self) -> Arc<S> {
+        Arc::clone(&self.store)
     }
 
     async fn audit(

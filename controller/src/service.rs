@@ -53,6 +53,10 @@ pub struct Session {
     pub admin: bool,
     /// The instance that enrolled on this connection (set by a successful Enroll).
     pub agent: std::sync::Mutex<Option<asmn_shared::ids::InstanceKey>>,
+    /// The connection and push hub, to attach an enrolled agent's push stream.
+    pub push: Option<(quinn::Connection, Arc<crate::push::PushHub>)>,
+    /// The push stream's writer, owned by the connection.
+    pub pusher: std::sync::Mutex<Option<crate::store::AbortOnDrop>>,
 }
 
 impl Session {
@@ -77,6 +81,18 @@ pub async fn handle<S: Store>(
                 Ok(enrolled) => {
                     if let Ok(mut g) = session.agent.lock() {
                         *g = Some(req.id);
+                    }
+                    if let Some((conn, hub)) = &session.push {
+                        let task = hub.attach(
+                            conn.clone(),
+                            req.id,
+                            req.tenant.clone(),
+                            req.vnf.clone(),
+                            Body::CatalogPush((&enrolled.catalog).into()),
+                        );
+                        if let Ok(mut p) = session.pusher.lock() {
+                            *p = Some(task);
+                        }
                     }
                     Body::Enrolled((&enrolled).into())
                 }
@@ -295,15 +311,22 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
 }
 
 /// Serves connections on `endpoint` until it is closed: every connection and stream in
-/// its own task, each request bounded by the frame cap.
-pub async fn serve<S: Store>(endpoint: quinn::Endpoint, registry: Arc<Registry<S>>) {
+/// its own task, each request bounded by the frame cap. Enrolled agents get pushes from
+/// `hub`.
+pub async fn serve<S: Store>(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry<S>>,
+    hub: Arc<crate::push::PushHub>,
+) {
     while let Some(incoming) = endpoint.accept().await {
-        let registry = Arc::clone(&registry);
+        let (registry, hub) = (Arc::clone(&registry), Arc::clone(&hub));
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let session = Arc::new(Session {
                 admin: transport::is_admin(&conn),
                 agent: std::sync::Mutex::new(None),
+                push: Some((conn.clone(), hub)),
+                pusher: std::sync::Mutex::new(None),
             });
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (registry, session) = (Arc::clone(&registry), Arc::clone(&session));

@@ -24,52 +24,12 @@ struct Lab {
     _server: tokio::task::JoinHandle<()>,
 }
 
-/// The store is shared with the test (through an Arc'd wrapper) to compare its contents.
-#[derive(Clone)]
-struct Shared(Arc<EmbeddedStore>);
-
-impl Store for Shared {
-    async fn get(
-        &self,
-        k: &str,
-    ) -> Result<Option<asmn_controller::store::Versioned>, asmn_controller::store::StoreError> {
-        self.0.get(k).await
-    }
-    async fn put(&self, k: &str, v: Vec<u8>) -> Result<u64, asmn_controller::store::StoreError> {
-        self.0.put(k, v).await
-    }
-    async fn compare_and_swap(
-        &self,
-        k: &str,
-        e: asmn_controller::store::Expect,
-        v: Vec<u8>,
-    ) -> Result<asmn_controller::store::Cas, asmn_controller::store::StoreError> {
-        self.0.compare_and_swap(k, e, v).await
-    }
-    async fn delete(&self, k: &str) -> Result<bool, asmn_controller::store::StoreError> {
-        self.0.delete(k).await
-    }
-    async fn list(
-        &self,
-        p: &str,
-    ) -> Result<asmn_controller::store::Listing, asmn_controller::store::StoreError> {
-        self.0.list(p).await
-    }
-    async fn watch_raw(
-        &self,
-        p: &str,
-        f: u64,
-    ) -> Result<asmn_controller::store::RawWatch, asmn_controller::store::StoreError> {
-        self.0.watch_raw(p, f).await
-    }
-}
-
 async fn lab() -> Lab {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = pki::generate(&["sec-em".into()], 2025).expect("pki");
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"));
     let registry = Arc::new(Registry::new(
-        Shared(Arc::clone(&store)),
+        Arc::clone(&store),
         RegistryConfig {
             controllers: vec!["127.0.0.1:7443".into()],
             server_name: "sec-em".into(),
@@ -89,7 +49,12 @@ async fn lab() -> Lab {
     )
     .expect("server");
     let addr = endpoint.local_addr().expect("addr");
-    let server = tokio::spawn(service::serve(endpoint, registry));
+    let hub = asmn_controller::push::PushHub::new();
+    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub));
+    let server = tokio::spawn(async move {
+        let _follower = follower;
+        service::serve(endpoint, registry, hub).await
+    });
     Lab {
         _dir: dir,
         pki,
@@ -364,4 +329,117 @@ fn framed_owned(p: &[u8]) -> Vec<u8> {
     let mut f = (p.len() as u32).to_be_bytes().to_vec();
     f.extend_from_slice(p);
     f
+}
+
+/// Reads pushed frames from the agent's push stream.
+struct Pushes {
+    stream: quinn::RecvStream,
+    decoder: asmn_shared::wire::FrameDecoder,
+}
+
+impl Pushes {
+    async fn open(conn: &quinn::Connection) -> Pushes {
+        let stream = tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_uni())
+            .await
+            .expect("a push stream within 5 s")
+            .expect("push stream");
+        Pushes {
+            stream,
+            decoder: asmn_shared::wire::FrameDecoder::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Body {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(f) = self.decoder.next_frame().expect("frame") {
+                return asmn_shared::wire::decode_envelope(&f)
+                    .expect("envelope")
+                    .body
+                    .expect("body");
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(left, self.stream.read(&mut buf))
+                .await
+                .expect("a push within 5 s")
+                .expect("read")
+                .expect("stream open");
+            self.decoder.push(&buf[..n]).expect("push");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogs_and_revocations_are_pushed_to_enrolled_agents() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    ask(
+        &admin,
+        Body::Onboard(msg::OnboardRequest {
+            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+            digests: vec![msg::DigestMsg {
+                algorithm: "sha256".into(),
+                value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
+            }],
+            image_bytes: 1,
+        }),
+    )
+    .await;
+    let a = create(&admin, "web-a").await;
+    let b = create(&admin, "web-b").await;
+    let agent = connect(&lab, false).await;
+    assert!(matches!(
+        ask(&agent, Body::Enroll(enroll_request(&a))).await,
+        Body::Enrolled(_)
+    ));
+    let mut pushes = Pushes::open(&agent).await;
+    // First, the catalog in force (what a reconnecting agent may have missed).
+    let Body::CatalogPush(first) = pushes.next().await else {
+        panic!("initial catalog")
+    };
+    assert_eq!(first.version, 1);
+
+    // A new catalog version for the agent's VNF reaches it.
+    let mut c = asmn_shared::catalog::parse_vnfd(
+        "x",
+        include_bytes!("../../images/examples/web-server.vnfd.yaml"),
+    )
+    .expect("vnfd")
+    .catalog;
+    c.rules.truncate(1);
+    let t = std::time::Instant::now();
+    let applied = ask(
+        &admin,
+        Body::ApplyCatalog(msg::ApplyCatalogRequest {
+            catalog: Some((&c).into()),
+        }),
+    )
+    .await;
+    assert!(
+        matches!(applied, Body::CatalogApplied(ref x) if x.version == 2),
+        "{applied:?}"
+    );
+    let Body::CatalogPush(got) = pushes.next().await else {
+        panic!("catalog push")
+    };
+    assert_eq!((got.version, got.rules.len()), (2, 1));
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+
+    // Revoking a peer in the tenant reaches it too.
+    let id = b.instance_key();
+    let r = ask(
+        &admin,
+        Body::Revoke(msg::RevokeRequest {
+            instance_key: id.as_bytes().to_vec(),
+            reason: "test".into(),
+        }),
+    )
+    .await;
+    assert!(matches!(r, Body::Ok(_)), "{r:?}");
+    let Body::Revoked(n) = pushes.next().await else {
+        panic!("revocation push")
+    };
+    assert_eq!(n.instance_key, id.as_bytes().to_vec());
 }

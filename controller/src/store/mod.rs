@@ -278,3 +278,30 @@ pub fn watch_prefix<S: Store>(store: Arc<S>, prefix: &str) -> Watch {
         _task: AbortOnDrop(task),
     }
 }
+
+/// A shared store is a store.
+impl<S: Store> Store for Arc<S> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        (**self).get(key).await
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        (**self).put(key, value).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+    ) -> Result<Cas, StoreError> {
+        (**self).compare_and_swap(key, expect, value).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        (**self).delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        (**self).list(prefix).await
+    }
+    async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
+        (**self).watch_raw(prefix, from).await
+    }
+}
