@@ -598,32 +598,7 @@ impl<S: Store> Registry<S> {
             }
             _ => None,
         };
-        let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
-            let mut b = [0u8; 32];
-            hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
-                .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
-            Ok(b)
-        };
-        let dh = hex::decode(peer.dh_public.as_deref().unwrap_or(""))
-            .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
-        let out = asmn_shared::wire::Peer {
-            id: peer_id,
-            vnf: peer.vnf.clone(),
-            overlay,
-            endpoint: peer
-                .endpoint
-                .as_deref()
-                .unwrap_or("")
-                .parse()
-                .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
-            wg_public_key: decode32(&peer.wg_public_key)?,
-            dh_group: self.config.dh_group,
-            dh_public: asmn_shared::dh::DhPublic::validate(self.config.dh_group, &dh)
-                .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
-            epoch: peer.chain.epoch,
-            via_gateway,
-            role: peer.role,
-        };
+        let out = self.describe_record(peer_id, &peer, overlay, via_gateway)?;
         self.audit(
             now,
             "peer.verified",
@@ -632,6 +607,89 @@ impl<S: Store> Registry<S> {
         )
         .await?;
         Ok(out)
+    }
+
+    /// How an enrolled instance is described to a peer.
+    fn describe_record(
+        &self,
+        id: InstanceKey,
+        rec: &InstanceRecord,
+        overlay: IpAddr,
+        via_gateway: Option<IpAddr>,
+    ) -> Result<asmn_shared::wire::Peer, RegistryError> {
+        let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
+                .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
+            Ok(b)
+        };
+        let dh = hex::decode(rec.dh_public.as_deref().unwrap_or(""))
+            .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
+        Ok(asmn_shared::wire::Peer {
+            id,
+            vnf: rec.vnf.clone(),
+            overlay,
+            endpoint: rec
+                .endpoint
+                .as_deref()
+                .unwrap_or("")
+                .parse()
+                .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
+            wg_public_key: decode32(&rec.wg_public_key)?,
+            dh_group: self.config.dh_group,
+            dh_public: asmn_shared::dh::DhPublic::validate(self.config.dh_group, &dh)
+                .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
+            epoch: rec.chain.epoch,
+            via_gateway,
+            role: rec.role,
+        })
+    }
+
+    /// The description of enrolled instance `id` that its peers receive (for the push
+    /// asking a verified peer to verify back).
+    pub async fn describe(
+        &self,
+        id: &InstanceKey,
+    ) -> Result<asmn_shared::wire::Peer, RegistryError> {
+        let Some((rec, _)) = self.instance(id).await? else {
+            return Err(refuse(RefusalCode::PeerUnknown, "no such instance"));
+        };
+        if rec.state != InstanceState::Enrolled {
+            return Err(refuse(RefusalCode::PeerUnknown, "not enrolled"));
+        }
+        let o: Overlay = rec.overlay.parse().map_err(RegistryError::Corrupt)?;
+        self.describe_record(*id, &rec, o.ip, None)
+    }
+
+    /// Records that agent `id` enforces catalog `version`.
+    pub async fn ack_catalog(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        version: u64,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(id).await? else {
+                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
+            };
+            if rec.enforced_catalog.is_some_and(|v| v >= version) {
+                return Ok(());
+            }
+            rec.enforced_catalog = Some(version);
+            if self.store_if_unchanged(id, rev, &rec).await? {
+                return self
+                    .audit(
+                        now,
+                        "catalog.enforced",
+                        Some(id),
+                        format!("{} enforces catalog version {version}", rec.vnf),
+                    )
+                    .await;
+            }
+        }
+        Err(RegistryError::Store(StoreError::Unavailable(
+            "instance record contended".into(),
+        )))
     }
 
     /// Every instance record.

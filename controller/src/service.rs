@@ -110,9 +110,53 @@ pub async fn handle<S: Store>(
                 "verify_peer.overlay is not an IP address",
             ),
             (Some(me), Ok(ip)) => match registry.verify_peer(now(), &me, ip).await {
-                Ok(peer) => Body::Peer((&peer).into()),
+                Ok(peer) => {
+                    // The paper's Fig. 2: ask the peer to verify the requester in turn.
+                    // (A peer connected to another replica hears of it when it asks.)
+                    if let (Some((_, hub)), Ok(desc)) =
+                        (&session.push, registry.describe(&me).await)
+                    {
+                        hub.push_to(
+                            &peer.id,
+                            Body::VerifyRequested(msg::VerifyRequested {
+                                peer: Some((&desc).into()),
+                            }),
+                        );
+                    }
+                    Body::Peer((&peer).into())
+                }
                 Err(e) => from_error(e),
             },
+        },
+        Some(Body::CatalogAck(m)) => match session.agent() {
+            None => refusal(
+                RefusalCode::NotAuthorized,
+                "enroll on this connection first",
+            ),
+            Some(me) => match registry.ack_catalog(now(), &me, m.version).await {
+                Ok(()) => Body::Ok(msg::Ack {}),
+                Err(e) => from_error(e),
+            },
+        },
+        Some(Body::Reattest(m)) => match (
+            session.agent(),
+            m.reveal.as_ref().map(asmn_shared::chain::Reveal::try_from),
+        ) {
+            (None, _) => refusal(
+                RefusalCode::NotAuthorized,
+                "enroll on this connection first",
+            ),
+            (_, None) => refusal(RefusalCode::MalformedMessage, "reattest.reveal is missing"),
+            (_, Some(Err(e))) => refusal(RefusalCode::MalformedMessage, e.to_string()),
+            (Some(me), Some(Ok(reveal))) => {
+                match registry.reattest(now(), &me, &reveal, &m.measurement).await {
+                    Ok(index) => Body::Reattested(msg::ReattestResponse {
+                        epoch: reveal.epoch,
+                        last_index: index,
+                    }),
+                    Err(e) => from_error(e),
+                }
+            }
         },
         Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,

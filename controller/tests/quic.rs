@@ -91,6 +91,10 @@ fn refused(b: &Body) -> RefusalCode {
 }
 
 fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
+    enroll_with_prover(bundle).0
+}
+
+fn enroll_with_prover(bundle: &BootstrapBundle) -> (msg::EnrollRequest, ChainProver) {
     let id = bundle.instance_key();
     let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     let s = seed(
@@ -113,7 +117,7 @@ fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
         endpoint: "192.0.2.5:51820".parse().expect("ep"),
         role: bundle.role,
     };
-    (&e).into()
+    ((&e).into(), p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,4 +446,105 @@ async fn catalogs_and_revocations_are_pushed_to_enrolled_agents() {
         panic!("revocation push")
     };
     assert_eq!(n.instance_key, id.as_bytes().to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_back_push_catalog_ack_and_reattestation() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let golden = sha.get(Algorithm::Sha256).expect("sha").0.clone();
+    ask(
+        &admin,
+        Body::Onboard(msg::OnboardRequest {
+            // The example without its gateway: its instances are reached directly.
+            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml")
+                .replace("    gateway: vnf-gw\n", ""),
+            digests: vec![msg::DigestMsg {
+                algorithm: "sha256".into(),
+                value: golden.clone(),
+            }],
+            image_bytes: 1,
+        }),
+    )
+    .await;
+    let (a, b) = (create(&admin, "web-a").await, create(&admin, "web-b").await);
+    let (ca, cb) = (connect(&lab, false).await, connect(&lab, false).await);
+    let (req_a, mut prover_a) = enroll_with_prover(&a);
+    assert!(matches!(
+        ask(&ca, Body::Enroll(req_a)).await,
+        Body::Enrolled(_)
+    ));
+    let Body::Enrolled(eb) = ask(&cb, Body::Enroll(enroll_request(&b))).await else {
+        panic!("b")
+    };
+    let mut pushes_b = Pushes::open(&cb).await;
+    assert!(matches!(pushes_b.next().await, Body::CatalogPush(_)));
+
+    // Peer verification needs an enrollment on the connection.
+    let stranger = connect(&lab, false).await;
+    let probe = Body::VerifyPeer(msg::VerifyPeerRequest {
+        overlay: "10.77.0.1".into(),
+    });
+    assert_eq!(
+        refused(&ask(&stranger, probe).await),
+        RefusalCode::NotAuthorized
+    );
+
+    // a verifies b; b is asked to verify a back, with a's description.
+    let b_ip = eb.overlay.split('/').next().expect("ip").to_string();
+    let answer = ask(
+        &ca,
+        Body::VerifyPeer(msg::VerifyPeerRequest { overlay: b_ip }),
+    )
+    .await;
+    let Body::Peer(p) = answer else {
+        panic!("peer: {answer:?}")
+    };
+    assert_eq!(p.instance_key, b.instance_key().as_bytes().to_vec());
+    let Body::VerifyRequested(v) = pushes_b.next().await else {
+        panic!("verify back")
+    };
+    assert_eq!(
+        v.peer.expect("peer").instance_key,
+        a.instance_key().as_bytes().to_vec()
+    );
+
+    // b acknowledges the catalog it enforces.
+    assert!(matches!(
+        ask(
+            &cb,
+            Body::CatalogAck(msg::CatalogAck {
+                vnf: "web-server".into(),
+                version: 1
+            })
+        )
+        .await,
+        Body::Ok(_)
+    ));
+    let Body::QueryResult(q) = ask(
+        &admin,
+        Body::Query(msg::QueryRequest {
+            what: "instance".into(),
+            argument: b.instance_key().to_hex(),
+        }),
+    )
+    .await
+    else {
+        panic!("query")
+    };
+    assert!(q.json.contains("\"enforced_catalog\":1"), "{}", q.json);
+
+    // a re-attests with its next element and the golden digest.
+    let next = prover_a.reveal().expect("next");
+    let reattest = Body::Reattest(msg::ReattestRequest {
+        reveal: Some((&next).into()),
+        measurement: golden,
+        renewal: None,
+        dh_public: vec![],
+    });
+    let Body::Reattested(r) = ask(&ca, reattest).await else {
+        panic!("reattested")
+    };
+    assert_eq!(r.last_index, next.index);
 }
