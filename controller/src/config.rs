@@ -218,7 +218,12 @@ impl Config {
 }
 
 /// The configuration `sec-em init` writes.
-pub fn initial(listen: SocketAddr, server_name: &str, state_file: &str) -> String {
+pub fn initial(
+    listen: SocketAddr,
+    server_name: &str,
+    state_file: &str,
+    metrics_addr: SocketAddr,
+) -> String {
     format!(
         r#"# Sec-EM configuration, written by `sec-em init`. Paths are relative to this file.
 listen = "{listen}"
@@ -226,7 +231,7 @@ server_name = "{server_name}"
 # embedded:PATH (one crash-safe file) or etcd://host:port[,host:port...] (replicas).
 store = "embedded:{state_file}"
 # Prometheus metrics over HTTP; remove to disable.
-metrics_addr = "127.0.0.1:9464"
+metrics_addr = "{metrics_addr}"
 
 [tls]
 ca = "ca.pem"
@@ -254,6 +259,7 @@ mod tests {
             "0.0.0.0:7443".parse().expect("addr"),
             "sec-em",
             "sec-em.redb",
+            "127.0.0.1:9464".parse().expect("m"),
         );
         let c = Config::parse("sec-em.toml", &text, Path::new("/etc/asmn")).expect("valid");
         assert_eq!(
@@ -266,7 +272,12 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_and_field() {
-        let good = initial("0.0.0.0:7443".parse().expect("addr"), "sec-em", "s.redb");
+        let good = initial(
+            "0.0.0.0:7443".parse().expect("addr"),
+            "sec-em",
+            "s.redb",
+            "127.0.0.1:9464".parse().expect("m"),
+        );
         let cases = [
             (
                 "listen = \"0.0.0.0:7443\"",

@@ -62,12 +62,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 async fn serve_with<S: Store>(
     config: Config,
-    store: S,
+    raw_store: S,
     ca: &str,
     cert: &str,
     key: &str,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    let metrics = crate::metrics::Metrics::new();
+    let store = crate::metrics::MeteredStore::new(raw_store, Arc::clone(&metrics));
     let endpoint = transport::server(config.listen, ca, cert, key)?;
     let local = endpoint
         .local_addr()
@@ -92,8 +94,35 @@ async fn serve_with<S: Store>(
     ));
     tracing::info!(listen = %local, server_name = %config.server_name, "sec-em serving");
     let hub = crate::push::PushHub::new();
-    let _follower = crate::push::follow(registry.store_arc(), Arc::clone(&hub));
-    let server = tokio::spawn(service::serve(endpoint.clone(), registry, hub));
+    let _follower = crate::push::follow(
+        registry.store_arc(),
+        Arc::clone(&hub),
+        Some(Arc::clone(&metrics)),
+    );
+    let _metrics_http = match config.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Read {
+                    path: format!("metrics address {addr}"),
+                    source,
+                })?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            let hub = Arc::clone(&hub);
+            Some(crate::metrics::serve(
+                listener,
+                Arc::clone(&metrics),
+                move || hub.len(),
+            ))
+        }
+    };
+    let server = tokio::spawn(service::serve(
+        endpoint.clone(),
+        registry,
+        hub,
+        Some(metrics),
+    ));
     shutdown.await;
     tracing::info!("shutting down: closing connections");
     endpoint.close(0u32.into(), b"sec-em shutting down");

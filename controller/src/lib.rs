@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod pki;
 pub mod push;
 pub mod registry;

@@ -137,7 +137,11 @@ impl PushHub {
 
 /// Follows catalogs and instance states in the store and pushes their changes. Runs
 /// until dropped.
-pub fn follow<S: Store>(store: Arc<S>, hub: Arc<PushHub>) -> AbortOnDrop {
+pub fn follow<S: Store>(
+    store: Arc<S>,
+    hub: Arc<PushHub>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut catalogs = watch_prefix(Arc::clone(&store), &catalog_prefix());
         let mut instances = watch_prefix(
@@ -151,6 +155,9 @@ pub fn follow<S: Store>(store: Arc<S>, hub: Arc<PushHub>) -> AbortOnDrop {
                     Event::Reset(_) => {}
                     Event::Change(RawEvent::Put { value, .. }) => {
                         if let Ok(c) = serde_json::from_slice::<SecCatalog>(&value) {
+                            if let Some(m) = &metrics {
+                                m.catalog_pushed(c.vnf.as_str(), c.version);
+                            }
                             let n = hub.push_catalog(&c);
                             tracing::info!(vnf = %c.vnf, version = c.version, agents = n, "catalog pushed");
                         }

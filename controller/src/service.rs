@@ -57,6 +57,8 @@ pub struct Session {
     pub push: Option<(quinn::Connection, Arc<crate::push::PushHub>)>,
     /// The push stream's writer, owned by the connection.
     pub pusher: std::sync::Mutex<Option<crate::store::AbortOnDrop>>,
+    /// Where to count.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Session {
@@ -73,6 +75,11 @@ pub async fn handle<S: Store>(
 ) -> msg::Envelope {
     let admin = session.admin;
     let request_id = env.request_id;
+    let started = std::time::Instant::now();
+    let is_reveal = matches!(env.body, Some(Body::Enroll(_)) | Some(Body::Reattest(_)));
+    if let (Some(m), Some(Body::CatalogAck(a))) = (&session.metrics, &env.body) {
+        m.catalog_acked(&a.vnf, a.version);
+    }
     let body = match env.body {
         None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
         Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
@@ -213,6 +220,22 @@ pub async fn handle<S: Store>(
             "this message is not a request Sec-EM serves (yet)",
         ),
     };
+    if let Some(m) = &session.metrics {
+        if is_reveal {
+            m.reveal_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        match &body {
+            Body::Enrolled(_) => {
+                m.enrollments.inc();
+            }
+            Body::Refused(r) => {
+                let reason = RefusalCode::try_from(r.code)
+                    .map_or("unknown".to_string(), |c| format!("{c:?}"));
+                m.refused(&reason);
+            }
+            _ => {}
+        }
+    }
     msg::Envelope {
         request_id,
         body: Some(body),
@@ -361,9 +384,10 @@ pub async fn serve<S: Store>(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry<S>>,
     hub: Arc<crate::push::PushHub>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (registry, hub) = (Arc::clone(&registry), Arc::clone(&hub));
+        let (registry, hub, metrics) = (Arc::clone(&registry), Arc::clone(&hub), metrics.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let session = Arc::new(Session {
@@ -371,6 +395,7 @@ pub async fn serve<S: Store>(
                 agent: std::sync::Mutex::new(None),
                 push: Some((conn.clone(), hub)),
                 pusher: std::sync::Mutex::new(None),
+                metrics,
             });
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (registry, session) = (Arc::clone(&registry), Arc::clone(&session));

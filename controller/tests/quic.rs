@@ -50,10 +50,10 @@ async fn lab() -> Lab {
     .expect("server");
     let addr = endpoint.local_addr().expect("addr");
     let hub = asmn_controller::push::PushHub::new();
-    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub));
+    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub), None);
     let server = tokio::spawn(async move {
         let _follower = follower;
-        service::serve(endpoint, registry, hub).await
+        service::serve(endpoint, registry, hub, None).await
     });
     Lab {
         _dir: dir,

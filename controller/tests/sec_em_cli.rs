@@ -86,6 +86,15 @@ fn init_makes_pki_and_config_and_refuses_to_overwrite() {
     );
 }
 
+/// A free loopback TCP address (for the metrics endpoint).
+fn free_tcp() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// Kills a child (SIGKILL, by PID) if the test fails before it stops it.
 struct Daemon(std::process::Child);
 
@@ -106,6 +115,7 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
         .expect("port")
         .port();
     let listen = format!("127.0.0.1:{port}");
+    let metrics = free_tcp();
     let ds = dir.path().to_str().expect("utf-8");
     let o = sec_em(&[
         "init",
@@ -115,6 +125,8 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
         "sec-em",
         "--listen",
         &listen,
+        "--metrics-addr",
+        &metrics,
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let cfg = dir.path().join("sec-em.toml");
@@ -165,6 +177,27 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
         matches!(&reply.body, Some(Body::Refused(r)) if r.message.contains("not on-boarded")),
         "{reply:?}"
     );
+
+    // Metrics: the refusal is counted by reason; health answers.
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).expect("metrics");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    };
+    let m = get("/metrics");
+    assert!(
+        m.contains("asmn_refusals_total{reason=\"UnknownInstance\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("asmn_store_seconds_bucket") && m.contains("asmn_connected_agents 0"),
+        "{m}"
+    );
+    assert!(get("/health").ends_with("ok\n"));
+    assert!(get("/nope").starts_with("HTTP/1.1 404"));
 
     // SIGTERM (by PID): a clean exit, within the drain deadline.
     let pid = daemon.0.id().to_string();
@@ -245,17 +278,17 @@ fn asmnctl_end_to_end() {
         .expect("port")
         .port();
     let listen = format!("127.0.0.1:{port}");
-    assert!(
-        sec_em(&[
-            "init",
-            "--dir",
-            d.to_str().expect("utf-8"),
-            "--listen",
-            &listen
-        ])
-        .status
-        .success()
-    );
+    let metrics = free_tcp();
+    let o = sec_em(&[
+        "init",
+        "--dir",
+        d.to_str().expect("utf-8"),
+        "--listen",
+        &listen,
+        "--metrics-addr",
+        &metrics,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
     let mut daemon = start_daemon(d);
     wait_up(d, &listen);
 

@@ -35,6 +35,9 @@ enum Command {
         /// Where the QUIC endpoint will listen.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
+        /// Where `sec-em serve` exports Prometheus metrics (HTTP).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: SocketAddr,
         /// Replace existing keys and configuration (agents pinning the old CA will be
         /// refused).
         #[arg(long)]
@@ -72,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             server_names,
             listen,
+            metrics_addr,
             force,
         } => {
             let cfg_path = dir.join("sec-em.toml");
@@ -84,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let pki = pki::generate(&server_names, current_year() - 1)?;
             pki::write(&dir, &pki, force)?;
             let server_name = server_names.first().map_or("sec-em", String::as_str);
-            let text = config::initial(listen, server_name, "sec-em.redb");
+            let text = config::initial(listen, server_name, "sec-em.redb", metrics_addr);
             pki::write_file(&cfg_path, text.as_bytes(), true)?;
             config::Config::load(&cfg_path).context("the configuration just written")?;
             println!(

@@ -1,0 +1,251 @@
+//! Prometheus metrics of Sec-EM, served as text over HTTP (`metrics_addr`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::store::{AbortOnDrop, Cas, Expect, Listing, RawWatch, Store, StoreError, Versioned};
+
+type Labels = Vec<(String, String)>;
+
+fn latency() -> Histogram {
+    // 50 us .. ~26 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Every metric Sec-EM exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Enrollments accepted.
+    pub enrollments: Counter,
+    /// Refusals, by reason.
+    pub refusals: Family<Labels, Counter>,
+    /// Time to handle a reveal (enrollment or re-attestation), seconds.
+    pub reveal_seconds: Histogram,
+    /// Agents with an open push stream here.
+    pub connected_agents: Gauge,
+    /// From pushing a catalog version to an agent's acknowledgement, seconds.
+    pub catalog_ack_seconds: Histogram,
+    /// Store operations, by operation, seconds.
+    pub store_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pushed: Mutex<HashMap<(String, u64), Instant>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("asmn");
+        let enrollments = Counter::default();
+        let refusals = Family::<Labels, Counter>::default();
+        let reveal_seconds = latency();
+        let connected_agents = Gauge::default();
+        let catalog_ack_seconds = latency();
+        let store_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency as fn() -> Histogram,
+        );
+        registry.register("enrollments", "Enrollments accepted", enrollments.clone());
+        registry.register("refusals", "Requests refused, by reason", refusals.clone());
+        registry.register(
+            "reveal_seconds",
+            "Time to verify and store a chain reveal",
+            reveal_seconds.clone(),
+        );
+        registry.register(
+            "connected_agents",
+            "Agents with a push stream to this Sec-EM",
+            connected_agents.clone(),
+        );
+        registry.register(
+            "catalog_ack_seconds",
+            "From pushing a catalog version to the agent acknowledging it",
+            catalog_ack_seconds.clone(),
+        );
+        registry.register(
+            "store_seconds",
+            "Store operation latency, by operation",
+            store_seconds.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            enrollments,
+            refusals,
+            reveal_seconds,
+            connected_agents,
+            catalog_ack_seconds,
+            store_seconds,
+            pushed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Notes that catalog `version` of `vnf` was pushed now.
+    pub fn catalog_pushed(&self, vnf: &str, version: u64) {
+        if let Ok(mut p) = self.pushed.lock() {
+            // Bounded: old versions are forgotten.
+            if p.len() > 4096 {
+                p.clear();
+            }
+            p.entry((vnf.to_string(), version))
+                .or_insert_with(Instant::now);
+        }
+    }
+
+    /// Observes an acknowledgement of `version` of `vnf`.
+    pub fn catalog_acked(&self, vnf: &str, version: u64) {
+        let since = self
+            .pushed
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&(vnf.to_string(), version)).copied());
+        if let Some(t) = since {
+            self.catalog_ack_seconds.observe(t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A store whose operations are timed into [`Metrics::store_seconds`].
+#[derive(Debug)]
+pub struct MeteredStore<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> MeteredStore<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    fn observe(&self, op: &str, t: Instant) {
+        self.metrics
+            .store_seconds
+            .get_or_create(&vec![("op".to_string(), op.to_string())])
+            .observe(t.elapsed().as_secs_f64());
+    }
+}
+
+impl<S: Store> Store for MeteredStore<S> {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.get(key).await;
+        self.observe("get", t);
+        r
+    }
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.put(key, value).await;
+        self.observe("put", t);
+        r
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+    ) -> Result<Cas, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.compare_and_swap(key, expect, value).await;
+        self.observe("cas", t);
+        r
+    }
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.delete(key).await;
+        self.observe("delete", t);
+        r
+    }
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.list(prefix).await;
+        self.observe("list", t);
+        r
+    }
+    async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
+        self.inner.watch_raw(prefix, from).await
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until dropped.
+/// Requests are read up to 8 KiB with a 5 s deadline; anything else gets 404.
+pub fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    agents: impl Fn() -> usize + Send + Sync + 'static,
+) -> AbortOnDrop {
+    let agents = Arc::new(agents);
+    AbortOnDrop(tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (metrics, agents) = (Arc::clone(&metrics), Arc::clone(&agents));
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                let read = async {
+                    while n < buf.len() {
+                        let k = sock.read(&mut buf[n..]).await.ok()?;
+                        if k == 0 {
+                            break;
+                        }
+                        n += k;
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    Some(())
+                };
+                if tokio::time::timeout(Duration::from_secs(5), read)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if head.starts_with("GET /metrics ") {
+                    metrics
+                        .connected_agents
+                        .set(i64::try_from(agents()).unwrap_or(i64::MAX));
+                    ("200 OK", metrics.render())
+                } else if head.starts_with("GET /health ") {
+                    ("200 OK", "ok\n".to_string())
+                } else {
+                    (
+                        "404 Not Found",
+                        "not found: try /metrics or /health\n".to_string(),
+                    )
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    }))
+}
