@@ -1,0 +1,290 @@
+//! `kill -9` of `sec-em` in the middle of concurrent enrollments: after a restart, every
+//! acknowledged reveal is in the store and no chain element is ever accepted twice.
+//! Embedded store: 20 kill points over 1,000 enrollments.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use asmn_controller::transport;
+use asmn_shared::chain::{ChainProver, ChainSpec, seed};
+use asmn_shared::dh::DhKeyPair;
+use asmn_shared::measure::{Algorithm, measure_bytes};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::{BootstrapBundle, Enroll};
+
+const IMAGE: &[u8] = b"crash-test image";
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 50;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port()
+}
+
+fn free_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port()
+}
+
+fn start(cfg: &std::path::Path) -> Daemon {
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sec-em"))
+            .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve"),
+    )
+}
+
+struct Client {
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+}
+
+impl Client {
+    async fn connect(&self) -> quinn::Connection {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.endpoint.connect(self.addr, "sec-em").expect("connect"),
+            )
+            .await
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "sec-em did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn ask(c: &quinn::Connection, body: Body) -> Option<Body> {
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(body),
+    };
+    transport::request(c, &env).await.ok().and_then(|e| e.body)
+}
+
+fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
+    let id = bundle.instance_key();
+    let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let s = seed(
+        &bundle.nonce,
+        &id,
+        &m.get(Algorithm::Sha256).expect("sha").0,
+        0,
+    );
+    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
+    let mut p = ChainProver::new(ChainSpec::new(id, 0, bundle.chain_length).expect("spec"), s);
+    let e = Enroll {
+        id,
+        tenant: bundle.tenant.clone(),
+        vnf: bundle.vnf.clone(),
+        instance: bundle.instance.clone(),
+        reveal: p.reveal().expect("reveal"),
+        wg_public_key: [1; 32],
+        dh_group: bundle.dh_group,
+        dh_public: dh.public().clone(),
+        endpoint: "192.0.2.5:51820".parse().expect("ep"),
+        role: bundle.role,
+    };
+    (&e).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let listen = format!("127.0.0.1:{}", free_udp());
+    let metrics = format!("127.0.0.1:{}", free_tcp());
+    let o = Command::new(env!("CARGO_BIN_EXE_sec-em"))
+        .args([
+            "init",
+            "--dir",
+            d.to_str().expect("p"),
+            "--listen",
+            &listen,
+            "--metrics-addr",
+            &metrics,
+        ])
+        .output()
+        .expect("init");
+    assert!(o.status.success());
+    let cfg = d.join("sec-em.toml");
+    // Short chains: 1,000 anchors are computed at instance creation.
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("chain_length = 100000", "chain_length = 64");
+    std::fs::write(&cfg, text).expect("cfg");
+    let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);
+    let admin = Client {
+        endpoint: transport::client(
+            &read("ca.pem"),
+            Some((&read("admin.pem"), &read("admin.key"))),
+        )
+        .expect("client"),
+        addr: listen.parse().expect("addr"),
+    };
+    let agents = Client {
+        endpoint: transport::client(&read("ca.pem"), None).expect("client"),
+        addr: admin.addr,
+    };
+
+    let mut daemon = start(&cfg);
+    let ac = admin.connect().await;
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
+    let onboard = ask(
+        &ac,
+        Body::Onboard(msg::OnboardRequest {
+            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+            digests: vec![msg::DigestMsg {
+                algorithm: "sha256".into(),
+                value: sha.get(Algorithm::Sha256).expect("s").0.clone(),
+            }],
+            image_bytes: 1,
+        }),
+    )
+    .await;
+    assert!(matches!(onboard, Some(Body::Ok(_))), "{onboard:?}");
+
+    // 1,000 instances, created 50 at a time.
+    let mut requests = Vec::new();
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for i in 0..PER_ROUND {
+            let c = ac.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = ask(
+                    &c,
+                    Body::CreateInstance(msg::CreateInstanceRequest {
+                        tenant: "t1".into(),
+                        vnf: "web-server".into(),
+                        instance: format!("web-{round}-{i}"),
+                        role: 1,
+                    }),
+                )
+                .await;
+                let Some(Body::InstanceCreated(b)) = body else {
+                    panic!("create: {body:?}")
+                };
+                enroll_request(&BootstrapBundle::try_from(&b).expect("bundle"))
+            }));
+        }
+        let mut batch = Vec::new();
+        for t in tasks {
+            batch.push(t.await.expect("task"));
+        }
+        requests.push(batch);
+    }
+
+    let mut acknowledged = Vec::new();
+    for (round, batch) in requests.iter().enumerate() {
+        // Enroll the round's 50 agents at once over 5 connections; kill -9 sec-em after a
+        // varying number of acknowledgements.
+        let conns: Vec<quinn::Connection> = {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                v.push(agents.connect().await);
+            }
+            v
+        };
+        let kill_after = 1 + (round * 7) % (PER_ROUND - 5);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PER_ROUND);
+        for (i, req) in batch.iter().enumerate() {
+            let (c, req, tx) = (conns[i % conns.len()].clone(), req.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = ask(&c, Body::Enroll(req.clone())).await;
+                let _ = tx.send((req, r)).await;
+            });
+        }
+        drop(tx);
+        let mut acks = 0;
+        let mut killed = false;
+        while let Some((req, r)) = rx.recv().await {
+            if let Some(Body::Enrolled(_)) = r {
+                acknowledged.push(req);
+                acks += 1;
+            }
+            if acks >= kill_after && !killed {
+                let _ = daemon.0.kill(); // SIGKILL, by PID
+                let _ = daemon.0.wait();
+                killed = true;
+                // Requests still in flight fail now rather than at the idle timeout.
+                for c in &conns {
+                    c.close(0u32.into(), b"server killed");
+                }
+            }
+        }
+        if !killed {
+            let _ = daemon.0.kill();
+            let _ = daemon.0.wait();
+        }
+        daemon = start(&cfg);
+    }
+
+    // After the last restart: every acknowledged enrollment is stored, and replaying any
+    // of them is refused: no element was accepted twice.
+    let c = agents.connect().await;
+    let ac = admin.connect().await;
+    assert!(
+        acknowledged.len() >= ROUNDS,
+        "at least one acknowledgement per round"
+    );
+    for req in &acknowledged {
+        let id = hex::encode(&req.instance_key);
+        let q = ask(
+            &ac,
+            Body::Query(msg::QueryRequest {
+                what: "instance".into(),
+                argument: id.clone(),
+            }),
+        )
+        .await;
+        let Some(Body::QueryResult(r)) = q else {
+            panic!("query {id}: {q:?}")
+        };
+        let rec: serde_json::Value = serde_json::from_str(&r.json).expect("json");
+        assert_eq!(
+            rec["state"]["state"], "enrolled",
+            "{id} was acknowledged but is not stored"
+        );
+        assert_eq!(rec["chain"]["last_index"], 63, "{id}");
+        let again = ask(&c, Body::Enroll(req.clone())).await;
+        let Some(Body::Refused(refusal)) = again else {
+            panic!("a replay of {id} was accepted: {again:?}")
+        };
+        assert_eq!(
+            RefusalCode::try_from(refusal.code),
+            Ok(RefusalCode::Replayed)
+        );
+    }
+    // And the audit log survived 20 kills intact.
+    let v = ask(
+        &ac,
+        Body::Query(msg::QueryRequest {
+            what: "audit-verify".into(),
+            argument: String::new(),
+        }),
+    )
+    .await;
+    let Some(Body::QueryResult(r)) = v else {
+        panic!("audit: {v:?}")
+    };
+    assert!(r.json.contains("\"ok\":true"), "{}", r.json);
+}
