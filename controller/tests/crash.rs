@@ -5,12 +5,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use asmn_controller::transport;
-use asmn_shared::chain::{ChainProver, ChainSpec, seed};
-use asmn_shared::dh::DhKeyPair;
-use asmn_shared::measure::{Algorithm, measure_bytes};
+use asmn_shared::wire::BootstrapBundle;
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
-use asmn_shared::wire::{BootstrapBundle, Enroll};
 
 const IMAGE: &[u8] = b"crash-test image";
 const ROUNDS: usize = 20;
@@ -82,29 +81,7 @@ async fn ask(c: &quinn::Connection, body: Body) -> Option<Body> {
 }
 
 fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
-    let id = bundle.instance_key();
-    let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
-    let s = seed(
-        &bundle.nonce,
-        &id,
-        &m.get(Algorithm::Sha256).expect("sha").0,
-        0,
-    );
-    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
-    let mut p = ChainProver::new(ChainSpec::new(id, 0, bundle.chain_length).expect("spec"), s);
-    let e = Enroll {
-        id,
-        tenant: bundle.tenant.clone(),
-        vnf: bundle.vnf.clone(),
-        instance: bundle.instance.clone(),
-        reveal: p.reveal().expect("reveal"),
-        wg_public_key: [1; 32],
-        dh_group: bundle.dh_group,
-        dh_public: dh.public().clone(),
-        endpoint: "192.0.2.5:51820".parse().expect("ep"),
-        role: bundle.role,
-    };
-    (&e).into()
+    common::enroll_with_prover(bundle, IMAGE).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,17 +125,12 @@ async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
 
     let mut daemon = start(&cfg);
     let ac = admin.connect().await;
-    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     let onboard = ask(
         &ac,
-        Body::Onboard(msg::OnboardRequest {
-            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-            digests: vec![msg::DigestMsg {
-                algorithm: "sha256".into(),
-                value: sha.get(Algorithm::Sha256).expect("s").0.clone(),
-            }],
-            image_bytes: 1,
-        }),
+        common::onboard_body(
+            IMAGE,
+            include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+        ),
     )
     .await;
     assert!(matches!(onboard, Some(Body::Ok(_))), "{onboard:?}");

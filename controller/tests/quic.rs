@@ -4,15 +4,17 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use asmn_controller::registry::{Registry, RegistryConfig};
 use asmn_controller::store::Store;
 use asmn_controller::store::embedded::EmbeddedStore;
 use asmn_controller::{pki, service, transport};
-use asmn_shared::chain::{ChainProver, ChainSpec, seed};
-use asmn_shared::dh::{DhKeyPair, Group};
+use asmn_shared::chain::ChainProver;
+use asmn_shared::dh::Group;
 use asmn_shared::measure::{Algorithm, measure_bytes};
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
-use asmn_shared::wire::{BootstrapBundle, Enroll, FRAME_HEADER};
+use asmn_shared::wire::{BootstrapBundle, FRAME_HEADER};
 
 const IMAGE: &[u8] = b"the golden VNF image";
 
@@ -95,44 +97,17 @@ fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
 }
 
 fn enroll_with_prover(bundle: &BootstrapBundle) -> (msg::EnrollRequest, ChainProver) {
-    let id = bundle.instance_key();
-    let m = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
-    let s = seed(
-        &bundle.nonce,
-        &id,
-        &m.get(Algorithm::Sha256).expect("sha").0,
-        0,
-    );
-    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
-    let mut p = ChainProver::new(ChainSpec::new(id, 0, bundle.chain_length).expect("spec"), s);
-    let e = Enroll {
-        id,
-        tenant: bundle.tenant.clone(),
-        vnf: bundle.vnf.clone(),
-        instance: bundle.instance.clone(),
-        reveal: p.reveal().expect("reveal"),
-        wg_public_key: [1; 32],
-        dh_group: bundle.dh_group,
-        dh_public: dh.public().clone(),
-        endpoint: "192.0.2.5:51820".parse().expect("ep"),
-        role: bundle.role,
-    };
-    ((&e).into(), p)
+    common::enroll_with_prover(bundle, IMAGE)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_onboards_and_an_agent_enrolls_over_quic() {
     let lab = lab().await;
     let admin = connect(&lab, true).await;
-    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
-    let onboard = Body::Onboard(msg::OnboardRequest {
-        vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-        digests: vec![msg::DigestMsg {
-            algorithm: "sha256".into(),
-            value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
-        }],
-        image_bytes: IMAGE.len() as u64,
-    });
+    let onboard = common::onboard_body(
+        IMAGE,
+        include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+    );
     assert!(matches!(ask(&admin, onboard.clone()).await, Body::Ok(_)));
     let created = ask(
         &admin,
@@ -205,17 +180,12 @@ async fn record(lab: &Lab, bundle: &BootstrapBundle) -> (String, u64) {
 async fn corrupted_requests_are_refused_without_changing_state() {
     let lab = lab().await;
     let admin = connect(&lab, true).await;
-    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     ask(
         &admin,
-        Body::Onboard(msg::OnboardRequest {
-            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-            digests: vec![msg::DigestMsg {
-                algorithm: "sha256".into(),
-                value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
-            }],
-            image_bytes: 1,
-        }),
+        common::onboard_body(
+            IMAGE,
+            include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+        ),
     )
     .await;
     let agent = connect(&lab, false).await;
@@ -378,17 +348,12 @@ impl Pushes {
 async fn catalogs_and_revocations_are_pushed_to_enrolled_agents() {
     let lab = lab().await;
     let admin = connect(&lab, true).await;
-    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     ask(
         &admin,
-        Body::Onboard(msg::OnboardRequest {
-            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-            digests: vec![msg::DigestMsg {
-                algorithm: "sha256".into(),
-                value: sha.get(Algorithm::Sha256).expect("sha").0.clone(),
-            }],
-            image_bytes: 1,
-        }),
+        common::onboard_body(
+            IMAGE,
+            include_str!("../../images/examples/web-server.vnfd.yaml").into(),
+        ),
     )
     .await;
     let a = create(&admin, "web-a").await;
@@ -456,16 +421,11 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
     let golden = sha.get(Algorithm::Sha256).expect("sha").0.clone();
     ask(
         &admin,
-        Body::Onboard(msg::OnboardRequest {
-            // The example without its gateway: its instances are reached directly.
-            vnfd_yaml: include_str!("../../images/examples/web-server.vnfd.yaml")
+        common::onboard_body(
+            IMAGE,
+            include_str!("../../images/examples/web-server.vnfd.yaml")
                 .replace("    gateway: vnf-gw\n", ""),
-            digests: vec![msg::DigestMsg {
-                algorithm: "sha256".into(),
-                value: golden.clone(),
-            }],
-            image_bytes: 1,
-        }),
+        ),
     )
     .await;
     let (a, b) = (create(&admin, "web-a").await, create(&admin, "web-b").await);
