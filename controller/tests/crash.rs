@@ -86,6 +86,20 @@ fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
+    crash_run(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_etcd_loses_no_acknowledged_reveal() {
+    let Some(etcd) = common::Etcd::start().await else {
+        return;
+    };
+    crash_run(Some(etcd.url.clone())).await;
+    drop(etcd);
+}
+
+/// The crash run, on the embedded store or on the etcd at `etcd_url`.
+async fn crash_run(etcd_url: Option<String>) {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let listen = format!("127.0.0.1:{}", free_udp());
@@ -105,9 +119,16 @@ async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
     assert!(o.status.success());
     let cfg = d.join("sec-em.toml");
     // Short chains: 1,000 anchors are computed at instance creation.
-    let text = std::fs::read_to_string(&cfg)
+    let mut text = std::fs::read_to_string(&cfg)
         .expect("cfg")
         .replace("chain_length = 100000", "chain_length = 64");
+    if let Some(url) = &etcd_url {
+        text = text.replace(
+            "store = \"embedded:sec-em.redb\"",
+            &format!("store = \"{url}\""),
+        );
+        assert!(text.contains(url.as_str()), "store line replaced");
+    }
     std::fs::write(&cfg, text).expect("cfg");
     let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);
     let admin = Client {
