@@ -191,6 +191,11 @@ fn overlay_counter_key(tenant: &TenantId) -> String {
     format!("{PREFIX}tenants/{tenant}/next-host")
 }
 
+/// A record kept changing under us for every retry.
+fn contended(what: &str) -> RegistryError {
+    RegistryError::Store(StoreError::Unavailable(format!("{what} contended; retry")))
+}
+
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, RegistryError> {
     serde_json::to_vec(v).map_err(|e| RegistryError::Corrupt(e.to_string()))
 }
@@ -518,34 +523,28 @@ impl<S: Store> Registry<S> {
                 .and_then(|b| InstanceKey::from_slice(&b))
                 .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into()))?,
             None => {
-                self.audit(
-                    now,
-                    "peer.refused",
-                    Some(requester),
-                    format!("no instance at {overlay}"),
-                )
-                .await?;
-                return Err(refuse(
-                    RefusalCode::PeerUnknown,
-                    format!("no instance at {overlay} in this tenant"),
-                ));
+                return Err(self
+                    .refuse_peer(
+                        now,
+                        requester,
+                        RefusalCode::PeerUnknown,
+                        format!("no instance at {overlay} in this tenant"),
+                    )
+                    .await);
             }
         };
         let Some((peer, _)) = self.instance(&peer_id).await? else {
             return Err(refuse(RefusalCode::PeerUnknown, "no such peer"));
         };
         if peer.state != InstanceState::Enrolled || peer.tenant != me.tenant {
-            self.audit(
-                now,
-                "peer.refused",
-                Some(requester),
-                format!("{overlay} is not an enrolled instance"),
-            )
-            .await?;
-            return Err(refuse(
-                RefusalCode::PeerUnknown,
-                format!("no enrolled instance at {overlay}"),
-            ));
+            return Err(self
+                .refuse_peer(
+                    now,
+                    requester,
+                    RefusalCode::PeerUnknown,
+                    format!("no enrolled instance at {overlay}"),
+                )
+                .await);
         }
         let catalog = self
             .catalog(&peer.vnf)
@@ -563,17 +562,10 @@ impl<S: Store> Registry<S> {
                 .iter()
                 .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(&me.vnf)));
         if !admitted {
-            self.audit(
-                now,
-                "peer.refused",
-                Some(requester),
-                format!("{}'s catalog does not admit {}", peer.vnf, me.vnf),
-            )
-            .await?;
-            return Err(not_allowed(format!(
-                "{}'s Sec-catalog does not admit {}",
-                peer.vnf, me.vnf
-            )));
+            let why = format!("{}'s Sec-catalog does not admit {}", peer.vnf, me.vnf);
+            return Err(self
+                .refuse_peer(now, requester, RefusalCode::PeerNotAllowed, why)
+                .await);
         }
         let via_gateway = match (&catalog.gateway, is_gateway || me.role == Role::Gateway) {
             (Some(g), false) => {
@@ -607,6 +599,23 @@ impl<S: Store> Registry<S> {
         )
         .await?;
         Ok(out)
+    }
+
+    /// Audits a refused peer verification and returns the refusal (or the audit's error).
+    async fn refuse_peer(
+        &self,
+        now: u64,
+        requester: &InstanceKey,
+        code: RefusalCode,
+        why: String,
+    ) -> RegistryError {
+        match self
+            .audit(now, "peer.refused", Some(requester), why.clone())
+            .await
+        {
+            Ok(()) => refuse(code, why),
+            Err(e) => e,
+        }
     }
 
     /// How an enrolled instance is described to a peer.
@@ -687,9 +696,7 @@ impl<S: Store> Registry<S> {
                     .await;
             }
         }
-        Err(RegistryError::Store(StoreError::Unavailable(
-            "instance record contended".into(),
-        )))
+        Err(contended("instance record"))
     }
 
     /// Every instance record.
@@ -820,9 +827,7 @@ impl<S: Store> Registry<S> {
             // Another writer changed the record: look again (a concurrent acceptance of the
             // same reveal now shows as a replay).
         }
-        Err(RegistryError::Store(StoreError::Unavailable(
-            "instance record contended".into(),
-        )))
+        Err(contended("instance record"))
     }
 
     async fn refuse_reveal(
@@ -879,9 +884,7 @@ impl<S: Store> Registry<S> {
                     .await;
             }
         }
-        Err(RegistryError::Store(StoreError::Unavailable(
-            "instance record contended".into(),
-        )))
+        Err(contended("instance record"))
     }
 
     /// A reveal after enrollment (re-attestation, strict mode): the element must extend
@@ -935,9 +938,7 @@ impl<S: Store> Registry<S> {
                 return Ok(verified.index);
             }
         }
-        Err(RegistryError::Store(StoreError::Unavailable(
-            "instance record contended".into(),
-        )))
+        Err(contended("instance record"))
     }
 }
 

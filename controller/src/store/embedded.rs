@@ -217,17 +217,7 @@ fn apply(db: &Database, batch: &[Request]) -> Result<Applied, StoreError> {
         let mut rev = meta.get(REVISION).map_err(db_err)?.map_or(0, |g| g.value());
         for req in batch {
             let res = match &req.op {
-                Op::Put(k, v) => {
-                    rev += 1;
-                    kv.insert(k.as_str(), encode(rev, v).as_slice())
-                        .map_err(db_err)?;
-                    events.push(RawEvent::Put {
-                        key: k.clone(),
-                        value: v.clone(),
-                        revision: rev,
-                    });
-                    Ok(Done::Put(rev))
-                }
+                Op::Put(k, v) => Ok(Done::Put(write(&mut kv, &mut events, &mut rev, k, v)?)),
                 Op::Cas(k, expect, v) => {
                     let current = match kv.get(k.as_str()).map_err(db_err)? {
                         Some(g) => Some(decode(g.value())?),
@@ -239,15 +229,8 @@ fn apply(db: &Database, batch: &[Request]) -> Result<Applied, StoreError> {
                         _ => false,
                     };
                     if ok {
-                        rev += 1;
-                        kv.insert(k.as_str(), encode(rev, v).as_slice())
-                            .map_err(db_err)?;
-                        events.push(RawEvent::Put {
-                            key: k.clone(),
-                            value: v.clone(),
-                            revision: rev,
-                        });
-                        Ok(Done::Cas(Cas::Swapped { revision: rev }))
+                        let revision = write(&mut kv, &mut events, &mut rev, k, v)?;
+                        Ok(Done::Cas(Cas::Swapped { revision }))
                     } else {
                         Ok(Done::Cas(Cas::Conflict { current }))
                     }
@@ -270,6 +253,24 @@ fn apply(db: &Database, batch: &[Request]) -> Result<Applied, StoreError> {
     }
     txn.commit().map_err(db_err)?;
     Ok((results, events))
+}
+
+/// Writes `k` at the next revision and records the change for watches.
+fn write(
+    kv: &mut redb::Table<&str, &[u8]>,
+    events: &mut Vec<RawEvent>,
+    rev: &mut u64,
+    k: &str,
+    v: &[u8],
+) -> Result<u64, StoreError> {
+    *rev += 1;
+    kv.insert(k, encode(*rev, v).as_slice()).map_err(db_err)?;
+    events.push(RawEvent::Put {
+        key: k.to_string(),
+        value: v.to_vec(),
+        revision: *rev,
+    });
+    Ok(*rev)
 }
 
 fn unexpected() -> StoreError {
