@@ -112,15 +112,17 @@ impl Metrics {
     }
 
     /// Observes an acknowledgement of `version` of `vnf`.
-    pub fn catalog_acked(&self, vnf: &str, version: u64) {
+    pub fn catalog_acked(&self, vnf: &str, version: u64) -> Option<Duration> {
         let since = self
             .pushed
             .lock()
             .ok()
             .and_then(|p| p.get(&(vnf.to_string(), version)).copied());
-        if let Some(t) = since {
-            self.catalog_ack_seconds.observe(t.elapsed().as_secs_f64());
+        let took = since.map(|t| t.elapsed());
+        if let Some(d) = took {
+            self.catalog_ack_seconds.observe(d.as_secs_f64());
         }
+        took
     }
 
     /// The text exposition.

@@ -4,9 +4,13 @@
 //! request that made them, so an agent connected to any Sec-EM replica hears of a change
 //! made through any other. Each enrolled connection gets one unidirectional stream on
 //! which Sec-EM writes frames; a slow or gone agent loses its queue (bounded), not the
-//! others'. A reconnecting agent is sent the current catalog when it enrolls again.
+//! others'. A reconnecting agent is sent, when it enrolls again, the catalog in force and
+//! every revocation of its tenant: what it may have missed while away.
+//!
+//! The follower keeps a summary of what it last saw and pushes differences, so a watch
+//! that breaks and re-lists (a `Reset`) pushes what changed during the break, once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use asmn_shared::catalog::SecCatalog;
@@ -30,6 +34,8 @@ struct Agent {
 #[derive(Default)]
 pub struct PushHub {
     agents: Mutex<HashMap<InstanceKey, Agent>>,
+    /// Revoked instances per tenant (with the reason), for agents that reconnect.
+    revoked: Mutex<HashMap<TenantId, BTreeMap<InstanceKey, String>>>,
 }
 
 impl std::fmt::Debug for PushHub {
@@ -37,6 +43,13 @@ impl std::fmt::Debug for PushHub {
         let n = self.agents.lock().map_or(0, |a| a.len());
         write!(f, "PushHub({n} agents)")
     }
+}
+
+fn revocation(id: &InstanceKey, reason: &str) -> msg::Envelope {
+    push(msg::Body::Revoked(msg::RevokeNotice {
+        instance_key: id.as_bytes().to_vec(),
+        reason: reason.to_string(),
+    }))
 }
 
 fn push(body: msg::Body) -> msg::Envelope {
@@ -75,6 +88,18 @@ impl PushHub {
     ) -> AbortOnDrop {
         let (tx, mut rx) = mpsc::channel::<msg::Envelope>(QUEUE);
         let _ = tx.try_send(push(first));
+        let revoked: Vec<_> = self
+            .revoked
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&tenant).cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for (rid, reason) in revoked {
+            // What does not fit in the queue the agent learns from a refused VerifyPeer.
+            let _ = tx.try_send(revocation(&rid, &reason));
+        }
         if let Ok(mut a) = self.agents.lock() {
             a.insert(id, Agent { tenant, vnf, tx });
         }
@@ -119,13 +144,22 @@ impl PushHub {
         self.send_where(&env, |_, a| a.vnf == c.vnf)
     }
 
-    /// Pushes a revocation to every agent of the tenant (its peers and itself).
+    /// Pushes a revocation to every agent of the tenant (its peers and itself), and
+    /// remembers it for agents of the tenant that connect later.
     pub fn push_revocation(&self, tenant: &TenantId, id: &InstanceKey, reason: &str) -> usize {
-        let env = push(msg::Body::Revoked(msg::RevokeNotice {
-            instance_key: id.as_bytes().to_vec(),
-            reason: reason.to_string(),
-        }));
-        self.send_where(&env, |_, a| &a.tenant == tenant)
+        if let Ok(mut r) = self.revoked.lock() {
+            r.entry(tenant.clone())
+                .or_default()
+                .insert(*id, reason.to_string());
+        }
+        self.send_where(&revocation(id, reason), |_, a| &a.tenant == tenant)
+    }
+
+    /// Pushes new keys of `peer` (a renewal's epoch, or republished keys) to the other
+    /// agents of its tenant; those that have it as a peer re-key, the others ignore it.
+    pub fn push_keys(&self, tenant: &TenantId, peer: &wire::Peer) -> usize {
+        let env = push(msg::Body::Peer(peer.into()));
+        self.send_where(&env, |k, a| &a.tenant == tenant && *k != peer.id)
     }
 
     /// Sends `body` to one agent, if connected here.
@@ -135,11 +169,117 @@ impl PushHub {
     }
 }
 
-/// Follows catalogs and instance states in the store and pushes their changes. Runs
-/// until dropped.
+/// The published keys of an enrolled instance: epoch, WireGuard key, D-H value, endpoint.
+type Keys = (u32, Option<String>, Option<String>, Option<String>);
+
+/// What the follower last saw of one instance.
+#[derive(Clone, PartialEq, Eq)]
+struct Seen {
+    revoked: bool,
+    /// (epoch, WireGuard key, D-H value, endpoint) of an enrolled instance.
+    keys: Option<Keys>,
+}
+
+impl Seen {
+    fn of(rec: &InstanceRecord) -> Self {
+        Seen {
+            revoked: matches!(rec.state, InstanceState::Revoked(_)),
+            keys: (rec.state == InstanceState::Enrolled).then(|| {
+                (
+                    rec.chain.epoch,
+                    rec.wg_public_key.clone(),
+                    rec.dh_public.clone(),
+                    rec.endpoint.clone(),
+                )
+            }),
+        }
+    }
+}
+
+/// The follower's memory: catalog versions and instance summaries.
+struct Follower {
+    hub: Arc<PushHub>,
+    group: asmn_shared::dh::Group,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    catalogs: HashMap<String, u64>,
+    instances: HashMap<String, Seen>,
+}
+
+impl Follower {
+    /// A catalog written at `key`; `quiet` only records it (the first listing).
+    fn catalog(&mut self, key: &str, value: &[u8], quiet: bool) {
+        let Ok(c) = serde_json::from_slice::<SecCatalog>(value) else {
+            tracing::warn!(%key, "unreadable catalog in the store");
+            return;
+        };
+        if self.catalogs.insert(key.to_string(), c.version) == Some(c.version) || quiet {
+            return;
+        }
+        if let Some(m) = &self.metrics {
+            m.catalog_pushed(c.vnf.as_str(), c.version);
+        }
+        let n = self.hub.push_catalog(&c);
+        tracing::info!(vnf = %c.vnf, version = c.version, agents = n, "catalog pushed");
+    }
+
+    /// An instance record written at `key`; `quiet` only records it.
+    fn instance(&mut self, key: &str, value: &[u8], quiet: bool) {
+        let Ok(rec) = serde_json::from_slice::<InstanceRecord>(value) else {
+            tracing::warn!(%key, "unreadable instance record in the store");
+            return;
+        };
+        let Some(id) = hex::decode(&rec.id)
+            .ok()
+            .and_then(|b| InstanceKey::from_slice(&b))
+        else {
+            return;
+        };
+        let seen = Seen::of(&rec);
+        let before = self.instances.insert(key.to_string(), seen.clone());
+        if let InstanceState::Revoked(reason) = &rec.state {
+            if quiet || before.as_ref().is_some_and(|b| b.revoked) {
+                // Remembered for reconnecting agents, not pushed again.
+                if let Ok(mut r) = self.hub.revoked.lock() {
+                    r.entry(rec.tenant.clone())
+                        .or_default()
+                        .insert(id, reason.clone());
+                }
+            } else {
+                let n = self.hub.push_revocation(&rec.tenant, &id, reason);
+                tracing::info!(instance = %rec.id, agents = n, "revocation pushed");
+            }
+            return;
+        }
+        // New keys of an instance that was already enrolled: its peers re-key. (A first
+        // enrollment is announced by VerifyPeer, not here.)
+        let rekeyed = matches!(
+            (&before, &seen.keys),
+            (Some(Seen { keys: Some(old), .. }), Some(new)) if old != new
+        );
+        if rekeyed && !quiet {
+            let described = rec
+                .overlay
+                .parse::<wire::Overlay>()
+                .map_err(crate::registry::RegistryError::Corrupt)
+                .and_then(|o| crate::registry::describe_record(self.group, id, &rec, o.ip, None));
+            match described {
+                Ok(peer) => {
+                    let n = self.hub.push_keys(&rec.tenant, &peer);
+                    tracing::info!(instance = %rec.id, epoch = peer.epoch, agents = n, "new keys pushed");
+                }
+                Err(e) => tracing::warn!(instance = %rec.id, error = %e, "cannot describe"),
+            }
+        }
+    }
+}
+
+/// Follows catalogs and instance states in the store and pushes their changes: catalog
+/// versions to the agents of their VNF, revocations and new keys to the agents of the
+/// tenant. Runs until dropped.
 pub fn follow<S: Store>(
     store: Arc<S>,
     hub: Arc<PushHub>,
+    group: asmn_shared::dh::Group,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
@@ -148,34 +288,46 @@ pub fn follow<S: Store>(
             Arc::clone(&store),
             &format!("{}instances/", crate::store::PREFIX),
         );
+        let mut f = Follower {
+            hub,
+            group,
+            metrics,
+            catalogs: HashMap::new(),
+            instances: HashMap::new(),
+        };
+        // The first listing of each prefix is the state agents get when they enroll.
+        let (mut catalogs_listed, mut instances_listed) = (false, false);
         loop {
             tokio::select! {
                 Some(ev) = catalogs.events.recv() => match ev {
-                    // A fresh listing: agents already have these, or get them when they enroll.
-                    Event::Reset(_) => {}
-                    Event::Change(RawEvent::Put { value, .. }) => {
-                        if let Ok(c) = serde_json::from_slice::<SecCatalog>(&value) {
-                            if let Some(m) = &metrics {
-                                m.catalog_pushed(c.vnf.as_str(), c.version);
-                            }
-                            let n = hub.push_catalog(&c);
-                            tracing::info!(vnf = %c.vnf, version = c.version, agents = n, "catalog pushed");
+                    Event::Reset(listing) => {
+                        let quiet = !std::mem::replace(&mut catalogs_listed, true);
+                        let keys: std::collections::HashSet<&str> =
+                            listing.entries.iter().map(|(k, _)| k.as_str()).collect();
+                        f.catalogs.retain(|k, _| keys.contains(k.as_str()));
+                        for (key, v) in &listing.entries {
+                            f.catalog(key, &v.value, quiet);
                         }
                     }
-                    Event::Change(RawEvent::Delete { .. }) => {}
+                    Event::Change(RawEvent::Put { key, value, .. }) => f.catalog(&key, &value, false),
+                    Event::Change(RawEvent::Delete { key, .. }) => {
+                        f.catalogs.remove(&key);
+                    }
                 },
                 Some(ev) = instances.events.recv() => match ev {
-                    Event::Reset(_) => {}
-                    Event::Change(RawEvent::Put { value, .. }) => {
-                        if let Ok(rec) = serde_json::from_slice::<InstanceRecord>(&value)
-                            && let InstanceState::Revoked(reason) = &rec.state
-                            && let Some(id) = hex::decode(&rec.id).ok().and_then(|b| InstanceKey::from_slice(&b))
-                        {
-                            let n = hub.push_revocation(&rec.tenant, &id, reason);
-                            tracing::info!(instance = %rec.id, agents = n, "revocation pushed");
+                    Event::Reset(listing) => {
+                        let quiet = !std::mem::replace(&mut instances_listed, true);
+                        let keys: std::collections::HashSet<&str> =
+                            listing.entries.iter().map(|(k, _)| k.as_str()).collect();
+                        f.instances.retain(|k, _| keys.contains(k.as_str()));
+                        for (key, v) in &listing.entries {
+                            f.instance(key, &v.value, quiet);
                         }
                     }
-                    Event::Change(RawEvent::Delete { .. }) => {}
+                    Event::Change(RawEvent::Put { key, value, .. }) => f.instance(&key, &value, false),
+                    Event::Change(RawEvent::Delete { key, .. }) => {
+                        f.instances.remove(&key);
+                    }
                 },
                 else => return,
             }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use asmn_shared::catalog::{SecCatalog, Vnfd};
+use asmn_shared::catalog::{AttestationMode, SecCatalog, Vnfd};
 use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal, RevealError};
 use asmn_shared::crypto::Nonce;
 use asmn_shared::dh::Group;
@@ -113,6 +113,14 @@ pub struct InstanceRecord {
     pub last_attestation: Option<u64>,
     /// Catalog version the agent acknowledged.
     pub enforced_catalog: Option<u64>,
+    /// How long the agent took to acknowledge that version after Sec-EM pushed it, in
+    /// milliseconds (when the replica that pushed it received the acknowledgement).
+    #[serde(default)]
+    pub catalog_latency_ms: Option<u64>,
+    /// SHA-256 of the target at the last accepted re-attestation (hex; continuity mode
+    /// tracks the target's changes with it).
+    #[serde(default)]
+    pub measurement: Option<String>,
 }
 
 impl InstanceRecord {
@@ -189,6 +197,42 @@ pub fn instance_key(id: &InstanceKey) -> String {
 
 fn overlay_counter_key(tenant: &TenantId) -> String {
     format!("{PREFIX}tenants/{tenant}/next-host")
+}
+
+/// How an enrolled instance is described to a peer (its keys in `group`).
+pub fn describe_record(
+    group: Group,
+    id: InstanceKey,
+    rec: &InstanceRecord,
+    overlay: IpAddr,
+    via_gateway: Option<IpAddr>,
+) -> Result<asmn_shared::wire::Peer, RegistryError> {
+    let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
+            .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
+        Ok(b)
+    };
+    let dh = hex::decode(rec.dh_public.as_deref().unwrap_or(""))
+        .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
+    Ok(asmn_shared::wire::Peer {
+        id,
+        vnf: rec.vnf.clone(),
+        overlay,
+        endpoint: rec
+            .endpoint
+            .as_deref()
+            .unwrap_or("")
+            .parse()
+            .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
+        wg_public_key: decode32(&rec.wg_public_key)?,
+        dh_group: group,
+        dh_public: asmn_shared::dh::DhPublic::validate(group, &dh)
+            .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
+        epoch: rec.chain.epoch,
+        via_gateway,
+        role: rec.role,
+    })
 }
 
 /// A record kept changing under us for every retry.
@@ -422,6 +466,8 @@ impl<S: Store> Registry<S> {
             endpoint: None,
             last_attestation: None,
             enforced_catalog: None,
+            catalog_latency_ms: None,
+            measurement: None,
         };
         match self
             .store
@@ -626,32 +672,7 @@ impl<S: Store> Registry<S> {
         overlay: IpAddr,
         via_gateway: Option<IpAddr>,
     ) -> Result<asmn_shared::wire::Peer, RegistryError> {
-        let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
-            let mut b = [0u8; 32];
-            hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
-                .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
-            Ok(b)
-        };
-        let dh = hex::decode(rec.dh_public.as_deref().unwrap_or(""))
-            .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
-        Ok(asmn_shared::wire::Peer {
-            id,
-            vnf: rec.vnf.clone(),
-            overlay,
-            endpoint: rec
-                .endpoint
-                .as_deref()
-                .unwrap_or("")
-                .parse()
-                .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
-            wg_public_key: decode32(&rec.wg_public_key)?,
-            dh_group: self.config.dh_group,
-            dh_public: asmn_shared::dh::DhPublic::validate(self.config.dh_group, &dh)
-                .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
-            epoch: rec.chain.epoch,
-            via_gateway,
-            role: rec.role,
-        })
+        describe_record(self.config.dh_group, id, rec, overlay, via_gateway)
     }
 
     /// The description of enrolled instance `id` that its peers receive (for the push
@@ -676,6 +697,7 @@ impl<S: Store> Registry<S> {
         now: u64,
         id: &InstanceKey,
         version: u64,
+        latency: Option<std::time::Duration>,
     ) -> Result<(), RegistryError> {
         for _ in 0..CAS_RETRIES {
             let Some((mut rec, rev)) = self.instance(id).await? else {
@@ -685,6 +707,8 @@ impl<S: Store> Registry<S> {
                 return Ok(());
             }
             rec.enforced_catalog = Some(version);
+            rec.catalog_latency_ms =
+                latency.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             if self.store_if_unchanged(id, rev, &rec).await? {
                 return self
                     .audit(
@@ -887,16 +911,23 @@ impl<S: Store> Registry<S> {
         Err(contended("instance record"))
     }
 
-    /// A reveal after enrollment (re-attestation, strict mode): the element must extend
-    /// the chain and the fresh measurement must equal the golden SHA-256; a changed target
-    /// revokes the instance.
+    /// A reveal after enrollment (re-attestation). The element must extend the chain.
+    /// In strict mode the fresh measurement must equal the golden SHA-256, and a changed
+    /// target revokes the instance; in continuity mode a changed target must come with a
+    /// renewal (a new epoch). A renewal (either mode, also before a chain runs out) opens
+    /// the sealed anchor of the next chain and installs its D-H public value.
     pub async fn reattest(
         &self,
         now: u64,
         id: &InstanceKey,
-        reveal: &Reveal,
-        measurement: &[u8],
-    ) -> Result<u32, RegistryError> {
+        req: &Reattestation<'_>,
+    ) -> Result<Reattested, RegistryError> {
+        if req.measurement.len() != 32 {
+            return Err(refuse(
+                RefusalCode::InvalidRequest,
+                "reattest.measurement must be a 32-byte SHA-256 digest",
+            ));
+        }
         for _ in 0..CAS_RETRIES {
             let Some((mut rec, rev)) = self.instance(id).await? else {
                 return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
@@ -907,39 +938,172 @@ impl<S: Store> Registry<S> {
                     format!("instance is not enrolled ({:?})", rec.state),
                 ));
             }
-            let verified = match rec.verifier(*id)?.verify(reveal) {
-                Ok(v) => v,
-                Err(e) => return Err(self.refuse_reveal(now, id, e).await?),
-            };
-            let golden = self
+            let vnf = self
                 .vnf(&rec.vnf)
                 .await?
-                .and_then(|v| v.golden.get(&Algorithm::Sha256).cloned())
+                .ok_or_else(|| RegistryError::Corrupt(format!("VNF {} is gone", rec.vnf)))?;
+            let golden = vnf
+                .golden
+                .get(&Algorithm::Sha256)
+                .map(|d| hex::encode(&d.0))
                 .ok_or_else(|| RegistryError::Corrupt("VNF without SHA-256".into()))?;
-            if golden.0 != measurement {
-                self.revoke(now, id, "re-attestation: the measured image changed")
+            let fresh = hex::encode(req.measurement);
+            let changed = fresh != *rec.measurement.as_ref().unwrap_or(&golden);
+            match vnf.vnfd.attestation {
+                AttestationMode::Strict if fresh != golden => {
+                    self.revoke(now, id, "re-attestation: the measured image changed")
+                        .await?;
+                    return Err(refuse(
+                        RefusalCode::Revoked,
+                        "the image no longer matches its golden measurement",
+                    ));
+                }
+                AttestationMode::Continuity if changed && req.renewal.is_none() => {
+                    self.audit(
+                        now,
+                        "reattest.refused",
+                        Some(id),
+                        "continuity mode: target changed without a renewal".into(),
+                    )
                     .await?;
-                return Err(refuse(
-                    RefusalCode::Revoked,
-                    "the image no longer matches its golden measurement",
-                ));
+                    return Err(refuse(
+                        RefusalCode::BadRenewal,
+                        "continuity mode: a changed target starts a new epoch; send the \
+                         renewal with this reveal",
+                    ));
+                }
+                _ => {}
             }
-            rec.chain.last_index = verified.index;
-            rec.chain.last_element = hex::encode(verified.element);
+            let verifier = rec.verifier(*id)?;
+            let what = match req.renewal {
+                None => {
+                    let verified = match verifier.verify(req.reveal) {
+                        Ok(v) => v,
+                        Err(e) => return Err(self.refuse_reveal(now, id, e).await?),
+                    };
+                    rec.chain.last_index = verified.index;
+                    rec.chain.last_element = hex::encode(verified.element);
+                    format!("element {} accepted", verified.index)
+                }
+                Some((sealed, dh)) => {
+                    let dh = self.valid_dh(dh)?;
+                    let next = match verifier.verify_renewal(req.reveal, sealed) {
+                        Ok(v) => v,
+                        Err(chain::RenewalError::Reveal(e)) => {
+                            return Err(self.refuse_reveal(now, id, e).await?);
+                        }
+                        Err(e) => {
+                            self.audit(now, "renewal.refused", Some(id), e.to_string())
+                                .await?;
+                            return Err(refuse(RefusalCode::BadRenewal, e.to_string()));
+                        }
+                    };
+                    rec.chain = ChainRecord {
+                        epoch: next.spec.epoch,
+                        length: next.spec.length,
+                        last_index: next.last_index,
+                        last_element: hex::encode(next.last_element),
+                        window: next.window,
+                    };
+                    rec.dh_public = Some(hex::encode(dh.as_bytes()));
+                    format!(
+                        "element {} accepted; epoch {} of {} elements begins ({} mode{})",
+                        req.reveal.index,
+                        next.spec.epoch,
+                        next.spec.length,
+                        vnf.vnfd.attestation,
+                        if changed { ", target changed" } else { "" }
+                    )
+                }
+            };
+            rec.measurement = Some(fresh);
             rec.last_attestation = Some(now);
             if self.store_if_unchanged(id, rev, &rec).await? {
-                self.audit(
-                    now,
-                    "reattest.accepted",
-                    Some(id),
-                    format!("element {} accepted", verified.index),
-                )
-                .await?;
-                return Ok(verified.index);
+                let kind = if req.renewal.is_some() {
+                    "chain.renewed"
+                } else {
+                    "reattest.accepted"
+                };
+                self.audit(now, kind, Some(id), what).await?;
+                return Ok(Reattested {
+                    epoch: rec.chain.epoch,
+                    last_index: rec.chain.last_index,
+                });
             }
         }
         Err(contended("instance record"))
     }
+
+    /// A D-H public value of the tenant's group, validated (range and subgroup).
+    fn valid_dh(&self, bytes: &[u8]) -> Result<asmn_shared::dh::DhPublic, RegistryError> {
+        asmn_shared::dh::DhPublic::validate(self.config.dh_group, bytes).map_err(|e| {
+            refuse(
+                RefusalCode::InvalidRequest,
+                format!("D-H public value for {}: {e}", self.config.dh_group),
+            )
+        })
+    }
+
+    /// Replaces an enrolled agent's published keys (a new WireGuard key, or the D-H value
+    /// of its current epoch). Peers hear of it through the push follower.
+    pub async fn publish_keys(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        wg_public_key: [u8; 32],
+        dh: &[u8],
+        epoch: u32,
+    ) -> Result<(), RegistryError> {
+        let dh = self.valid_dh(dh)?;
+        for _ in 0..CAS_RETRIES {
+            let Some((mut rec, rev)) = self.instance(id).await? else {
+                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
+            };
+            if rec.state != InstanceState::Enrolled {
+                return Err(refuse(
+                    RefusalCode::Revoked,
+                    format!("instance is not enrolled ({:?})", rec.state),
+                ));
+            }
+            if epoch != rec.chain.epoch {
+                return Err(refuse(
+                    RefusalCode::WrongEpoch,
+                    format!(
+                        "keys for epoch {epoch}, but the chain is in epoch {}",
+                        rec.chain.epoch
+                    ),
+                ));
+            }
+            rec.wg_public_key = Some(hex::encode(wg_public_key));
+            rec.dh_public = Some(hex::encode(dh.as_bytes()));
+            if self.store_if_unchanged(id, rev, &rec).await? {
+                return self
+                    .audit(now, "keys.published", Some(id), format!("epoch {epoch}"))
+                    .await;
+            }
+        }
+        Err(contended("instance record"))
+    }
+}
+
+/// One re-attestation request, validated.
+#[derive(Debug)]
+pub struct Reattestation<'a> {
+    /// The next element.
+    pub reveal: &'a Reveal,
+    /// SHA-256 of the target, measured again.
+    pub measurement: &'a [u8],
+    /// A new epoch: its sealed anchor and its D-H public value.
+    pub renewal: Option<(&'a chain::SealedRenewal, &'a [u8])>,
+}
+
+/// Where the chain stands after an accepted re-attestation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reattested {
+    /// The epoch (the new one after a renewal).
+    pub epoch: u32,
+    /// The last accepted index (the new chain's length after a renewal).
+    pub last_index: u32,
 }
 
 #[cfg(test)]

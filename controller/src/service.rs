@@ -77,9 +77,10 @@ pub async fn handle<S: Store>(
     let request_id = env.request_id;
     let started = std::time::Instant::now();
     let is_reveal = matches!(env.body, Some(Body::Enroll(_)) | Some(Body::Reattest(_)));
-    if let (Some(m), Some(Body::CatalogAck(a))) = (&session.metrics, &env.body) {
-        m.catalog_acked(&a.vnf, a.version);
-    }
+    let ack_latency = match (&session.metrics, &env.body) {
+        (Some(m), Some(Body::CatalogAck(a))) => m.catalog_acked(&a.vnf, a.version),
+        _ => None,
+    };
     let body = match env.body {
         None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
         Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
@@ -140,31 +141,40 @@ pub async fn handle<S: Store>(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
-            Some(me) => match registry.ack_catalog(now(), &me, m.version).await {
+            Some(me) => match registry
+                .ack_catalog(now(), &me, m.version, ack_latency)
+                .await
+            {
                 Ok(()) => Body::Ok(msg::Ack {}),
                 Err(e) => from_error(e),
             },
         },
-        Some(Body::Reattest(m)) => match (
-            session.agent(),
-            m.reveal.as_ref().map(asmn_shared::chain::Reveal::try_from),
-        ) {
-            (None, _) => refusal(
+        Some(Body::Reattest(m)) => match session.agent() {
+            None => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
-            (_, None) => refusal(RefusalCode::MalformedMessage, "reattest.reveal is missing"),
-            (_, Some(Err(e))) => refusal(RefusalCode::MalformedMessage, e.to_string()),
-            (Some(me), Some(Ok(reveal))) => {
-                match registry.reattest(now(), &me, &reveal, &m.measurement).await {
-                    Ok(index) => Body::Reattested(msg::ReattestResponse {
-                        epoch: reveal.epoch,
-                        last_index: index,
-                    }),
-                    Err(e) => from_error(e),
-                }
-            }
+            Some(me) => reattest(registry, &me, &m).await,
         },
+        Some(Body::PublishKeys(m)) => {
+            match (session.agent(), <[u8; 32]>::try_from(&m.wg_public_key[..])) {
+                (None, _) => refusal(
+                    RefusalCode::NotAuthorized,
+                    "enroll on this connection first",
+                ),
+                (_, Err(_)) => refusal(
+                    RefusalCode::MalformedMessage,
+                    "publish_keys.wg_public_key must be 32 bytes",
+                ),
+                (Some(me), Ok(wg)) => match registry
+                    .publish_keys(now(), &me, wg, &m.dh_public, m.epoch)
+                    .await
+                {
+                    Ok(()) => Body::Ok(msg::Ack {}),
+                    Err(e) => from_error(e),
+                },
+            }
+        }
         Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
         Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
@@ -239,6 +249,45 @@ pub async fn handle<S: Store>(
     msg::Envelope {
         request_id,
         body: Some(body),
+    }
+}
+
+async fn reattest<S: Store>(
+    registry: &Registry<S>,
+    me: &asmn_shared::ids::InstanceKey,
+    m: &msg::ReattestRequest,
+) -> Body {
+    let reveal = match m.reveal.as_ref().map(asmn_shared::chain::Reveal::try_from) {
+        None => return refusal(RefusalCode::MalformedMessage, "reattest.reveal is missing"),
+        Some(Err(e)) => return refusal(RefusalCode::MalformedMessage, e.to_string()),
+        Some(Ok(r)) => r,
+    };
+    let sealed = match m
+        .renewal
+        .as_ref()
+        .map(asmn_shared::chain::SealedRenewal::try_from)
+    {
+        None => None,
+        Some(Err(e)) => return refusal(RefusalCode::MalformedMessage, e.to_string()),
+        Some(Ok(r)) => Some(r),
+    };
+    if sealed.is_some() == m.dh_public.is_empty() {
+        return refusal(
+            RefusalCode::MalformedMessage,
+            "reattest.renewal and reattest.dh_public come together",
+        );
+    }
+    let req = crate::registry::Reattestation {
+        reveal: &reveal,
+        measurement: &m.measurement,
+        renewal: sealed.as_ref().map(|s| (s, &m.dh_public[..])),
+    };
+    match registry.reattest(now(), me, &req).await {
+        Ok(r) => Body::Reattested(msg::ReattestResponse {
+            epoch: r.epoch,
+            last_index: r.last_index,
+        }),
+        Err(e) => from_error(e),
     }
 }
 

@@ -52,7 +52,12 @@ async fn lab() -> Lab {
     .expect("server");
     let addr = endpoint.local_addr().expect("addr");
     let hub = asmn_controller::push::PushHub::new();
-    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub), None);
+    let follower = asmn_controller::push::follow(
+        registry.store_arc(),
+        Arc::clone(&hub),
+        Group::Ffdhe3072,
+        None,
+    );
     let server = tokio::spawn(async move {
         let _follower = follower;
         service::serve(endpoint, registry, hub, None).await
@@ -414,11 +419,76 @@ async fn catalogs_and_revocations_are_pushed_to_enrolled_agents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_agent_gets_catalogs_and_revocations_on_reconnect() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let vnfd = include_str!("../../images/examples/web-server.vnfd.yaml");
+    ask(&admin, common::onboard_body(IMAGE, vnfd.into())).await;
+    let (a, b) = (create(&admin, "web-a").await, create(&admin, "web-b").await);
+    let (first, mut prover) = enroll_with_prover(&a);
+    let agent = connect(&lab, false).await;
+    assert!(matches!(
+        ask(&agent, Body::Enroll(first.clone())).await,
+        Body::Enrolled(_)
+    ));
+    let mut pushes = Pushes::open(&agent).await;
+    assert!(matches!(pushes.next().await, Body::CatalogPush(c) if c.version == 1));
+    agent.close(0u32.into(), b"going away");
+
+    // While it is away: a new catalog version, and a peer revoked.
+    let mut c = asmn_shared::catalog::parse_vnfd("x", vnfd.as_bytes())
+        .expect("vnfd")
+        .catalog;
+    c.rules.truncate(2);
+    let applied = ask(
+        &admin,
+        Body::ApplyCatalog(msg::ApplyCatalogRequest {
+            catalog: Some((&c).into()),
+        }),
+    )
+    .await;
+    assert!(matches!(applied, Body::CatalogApplied(ref x) if x.version == 2));
+    let r = ask(
+        &admin,
+        Body::Revoke(msg::RevokeRequest {
+            instance_key: b.instance_key().as_bytes().to_vec(),
+            reason: "compromised".into(),
+        }),
+    )
+    .await;
+    assert!(matches!(r, Body::Ok(_)), "{r:?}");
+    // Let the follower see both before the agent is back.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // Back, authenticated by its next reveal: it is told of both.
+    let agent = connect(&lab, false).await;
+    let again = msg::EnrollRequest {
+        reveal: Some((&prover.reveal().expect("next")).into()),
+        ..first
+    };
+    assert!(matches!(
+        ask(&agent, Body::Enroll(again)).await,
+        Body::Enrolled(_)
+    ));
+    let mut pushes = Pushes::open(&agent).await;
+    let Body::CatalogPush(c) = pushes.next().await else {
+        panic!("catalog on reconnect")
+    };
+    assert_eq!((c.version, c.rules.len()), (2, 2));
+    let Body::Revoked(n) = pushes.next().await else {
+        panic!("revocation on reconnect")
+    };
+    assert_eq!(n.instance_key, b.instance_key().as_bytes().to_vec());
+    assert_eq!(n.reason, "compromised");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_back_push_catalog_ack_and_reattestation() {
     let lab = lab().await;
     let admin = connect(&lab, true).await;
     let sha = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     let golden = sha.get(Algorithm::Sha256).expect("sha").0.clone();
+    let golden_copy = golden.clone();
     ask(
         &admin,
         common::onboard_body(
@@ -507,4 +577,29 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
         panic!("reattested")
     };
     assert_eq!(r.last_index, next.index);
+
+    // a renews its chain (a new key epoch): b, its peer, is pushed a's new D-H value.
+    let id = a.instance_key();
+    let s1 = asmn_shared::chain::seed(&a.nonce, &id, &golden_copy, 1);
+    let spec1 = asmn_shared::chain::ChainSpec::new(id, 1, 64).expect("spec");
+    let next1 = ChainProver::new(spec1, s1.clone());
+    let dh1 = asmn_shared::dh::DhKeyPair::derive(a.dh_group, &s1, &id, 1);
+    let reveal = prover_a.reveal().expect("next");
+    let sealed = asmn_shared::chain::seal_renewal(&reveal, &spec1, &next1.anchor());
+    let renew = Body::Reattest(msg::ReattestRequest {
+        reveal: Some((&reveal).into()),
+        measurement: golden_copy.clone(),
+        renewal: Some((&sealed).into()),
+        dh_public: dh1.public().as_bytes().to_vec(),
+    });
+    let Body::Reattested(r) = ask(&ca, renew).await else {
+        panic!("renewed")
+    };
+    assert_eq!((r.epoch, r.last_index), (1, 64));
+    let Body::Peer(update) = pushes_b.next().await else {
+        panic!("new keys of a")
+    };
+    assert_eq!(update.instance_key, id.as_bytes().to_vec());
+    assert_eq!(update.epoch, 1);
+    assert_eq!(update.dh_public, dh1.public().as_bytes().to_vec());
 }

@@ -312,6 +312,30 @@ pub struct Vnfd {
     pub version: String,
     /// The VNF's Sec-catalog.
     pub catalog: SecCatalog,
+    /// How re-attestation treats a changed measurement.
+    #[serde(default)]
+    pub attestation: AttestationMode,
+}
+
+/// How Sec-EM treats a re-measured target that differs from the last one (DESIGN.md §3.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttestationMode {
+    /// The target must keep its golden digest; a change revokes the instance.
+    #[default]
+    Strict,
+    /// The target may change (the paper's eq. 3): a change starts a new chain epoch whose
+    /// anchor the agent sends sealed under the element it reveals.
+    Continuity,
+}
+
+impl fmt::Display for AttestationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Strict => "strict",
+            Self::Continuity => "continuity",
+        })
+    }
 }
 
 /// Why a file was refused. Every variant names the file.
@@ -373,6 +397,9 @@ struct VnfdRaw {
     version: Option<String>,
     #[serde(default)]
     description: Option<String>,
+    /// `strict` (default) or `continuity`.
+    #[serde(default)]
+    attestation: Option<AttestationMode>,
     sec_catalog: CatalogRaw,
 }
 
@@ -513,6 +540,7 @@ pub fn parse_vnfd(file: &str, bytes: &[u8]) -> Result<Vnfd, CatalogError> {
         version: raw.vnfd.version.unwrap_or_else(|| "0".into()),
         vnf,
         catalog,
+        attestation: raw.vnfd.attestation.unwrap_or_default(),
     })
 }
 

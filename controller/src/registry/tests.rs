@@ -27,13 +27,15 @@ fn config() -> RegistryConfig {
     }
 }
 
+const VNFD: &str = include_str!("../../../images/examples/web-server.vnfd.yaml");
+
 async fn onboarded<S: Store>(store: S) -> Registry<S> {
+    onboarded_with(store, VNFD).await
+}
+
+async fn onboarded_with<S: Store>(store: S, vnfd: &str) -> Registry<S> {
     let r = Registry::new(store, config());
-    let vnfd = parse_vnfd(
-        "web.yaml",
-        include_bytes!("../../../images/examples/web-server.vnfd.yaml"),
-    )
-    .expect("vnfd");
+    let vnfd = parse_vnfd("web.yaml", vnfd.as_bytes()).expect("vnfd");
     let m = measure_bytes(IMAGE, &[Algorithm::Sha256, Algorithm::Md5]).expect("measure");
     r.onboard(1, vnfd, m.digests, IMAGE.len() as u64)
         .await
@@ -230,15 +232,23 @@ async fn strict_reattestation() {
     let golden = measure_bytes(IMAGE, &[Algorithm::Sha256]).expect("m");
     let sha = &golden.get(Algorithm::Sha256).expect("sha").0;
     let next = a.prover.reveal().expect("next");
+    let plain = |reveal, measurement| Reattestation {
+        reveal,
+        measurement,
+        renewal: None,
+    };
     assert_eq!(
-        r.reattest(20, &a.request.id, &next, sha).await.expect("ok"),
+        r.reattest(20, &a.request.id, &plain(&next, sha))
+            .await
+            .expect("ok")
+            .last_index,
         next.index
     );
     let next2 = a.prover.reveal().expect("next");
     let changed = vec![0u8; 32];
     assert_eq!(
         code(
-            r.reattest(30, &a.request.id, &next2, &changed)
+            r.reattest(30, &a.request.id, &plain(&next2, &changed))
                 .await
                 .expect_err("changed")
         ),
@@ -248,6 +258,170 @@ async fn strict_reattestation() {
         state(&r, &a.request.id).await,
         InstanceState::Revoked(_)
     ));
+}
+
+/// A renewal for `a`'s chain: the next epoch's prover and D-H value, and the sealed anchor
+/// under the element revealed with it.
+fn renewal(
+    a: &mut Agent,
+    measurement: &[u8],
+    length: u32,
+) -> (Reveal, chain::SealedRenewal, ChainProver, DhKeyPair) {
+    let id = a.request.id;
+    let epoch = a.prover.spec().epoch + 1;
+    let s = seed(&a.bundle.nonce, &id, measurement, epoch);
+    let spec = ChainSpec::new(id, epoch, length).expect("spec");
+    let dh = DhKeyPair::derive(a.bundle.dh_group, &s, &id, epoch);
+    let next = ChainProver::new(spec, s);
+    let reveal = a.prover.reveal().expect("reveal");
+    let sealed = chain::seal_renewal(&reveal, &spec, &next.anchor());
+    (reveal, sealed, next, dh)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuity_mode_follows_a_changing_target_with_new_epochs() {
+    let (_d, s) = embedded();
+    let r = onboarded_with(
+        s,
+        &VNFD.replace("vnfd:\n", "vnfd:\n  attestation: continuity\n"),
+    )
+    .await;
+    let mut a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let changed = measure_bytes(b"the image after an update", &[Algorithm::Sha256])
+        .expect("m")
+        .get(Algorithm::Sha256)
+        .expect("sha")
+        .0
+        .clone();
+
+    // A changed target without a renewal is refused, and nothing is consumed.
+    let next = a.prover.reveal().expect("next");
+    let plain = Reattestation {
+        reveal: &next,
+        measurement: &changed,
+        renewal: None,
+    };
+    assert_eq!(
+        code(
+            r.reattest(20, &a.request.id, &plain)
+                .await
+                .expect_err("no renewal")
+        ),
+        RefusalCode::BadRenewal
+    );
+    assert_eq!(state(&r, &a.request.id).await, InstanceState::Enrolled);
+
+    // With the renewal: a new epoch, its anchor opened, its D-H value installed.
+    a.prover = ChainProver::resume(*a.prover.spec(), a.prover.seed().clone(), next.index);
+    let (reveal, sealed, mut prover, dh) = renewal(&mut a, &changed, 50);
+    let req = Reattestation {
+        reveal: &reveal,
+        measurement: &changed,
+        renewal: Some((&sealed, dh.public().as_bytes())),
+    };
+    let done = r.reattest(21, &a.request.id, &req).await.expect("renewed");
+    assert_eq!((done.epoch, done.last_index), (1, 50));
+    let (rec, _) = r
+        .instance(&a.request.id)
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(rec.dh_public, Some(hex::encode(dh.public().as_bytes())));
+    assert_eq!(rec.measurement, Some(hex::encode(&changed)));
+    // The same renewal again is a replay; the new chain's elements are accepted.
+    assert_eq!(
+        code(
+            r.reattest(22, &a.request.id, &req)
+                .await
+                .expect_err("replay")
+        ),
+        RefusalCode::WrongEpoch
+    );
+    let n = prover.reveal().expect("new chain");
+    let again = Reattestation {
+        reveal: &n,
+        measurement: &changed,
+        renewal: None,
+    };
+    assert_eq!(
+        r.reattest(23, &a.request.id, &again)
+            .await
+            .expect("ok")
+            .last_index,
+        49
+    );
+    assert!(kinds(&r).await.contains(&"chain.renewed".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_renews_before_the_chain_runs_out_and_refuses_bad_seals() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let mut a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let sha = measure_bytes(IMAGE, &[Algorithm::Sha256])
+        .expect("m")
+        .get(Algorithm::Sha256)
+        .expect("sha")
+        .0
+        .clone();
+    let (reveal, mut sealed, _prover, dh) = renewal(&mut a, &sha, 80);
+    // A tampered seal is refused as a bad renewal and changes nothing.
+    sealed.ciphertext[3] ^= 1;
+    let req = Reattestation {
+        reveal: &reveal,
+        measurement: &sha,
+        renewal: Some((&sealed, dh.public().as_bytes())),
+    };
+    assert_eq!(
+        code(
+            r.reattest(20, &a.request.id, &req)
+                .await
+                .expect_err("bad seal")
+        ),
+        RefusalCode::BadRenewal
+    );
+    sealed.ciphertext[3] ^= 1;
+    // A D-H value outside the group is refused too.
+    let req = Reattestation {
+        reveal: &reveal,
+        measurement: &sha,
+        renewal: Some((&sealed, &[0xffu8; 384][..])),
+    };
+    assert_eq!(
+        code(
+            r.reattest(20, &a.request.id, &req)
+                .await
+                .expect_err("bad dh")
+        ),
+        RefusalCode::InvalidRequest
+    );
+    let req = Reattestation {
+        reveal: &reveal,
+        measurement: &sha,
+        renewal: Some((&sealed, dh.public().as_bytes())),
+    };
+    let done = r.reattest(21, &a.request.id, &req).await.expect("renewed");
+    assert_eq!((done.epoch, done.last_index), (1, 80));
+    // Keys for the old epoch are refused; for the current one they replace the record's.
+    assert_eq!(
+        code(
+            r.publish_keys(22, &a.request.id, [9; 32], dh.public().as_bytes(), 0)
+                .await
+                .expect_err("old epoch")
+        ),
+        RefusalCode::WrongEpoch
+    );
+    r.publish_keys(22, &a.request.id, [9; 32], dh.public().as_bytes(), 1)
+        .await
+        .expect("published");
+    let (rec, _) = r
+        .instance(&a.request.id)
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(rec.wg_public_key, Some(hex::encode([9u8; 32])));
 }
 
 async fn race<S: Store>(a: Arc<Registry<S>>, b: Arc<Registry<S>>, req: Enroll) -> usize {
