@@ -1,19 +1,21 @@
 //! Sec-EM, the security element manager of a tenant, and `asmnctl`, its operator CLI.
 //!
-//! Built so far: the [`store`] layer (the `Store` trait, its embedded and etcd backends,
-//! and a watch that survives broken streams and compaction), the hash-chained [`audit`]
-//! log, the [`registry`] (on-boarding, instantiation, enrollment, re-attestation,
-//! quarantine and revocation as decisions over the store), the controller's [`pki`] and
-//! its validated [`config`]. The binary `sec-em` makes the PKI and configuration
-//! (`init`), checks configurations (`check-config`) and serves enrollment, on-boarding and
-//! instantiation over QUIC (`serve`, see [`daemon`] and [`service`]); catalog pushes,
-//! peer verification, metrics and `asmnctl` come next (issue 3). The protocol logic lives in `asmn-shared`.
+//! The [`store`] layer (the `Store` trait, its embedded and etcd backends, and a watch that
+//! survives broken streams and compaction), the hash-chained [`audit`] log, the
+//! [`registry`] (on-boarding, instantiation, enrollment, re-attestation and renewal, peer
+//! verification, quarantine and revocation as decisions over the store), the pushes to
+//! connected agents ([`push`]), the controller's [`pki`], its validated [`config`], its
+//! [`metrics`], and the daemon ([`daemon`], [`service`], [`transport`]). Binaries:
+//! `sec-em` (init, check-config, serve), `asmnctl` (the operator CLI) and `sec-em-load`
+//! (the load benchmark). [`local_etcd`] starts throw-away etcd clusters for tests and the
+//! benchmark. The protocol logic lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod config;
 pub mod daemon;
+pub mod local_etcd;
 pub mod metrics;
 pub mod pki;
 pub mod push;

@@ -91,10 +91,10 @@ async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_etcd_loses_no_acknowledged_reveal() {
-    let Some(etcd) = common::Etcd::start().await else {
+    let Some(etcd) = common::etcd_cluster(1).await else {
         return;
     };
-    crash_run(Some(etcd.url.clone())).await;
+    crash_run(Some(etcd.url())).await;
     drop(etcd);
 }
 

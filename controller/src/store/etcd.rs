@@ -6,6 +6,9 @@
 //! [`Expect::Absent`], its `version` with 0), so two replicas racing on the same reveal
 //! see exactly one success.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -19,11 +22,27 @@ use super::{
     check_value,
 };
 
-/// An etcd cluster.
+/// An etcd cluster: one client per member, used in turn. A request goes to the member
+/// that answered last; when that member is down (or has lost its leader), reads move on
+/// to the next member at once, and writes too when they surely did not reach etcd (the
+/// connection could not be made, or the member had no leader). A write whose fate is
+/// unknown is reported as unavailable and never retried here: the registry's callers
+/// retry it, and a compare-and-swap makes the retry harmless.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    clients: Vec<Client>,
+    current: Arc<AtomicUsize>,
     endpoints: Vec<String>,
+}
+
+/// Longest wait for one request to one member.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a failed request surely did not reach etcd's log (so another member may be
+/// asked the same): no connection, or a member without a leader (`require_leader`).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let text = format!("{e:?}");
+    text.contains("ConnectError") || text.contains("no leader")
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -77,21 +96,72 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5));
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(unavailable)?;
-        Ok(Self { client, endpoints })
+        let options = options.with_require_leader(true);
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for e in &endpoints {
+            // Lazy: a member that is down now is tried when its turn comes.
+            clients.push(
+                Client::connect([e.as_str()], Some(options.clone()))
+                    .await
+                    .map_err(unavailable)?,
+            );
+        }
+        let store = Self {
+            clients,
+            current: Arc::new(AtomicUsize::new(0)),
+            endpoints,
+        };
+        // Fail now, with a clear message, if no member answers.
+        store.list("/asmn/v1/-probe-").await?;
+        Ok(store)
+    }
+
+    /// Runs `op` on the current member, moving on to the others as described on
+    /// [`EtcdStore`]. `write`: the request changes the store.
+    async fn call<T, F, Fut>(&self, write: bool, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.clients.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = String::new();
+        for attempt in 0..n {
+            let i = (first + attempt) % n;
+            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, op(self.clients[i].clone())).await;
+            let retry = match outcome {
+                Ok(Ok(v)) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e)) => {
+                    let retry = !write || not_sent(&e);
+                    last = format!("{}: {e}", self.endpoints[i]);
+                    retry
+                }
+                Err(_) => {
+                    last = format!(
+                        "{}: no answer within {REQUEST_TIMEOUT:?}",
+                        self.endpoints[i]
+                    );
+                    !write
+                }
+            };
+            // Whatever happened, the next request starts at the next member.
+            self.current.store((i + 1) % n, Ordering::Relaxed);
+            if !retry {
+                break;
+            }
+        }
+        Err(StoreError::Unavailable(last))
     }
 
     /// Compacts the cluster's history up to `revision` (tests and maintenance).
     pub async fn compact(&self, revision: u64) -> Result<(), StoreError> {
         let r = i64::try_from(revision)
             .map_err(|_| StoreError::Invalid("revision too large".into()))?;
-        self.client
-            .clone()
-            .compact(r, None)
-            .await
-            .map_err(unavailable)?;
+        self.call(true, |mut c| async move { c.compact(r, None).await })
+            .await?;
         Ok(())
     }
 }
@@ -104,11 +174,8 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         check_key(key)?;
         let resp = self
-            .client
-            .clone()
-            .get(key, None)
-            .await
-            .map_err(unavailable)?;
+            .call(false, |mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(versioned))
     }
 
@@ -116,11 +183,11 @@ impl Store for EtcdStore {
         check_key(key)?;
         check_value(&value)?;
         let resp = self
-            .client
-            .clone()
-            .put(key, value, None)
-            .await
-            .map_err(unavailable)?;
+            .call(true, |mut c| {
+                let value = value.clone();
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
         Ok(header_revision(resp.header()))
     }
 
@@ -144,7 +211,12 @@ impl Store for EtcdStore {
             .when([cmp])
             .and_then([TxnOp::put(key, value, None)])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        let resp = self
+            .call(true, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if resp.succeeded() {
             return Ok(Cas::Swapped {
                 revision: header_revision(resp.header()),
@@ -162,21 +234,17 @@ impl Store for EtcdStore {
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         check_key(key)?;
         let resp = self
-            .client
-            .clone()
-            .delete(key, None)
-            .await
-            .map_err(unavailable)?;
+            .call(true, |mut c| async move { c.delete(key, None).await })
+            .await?;
         Ok(resp.deleted() > 0)
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let resp = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
+            .call(false, |mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
         let mut entries = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             let key = kv
@@ -195,14 +263,14 @@ impl Store for EtcdStore {
         let start =
             i64::try_from(from).map_err(|_| StoreError::Invalid("revision too large".into()))?;
         let mut stream = self
-            .client
-            .clone()
-            .watch(
-                prefix,
-                Some(WatchOptions::new().with_prefix().with_start_revision(start)),
-            )
-            .await
-            .map_err(unavailable)?;
+            .call(false, |mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+                )
+                .await
+            })
+            .await?;
         let (tx, rx) = mpsc::channel(1024);
         let task = tokio::spawn(async move {
             loop {

@@ -2,123 +2,61 @@
 //! installed (required under CI), each test on its own etcd on free loopback ports with a
 //! temporary data directory.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::embedded::{self, EmbeddedStore};
 use super::etcd::EtcdStore;
 use super::*;
+use crate::local_etcd::{LocalEtcd, LocalEtcdError};
 
 // ---- An etcd of our own --------------------------------------------------------------
 
-/// A single-member etcd on loopback, stopped (by PID) and its data removed on drop.
+/// A single-member etcd on loopback (see [`crate::local_etcd`]), stopped by PID and its
+/// data removed on drop.
 pub(crate) struct EtcdServer {
-    bin: PathBuf,
-    child: Child,
-    dir: tempfile::TempDir,
-    client: u16,
-    peer: u16,
+    cluster: LocalEtcd,
     pub(crate) url: String,
 }
 
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A local etcd cluster of `members`, or `None` (outside CI only) when etcd is missing.
+pub(crate) async fn local_etcd(members: usize) -> Option<LocalEtcd> {
+    match LocalEtcd::start(members).await {
+        Ok(c) => Some(c),
+        Err(LocalEtcdError::NotInstalled) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "etcd is required under CI (apt-get install etcd-server)"
+            );
+            eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+            None
+        }
+        Err(e) => panic!("{e}"),
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn etcd_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("etcd"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "etcd is required under CI (apt-get install etcd-server)"
-        );
-        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
-    }
-    found
-}
-
-fn spawn_etcd(bin: &PathBuf, dir: &std::path::Path, client: u16, peer: u16) -> Child {
-    Command::new(bin)
-        .arg("--name")
-        .arg("asmn-test")
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--listen-client-urls")
-        .arg(format!("http://127.0.0.1:{client}"))
-        .arg("--advertise-client-urls")
-        .arg(format!("http://127.0.0.1:{client}"))
-        .arg("--listen-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer}"))
-        .arg("--initial-advertise-peer-urls")
-        .arg(format!("http://127.0.0.1:{peer}"))
-        .arg("--initial-cluster")
-        .arg(format!("asmn-test=http://127.0.0.1:{peer}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start etcd")
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `None` (outside CI) if etcd is missing.
     pub(crate) async fn start() -> Option<EtcdServer> {
-        let bin = etcd_binary()?;
-        let dir = tempfile::tempdir().expect("etcd data dir");
-        let (client, peer) = (free_port(), free_port());
-        let child = spawn_etcd(&bin, dir.path(), client, peer);
-        let server = EtcdServer {
-            bin,
-            child,
-            dir,
-            client,
-            peer,
-            url: format!("etcd://127.0.0.1:{client}"),
-        };
-        server.wait_ready().await;
-        Some(server)
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(s) = EtcdStore::connect(&self.url).await
-                && s.get("/asmn/v1/probe").await.is_ok()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "etcd did not start within 20 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let cluster = local_etcd(1).await?;
+        Some(EtcdServer {
+            url: cluster.url(),
+            cluster,
+        })
     }
 
     /// Kills etcd (SIGKILL, by PID).
     pub(crate) fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.cluster.kill(0);
     }
 
     /// Starts it again on the same ports and data.
     pub(crate) async fn restart(&mut self) {
-        self.kill();
-        self.child = spawn_etcd(&self.bin, self.dir.path(), self.client, self.peer);
-        self.wait_ready().await;
+        self.cluster.restart(0).expect("restart etcd");
+        self.cluster
+            .wait_ready(Duration::from_secs(20))
+            .await
+            .expect("etcd back");
     }
 }
 

@@ -53,77 +53,20 @@ pub fn onboard_body(image: &[u8], vnfd_yaml: String) -> Body {
     })
 }
 
-/// A single-member etcd on free loopback ports with a temporary data directory, stopped
+/// A local etcd cluster of `members` on free loopback ports with temporary data, stopped
 /// (SIGKILL, by PID) on drop. `None` outside CI when etcd is not installed.
-pub struct Etcd {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    /// `etcd://127.0.0.1:PORT`.
-    pub url: String,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Etcd {
-    /// Starts etcd and waits (up to 20 s) until it answers.
-    pub async fn start() -> Option<Etcd> {
-        use asmn_controller::store::Store;
-        if std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
+pub async fn etcd_cluster(members: usize) -> Option<asmn_controller::local_etcd::LocalEtcd> {
+    use asmn_controller::local_etcd::{LocalEtcd, LocalEtcdError};
+    match LocalEtcd::start(members).await {
+        Ok(c) => Some(c),
+        Err(LocalEtcdError::NotInstalled) => {
             assert!(
                 std::env::var("CI").is_err(),
                 "etcd is required under CI (apt-get install etcd-server)"
             );
-            eprintln!("skipped: etcd is not installed");
-            return None;
+            eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+            None
         }
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("port")
-                .port()
-        };
-        let (client, peer) = (port(), port());
-        let dir = tempfile::tempdir().expect("etcd dir");
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "asmn-crash", "--data-dir"])
-            .arg(dir.path())
-            .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{client}"))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{client}"))
-            .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{peer}"))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{peer}"))
-            .arg("--initial-cluster")
-            .arg(format!("asmn-crash=http://127.0.0.1:{peer}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        let etcd = Etcd {
-            child,
-            _dir: dir,
-            url: format!("etcd://127.0.0.1:{client}"),
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(s) = asmn_controller::store::etcd::EtcdStore::connect(&etcd.url).await
-                && s.get("/asmn/v1/probe").await.is_ok()
-            {
-                return Some(etcd);
-            }
-            assert!(std::time::Instant::now() < deadline, "etcd did not start");
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        Err(e) => panic!("{e}"),
     }
 }
