@@ -111,7 +111,9 @@ pub struct InstanceRecord {
     pub endpoint: Option<String>,
     /// When the last reveal was accepted (seconds since the epoch).
     pub last_attestation: Option<u64>,
-    /// Catalog version the agent acknowledged.
+    /// Catalog version the agent acknowledged (filled in for operators from the
+    /// acknowledgement key; not kept in the stored record).
+    #[serde(default)]
     pub enforced_catalog: Option<u64>,
     /// How long the agent took to acknowledge that version after Sec-EM pushed it, in
     /// milliseconds (when the replica that pushed it received the acknowledgement).
@@ -190,6 +192,17 @@ fn overlay_index_key(tenant: &TenantId, ip: &IpAddr) -> String {
     format!("{PREFIX}overlays/{tenant}/{ip}")
 }
 
+/// An agent's last catalog acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CatalogAckRecord {
+    version: u64,
+    latency_ms: Option<u64>,
+}
+
+fn ack_key(id: &InstanceKey) -> String {
+    format!("{PREFIX}acks/{}", id.to_hex())
+}
+
 /// Key of an instance record.
 pub fn instance_key(id: &InstanceKey) -> String {
     format!("{PREFIX}instances/{}", id.to_hex())
@@ -254,6 +267,9 @@ pub struct Registry<S: Store> {
     store: Arc<S>,
     config: RegistryConfig,
     audit: AuditLog,
+    /// Serializes this replica's overlay allocations (the counter is a hot key: without
+    /// it, concurrent creations mostly lose their compare-and-swap to each other).
+    allocating: tokio::sync::Mutex<()>,
 }
 
 /// Most compare-and-swap retries on one record before giving up (each retry means another
@@ -272,6 +288,7 @@ impl<S: Store> Registry<S> {
             store,
             config,
             audit: AuditLog::new(),
+            allocating: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -389,7 +406,13 @@ impl<S: Store> Registry<S> {
     async fn next_overlay(&self, tenant: &TenantId) -> Result<Overlay, RegistryError> {
         let key = overlay_counter_key(tenant);
         let capacity = 1u64 << (32 - u32::from(self.config.overlay_prefix.min(30)));
-        for _ in 0..CAS_RETRIES {
+        let _one_at_a_time = self.allocating.lock().await;
+        for attempt in 0..CAS_RETRIES {
+            if attempt > 0 {
+                // Another replica allocated meanwhile: back off a little, at random.
+                let ms = rand::random::<u64>() % (1 + attempt as u64).min(20);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             let current = self.store.get(&key).await?;
             let (next, expect) = match &current {
                 None => (1u64, Expect::Absent),
@@ -691,45 +714,62 @@ impl<S: Store> Registry<S> {
         self.describe_record(*id, &rec, o.ip, None)
     }
 
-    /// Records that agent `id` enforces catalog `version`.
+    /// Records that agent `id` (enrolled on the connection that reports it) enforces
+    /// catalog `version`, and how long it took. This is the agent's report, not a decision
+    /// of Sec-EM: it is one plain write to the instance's acknowledgement key (not to its
+    /// record, whose compare-and-swaps it would contend with), and not audited.
     pub async fn ack_catalog(
         &self,
-        now: u64,
         id: &InstanceKey,
         version: u64,
         latency: Option<std::time::Duration>,
     ) -> Result<(), RegistryError> {
-        for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(id).await? else {
-                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
-            };
-            if rec.enforced_catalog.is_some_and(|v| v >= version) {
-                return Ok(());
-            }
-            rec.enforced_catalog = Some(version);
-            rec.catalog_latency_ms =
-                latency.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            if self.store_if_unchanged(id, rev, &rec).await? {
-                return self
-                    .audit(
-                        now,
-                        "catalog.enforced",
-                        Some(id),
-                        format!("{} enforces catalog version {version}", rec.vnf),
-                    )
-                    .await;
-            }
-        }
-        Err(contended("instance record"))
+        let ack = CatalogAckRecord {
+            version,
+            latency_ms: latency.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        self.store.put(&ack_key(id), json(&ack)?).await?;
+        Ok(())
     }
 
-    /// Every instance record.
+    /// Instance `id` as operators see it: its record with the catalog version it
+    /// acknowledged.
+    pub async fn instance_view(
+        &self,
+        id: &InstanceKey,
+    ) -> Result<Option<InstanceRecord>, RegistryError> {
+        let Some((mut rec, _)) = self.instance(id).await? else {
+            return Ok(None);
+        };
+        if let Some(v) = self.store.get(&ack_key(id)).await? {
+            let ack: CatalogAckRecord = parse(&v.value)?;
+            rec.enforced_catalog = Some(ack.version);
+            rec.catalog_latency_ms = ack.latency_ms;
+        }
+        Ok(Some(rec))
+    }
+
+    /// Every instance record, with the catalog version each acknowledged.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
         let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
+        let acks = self.store.list(&format!("{PREFIX}acks/")).await?;
+        let acks: std::collections::HashMap<&str, &[u8]> = acks
+            .entries
+            .iter()
+            .filter_map(|(k, v)| Some((k.rsplit('/').next()?, v.value.as_slice())))
+            .collect();
         listing
             .entries
             .iter()
-            .map(|(_, v)| parse(&v.value))
+            .map(|(_, v)| {
+                let mut rec: InstanceRecord = parse(&v.value)?;
+                if let Some(a) = acks.get(rec.id.as_str()) {
+                    let ack: CatalogAckRecord = parse(a)?;
+                    rec.enforced_catalog = Some(ack.version);
+                    rec.catalog_latency_ms = ack.latency_ms;
+                }
+                Ok(rec)
+            })
             .collect()
     }
 

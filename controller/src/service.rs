@@ -141,10 +141,7 @@ pub async fn handle<S: Store>(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
-            Some(me) => match registry
-                .ack_catalog(now(), &me, m.version, ack_latency)
-                .await
-            {
+            Some(me) => match registry.ack_catalog(&me, m.version, ack_latency).await {
                 Ok(()) => Body::Ok(msg::Ack {}),
                 Err(e) => from_error(e),
             },
@@ -393,8 +390,8 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
                     "the instance ID is 64 hex digits",
                 );
             };
-            match registry.instance(&id).await {
-                Ok(Some((rec, _))) => Ok(serde_json::to_string(&rec)),
+            match registry.instance_view(&id).await {
+                Ok(Some(rec)) => Ok(serde_json::to_string(&rec)),
                 Ok(None) => return refusal(RefusalCode::UnknownInstance, "no such instance"),
                 Err(e) => Err(e),
             }

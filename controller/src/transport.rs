@@ -98,7 +98,30 @@ pub fn server(
             .map_err(conn)?,
     ));
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, listen).map_err(conn)
+    let runtime = quinn::default_runtime().ok_or_else(|| conn("no async runtime"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        udp_socket(listen)?,
+        runtime,
+    )
+    .map_err(conn)
+}
+
+/// Socket buffers of Sec-EM's and agents' QUIC sockets: a burst of handshakes (every agent
+/// of a tenant reconnecting at once) must not overflow the kernel's default 208 KiB and
+/// wait for retransmission timers. The kernel caps it at `net.core.rmem_max`.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(conn)?;
+    // Best effort: a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into()).map_err(conn)?;
+    Ok(socket.into())
 }
 
 /// A client endpoint that trusts only `ca_pem` (pinned), presenting `identity` (the admin
@@ -123,8 +146,21 @@ pub fn client(
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     crypto.enable_early_data = false;
     let quic = QuicClientConfig::try_from(crypto).map_err(tls)?;
-    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().map_err(conn)?).map_err(conn)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let runtime = quinn::default_runtime().ok_or_else(|| conn("no async runtime"))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        udp_socket("0.0.0.0:0".parse().map_err(conn)?)?,
+        runtime,
+    )
+    .map_err(conn)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    // An idle agent keeps its connection (and its push stream) open: Sec-EM closes
+    // connections idle for 60 s.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(15)));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
 

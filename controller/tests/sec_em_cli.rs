@@ -222,7 +222,8 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}");
     let mut log = String::new();
     use std::io::Read;
-    if let Some(mut e) = daemon.0.stdout.take() {
+    // Logs go to standard error (standard output stays free for data).
+    if let Some(mut e) = daemon.0.stderr.take() {
         let _ = e.read_to_string(&mut log);
     }
     assert!(log.contains("shutting down"), "{log}");
@@ -420,10 +421,14 @@ fn asmnctl_end_to_end() {
             let store =
                 asmn_controller::store::embedded::EmbeddedStore::open(&d.join("sec-em.redb"))
                     .expect("open");
-            let key = format!("{}{:020}", asmn_controller::audit::prefix(), 2);
-            let v = store.get(&key).await.expect("get").expect("record 2");
+            // The first block of records: change the detail of its first record.
+            let listing = store
+                .list(&asmn_controller::audit::prefix())
+                .await
+                .expect("list");
+            let (key, v) = listing.entries.first().expect("a block").clone();
             let mut rec: serde_json::Value = serde_json::from_slice(&v.value).expect("json");
-            rec["detail"] = serde_json::Value::String("nothing happened here".into());
+            rec[0]["detail"] = serde_json::Value::String("nothing happened here".into());
             store
                 .put(&key, serde_json::to_vec(&rec).expect("json"))
                 .await

@@ -1,1 +1,770 @@
-fn main() {}
+//! `sec-em-load`: the load benchmark of Sec-EM. Starts a `sec-em` of its own (the binary
+//! beside this one) on loopback with a fresh PKI, then drives N simulated agents (the
+//! `asmn-shared` state machines over real QUIC connections) and reports enrollments per
+//! second, reveal latency, catalog apply until every agent acknowledged, revocation until
+//! every peer was notified, and the memory of `sec-em` with many idle agents connected.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use asmn_controller::local_etcd::LocalEtcd;
+use asmn_controller::{config, pki, transport};
+use asmn_shared::chain::{ChainProver, ChainSpec, seed};
+use asmn_shared::dh::DhKeyPair;
+use asmn_shared::ids::InstanceKey;
+use asmn_shared::measure::{Algorithm, measure_bytes};
+use asmn_shared::wire::msg::{self, Body};
+use asmn_shared::wire::{self, BootstrapBundle, Enroll};
+use clap::Parser;
+use tokio::sync::{Semaphore, mpsc};
+
+/// Load benchmark of Sec-EM: N simulated agents on loopback.
+///
+/// Starts `sec-em serve` (found beside this binary, or --sec-em) with a fresh PKI in a
+/// temporary directory, on-boards one VNF, creates the instances, then measures:
+/// enrollment of all agents at once (enrollments per second, latency p50/p99), one
+/// re-attestation round (reveal latency), catalog apply until every agent acknowledged the
+/// new version (--trials times), revocation until every other agent of the tenant was
+/// notified (--trials times), and optionally many idle agents held connected (--idle) with
+/// the resident memory of sec-em. Agents are simulated with the protocol's own state
+/// machines over real QUIC connections; only loopback is used.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Agents enrolled and measured.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Store: `embedded` (a redb file), `etcd` (a local one-member etcd started for the
+    /// run; needs the etcd binary) or `etcd://host:port[,...]` (an existing cluster).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Catalog applies and revocations measured.
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// After the measurements, connect this many more agents and hold all idle.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// How long to hold the idle agents, in seconds.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Enrollments in flight at once (default: all the measured agents at once).
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// Enrollments in flight at once while connecting the idle agents.
+    #[arg(long, default_value_t = 250)]
+    idle_concurrency: usize,
+    /// The sec-em binary (default: beside this one).
+    #[arg(long)]
+    sec_em: Option<PathBuf>,
+    /// Write sec-em's log here (default: discarded).
+    #[arg(long)]
+    sec_em_log: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Chain length of the benchmark's instances (short: the benchmark reveals few).
+const CHAIN: u32 = 256;
+/// Client QUIC endpoints (UDP sockets) the agents are spread over.
+const ENDPOINTS: usize = 8;
+const VNFD: &str = r#"vnfd:
+  id: load-vnf
+  sec_catalog:
+    default_action: drop
+    rules:
+      - name: http
+        protocol: tcp
+        port: 80
+        ingress_policing_rate: 10000
+        ingress_policing_burst: 1000
+"#;
+const IMAGE: &[u8] = b"sec-em-load: the golden image of load-vnf";
+
+/// The `sec-em` process, killed (by PID) on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What an agent's push reader saw, and when.
+#[derive(Debug)]
+enum Seen {
+    /// Received catalog `version` (before acknowledging it).
+    Received(u64),
+    /// Acknowledged catalog `version` (the acknowledgement was answered).
+    Acked(u64),
+    /// Was notified that `InstanceKey` is revoked.
+    Revoked(InstanceKey),
+}
+
+struct Agent {
+    bundle: BootstrapBundle,
+    enroll: msg::EnrollRequest,
+    prover: ChainProver,
+    golden: Vec<u8>,
+}
+
+struct Connected {
+    id: InstanceKey,
+    conn: quinn::Connection,
+    prover: ChainProver,
+    golden: Vec<u8>,
+    _reader: tokio::task::JoinHandle<()>,
+}
+
+fn free_port(udp: bool) -> anyhow::Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn ask(c: &quinn::Connection, body: Body) -> anyhow::Result<Body> {
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(body),
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(30), transport::request(c, &env))
+        .await
+        .context("no answer within 30 s")??;
+    reply.body.context("empty answer")
+}
+
+fn sec_em_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match arg {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory")?
+            .join("sec-em"),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it (cargo build --release -p asmn-controller) or pass --sec-em",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Writes a PKI and configuration into `dir`; returns the config path, the QUIC port and
+/// the PKI.
+fn prepare(dir: &Path, store: &str) -> anyhow::Result<(PathBuf, u16, pki::Pki)> {
+    let pki = pki::generate(&["sec-em".to_string()], 2026)?;
+    pki::write(dir, &pki, false)?;
+    let port = free_port(true)?;
+    let metrics = free_port(false)?;
+    let mut text = config::initial(
+        format!("127.0.0.1:{port}").parse()?,
+        "sec-em",
+        "state.redb",
+        format!("127.0.0.1:{metrics}").parse()?,
+    )
+    .replace("chain_length = 100000", &format!("chain_length = {CHAIN}"));
+    if store != "embedded" {
+        text = text.replace(
+            "store = \"embedded:state.redb\"",
+            &format!("store = \"{store}\""),
+        );
+    }
+    let path = dir.join("sec-em.toml");
+    std::fs::write(&path, text)?;
+    config::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((path, port, pki))
+}
+
+/// An agent's state before it connects: bundle, enrollment request, prover.
+fn agent(bundle: BootstrapBundle) -> Agent {
+    let id = bundle.instance_key();
+    let golden = measure_bytes(IMAGE, &[Algorithm::Sha256])
+        .ok()
+        .and_then(|m| m.get(Algorithm::Sha256).map(|d| d.0.clone()))
+        .unwrap_or_default();
+    let s = seed(&bundle.nonce, &id, &golden, 0);
+    let dh = DhKeyPair::derive(bundle.dh_group, &s, &id, 0);
+    let spec = ChainSpec::new(id, 0, bundle.chain_length).unwrap_or_else(|_| unreachable!());
+    let mut prover = ChainProver::new(spec, s);
+    let first = prover.reveal().unwrap_or_else(|| unreachable!());
+    let e = Enroll {
+        id,
+        tenant: bundle.tenant.clone(),
+        vnf: bundle.vnf.clone(),
+        instance: bundle.instance.clone(),
+        reveal: first,
+        wg_public_key: [1; 32],
+        dh_group: bundle.dh_group,
+        dh_public: dh.public().clone(),
+        endpoint: "127.0.0.1:51820".parse().unwrap_or_else(|_| unreachable!()),
+        role: bundle.role,
+    };
+    Agent {
+        enroll: (&e).into(),
+        bundle,
+        prover,
+        golden,
+    }
+}
+
+/// Creates `n` instances named `{prefix}-{i}` (32 requests in flight) and prepares their
+/// agents (D-H values on every core).
+async fn create(admin: &quinn::Connection, prefix: &str, n: usize) -> anyhow::Result<Vec<Agent>> {
+    let sem = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (admin, sem, name) = (admin.clone(), Arc::clone(&sem), format!("{prefix}-{i}"));
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await?;
+            let body = ask(
+                &admin,
+                Body::CreateInstance(msg::CreateInstanceRequest {
+                    tenant: "load".into(),
+                    vnf: "load-vnf".into(),
+                    instance: name,
+                    role: msg::RoleMsg::Vnf as i32,
+                }),
+            )
+            .await?;
+            let Body::InstanceCreated(b) = body else {
+                bail!("instance create refused: {body:?}")
+            };
+            let bundle = BootstrapBundle::try_from(&b)?;
+            Ok(tokio::task::spawn_blocking(move || agent(bundle)).await?)
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// Reads an agent's push stream: acknowledges catalogs, records revocations.
+fn reader(
+    conn: quinn::Connection,
+    index: usize,
+    seen: mpsc::UnboundedSender<(usize, Seen, Instant)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut stream) = conn.accept_uni().await else {
+            return;
+        };
+        let mut decoder = wire::FrameDecoder::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            while let Ok(Some(frame)) = decoder.next_frame() {
+                let Ok(env) = wire::decode_envelope(&frame) else {
+                    return;
+                };
+                match env.body {
+                    Some(Body::CatalogPush(c)) => {
+                        let _ = seen.send((index, Seen::Received(c.version), Instant::now()));
+                        let ack = Body::CatalogAck(msg::CatalogAck {
+                            vnf: c.vnf.clone(),
+                            version: c.version,
+                        });
+                        if matches!(ask(&conn, ack).await, Ok(Body::Ok(_))) {
+                            let _ = seen.send((index, Seen::Acked(c.version), Instant::now()));
+                        }
+                    }
+                    Some(Body::Revoked(r)) => {
+                        if let Some(k) = InstanceKey::from_slice(&r.instance_key) {
+                            let _ = seen.send((index, Seen::Revoked(k), Instant::now()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    if decoder.push(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    })
+}
+
+/// Connects and enrolls `agents`, `concurrency` at once; returns them connected and the
+/// latency of each (handshake plus enrollment).
+async fn enroll_all(
+    endpoints: &[quinn::Endpoint],
+    addr: std::net::SocketAddr,
+    agents: Vec<Agent>,
+    first_index: usize,
+    concurrency: usize,
+    seen: &mpsc::UnboundedSender<(usize, Seen, Instant)>,
+) -> anyhow::Result<(Vec<Connected>, Vec<Duration>, Duration)> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(agents.len());
+    for (k, a) in agents.into_iter().enumerate() {
+        let index = first_index + k;
+        let ep = endpoints[index % endpoints.len()].clone();
+        let (sem, seen) = (Arc::clone(&sem), seen.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await?;
+            let t = Instant::now();
+            let conn = ep.connect(addr, "sec-em")?.await?;
+            let reply = ask(&conn, Body::Enroll(a.enroll)).await?;
+            let took = t.elapsed();
+            let Body::Enrolled(_) = reply else {
+                bail!("enrollment refused: {reply:?}")
+            };
+            let reader = reader(conn.clone(), index, seen);
+            Ok((
+                Connected {
+                    id: a.bundle.instance_key(),
+                    conn,
+                    prover: a.prover,
+                    golden: a.golden,
+                    _reader: reader,
+                },
+                took,
+            ))
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    let mut lat = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (c, d) = t.await??;
+        out.push(c);
+        lat.push(d);
+    }
+    Ok((out, lat, started.elapsed()))
+}
+
+#[derive(serde::Serialize, Debug, Default)]
+struct Report {
+    store: String,
+    agents: usize,
+    enroll_seconds: f64,
+    enrollments_per_second: f64,
+    enroll_latency_ms_p50: f64,
+    enroll_latency_ms_p99: f64,
+    reveal_latency_ms_p50: f64,
+    reveal_latency_ms_p99: f64,
+    catalog_trials: usize,
+    catalog_agent_received_ms_p50: f64,
+    catalog_agent_received_ms_p99: f64,
+    catalog_agent_ack_ms_p50: f64,
+    catalog_agent_ack_ms_p99: f64,
+    catalog_all_acked_ms_p50: f64,
+    catalog_all_acked_ms_max: f64,
+    revoke_trials: usize,
+    revoke_peer_notified_ms_p50: f64,
+    revoke_peer_notified_ms_p99: f64,
+    revoke_all_notified_ms_p50: f64,
+    revoke_all_notified_ms_max: f64,
+    idle_agents: usize,
+    idle_connected_after: usize,
+    idle_enroll_seconds: f64,
+    sec_em_rss_mib_before_idle: f64,
+    sec_em_rss_mib_with_idle: f64,
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Waits until `want(events so far)` holds or `limit` passes.
+async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Seen, Instant)>,
+    limit: Duration,
+    mut take: impl FnMut(usize, Seen, Instant) -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((i, s, t))) => {
+                if take(i, s, t) {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<Report> {
+    let sec_em = sec_em_binary(args.sec_em.clone())?;
+    let dir = tempfile::tempdir()?;
+    let _etcd;
+    let store = match args.store.as_str() {
+        "embedded" => "embedded".to_string(),
+        "etcd" => {
+            let e = LocalEtcd::start(1).await?;
+            let url = e.url();
+            _etcd = e;
+            url
+        }
+        url if url.starts_with("etcd://") => url.to_string(),
+        other => bail!("--store {other:?}: use embedded, etcd or etcd://host:port[,...]"),
+    };
+    let (cfg, port, pki) = prepare(dir.path(), &store)?;
+    let log = match &args.sec_em_log {
+        Some(p) => Stdio::from(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let child = Command::new(&sec_em)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", sec_em.display()))?;
+    let daemon = Daemon(child);
+    let pid = daemon.0.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+
+    let admin_ep = transport::client(&pki.ca_cert, Some((&pki.admin_cert, &pki.admin_key)))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let admin = loop {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            admin_ep.connect(addr, "sec-em")?,
+        )
+        .await
+        {
+            Ok(Ok(c)) => break c,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => bail!("sec-em did not come up within 30 s"),
+        }
+    };
+    let digest = measure_bytes(IMAGE, &[Algorithm::Sha256])?;
+    let onboard = Body::Onboard(msg::OnboardRequest {
+        vnfd_yaml: VNFD.into(),
+        digests: vec![msg::DigestMsg {
+            algorithm: "sha256".into(),
+            value: digest.get(Algorithm::Sha256).context("sha256")?.0.clone(),
+        }],
+        image_bytes: IMAGE.len() as u64,
+    });
+    match ask(&admin, onboard).await? {
+        Body::Ok(_) => {}
+        other => bail!("on-boarding refused: {other:?}"),
+    }
+    eprintln!("creating {} instances", args.agents);
+    let agents = create(&admin, "agent", args.agents).await?;
+    let mut endpoints = Vec::new();
+    for _ in 0..ENDPOINTS {
+        endpoints.push(transport::client(&pki.ca_cert, None)?);
+    }
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+
+    // 1. Every agent enrolls at once.
+    eprintln!("enrolling {} agents", args.agents);
+    let (mut connected, mut enroll_lat, enroll_time) =
+        enroll_all(&endpoints, addr, agents, 0, args.concurrency, &seen_tx).await?;
+    enroll_lat.sort();
+    let mut report = Report {
+        store: if args.store == "embedded" {
+            "embedded".into()
+        } else {
+            "etcd".into()
+        },
+        agents: args.agents,
+        enroll_seconds: enroll_time.as_secs_f64(),
+        enrollments_per_second: args.agents as f64 / enroll_time.as_secs_f64(),
+        enroll_latency_ms_p50: ms(percentile(&enroll_lat, 0.5)),
+        enroll_latency_ms_p99: ms(percentile(&enroll_lat, 0.99)),
+        ..Report::default()
+    };
+    // The first catalog (version 1) is pushed on enrollment: wait for every ack of it.
+    let mut acked_v1 = 0;
+    wait_for(&mut seen, Duration::from_secs(30), |_, s, _| {
+        if matches!(s, Seen::Acked(1)) {
+            acked_v1 += 1;
+        }
+        acked_v1 >= args.agents
+    })
+    .await;
+
+    // 2. One re-attestation round, all at once.
+    eprintln!("re-attesting");
+    let mut tasks = Vec::new();
+    for c in connected.iter_mut() {
+        let reveal = c.prover.reveal().context("chain exhausted")?;
+        let (conn, golden) = (c.conn.clone(), c.golden.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = ask(
+                &conn,
+                Body::Reattest(msg::ReattestRequest {
+                    reveal: Some((&reveal).into()),
+                    measurement: golden,
+                    renewal: None,
+                    dh_public: vec![],
+                }),
+            )
+            .await?;
+            let Body::Reattested(_) = r else {
+                bail!("re-attestation refused: {r:?}")
+            };
+            Ok(t.elapsed())
+        }));
+    }
+    let mut reveal_lat = Vec::new();
+    for t in tasks {
+        reveal_lat.push(t.await??);
+    }
+    reveal_lat.sort();
+    report.reveal_latency_ms_p50 = ms(percentile(&reveal_lat, 0.5));
+    report.reveal_latency_ms_p99 = ms(percentile(&reveal_lat, 0.99));
+
+    // 3. Catalog apply until every agent acknowledged.
+    let mut per_agent = Vec::new();
+    let mut received = Vec::new();
+    let mut all = Vec::new();
+    for t in 0..args.trials {
+        let version = 2 + t as u64;
+        let yaml = VNFD.replace("port: 80", &format!("port: {}", 1000 + t));
+        let catalog = asmn_shared::catalog::parse_vnfd("load", yaml.as_bytes())?.catalog;
+        let sent = Instant::now();
+        let r = ask(
+            &admin,
+            Body::ApplyCatalog(msg::ApplyCatalogRequest {
+                catalog: Some((&catalog).into()),
+            }),
+        )
+        .await?;
+        let Body::CatalogApplied(a) = r else {
+            bail!("catalog apply refused: {r:?}")
+        };
+        if a.version != version {
+            bail!("catalog version {} where {version} was expected", a.version);
+        }
+        let mut got = 0;
+        let ok = wait_for(&mut seen, Duration::from_secs(30), |_, s, at| {
+            if matches!(s, Seen::Received(v) if v == version) {
+                received.push(at - sent);
+            }
+            if matches!(s, Seen::Acked(v) if v == version) {
+                got += 1;
+                per_agent.push(at - sent);
+                if got == args.agents {
+                    all.push(at - sent);
+                }
+            }
+            got >= args.agents
+        })
+        .await;
+        if !ok {
+            bail!(
+                "catalog version {version}: only {got} of {} agents acknowledged within 30 s",
+                args.agents
+            );
+        }
+    }
+    per_agent.sort();
+    received.sort();
+    all.sort();
+    report.catalog_trials = args.trials;
+    report.catalog_agent_received_ms_p50 = ms(percentile(&received, 0.5));
+    report.catalog_agent_received_ms_p99 = ms(percentile(&received, 0.99));
+    report.catalog_agent_ack_ms_p50 = ms(percentile(&per_agent, 0.5));
+    report.catalog_agent_ack_ms_p99 = ms(percentile(&per_agent, 0.99));
+    report.catalog_all_acked_ms_p50 = ms(percentile(&all, 0.5));
+    report.catalog_all_acked_ms_max = ms(all.last().copied().unwrap_or_default());
+    eprintln!("catalog applies done");
+
+    // 4. Revocations: the first `trials` agents, one at a time; every other agent of the
+    // tenant still connected must be told.
+    let trials = args.trials.min(connected.len().saturating_sub(1));
+    let mut per_peer = Vec::new();
+    let mut all = Vec::new();
+    for t in 0..trials {
+        let victim = connected[t].id;
+        let sent = Instant::now();
+        let r = ask(
+            &admin,
+            Body::Revoke(msg::RevokeRequest {
+                instance_key: victim.as_bytes().to_vec(),
+                reason: "sec-em-load".into(),
+            }),
+        )
+        .await?;
+        if !matches!(r, Body::Ok(_)) {
+            bail!("revoke refused: {r:?}");
+        }
+        // Notified: every agent except those revoked before this trial (the victim too
+        // is told; it is still connected).
+        let expect = connected.len() - t;
+        let mut got = 0;
+        let ok = wait_for(&mut seen, Duration::from_secs(30), |i, s, at| {
+            if matches!(s, Seen::Revoked(k) if k == victim) && i >= t {
+                got += 1;
+                per_peer.push(at - sent);
+                if got == expect {
+                    all.push(at - sent);
+                }
+            }
+            got >= expect
+        })
+        .await;
+        if !ok {
+            bail!("revocation {t}: only {got} of {expect} agents notified within 30 s");
+        }
+    }
+    per_peer.sort();
+    all.sort();
+    report.revoke_trials = trials;
+    report.revoke_peer_notified_ms_p50 = ms(percentile(&per_peer, 0.5));
+    report.revoke_peer_notified_ms_p99 = ms(percentile(&per_peer, 0.99));
+    report.revoke_all_notified_ms_p50 = ms(percentile(&all, 0.5));
+    report.revoke_all_notified_ms_max = ms(all.last().copied().unwrap_or_default());
+    eprintln!("revocations done");
+
+    // 5. Many idle agents.
+    report.sec_em_rss_mib_before_idle = rss_mib(pid);
+    if args.idle > 0 {
+        eprintln!("creating {} idle agents", args.idle);
+        let more = create(&admin, "idle", args.idle).await?;
+        eprintln!("enrolling {} idle agents", args.idle);
+        let (idle, _, t) = enroll_all(
+            &endpoints,
+            addr,
+            more,
+            connected.len(),
+            args.idle_concurrency,
+            &seen_tx,
+        )
+        .await?;
+        report.idle_agents = idle.len();
+        report.idle_enroll_seconds = t.as_secs_f64();
+        // Drain the pushes meanwhile (acks of the catalog in force).
+        let hold = Duration::from_secs(args.idle_secs);
+        wait_for(&mut seen, hold, |_, _, _| false).await;
+        report.sec_em_rss_mib_with_idle = rss_mib(pid);
+        report.idle_connected_after = idle
+            .iter()
+            .chain(connected.iter().skip(trials))
+            .filter(|c| c.conn.close_reason().is_none())
+            .count();
+        if report.idle_connected_after != idle.len() + connected.len() - trials {
+            bail!(
+                "{} of {} agents were disconnected while idle",
+                idle.len() + connected.len() - trials - report.idle_connected_after,
+                idle.len() + connected.len() - trials
+            );
+        }
+    }
+    drop(daemon);
+    Ok(report)
+}
+
+fn print(r: &Report) {
+    println!(
+        "sec-em load benchmark: {} agents, {} store",
+        r.agents, r.store
+    );
+    println!(
+        "  enrollment       {:>8.2} s for all ({:.0}/s); per agent p50 {:.1} ms, p99 {:.1} ms",
+        r.enroll_seconds,
+        r.enrollments_per_second,
+        r.enroll_latency_ms_p50,
+        r.enroll_latency_ms_p99
+    );
+    println!(
+        "  reveal           p50 {:.1} ms, p99 {:.1} ms (all {} agents at once)",
+        r.reveal_latency_ms_p50, r.reveal_latency_ms_p99, r.agents
+    );
+    println!(
+        "  catalog push     per agent received p50 {:.1} ms, p99 {:.1} ms",
+        r.catalog_agent_received_ms_p50, r.catalog_agent_received_ms_p99
+    );
+    println!(
+        "  catalog apply    per agent p50 {:.1} ms, p99 {:.1} ms; all acknowledged p50 {:.1} ms, max {:.1} ms ({} trials)",
+        r.catalog_agent_ack_ms_p50,
+        r.catalog_agent_ack_ms_p99,
+        r.catalog_all_acked_ms_p50,
+        r.catalog_all_acked_ms_max,
+        r.catalog_trials
+    );
+    println!(
+        "  revocation       per peer p50 {:.1} ms, p99 {:.1} ms; all notified p50 {:.1} ms, max {:.1} ms ({} trials)",
+        r.revoke_peer_notified_ms_p50,
+        r.revoke_peer_notified_ms_p99,
+        r.revoke_all_notified_ms_p50,
+        r.revoke_all_notified_ms_max,
+        r.revoke_trials
+    );
+    println!(
+        "  sec-em memory    {:.1} MiB RSS with {} agents",
+        r.sec_em_rss_mib_before_idle, r.agents
+    );
+    if r.idle_agents > 0 {
+        println!(
+            "  idle             {} more agents enrolled in {:.2} s; {} connected after holding; sec-em {:.1} MiB RSS",
+            r.idle_agents,
+            r.idle_enroll_seconds,
+            r.idle_connected_after,
+            r.sec_em_rss_mib_with_idle
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let json = args.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sec-em-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print(&r);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sec-em-load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -114,11 +114,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
             if log_format == "json" {
                 tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
                     .json()
                     .with_env_filter(filter)
                     .init();
             } else {
-                tracing_subscriber::fmt().with_env_filter(filter).init();
+                tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_env_filter(filter)
+                    .init();
             }
             let cfg = config::Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -489,12 +489,12 @@ async fn a_changed_or_deleted_audit_record_is_detected() {
     r.enroll(10, &a.request).await.expect("enroll");
     let records = audit::verify(r.store()).await.expect("holds");
     assert!(records.len() >= 3);
-    // Change one record's detail.
+    // Appended one at a time: each record is its own block.
     let key = format!("{}{:020}", audit::prefix(), 2);
     let mut rec = records[1].clone();
     rec.detail.push_str(" (edited)");
     r.store()
-        .put(&key, serde_json::to_vec(&rec).expect("json"))
+        .put(&key, serde_json::to_vec(&vec![rec]).expect("json"))
         .await
         .expect("put");
     assert!(matches!(
@@ -503,7 +503,10 @@ async fn a_changed_or_deleted_audit_record_is_detected() {
     ));
     // Restore it, then delete one.
     r.store()
-        .put(&key, serde_json::to_vec(&records[1]).expect("json"))
+        .put(
+            &key,
+            serde_json::to_vec(&vec![records[1].clone()]).expect("json"),
+        )
         .await
         .expect("put");
     audit::verify(r.store()).await.expect("restored");

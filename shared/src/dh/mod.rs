@@ -32,8 +32,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use num_bigint::BigUint;
-use num_integer::Integer;
-use num_traits::{One, Zero};
+use num_traits::One;
 use thiserror::Error;
 use zeroize::Zeroize;
 
@@ -246,29 +245,77 @@ fn parse_public(group: Group, bytes: &[u8]) -> Result<BigUint, InvalidPublic> {
     Ok(r)
 }
 
-/// The Jacobi symbol (a / n) for odd n > 0.
+/// The Jacobi symbol (a / n) for odd n > 0: the binary algorithm on 64-bit limbs, in
+/// place (every enrollment and peer description validates a 3072-bit or larger value).
 fn jacobi(a: &BigUint, n: &BigUint) -> i8 {
-    let mut a = a % n;
-    let mut n = n.clone();
+    let mut x = (a % n).to_u64_digits();
+    let mut y = n.to_u64_digits();
+    if y.first().is_none_or(|w| w & 1 == 0) {
+        return 0;
+    }
+    let mut len = y.len();
+    x.resize(len, 0);
     let mut t = 1i8;
-    while !a.is_zero() {
-        let tz = a.trailing_zeros().unwrap_or(0);
+    loop {
+        while len > 1 && x[len - 1] == 0 && y[len - 1] == 0 {
+            len -= 1;
+        }
+        let (xs, ys) = (&mut x[..len], &y[..len]);
+        let Some(first) = xs.iter().position(|&w| w != 0) else {
+            let one = ys[0] == 1 && ys[1..].iter().all(|&w| w == 0);
+            return if one { t } else { 0 };
+        };
+        let tz = first as u32 * 64 + xs[first].trailing_zeros();
         if tz > 0 {
-            a >>= tz;
-            let n8 = (&n % 8u32).to_u32_digits().first().copied().unwrap_or(0);
-            if tz % 2 == 1 && (n8 == 3 || n8 == 5) {
+            shift_right(xs, tz);
+            if tz & 1 == 1 && matches!(ys[0] & 7, 3 | 5) {
                 t = -t;
             }
         }
-        std::mem::swap(&mut a, &mut n);
-        let a4 = (&a % 4u32).to_u32_digits().first().copied().unwrap_or(0);
-        let n4 = (&n % 4u32).to_u32_digits().first().copied().unwrap_or(0);
-        if a4 == 3 && n4 == 3 {
-            t = -t;
+        // Both odd now.
+        if less_than(xs, ys) {
+            std::mem::swap(&mut x, &mut y);
+            if x[0] & 3 == 3 && y[0] & 3 == 3 {
+                t = -t;
+            }
         }
-        a = a.mod_floor(&n);
+        subtract(&mut x[..len], &y[..len]);
     }
-    if n.is_one() { t } else { 0 }
+}
+
+fn shift_right(v: &mut [u64], bits: u32) {
+    let words = (bits / 64) as usize;
+    let bits = bits % 64;
+    let n = v.len();
+    for i in 0..n {
+        let lo = v.get(i + words).copied().unwrap_or(0);
+        let hi = v.get(i + words + 1).copied().unwrap_or(0);
+        v[i] = if bits == 0 {
+            lo
+        } else {
+            (lo >> bits) | (hi << (64 - bits))
+        };
+    }
+}
+
+fn less_than(a: &[u64], b: &[u64]) -> bool {
+    for (x, y) in a.iter().rev().zip(b.iter().rev()) {
+        if x != y {
+            return x < y;
+        }
+    }
+    false
+}
+
+/// `a -= b` (a >= b).
+fn subtract(a: &mut [u64], b: &[u64]) {
+    let mut borrow = false;
+    for (x, &y) in a.iter_mut().zip(b) {
+        let (d1, b1) = x.overflowing_sub(y);
+        let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
+        *x = d2;
+        borrow = b1 || b2;
+    }
 }
 
 fn encode(group: Group, v: &BigUint) -> Vec<u8> {
@@ -515,7 +562,7 @@ mod tests {
         let g = Group::Ffdhe3072;
         let p = g.prime();
         let enc = |v: &BigUint| encode(g, v);
-        for bad in [BigUint::zero(), BigUint::one(), p - 1u32, p.clone()] {
+        for bad in [BigUint::from(0u32), BigUint::one(), p - 1u32, p.clone()] {
             assert_eq!(
                 DhPublic::validate(g, &enc(&bad)),
                 Err(InvalidPublic::OutOfRange),
@@ -535,6 +582,27 @@ mod tests {
         ));
         // 4 = 2^2 is in the subgroup.
         DhPublic::validate(g, &enc(&BigUint::from(4u32))).expect("4 is a residue");
+    }
+
+    #[test]
+    fn jacobi_agrees_with_euler_on_large_values() {
+        // Euler's criterion, a^((p-1)/2) mod p, on the group's own prime.
+        let p = &Group::Ffdhe3072.params().p;
+        let exp = (p - 1u32) >> 1;
+        for seed in 1u8..=24 {
+            let k = DhKeyPair::derive(
+                Group::Ffdhe3072,
+                &ChainElement::new([seed; 32]),
+                &id(seed),
+                0,
+            );
+            let r = BigUint::from_bytes_be(k.public().as_bytes());
+            for a in [r.clone(), &r + 1u32, &r * 3u32 % p] {
+                let euler = a.modpow(&exp, p);
+                let expected = if euler.is_one() { 1 } else { -1 };
+                assert_eq!(jacobi(&a, p), expected);
+            }
+        }
     }
 
     #[test]
