@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::embedded::{self, EmbeddedStore};
 use super::etcd::EtcdStore;
 use super::*;
-use crate::local_etcd::{LocalEtcd, LocalEtcdError};
+use crate::local_etcd::LocalEtcd;
 
 // ---- An etcd of our own --------------------------------------------------------------
 
@@ -19,26 +19,10 @@ pub(crate) struct EtcdServer {
     pub(crate) url: String,
 }
 
-/// A local etcd cluster of `members`, or `None` (outside CI only) when etcd is missing.
-pub(crate) async fn local_etcd(members: usize) -> Option<LocalEtcd> {
-    match LocalEtcd::start(members).await {
-        Ok(c) => Some(c),
-        Err(LocalEtcdError::NotInstalled) => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "etcd is required under CI (apt-get install etcd-server)"
-            );
-            eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 impl EtcdServer {
     /// Starts etcd and waits until it answers; `None` (outside CI) if etcd is missing.
     pub(crate) async fn start() -> Option<EtcdServer> {
-        let cluster = local_etcd(1).await?;
+        let cluster = LocalEtcd::for_tests(1).await?;
         Some(EtcdServer {
             url: cluster.url(),
             cluster,

@@ -56,17 +56,5 @@ pub fn onboard_body(image: &[u8], vnfd_yaml: String) -> Body {
 /// A local etcd cluster of `members` on free loopback ports with temporary data, stopped
 /// (SIGKILL, by PID) on drop. `None` outside CI when etcd is not installed.
 pub async fn etcd_cluster(members: usize) -> Option<asmn_controller::local_etcd::LocalEtcd> {
-    use asmn_controller::local_etcd::{LocalEtcd, LocalEtcdError};
-    match LocalEtcd::start(members).await {
-        Ok(c) => Some(c),
-        Err(LocalEtcdError::NotInstalled) => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "etcd is required under CI (apt-get install etcd-server)"
-            );
-            eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    asmn_controller::local_etcd::LocalEtcd::for_tests(members).await
 }
