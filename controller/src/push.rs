@@ -222,6 +222,23 @@ impl Follower {
         tracing::info!(vnf = %c.vnf, version = c.version, agents = n, "catalog pushed");
     }
 
+    /// A request (at `key`, naming the peer) that a peer verify the requester back.
+    fn verify_back(&self, key: &str, value: &[u8]) {
+        let peer = key
+            .strip_prefix(&crate::registry::verify_back_prefix())
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| InstanceKey::from_slice(&b));
+        let info = <msg::PeerInfo as prost::Message>::decode(value);
+        if let (Some(peer), Ok(info)) = (peer, info) {
+            let sent = self.hub.push_to(
+                &peer,
+                msg::Body::VerifyRequested(msg::VerifyRequested { peer: Some(info) }),
+            );
+            tracing::debug!(%key, sent, "verify-back pushed");
+        }
+    }
+
     /// An instance record written at `key`; `quiet` only records it.
     fn instance(&mut self, key: &str, value: &[u8], quiet: bool) {
         let Ok(rec) = serde_json::from_slice::<InstanceRecord>(value) else {
@@ -288,6 +305,8 @@ pub fn follow<S: Store>(
             Arc::clone(&store),
             &format!("{}instances/", crate::store::PREFIX),
         );
+        let mut verify_back =
+            watch_prefix(Arc::clone(&store), &crate::registry::verify_back_prefix());
         let mut f = Follower {
             hub,
             group,
@@ -329,6 +348,12 @@ pub fn follow<S: Store>(
                         f.instances.remove(&key);
                     }
                 },
+                Some(ev) = verify_back.events.recv() => {
+                    // Only new requests: a re-listing holds answered ones.
+                    if let Event::Change(RawEvent::Put { key, value, .. }) = ev {
+                        f.verify_back(&key, &value);
+                    }
+                }
                 else => return,
             }
         }

@@ -192,6 +192,20 @@ fn overlay_index_key(tenant: &TenantId, ip: &IpAddr) -> String {
     format!("{PREFIX}overlays/{tenant}/{ip}")
 }
 
+/// Where requests to verify back live: `<prefix><peer hex>/<requester hex>`.
+pub fn verify_back_prefix() -> String {
+    format!("{PREFIX}verify-back/")
+}
+
+fn verify_back_key(peer: &InstanceKey, requester: &InstanceKey) -> String {
+    format!(
+        "{}{}/{}",
+        verify_back_prefix(),
+        peer.to_hex(),
+        requester.to_hex()
+    )
+}
+
 /// An agent's last catalog acknowledgement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct CatalogAckRecord {
@@ -667,6 +681,17 @@ impl<S: Store> Registry<S> {
             format!("{} may reach {} ({overlay})", me.vnf, peer.vnf),
         )
         .await?;
+        // The paper's Fig. 2: the peer is asked to verify the requester in turn. Through the
+        // store, so that the replica the peer is connected to pushes it.
+        let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
+        let back = self.describe_record(*requester, &me, o.ip, None)?;
+        let info: asmn_shared::wire::msg::PeerInfo = (&back).into();
+        self.store
+            .put(
+                &verify_back_key(&peer_id, requester),
+                prost::Message::encode_to_vec(&info),
+            )
+            .await?;
         Ok(out)
     }
 

@@ -118,21 +118,8 @@ pub async fn handle<S: Store>(
                 "verify_peer.overlay is not an IP address",
             ),
             (Some(me), Ok(ip)) => match registry.verify_peer(now(), &me, ip).await {
-                Ok(peer) => {
-                    // The paper's Fig. 2: ask the peer to verify the requester in turn.
-                    // (A peer connected to another replica hears of it when it asks.)
-                    if let (Some((_, hub)), Ok(desc)) =
-                        (&session.push, registry.describe(&me).await)
-                    {
-                        hub.push_to(
-                            &peer.id,
-                            Body::VerifyRequested(msg::VerifyRequested {
-                                peer: Some((&desc).into()),
-                            }),
-                        );
-                    }
-                    Body::Peer((&peer).into())
-                }
+                // The peer is asked to verify back by the push follower (see `push`).
+                Ok(peer) => Body::Peer((&peer).into()),
                 Err(e) => from_error(e),
             },
         },

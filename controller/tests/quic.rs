@@ -30,8 +30,23 @@ async fn lab() -> Lab {
     let dir = tempfile::tempdir().expect("tmp");
     let pki = pki::generate(&["sec-em".into()], 2025).expect("pki");
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"));
-    let registry = Arc::new(Registry::new(
-        Arc::clone(&store),
+    let (addr, server) = serve_on(Arc::clone(&store), &pki);
+    Lab {
+        _dir: dir,
+        pki,
+        addr,
+        store,
+        _server: server,
+    }
+}
+
+/// A Sec-EM (registry, push follower, QUIC service) over `store` on a loopback port.
+fn serve_on<S: Store>(
+    store: Arc<S>,
+    pki: &pki::Pki,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let registry = Arc::new(Registry::with_shared_store(
+        store,
         RegistryConfig {
             controllers: vec!["127.0.0.1:7443".into()],
             server_name: "sec-em".into(),
@@ -62,19 +77,17 @@ async fn lab() -> Lab {
         let _follower = follower;
         service::serve(endpoint, registry, hub, None).await
     });
-    Lab {
-        _dir: dir,
-        pki,
-        addr,
-        store,
-        _server: server,
-    }
+    (addr, server)
 }
 
 async fn connect(lab: &Lab, admin: bool) -> quinn::Connection {
-    let identity = admin.then_some((lab.pki.admin_cert.as_str(), lab.pki.admin_key.as_str()));
-    let ep = transport::client(&lab.pki.ca_cert, identity).expect("client");
-    ep.connect(lab.addr, "sec-em")
+    connect_to(&lab.pki, lab.addr, admin).await
+}
+
+async fn connect_to(pki: &pki::Pki, addr: std::net::SocketAddr, admin: bool) -> quinn::Connection {
+    let identity = admin.then_some((pki.admin_cert.as_str(), pki.admin_key.as_str()));
+    let ep = transport::client(&pki.ca_cert, identity).expect("client");
+    ep.connect(addr, "sec-em")
         .expect("connect")
         .await
         .expect("handshake")
@@ -602,4 +615,84 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
     assert_eq!(update.instance_key, id.as_bytes().to_vec());
     assert_eq!(update.epoch, 1);
     assert_eq!(update.dh_public, dh1.public().as_bytes().to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_etcd_push_across_replicas() {
+    let Some(cluster) = common::etcd_cluster(1).await else {
+        return;
+    };
+    let pki = pki::generate(&["sec-em".into()], 2025).expect("pki");
+    let connect_store = || async {
+        Arc::new(
+            asmn_controller::store::etcd::EtcdStore::connect(&cluster.url())
+                .await
+                .expect("etcd"),
+        )
+    };
+    let (addr1, _s1) = serve_on(connect_store().await, &pki);
+    let (addr2, _s2) = serve_on(connect_store().await, &pki);
+    let admin = connect_to(&pki, addr1, true).await;
+    ask(
+        &admin,
+        common::onboard_body(
+            IMAGE,
+            include_str!("../../images/examples/web-server.vnfd.yaml")
+                .replace("    gateway: vnf-gw\n", ""),
+        ),
+    )
+    .await;
+    let (a, b) = (create(&admin, "web-a").await, create(&admin, "web-b").await);
+    // a on replica one, b on replica two.
+    let (ca, cb) = (
+        connect_to(&pki, addr1, false).await,
+        connect_to(&pki, addr2, false).await,
+    );
+    assert!(matches!(
+        ask(&ca, Body::Enroll(enroll_request(&a))).await,
+        Body::Enrolled(_)
+    ));
+    let Body::Enrolled(eb) = ask(&cb, Body::Enroll(enroll_request(&b))).await else {
+        panic!("b enrolls on replica two")
+    };
+    let mut pushes_b = Pushes::open(&cb).await;
+    assert!(matches!(pushes_b.next().await, Body::CatalogPush(_)));
+
+    // a verifies b through replica one; replica two asks b to verify a back.
+    let b_ip = eb.overlay.split('/').next().expect("ip").to_string();
+    let answer = ask(
+        &ca,
+        Body::VerifyPeer(msg::VerifyPeerRequest { overlay: b_ip }),
+    )
+    .await;
+    assert!(matches!(answer, Body::Peer(_)), "{answer:?}");
+    let Body::VerifyRequested(v) = pushes_b.next().await else {
+        panic!("verify back through the other replica")
+    };
+    assert_eq!(
+        v.peer.expect("peer").instance_key,
+        a.instance_key().as_bytes().to_vec()
+    );
+
+    // A catalog applied through replica one reaches b on replica two.
+    let mut c = asmn_shared::catalog::parse_vnfd(
+        "x",
+        include_bytes!("../../images/examples/web-server.vnfd.yaml"),
+    )
+    .expect("vnfd")
+    .catalog;
+    c.gateway = None;
+    c.rules.truncate(1);
+    let applied = ask(
+        &admin,
+        Body::ApplyCatalog(msg::ApplyCatalogRequest {
+            catalog: Some((&c).into()),
+        }),
+    )
+    .await;
+    assert!(matches!(applied, Body::CatalogApplied(_)), "{applied:?}");
+    let Body::CatalogPush(got) = pushes_b.next().await else {
+        panic!("catalog through the other replica")
+    };
+    assert_eq!(got.rules.len(), 1);
 }
