@@ -13,6 +13,8 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> fuzz targets still build (cargo check; fuzzing itself: see README)"
 cargo check --quiet --manifest-path shared/fuzz/Cargo.toml --bins
+echo "==> cargo build --bins (the namespace tests run sec-em, asmnctl and asmn-agent)"
+cargo build --workspace --bins --locked
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -1,0 +1,189 @@
+//! The agent's configuration file (TOML). Every error names the file and the field.
+//!
+//! ```toml
+//! bundle = "/etc/asmn/bundle"        # the bootstrap bundle from `asmnctl instance create`
+//! target = "/dev/vdb"                # what to measure: the image, read-only
+//! underlay = "192.0.2.10:51820"      # the UDP address of the tunnels (peers reach us here)
+//! # optional:
+//! tun = "asmn0"                      # TUN device name
+//! state_dir = "/var/lib/asmn-agent"  # where the chain position survives restarts
+//! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
+//! reattest_interval_secs = 30        # default: what Sec-EM says
+//! ```
+//!
+//! The role (`vnf` or `gateway`) and everything about the tenant come from the bundle.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The bootstrap bundle.
+    pub bundle: PathBuf,
+    /// The measured target.
+    pub target: PathBuf,
+    /// Underlay UDP address of the tunnels.
+    pub underlay: SocketAddr,
+    /// TUN device name.
+    pub tun: String,
+    /// Where the agent keeps its chain position.
+    pub state_dir: PathBuf,
+    /// Metrics and health over HTTP.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Re-attestation interval (None: Sec-EM's).
+    pub reattest_interval_secs: Option<u32>,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    bundle: PathBuf,
+    target: PathBuf,
+    underlay: String,
+    #[serde(default)]
+    tun: Option<String>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    metrics_addr: Option<String>,
+    #[serde(default)]
+    reattest_interval_secs: Option<u32>,
+}
+
+/// Longest TUN name Linux accepts (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+impl Config {
+    /// Reads and validates `path`; relative paths in it are relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&file, &text, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Validates `text` (from `file`); relative paths are taken from `base`.
+    pub fn parse(file: &str, text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: file.to_string(),
+            message,
+        };
+        if text.len() > 64 * 1024 {
+            return Err(err("larger than 64 KiB; this is not an agent config".into()));
+        }
+        let raw: Raw = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let underlay: SocketAddr = raw.underlay.parse().map_err(|_| {
+            err(format!(
+                "field `underlay`: {:?} is not ip:port (the UDP address peers reach this agent at)",
+                raw.underlay
+            ))
+        })?;
+        if underlay.port() == 0 || underlay.ip().is_unspecified() {
+            return Err(err(
+                "field `underlay`: give the agent's own address and a port (peers are told it)"
+                    .into(),
+            ));
+        }
+        let tun = raw.tun.unwrap_or_else(|| "asmn0".into());
+        if tun.is_empty()
+            || tun.len() > MAX_IFNAME
+            || !tun
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(err(format!(
+                "field `tun`: {tun:?} must be 1 to {MAX_IFNAME} letters, digits, '-', '_' or '.'"
+            )));
+        }
+        let metrics_addr = match raw.metrics_addr {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| err(format!("field `metrics_addr`: {s:?} is not ip:port")))?,
+            ),
+        };
+        if let Some(secs) = raw.reattest_interval_secs
+            && !(1..=86_400).contains(&secs)
+        {
+            return Err(err(format!(
+                "field `reattest_interval_secs`: {secs} is outside 1..=86400"
+            )));
+        }
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(Config {
+            bundle: abs(raw.bundle),
+            target: abs(raw.target),
+            underlay,
+            tun,
+            state_dir: abs(raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/asmn-agent"))),
+            metrics_addr,
+            reattest_interval_secs: raw.reattest_interval_secs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse("agent.toml", text, Path::new("/etc/asmn"))
+    }
+
+    #[test]
+    fn a_minimal_config_gets_defaults_and_absolute_paths() {
+        let c = parse("bundle = \"b\"\ntarget = \"/dev/vdb\"\nunderlay = \"10.0.0.2:51820\"\n")
+            .expect("valid");
+        assert_eq!(c.bundle, PathBuf::from("/etc/asmn/b"));
+        assert_eq!(c.tun, "asmn0");
+        assert_eq!(c.metrics_addr, None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, field) in [
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"nope\"\n",
+                "underlay",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"0.0.0.0:1\"\n",
+                "underlay",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun = \"a/b\"\n",
+                "tun",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nreattest_interval_secs = 0\n",
+                "reattest_interval_secs",
+            ),
+            ("bundle = \"b\"\nunderlay = \"10.0.0.2:1\"\n", "target"),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ncolour = 1\n",
+                "colour",
+            ),
+        ] {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+            assert!(e.starts_with("agent.toml: "), "{e}");
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! The agent's side of the control protocol: the QUIC connection to Sec-EM (its CA pinned
+//! from the bundle), enrollment, re-attestation and renewal, peer verification, and the
+//! pushes Sec-EM sends (catalogs, revocations, verify-back requests, new peer keys).
+//!
+//! Existing tunnels keep running while Sec-EM is unreachable; the agent reconnects with
+//! backoff to any listed controller and authenticates again with its next reveal.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use asmn_shared::catalog::SecCatalog;
+use asmn_shared::chain::{self, ChainProver, ChainSpec, Reveal};
+use asmn_shared::crypto::ChainElement;
+use asmn_shared::dh::DhKeyPair;
+use asmn_shared::ids::{InstanceKey, Role};
+use asmn_shared::measure::{Algorithm, MeasureOptions, measure_path};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::{self, BootstrapBundle, Enroll, Enrolled, Overlay, Peer};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::dataplane::{Ask, PeerSpec, Plane};
+
+/// ALPN of the control protocol.
+const ALPN: &[u8] = b"asmn/1";
+/// Longest wait for one answer from Sec-EM.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Elements left in a chain when the agent renews it.
+pub const RENEW_BELOW: u32 = 16;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Sec-EM refused the agent: it must not run (wrong image, unknown, revoked...).
+    #[error("Sec-EM refused this instance ({code:?}): {message}")]
+    Refused {
+        /// The typed reason.
+        code: RefusalCode,
+        /// Sec-EM's message.
+        message: String,
+    },
+    /// Anything else (files, devices, the network).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn other(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Other(e.to_string())
+}
+
+/// Reads and validates a bootstrap bundle file (protobuf, as `asmnctl` writes it).
+pub fn load_bundle(path: &Path) -> Result<BootstrapBundle, AgentError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| other(format!("reading the bundle {}: {e}", path.display())))?;
+    if bytes.len() > wire::MAX_FRAME {
+        return Err(other(format!("{}: too large for a bundle", path.display())));
+    }
+    let m = <msg::BootstrapBundleMsg as prost::Message>::decode(bytes.as_slice())
+        .map_err(|e| other(format!("{}: not a bootstrap bundle: {e}", path.display())))?;
+    BootstrapBundle::try_from(&m).map_err(|e| other(format!("{}: {e}", path.display())))
+}
+
+/// Measures `target` (SHA-256) with the same streaming code as `asmn-image`.
+pub fn measure(target: &Path) -> Result<Vec<u8>, AgentError> {
+    let m = measure_path(
+        target,
+        &[Algorithm::Sha256],
+        MeasureOptions::default(),
+        &mut |_| {},
+    )
+    .map_err(|e| other(format!("measuring {}: {e}", target.display())))?;
+    m.get(Algorithm::Sha256)
+        .map(|d| d.0.clone())
+        .ok_or_else(|| other("no SHA-256 in the measurement"))
+}
+
+/// The chain position, kept across restarts: the agent writes the index it is about to
+/// reveal before it sends it, so a restart never reveals an element twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Epoch of the chain.
+    pub epoch: u32,
+    /// Its length.
+    pub length: u32,
+    /// The next index to reveal.
+    pub next: u32,
+}
+
+fn state_file(dir: &Path, id: &InstanceKey) -> PathBuf {
+    dir.join(format!("{}.chain", id.to_hex()))
+}
+
+fn load_position(dir: &Path, id: &InstanceKey) -> Option<Position> {
+    let text = std::fs::read_to_string(state_file(dir, id)).ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u32>().ok());
+    Some(Position {
+        epoch: it.next()??,
+        length: it.next()??,
+        next: it.next()??,
+    })
+}
+
+fn save_position(dir: &Path, id: &InstanceKey, p: Position) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir).map_err(|e| other(format!("creating {}: {e}", dir.display())))?;
+    let path = state_file(dir, id);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{} {} {}\n", p.epoch, p.length, p.next))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| other(format!("writing {}: {e}", path.display())))
+}
+
+/// The chain the agent reveals, its D-H key pair, and where it stands.
+pub struct Chain {
+    bundle: BootstrapBundle,
+    id: InstanceKey,
+    measurement: Vec<u8>,
+    prover: ChainProver,
+    dh: DhKeyPair,
+    state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("id", &self.id.to_hex())
+            .field("epoch", &self.prover.spec().epoch)
+            .field("remaining", &self.prover.remaining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Chain {
+    /// The chain of `bundle` for the image measured as `measurement`, resumed where the
+    /// state in `state_dir` says.
+    pub fn new(bundle: BootstrapBundle, measurement: Vec<u8>, state_dir: PathBuf) -> Self {
+        let id = bundle.instance_key();
+        let pos = load_position(&state_dir, &id).unwrap_or(Position {
+            epoch: 0,
+            length: bundle.chain_length,
+            next: bundle.chain_length.saturating_sub(1),
+        });
+        let seed = chain::seed(&bundle.nonce, &id, &measurement, pos.epoch);
+        let spec = ChainSpec::new(id, pos.epoch, pos.length)
+            .unwrap_or_else(|_| ChainSpec::new(id, 0, 2).unwrap_or_else(|_| unreachable!()));
+        let dh = DhKeyPair::derive(bundle.dh_group, &seed, &id, pos.epoch);
+        let prover = ChainProver::resume(spec, seed, pos.next);
+        Chain {
+            bundle,
+            id,
+            measurement,
+            prover,
+            dh,
+            state_dir,
+        }
+    }
+
+    /// The instance identity.
+    pub fn id(&self) -> InstanceKey {
+        self.id
+    }
+
+    /// The next reveal, its position saved first.
+    fn reveal(&mut self) -> Result<Reveal, AgentError> {
+        let next = self.prover.remaining();
+        if next == 0 {
+            return Err(other("the chain is exhausted and was not renewed"));
+        }
+        let spec = *self.prover.spec();
+        save_position(
+            &self.state_dir,
+            &self.id,
+            Position {
+                epoch: spec.epoch,
+                length: spec.length,
+                next: next - 1,
+            },
+        )?;
+        self.prover
+            .reveal()
+            .ok_or_else(|| other("the chain is exhausted"))
+    }
+
+    /// A reveal carrying the renewal to the next epoch of `length`, measured as
+    /// `measurement`; returns it with the new chain (installed once Sec-EM accepts).
+    fn renewal(
+        &mut self,
+        measurement: &[u8],
+        length: u32,
+    ) -> Result<(Reveal, chain::SealedRenewal, ChainProver, DhKeyPair), AgentError> {
+        let epoch = self.prover.spec().epoch + 1;
+        let seed: ChainElement = chain::seed(&self.bundle.nonce, &self.id, measurement, epoch);
+        let spec = ChainSpec::new(self.id, epoch, length).map_err(other)?;
+        let dh = DhKeyPair::derive(self.bundle.dh_group, &seed, &self.id, epoch);
+        let next = ChainProver::new(spec, seed);
+        let reveal = self.reveal()?;
+        let sealed = chain::seal_renewal(&reveal, &spec, &next.anchor());
+        Ok((reveal, sealed, next, dh))
+    }
+}
+
+/// A QUIC client endpoint that trusts only the controller CA of the bundle.
+pub fn client(ca_pem: &str) -> Result<quinn::Endpoint, AgentError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| other(format!("bundle CA: {e}")))?)
+            .map_err(|e| other(format!("bundle CA: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    crypto.enable_early_data = false;
+    let quic = QuicClientConfig::try_from(crypto).map_err(other)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(15)));
+    config.transport_config(Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client("0.0.0.0:0".parse().map_err(other)?).map_err(other)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// One request, one answer.
+pub async fn ask(conn: &quinn::Connection, body: Body) -> Result<Body, AgentError> {
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(body),
+    };
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(other)?;
+        send.write_all(&wire::encode_frame(&env).map_err(other)?)
+            .await
+            .map_err(other)?;
+        send.finish().map_err(other)?;
+        let bytes = recv
+            .read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME)
+            .await
+            .map_err(other)?;
+        let mut d = wire::FrameDecoder::new();
+        d.push(&bytes).map_err(other)?;
+        let frame = d
+            .next_frame()
+            .map_err(other)?
+            .ok_or_else(|| other("Sec-EM sent an incomplete answer"))?;
+        let reply = wire::decode_envelope(&frame).map_err(other)?;
+        reply
+            .body
+            .ok_or_else(|| other("Sec-EM sent an empty answer"))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| other("Sec-EM did not answer in time"))?
+}
+
+fn refused(r: &msg::Refusal) -> AgentError {
+    AgentError::Refused {
+        code: RefusalCode::try_from(r.code).unwrap_or(RefusalCode::Unspecified),
+        message: r.message.clone(),
+    }
+}
+
+/// Connects to the first controller of the bundle that answers.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    bundle: &BootstrapBundle,
+) -> Result<quinn::Connection, AgentError> {
+    let mut last = String::from("no controller listed");
+    for c in &bundle.controllers {
+        let addr = match tokio::net::lookup_host(c.as_str()).await {
+            Ok(mut a) => match a.next() {
+                Some(a) => a,
+                None => continue,
+            },
+            Err(e) => {
+                last = format!("{c}: {e}");
+                continue;
+            }
+        };
+        match endpoint.connect(addr, &bundle.server_name) {
+            Ok(connecting) => match tokio::time::timeout(REQUEST_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => last = format!("{c}: {e}"),
+                Err(_) => last = format!("{c}: timed out"),
+            },
+            Err(e) => last = format!("{c}: {e}"),
+        }
+    }
+    Err(other(format!("cannot reach Sec-EM: {last}")))
+}
+
+/// The agent's control side once the plane exists.
+pub struct Control {
+    chain: Mutex<Chain>,
+    conn: Mutex<quinn::Connection>,
+    endpoint: quinn::Endpoint,
+    plane: Arc<Plane>,
+    wg_public: [u8; 32],
+    underlay: SocketAddr,
+    role: Role,
+    /// The catalog version this VNF enforces (for acknowledgements).
+    pub enforced: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+/// The enrollment request for the chain's next reveal.
+fn enroll_request(
+    chain: &mut Chain,
+    wg_public: [u8; 32],
+    underlay: SocketAddr,
+) -> Result<msg::EnrollRequest, AgentError> {
+    let reveal = chain.reveal()?;
+    let e = Enroll {
+        id: chain.id,
+        tenant: chain.bundle.tenant.clone(),
+        vnf: chain.bundle.vnf.clone(),
+        instance: chain.bundle.instance.clone(),
+        reveal,
+        wg_public_key: wg_public,
+        dh_group: chain.bundle.dh_group,
+        dh_public: chain.dh.public().clone(),
+        endpoint: underlay,
+        role: chain.bundle.role,
+    };
+    Ok((&e).into())
+}
+
+/// Enrolls (or re-authenticates after a reconnect) on `conn`.
+pub async fn enroll(
+    conn: &quinn::Connection,
+    chain: &mut Chain,
+    wg_public: [u8; 32],
+    underlay: SocketAddr,
+) -> Result<Enrolled, AgentError> {
+    let req = enroll_request(chain, wg_public, underlay)?;
+    match ask(conn, Body::Enroll(req)).await? {
+        Body::Enrolled(e) => Enrolled::try_from(&e).map_err(other),
+        Body::Refused(r) => Err(refused(&r)),
+        other_body => Err(other(format!(
+            "unexpected answer to Enroll: {other_body:?}"
+        ))),
+    }
+}
+
+impl Control {
+    /// The control side over an enrolled connection.
+    pub fn new(
+        chain: Chain,
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+        plane: Arc<Plane>,
+        underlay: SocketAddr,
+        enforced: u64,
+    ) -> Arc<Control> {
+        let role = chain.bundle.role;
+        Arc::new(Control {
+            chain: Mutex::new(chain),
+            conn: Mutex::new(conn),
+            endpoint,
+            wg_public: plane.public_key(),
+            plane,
+            underlay,
+            role,
+            enforced: std::sync::atomic::AtomicU64::new(enforced),
+        })
+    }
+
+    async fn conn(&self) -> quinn::Connection {
+        self.conn.lock().await.clone()
+    }
+
+    /// Installs the verified `peer` (computing the pair's PSK), or routes it through its
+    /// gateway (verifying the gateway first if needed).
+    pub async fn install(&self, peer: &Peer) -> Result<(), AgentError> {
+        if let Some(gw) = peer.via_gateway {
+            if !self.plane.route_via(peer.overlay, gw) {
+                let g = self.verify(gw).await?;
+                self.install_direct(&g).await?;
+                self.plane.route_via(peer.overlay, gw);
+            }
+            return Ok(());
+        }
+        self.install_direct(peer).await
+    }
+
+    async fn install_direct(&self, peer: &Peer) -> Result<(), AgentError> {
+        let psk = {
+            let chain = self.chain.lock().await;
+            chain
+                .dh
+                .preshared_key(
+                    (&chain.id, chain.prover.spec().epoch),
+                    (&peer.id, peer.epoch),
+                    &peer.dh_public,
+                )
+                .map_err(other)?
+        };
+        self.plane.install(
+            PeerSpec {
+                id: peer.id,
+                vnf: peer.vnf.clone(),
+                overlay: peer.overlay,
+                endpoint: peer.endpoint,
+                wg_public: peer.wg_public_key,
+                role: peer.role,
+            },
+            &psk,
+        );
+        tracing::info!(peer = %peer.id.to_hex(), vnf = %peer.vnf, overlay = %peer.overlay, "tunnel installed");
+        Ok(())
+    }
+
+    /// VerifyPeer: Sec-EM's description of the instance at `overlay`.
+    pub async fn verify(&self, overlay: IpAddr) -> Result<Peer, AgentError> {
+        let conn = self.conn().await;
+        match ask(
+            &conn,
+            Body::VerifyPeer(msg::VerifyPeerRequest {
+                overlay: overlay.to_string(),
+            }),
+        )
+        .await?
+        {
+            Body::Peer(p) => Peer::try_from(&p).map_err(other),
+            Body::Refused(r) => Err(refused(&r)),
+            b => Err(other(format!("unexpected answer to VerifyPeer: {b:?}"))),
+        }
+    }
+
+    /// Serves the plane's requests to verify destinations, forever.
+    pub async fn serve_asks(self: Arc<Self>, mut asks: mpsc::Receiver<Ask>) {
+        while let Some(Ask::Verify(ip)) = asks.recv().await {
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                match me.verify(ip).await {
+                    Ok(peer) => {
+                        if let Err(e) = me.install(&peer).await {
+                            tracing::warn!(%ip, error = %e, "cannot install the peer");
+                            me.plane.refuse(ip);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%ip, error = %e, "peer refused");
+                        me.plane.refuse(ip);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Handles one push from Sec-EM. `Err` means this agent must stop.
+    pub async fn on_push(self: &Arc<Self>, body: Body) -> Result<(), AgentError> {
+        match body {
+            Body::CatalogPush(m) => {
+                let c = match SecCatalog::try_from(&m) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The previous catalog stays in force.
+                        tracing::error!(error = %e, "pushed catalog refused; keeping the one in force");
+                        return Ok(());
+                    }
+                };
+                let own = self.chain.lock().await.bundle.vnf.clone();
+                let (vnf, version) = (c.vnf.to_string(), c.version);
+                if c.vnf == own {
+                    self.plane.set_catalog(c);
+                    self.enforced
+                        .store(version, std::sync::atomic::Ordering::Relaxed);
+                } else if self.role == Role::Gateway {
+                    self.plane.set_protected_catalog(c);
+                } else {
+                    return Ok(());
+                }
+                tracing::info!(%vnf, version, "catalog in force");
+                let conn = self.conn().await;
+                let ack = Body::CatalogAck(msg::CatalogAck { vnf, version });
+                if let Err(e) = ask(&conn, ack).await {
+                    tracing::warn!(error = %e, "catalog acknowledgement not delivered");
+                }
+            }
+            Body::Revoked(n) => {
+                let Some(id) = InstanceKey::from_slice(&n.instance_key) else {
+                    return Ok(());
+                };
+                if id == self.chain.lock().await.id {
+                    return Err(AgentError::Refused {
+                        code: RefusalCode::Revoked,
+                        message: format!("this instance was revoked: {}", n.reason),
+                    });
+                }
+                if self.plane.remove(&id) {
+                    tracing::info!(peer = %id.to_hex(), reason = %n.reason, "peer revoked: tunnel removed");
+                }
+            }
+            Body::VerifyRequested(v) => {
+                // The paper's Fig. 2: verify the requester ourselves before accepting it.
+                let Some(p) = v.peer.as_ref().and_then(|p| Peer::try_from(p).ok()) else {
+                    return Ok(());
+                };
+                if self.plane.has_peer(&p.id) {
+                    // Verified already (we asked first): nothing to do, and asking again
+                    // would make Sec-EM ask the peer again, and so on.
+                    return Ok(());
+                }
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    match me.verify(p.overlay).await {
+                        Ok(peer) if peer.id == p.id => {
+                            if let Err(e) = me.install(&peer).await {
+                                tracing::warn!(error = %e, "cannot install the requester");
+                            }
+                        }
+                        Ok(_) => tracing::warn!("verify-back: another instance at that address"),
+                        Err(e) => tracing::warn!(error = %e, "verify-back refused"),
+                    }
+                });
+            }
+            Body::Peer(p) => {
+                // New keys of a peer (its renewal): re-key if it is ours.
+                if let Ok(peer) = Peer::try_from(&p)
+                    && self.plane.has_peer(&peer.id)
+                {
+                    self.install_direct(&peer).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads the push stream of the current connection until it ends.
+    pub async fn read_pushes(self: &Arc<Self>) -> Result<(), AgentError> {
+        let conn = self.conn().await;
+        let mut stream = conn.accept_uni().await.map_err(other)?;
+        let mut decoder = wire::FrameDecoder::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            while let Some(frame) = decoder.next_frame().map_err(other)? {
+                let env = wire::decode_envelope(&frame).map_err(other)?;
+                if let Some(body) = env.body {
+                    self.on_push(body).await?;
+                }
+            }
+            match stream.read(&mut buf).await.map_err(other)? {
+                Some(n) => decoder.push(&buf[..n]).map_err(other)?,
+                None => return Err(other("Sec-EM closed the push stream")),
+            }
+        }
+    }
+
+    /// Re-attests every `interval`: re-measures `target`, reveals the next element, and
+    /// renews the chain when few elements are left.
+    pub async fn reattest(&self, target: &Path) -> Result<(), AgentError> {
+        let measurement = {
+            let target = target.to_path_buf();
+            tokio::task::spawn_blocking(move || measure(&target))
+                .await
+                .map_err(other)??
+        };
+        let mut chain = self.chain.lock().await;
+        let renew = chain.prover.remaining() <= RENEW_BELOW || measurement != chain.measurement;
+        let conn = self.conn().await;
+        if renew {
+            let length = chain.prover.spec().length;
+            let (reveal, sealed, next, dh) = chain.renewal(&measurement, length)?;
+            let body = Body::Reattest(msg::ReattestRequest {
+                reveal: Some((&reveal).into()),
+                measurement: measurement.clone(),
+                renewal: Some((&sealed).into()),
+                dh_public: dh.public().as_bytes().to_vec(),
+            });
+            match ask(&conn, body).await? {
+                Body::Reattested(r) => {
+                    chain.prover = next;
+                    chain.dh = dh;
+                    chain.measurement = measurement;
+                    let spec = *chain.prover.spec();
+                    save_position(
+                        &chain.state_dir,
+                        &chain.id,
+                        Position {
+                            epoch: spec.epoch,
+                            length: spec.length,
+                            next: spec.length - 1,
+                        },
+                    )?;
+                    tracing::info!(epoch = r.epoch, "chain renewed");
+                    Ok(())
+                }
+                Body::Refused(r) => Err(refused(&r)),
+                b => Err(other(format!("unexpected answer to Reattest: {b:?}"))),
+            }
+        } else {
+            let reveal = chain.reveal()?;
+            let body = Body::Reattest(msg::ReattestRequest {
+                reveal: Some((&reveal).into()),
+                measurement,
+                renewal: None,
+                dh_public: Vec::new(),
+            });
+            match ask(&conn, body).await? {
+                Body::Reattested(r) => {
+                    tracing::debug!(index = r.last_index, "re-attested");
+                    Ok(())
+                }
+                Body::Refused(r) => Err(refused(&r)),
+                b => Err(other(format!("unexpected answer to Reattest: {b:?}"))),
+            }
+        }
+    }
+
+    /// Connects again (backoff up to 30 s) and re-authenticates with the next reveal.
+    pub async fn reconnect(&self) -> Result<(), AgentError> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let bundle = self.chain.lock().await.bundle.clone();
+            match connect(&self.endpoint, &bundle).await {
+                Ok(conn) => {
+                    let mut chain = self.chain.lock().await;
+                    match enroll(&conn, &mut chain, self.wg_public, self.underlay).await {
+                        Ok(_) => {
+                            *self.conn.lock().await = conn;
+                            tracing::info!("reconnected to Sec-EM");
+                            return Ok(());
+                        }
+                        Err(e @ AgentError::Refused { .. }) => return Err(e),
+                        Err(e) => tracing::warn!(error = %e, "re-enrollment failed"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Sec-EM unreachable; tunnels keep running"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// The overlay address and network of an enrollment.
+pub fn overlay_of(e: &Enrolled) -> Overlay {
+    e.overlay
+}

@@ -1,0 +1,678 @@
+//! The data plane: a TUN device, one UDP socket, and one `boringtun::noise::Tunn` per
+//! verified peer (DESIGN.md §3.5).
+//!
+//! - TUN to UDP: the destination overlay address picks the peer (or the gateway the peer
+//!   is reached through). A destination in the tenant's overlay that has no peer yet is
+//!   queued (bounded) and Sec-EM is asked to verify it; the queue is released when the
+//!   tunnel is installed, or dropped (counted) when the pair is refused.
+//! - UDP to TUN: a handshake initiation is mapped to its peer by the static key it
+//!   carries, every other message by its receiver index. Cryptokey routing: a decrypted
+//!   packet is accepted only if its inner source is the peer's overlay address (or, from
+//!   the gateway, an address routed through it). What is accepted passes this VNF's
+//!   Sec-catalog (or, on a gateway forwarding to a protected VNF, that VNF's catalog).
+//! - Timers: every peer's `update_timers` runs every 100 ms.
+//!
+//! All state sits behind one mutex, never held across an await.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use asmn_shared::catalog::SecCatalog;
+use asmn_shared::crypto::PresharedKey;
+use asmn_shared::ids::{InstanceKey, Role, VnfId};
+use asmn_shared::policy::{Decision, PolicyEngine, SourceKey};
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use governor::clock::DefaultClock;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use zeroize::Zeroize;
+
+/// Largest datagram or packet handled (an MTU of 1420 plus WireGuard's overhead fits).
+pub const BUF: usize = 65_536;
+/// Packets queued per destination waiting for its tunnel.
+pub const QUEUE_PER_DST: usize = 64;
+/// Destinations waiting at once.
+pub const QUEUE_DSTS: usize = 256;
+/// How long a destination may wait for Sec-EM's answer.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// A verified peer, as installed.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// Its identity.
+    pub id: InstanceKey,
+    /// Its VNF.
+    pub vnf: VnfId,
+    /// Its overlay address.
+    pub overlay: IpAddr,
+    /// Its underlay endpoint.
+    pub endpoint: SocketAddr,
+    /// Its WireGuard static public key.
+    pub wg_public: [u8; 32],
+    /// Its role.
+    pub role: Role,
+}
+
+struct Peer {
+    spec: PeerSpec,
+    tunn: Tunn,
+    psk: PresharedKey,
+    source: SourceKey,
+    rx_bytes: u64,
+    tx_bytes: u64,
+}
+
+/// Counters of the data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlaneCounters {
+    /// Packets from TUN sent into a tunnel.
+    pub tx_packets: u64,
+    /// Packets from tunnels written to TUN (or forwarded by a gateway).
+    pub rx_packets: u64,
+    /// Datagrams for no known peer.
+    pub unknown_peer: u64,
+    /// Decrypted packets whose inner source is not the peer's (cryptokey routing).
+    pub spoofed: u64,
+    /// Packets dropped by a Sec-catalog.
+    pub policy_dropped: u64,
+    /// Packets dropped waiting for a tunnel (queue full, refused, or timed out).
+    pub queue_dropped: u64,
+    /// Packets to addresses outside the tenant.
+    pub no_route: u64,
+}
+
+struct Waiting {
+    since: Instant,
+    packets: VecDeque<Vec<u8>>,
+}
+
+struct State {
+    slots: Vec<Option<Peer>>,
+    /// Overlay address to slot: the peer's own, or its gateway's.
+    routes: HashMap<IpAddr, u32>,
+    by_key: HashMap<[u8; 32], u32>,
+    waiting: HashMap<IpAddr, Waiting>,
+    /// This VNF's catalog.
+    policy: Option<PolicyEngine<DefaultClock>>,
+    /// On a gateway: the catalogs of the VNFs it protects.
+    protected: HashMap<VnfId, PolicyEngine<DefaultClock>>,
+    counters: PlaneCounters,
+}
+
+/// What became of a datagram.
+enum Inbound {
+    /// Consumed (a handshake, a drop, or forwarded by a gateway).
+    Done,
+    /// `out[..len]` goes to TUN.
+    ToTun(usize),
+    /// `out[..len]` goes onwards to a destination without a tunnel yet (gateway).
+    Requeue(usize),
+}
+
+/// What the plane asks of the control side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ask {
+    /// Verify the instance at this overlay address (VerifyPeer).
+    Verify(IpAddr),
+}
+
+/// The data plane of one agent.
+pub struct Plane {
+    state: Mutex<State>,
+    udp: UdpSocket,
+    tun: tun_rs::AsyncDevice,
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    overlay: IpAddr,
+    overlay_net: (IpAddr, u8),
+    role: Role,
+    asks: mpsc::Sender<Ask>,
+}
+
+impl std::fmt::Debug for Plane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plane")
+            .field("overlay", &self.overlay)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+fn in_net(ip: IpAddr, (net, prefix): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Sends what a `Tunn` call produced and drains its queue (`decapsulate` with an empty
+/// datagram) as boringtun requires. Runs under the lock; sends are non-blocking.
+fn flush(udp: &UdpSocket, tunn: &mut Tunn, to: SocketAddr, first: Option<Vec<u8>>, out: &mut [u8]) {
+    if let Some(p) = first {
+        let _ = udp.try_send_to(&p, to);
+    }
+    for _ in 0..QUEUE_PER_DST {
+        match tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(p) => {
+                let _ = udp.try_send_to(p, to);
+            }
+            _ => break,
+        }
+    }
+}
+
+impl Plane {
+    /// A plane on `tun` and `udp` with the static key `secret`, for the instance at
+    /// `overlay` in `overlay_net`. Verification requests go to `asks`.
+    pub fn new(
+        tun: tun_rs::AsyncDevice,
+        udp: UdpSocket,
+        secret: x25519::StaticSecret,
+        overlay: IpAddr,
+        overlay_net: (IpAddr, u8),
+        role: Role,
+        asks: mpsc::Sender<Ask>,
+    ) -> Arc<Plane> {
+        let public = x25519::PublicKey::from(&secret);
+        Arc::new(Plane {
+            state: Mutex::new(State {
+                slots: Vec::new(),
+                routes: HashMap::new(),
+                by_key: HashMap::new(),
+                waiting: HashMap::new(),
+                policy: None,
+                protected: HashMap::new(),
+                counters: PlaneCounters::default(),
+            }),
+            udp,
+            tun,
+            secret,
+            public,
+            overlay,
+            overlay_net,
+            role,
+            asks,
+        })
+    }
+
+    /// This agent's WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is a plain
+        // assignment): go on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs (or re-keys) a verified peer with the pair's PSK; packets waiting for it
+    /// are sent. `via` routes these addresses through this peer too (the VNFs a gateway
+    /// protects).
+    pub fn install(&self, spec: PeerSpec, psk: &PresharedKey) {
+        let mut out = vec![0u8; BUF];
+        let mut st = self.lock();
+        // The same peer with the same key: keep its tunnel (and its sessions).
+        if let Some(slot) = st.by_key.get(&spec.wg_public).copied()
+            && let Some(p) = st.slots[slot as usize].as_ref()
+            && p.psk == *psk
+            && p.spec.id == spec.id
+            && p.spec.overlay == spec.overlay
+        {
+            if let Some(w) = st.waiting.remove(&spec.overlay)
+                && let Some(peer) = st.slots[slot as usize].as_mut()
+            {
+                for p in w.packets {
+                    if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
+                        let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+                    }
+                }
+            }
+            return;
+        }
+        let mut psk_bytes = *psk.expose();
+        let slot = match st.by_key.get(&spec.wg_public).copied() {
+            Some(s) => s,
+            None => match st.slots.iter().position(Option::is_none) {
+                Some(free) => free as u32,
+                None => {
+                    st.slots.push(None);
+                    (st.slots.len() - 1) as u32
+                }
+            },
+        };
+        if let Some(old) = st.slots[slot as usize].take() {
+            st.routes.retain(|_, s| *s != slot);
+            drop(old);
+        }
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(spec.wg_public),
+            Some(psk_bytes),
+            Some(25),
+            slot,
+            None,
+        );
+        psk_bytes.zeroize();
+        let source = match st.policy.as_mut() {
+            Some(p) => p.source_key(&spec.vnf),
+            None => SourceKey::UNKNOWN,
+        };
+        st.by_key.insert(spec.wg_public, slot);
+        st.routes.insert(spec.overlay, slot);
+        let overlay = spec.overlay;
+        let endpoint = spec.endpoint;
+        st.slots[slot as usize] = Some(Peer {
+            spec,
+            tunn,
+            psk: psk.clone(),
+            source,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        });
+        // Release what waited for this address.
+        if let Some(w) = st.waiting.remove(&overlay) {
+            let Some(peer) = st.slots[slot as usize].as_mut() else {
+                return;
+            };
+            for p in w.packets {
+                if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
+                    let _ = self.udp.try_send_to(b, endpoint);
+                }
+            }
+        }
+    }
+
+    /// Routes `overlay` through the peer at `via` (a VNF behind a gateway). Packets that
+    /// waited for `overlay` are sent.
+    pub fn route_via(&self, overlay: IpAddr, via: IpAddr) -> bool {
+        let mut out = vec![0u8; BUF];
+        let mut st = self.lock();
+        let Some(&slot) = st.routes.get(&via) else {
+            return false;
+        };
+        st.routes.insert(overlay, slot);
+        if let Some(w) = st.waiting.remove(&overlay)
+            && let Some(peer) = st.slots[slot as usize].as_mut()
+        {
+            let to = peer.spec.endpoint;
+            for p in w.packets {
+                if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
+                    let _ = self.udp.try_send_to(b, to);
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes the peer with identity `id` (revoked): its routes go, its keys are dropped
+    /// (boringtun zeroizes its session keys on drop). Whether it was installed.
+    pub fn remove(&self, id: &InstanceKey) -> bool {
+        let mut st = self.lock();
+        let Some(slot) = st
+            .slots
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.spec.id == *id))
+        else {
+            return false;
+        };
+        if let Some(p) = st.slots[slot].take() {
+            st.by_key.remove(&p.spec.wg_public);
+        }
+        st.routes.retain(|_, s| *s as usize != slot);
+        true
+    }
+
+    /// Drops what waited for `overlay` (the pair was refused).
+    pub fn refuse(&self, overlay: IpAddr) {
+        let mut st = self.lock();
+        if let Some(w) = st.waiting.remove(&overlay) {
+            st.counters.queue_dropped += w.packets.len() as u64;
+        }
+    }
+
+    /// Swaps in this VNF's catalog (atomically: the next packet sees the new one).
+    pub fn set_catalog(&self, catalog: SecCatalog) {
+        let mut st = self.lock();
+        let catalog = Arc::new(catalog);
+        match st.policy.as_mut() {
+            Some(p) => p.set_catalog(catalog),
+            None => {
+                let mut engine = PolicyEngine::new(catalog, DefaultClock::default());
+                // Peers installed before the first catalog get their source keys now.
+                let vnfs: Vec<(usize, VnfId)> = st
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| p.as_ref().map(|p| (i, p.spec.vnf.clone())))
+                    .collect();
+                for (i, vnf) in vnfs {
+                    let k = engine.source_key(&vnf);
+                    if let Some(p) = st.slots[i].as_mut() {
+                        p.source = k;
+                    }
+                }
+                st.policy = Some(engine);
+            }
+        }
+    }
+
+    /// On a gateway: swaps in the catalog of a VNF it protects.
+    pub fn set_protected_catalog(&self, catalog: SecCatalog) {
+        let mut st = self.lock();
+        let vnf = catalog.vnf.clone();
+        let catalog = Arc::new(catalog);
+        match st.protected.get_mut(&vnf) {
+            Some(p) => p.set_catalog(catalog),
+            None => {
+                st.protected
+                    .insert(vnf, PolicyEngine::new(catalog, DefaultClock::default()));
+            }
+        }
+    }
+
+    /// The catalog version in force for this VNF.
+    pub fn catalog_version(&self) -> Option<u64> {
+        self.lock().policy.as_ref().map(|p| p.catalog().version)
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> PlaneCounters {
+        self.lock().counters
+    }
+
+    /// Per-rule policy counters of this VNF's catalog.
+    pub fn policy_counters(&self) -> Option<asmn_shared::policy::CounterSnapshot> {
+        self.lock().policy.as_ref().map(PolicyEngine::counters)
+    }
+
+    /// Installed peers: (identity, VNF, overlay, bytes received, bytes sent, time since
+    /// the last handshake).
+    pub fn peers(&self) -> Vec<(InstanceKey, VnfId, IpAddr, u64, u64, Option<Duration>)> {
+        self.lock()
+            .slots
+            .iter()
+            .flatten()
+            .map(|p| {
+                let (last, ..) = p.tunn.stats();
+                (
+                    p.spec.id,
+                    p.spec.vnf.clone(),
+                    p.spec.overlay,
+                    p.rx_bytes,
+                    p.tx_bytes,
+                    last,
+                )
+            })
+            .collect()
+    }
+
+    /// TUN to tunnels, until the device fails.
+    pub async fn run_tun(self: Arc<Self>) -> std::io::Result<()> {
+        let mut buf = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        loop {
+            let n = self.tun.recv(&mut buf).await?;
+            tracing::trace!(n, "from TUN");
+            self.outbound(&buf[..n], &mut out);
+        }
+    }
+
+    fn outbound(&self, packet: &[u8], out: &mut [u8]) {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            return;
+        };
+        let mut ask = None;
+        {
+            let mut st = self.lock();
+            match st.routes.get(&dst).copied() {
+                Some(slot) => {
+                    if let Some(peer) = st.slots[slot as usize].as_mut() {
+                        let to = peer.spec.endpoint;
+                        peer.tx_bytes += packet.len() as u64;
+                        if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(packet, out) {
+                            let _ = self.udp.try_send_to(b, to);
+                        }
+                        st.counters.tx_packets += 1;
+                    }
+                }
+                None if in_net(dst, self.overlay_net) && dst != self.overlay => {
+                    let full = st.waiting.len() >= QUEUE_DSTS;
+                    let w = match st.waiting.get_mut(&dst) {
+                        Some(w) => Some(w),
+                        None if !full => {
+                            ask = Some(Ask::Verify(dst));
+                            st.waiting.insert(
+                                dst,
+                                Waiting {
+                                    since: Instant::now(),
+                                    packets: VecDeque::new(),
+                                },
+                            );
+                            st.waiting.get_mut(&dst)
+                        }
+                        None => None,
+                    };
+                    match w {
+                        Some(w) if w.packets.len() < QUEUE_PER_DST => {
+                            w.packets.push_back(packet.to_vec());
+                        }
+                        _ => st.counters.queue_dropped += 1,
+                    }
+                }
+                None => st.counters.no_route += 1,
+            }
+        }
+        if let Some(a) = ask {
+            tracing::debug!(?a, "no tunnel yet: asking Sec-EM");
+            let _ = self.asks.try_send(a);
+        }
+    }
+
+    /// Tunnels to TUN (or onwards, on a gateway), until the socket fails.
+    pub async fn run_udp(self: Arc<Self>) -> std::io::Result<()> {
+        let mut buf = vec![0u8; BUF];
+        let mut out = vec![0u8; BUF];
+        let mut fwd = vec![0u8; BUF];
+        loop {
+            let (n, from) = self.udp.recv_from(&mut buf).await?;
+            match self.inbound(&buf[..n], from, &mut out, &mut fwd) {
+                Inbound::Done => {}
+                Inbound::ToTun(len) => {
+                    let _ = self.tun.send(&out[..len]).await;
+                }
+                Inbound::Requeue(len) => {
+                    let packet = out[..len].to_vec();
+                    self.outbound(&packet, &mut fwd);
+                }
+            }
+        }
+    }
+
+    /// Handles one datagram.
+    fn inbound(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        fwd: &mut [u8],
+    ) -> Inbound {
+        self.inbound_locked(datagram, from, out, fwd)
+            .unwrap_or(Inbound::Done)
+    }
+
+    fn inbound_locked(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        fwd: &mut [u8],
+    ) -> Option<Inbound> {
+        let mut st = self.lock();
+        let slot = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                let half = boringtun::noise::handshake::parse_handshake_anon(
+                    &self.secret,
+                    &self.public,
+                    &init,
+                )
+                .ok()?;
+                st.by_key.get(&half.peer_static_public).copied()
+            }
+            Ok(Packet::HandshakeResponse(p)) => Some(p.receiver_idx >> 8),
+            Ok(Packet::PacketCookieReply(p)) => Some(p.receiver_idx >> 8),
+            Ok(Packet::PacketData(p)) => Some(p.receiver_idx >> 8),
+            Err(_) => None,
+        };
+        let Some(slot) = slot.filter(|s| st.slots.get(*s as usize).is_some_and(Option::is_some))
+        else {
+            st.counters.unknown_peer += 1;
+            return Some(Inbound::Done);
+        };
+        let st = &mut *st;
+        let peer = st.slots[slot as usize].as_mut()?;
+        let (len, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(p) => {
+                let p = p.to_vec();
+                peer.spec.endpoint = from;
+                flush(&self.udp, &mut peer.tunn, from, Some(p), fwd);
+                return None;
+            }
+            TunnResult::WriteToTunnelV4(p, src) => (p.len(), IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(p, src) => (p.len(), IpAddr::V6(src)),
+            TunnResult::Done | TunnResult::Err(_) => return None,
+        };
+        peer.spec.endpoint = from;
+        peer.rx_bytes += len as u64;
+        let peer_role = peer.spec.role;
+        let peer_overlay = peer.spec.overlay;
+        let source = peer.source;
+        let peer_vnf = peer.spec.vnf.clone();
+        // Cryptokey routing: the inner source must be the peer, or come through the
+        // gateway (which verified and policed it).
+        let from_gateway = peer_role == Role::Gateway && in_net(src, self.overlay_net);
+        if src != peer_overlay && !from_gateway {
+            st.counters.spoofed += 1;
+            return None;
+        }
+        let dst = Tunn::dst_address(&out[..len])?;
+        if dst == self.overlay {
+            let decision = match st.policy.as_mut() {
+                Some(p) => p.handle_packet(source, &out[..len]),
+                // No catalog loaded: nothing passes.
+                None => Decision::DropNotListed,
+            };
+            if !decision.passes() {
+                st.counters.policy_dropped += 1;
+                return None;
+            }
+            st.counters.rx_packets += 1;
+            return Some(Inbound::ToTun(len));
+        }
+        if self.role != Role::Gateway {
+            st.counters.no_route += 1;
+            return None;
+        }
+        // A gateway forwards to the destination, under the destination's catalog.
+        let Some(&to_slot) = st.routes.get(&dst) else {
+            // Not verified yet: queue it and ask, like outbound traffic.
+            return Some(Inbound::Requeue(len));
+        };
+        let dst_vnf = st.slots[to_slot as usize].as_ref()?.spec.vnf.clone();
+        let decision = match st.protected.get_mut(&dst_vnf) {
+            Some(engine) => {
+                let key = engine.source_key(&peer_vnf);
+                engine.handle_packet(key, &out[..len])
+            }
+            // A VNF the gateway protects without a catalog yet: nothing passes. A VNF
+            // it does not protect (the client, for replies) is policed by its own agent.
+            None => Decision::Pass(asmn_shared::policy::Matched::Default),
+        };
+        if !decision.passes() {
+            st.counters.policy_dropped += 1;
+            return None;
+        }
+        let to = st.slots[to_slot as usize].as_mut()?;
+        let endpoint = to.spec.endpoint;
+        to.tx_bytes += len as u64;
+        if let TunnResult::WriteToNetwork(b) = to.tunn.encapsulate(&out[..len], fwd) {
+            let _ = self.udp.try_send_to(b, endpoint);
+        }
+        st.counters.rx_packets += 1;
+        None
+    }
+
+    /// WireGuard timers (handshakes, keepalives, expiry) and stale queues, forever.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut out = vec![0u8; BUF];
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let mut refused = Vec::new();
+            {
+                let mut st = self.lock();
+                for peer in st.slots.iter_mut().flatten() {
+                    if let TunnResult::WriteToNetwork(b) = peer.tunn.update_timers(&mut out) {
+                        let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+                    }
+                }
+                let now = Instant::now();
+                st.waiting.retain(|ip, w| {
+                    let keep = now.duration_since(w.since) < QUEUE_WAIT;
+                    if !keep {
+                        refused.push((*ip, w.packets.len()));
+                    }
+                    keep
+                });
+                for (_, n) in &refused {
+                    st.counters.queue_dropped += *n as u64;
+                }
+            }
+            for (ip, _) in refused {
+                tracing::debug!(%ip, "no tunnel in time: queued packets dropped");
+            }
+        }
+    }
+
+    /// Whether a peer with identity `id` is installed.
+    pub fn has_peer(&self, id: &InstanceKey) -> bool {
+        self.lock().slots.iter().flatten().any(|p| p.spec.id == *id)
+    }
+
+    /// The role of this agent.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// This agent's overlay address.
+    pub fn overlay(&self) -> IpAddr {
+        self.overlay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_membership() {
+        let net = ("10.77.0.0".parse().expect("ip"), 16);
+        assert!(in_net("10.77.3.4".parse().expect("ip"), net));
+        assert!(!in_net("10.78.0.1".parse().expect("ip"), net));
+        assert!(!in_net("::1".parse().expect("ip"), net));
+    }
+}

@@ -1,0 +1,313 @@
+//! `asmn-agent`: the ASMN sidecar of one VNF instance.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use asmn_agent::config::Config;
+use asmn_agent::control::{self, AgentError, Chain, Control};
+use asmn_agent::dataplane::Plane;
+use asmn_shared::wire::msg::{self, Body};
+use clap::{Parser, Subcommand};
+use rand::RngCore;
+
+/// The ASMN agent of one VNF instance.
+///
+/// It measures its target (the VNF image, read-only), enrolls with Sec-EM by revealing
+/// the next element of its hash chain, re-attests every interval, and carries the
+/// instance's traffic over WireGuard tunnels to the peers Sec-EM verified, enforcing the
+/// VNF's Sec-catalog. Needs root (or CAP_NET_ADMIN) for its TUN device.
+///
+/// Exit codes: 0 stopped by a signal; 1 refused by Sec-EM (wrong image, unknown instance,
+/// revoked: the message says which); 2 bad configuration or bundle; 3 a device, socket or
+/// network error.
+#[derive(Parser, Debug)]
+#[command(name = "asmn-agent", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// The configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Log format: text or json.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Check a configuration file and the bundle it names, then exit.
+    CheckConfig {
+        /// The configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
+/// Exit codes.
+const REFUSED: u8 = 1;
+const BAD_CONFIG: u8 = 2;
+const RUNTIME: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| control::load_bundle(&c.bundle).map_err(|e| e.to_string()))
+        {
+            Ok(b) => {
+                println!(
+                    "{}: valid; instance {} of VNF {} in tenant {} ({})",
+                    config.display(),
+                    b.instance,
+                    b.vnf,
+                    b.tenant,
+                    b.role
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("asmn-agent: {e}");
+                ExitCode::from(BAD_CONFIG)
+            }
+        },
+        Command::Run { config, log_format } => {
+            logging(&log_format);
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("asmn-agent: {e}");
+                    return ExitCode::from(BAD_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("asmn-agent: starting the runtime: {e}");
+                    return ExitCode::from(RUNTIME);
+                }
+            };
+            match runtime.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(Failure::Refused(e)) => {
+                    eprintln!("asmn-agent: {e}");
+                    ExitCode::from(REFUSED)
+                }
+                Err(Failure::Config(e)) => {
+                    eprintln!("asmn-agent: {e:#}");
+                    ExitCode::from(BAD_CONFIG)
+                }
+                Err(Failure::Runtime(e)) => {
+                    eprintln!("asmn-agent: {e:#}");
+                    ExitCode::from(RUNTIME)
+                }
+            }
+        }
+    }
+}
+
+enum Failure {
+    Refused(AgentError),
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+fn classify(e: AgentError) -> Failure {
+    match e {
+        e @ AgentError::Refused { .. } => Failure::Refused(e),
+        other => Failure::Runtime(anyhow::anyhow!(other)),
+    }
+}
+
+/// Underlay socket buffers (the kernel caps them at `net.core.rmem_max`/`wmem_max`; inside
+/// a namespace those cannot be raised, so the socket asks for what it needs).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn underlay_socket(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())
+        .with_context(|| format!("binding the underlay socket {addr}"))?;
+    Ok(tokio::net::UdpSocket::from_std(s.into())?)
+}
+
+async fn run(cfg: Config) -> Result<(), Failure> {
+    let bundle =
+        control::load_bundle(&cfg.bundle).map_err(|e| Failure::Config(anyhow::anyhow!(e)))?;
+    tracing::info!(tenant = %bundle.tenant, vnf = %bundle.vnf, instance = %bundle.instance, "measuring {}", cfg.target.display());
+    let target = cfg.target.clone();
+    let measurement = tokio::task::spawn_blocking(move || control::measure(&target))
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?
+        .map_err(classify)?;
+    let mut chain = Chain::new(bundle.clone(), measurement, cfg.state_dir.clone());
+
+    // The static WireGuard key of this run.
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let secret = boringtun::x25519::StaticSecret::from(key);
+    zeroize::Zeroize::zeroize(&mut key);
+    let wg_public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
+
+    let udp = underlay_socket(cfg.underlay).map_err(Failure::Runtime)?;
+    let endpoint = control::client(&bundle.ca_pem).map_err(classify)?;
+    let conn = control::connect(&endpoint, &bundle)
+        .await
+        .map_err(classify)?;
+    let enrolled = control::enroll(&conn, &mut chain, wg_public, cfg.underlay)
+        .await
+        .map_err(classify)?;
+    let overlay = control::overlay_of(&enrolled);
+    tracing::info!(overlay = %overlay.ip, prefix = overlay.prefix, "enrolled");
+
+    let IpAddr::V4(ip4) = overlay.ip else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "IPv6 overlays are not supported yet"
+        )));
+    };
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&cfg.tun)
+        .ipv4(ip4, overlay.prefix, None)
+        .mtu(1420)
+        .build_async()
+        .with_context(|| {
+            format!(
+                "creating TUN device {} (root or CAP_NET_ADMIN needed)",
+                cfg.tun
+            )
+        })
+        .map_err(Failure::Runtime)?;
+    let net = {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(overlay.prefix))
+            .unwrap_or(0);
+        IpAddr::V4((u32::from(ip4) & mask).into())
+    };
+    let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(256);
+    let plane = Plane::new(
+        tun,
+        udp,
+        secret,
+        overlay.ip,
+        (net, overlay.prefix),
+        bundle.role,
+        asks_tx,
+    );
+    let version = enrolled.catalog.version;
+    let vnf = enrolled.catalog.vnf.to_string();
+    plane.set_catalog(enrolled.catalog.clone());
+    let control = Control::new(
+        chain,
+        conn.clone(),
+        endpoint,
+        Arc::clone(&plane),
+        cfg.underlay,
+        version,
+    );
+    let _ = control::ask(&conn, Body::CatalogAck(msg::CatalogAck { vnf, version })).await;
+
+    tokio::spawn(Arc::clone(&plane).run_timers());
+    let tun_task = tokio::spawn(Arc::clone(&plane).run_tun());
+    let udp_task = tokio::spawn(Arc::clone(&plane).run_udp());
+    tokio::spawn(Arc::clone(&control).serve_asks(asks_rx));
+    if let Some(addr) = cfg.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr}"))
+            .map_err(Failure::Runtime)?;
+        tokio::spawn(asmn_agent::metrics::serve(listener, Arc::clone(&plane)));
+    }
+
+    // Pushes, with reconnection; a refusal (this instance revoked) stops the agent.
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<AgentError>(1);
+    {
+        let control = Arc::clone(&control);
+        let stop = stop_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match control.read_pushes().await {
+                    Err(e @ AgentError::Refused { .. }) => {
+                        let _ = stop.send(e).await;
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "push stream ended"),
+                    Ok(()) => {}
+                }
+                if let Err(e) = control.reconnect().await {
+                    let _ = stop.send(e).await;
+                    return;
+                }
+            }
+        });
+    }
+    let interval = Duration::from_secs(u64::from(
+        cfg.reattest_interval_secs
+            .unwrap_or(enrolled.reattest_interval.as_secs() as u32)
+            .max(1),
+    ));
+    {
+        let control = Arc::clone(&control);
+        let target = cfg.target.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match control.reattest(&target).await {
+                    Ok(()) => {}
+                    Err(e @ AgentError::Refused { .. }) => {
+                        let _ = stop_tx.send(e).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-attestation failed; retrying next interval")
+                    }
+                }
+            }
+        });
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: stopping");
+            Ok(())
+        }
+        _ = term.recv() => {
+            tracing::info!("terminated: stopping");
+            Ok(())
+        }
+        Some(e) = stop_rx.recv() => {
+            tracing::error!(error = %e, "stopping");
+            Err(Failure::Refused(e))
+        }
+        r = tun_task => Err(Failure::Runtime(anyhow::anyhow!("TUN device failed: {r:?}"))),
+        r = udp_task => Err(Failure::Runtime(anyhow::anyhow!("underlay socket failed: {r:?}"))),
+    }
+}

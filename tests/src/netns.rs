@@ -1,0 +1,249 @@
+//! Network namespaces, links and processes for tests and the lab, each removed when its
+//! guard is dropped (also when a test fails): a namespace is deleted (its veth ends and
+//! TUN devices go with it), a process is killed by its PID.
+//!
+//! Names are unique per run (`asmn<pid><counter>`), so two runs never collide.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for this run's names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether this process may create namespaces (root). Under `CI` a missing capability
+/// fails the calling test; elsewhere the test may skip, saying why.
+pub fn can_run(what: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if root && ip {
+        return true;
+    }
+    let why = if root {
+        "`ip` (iproute2) is missing"
+    } else {
+        "not root"
+    };
+    assert!(
+        std::env::var("CI").is_err(),
+        "{what} needs root and network namespaces under CI: {why}"
+    );
+    eprintln!("skipped {what}: {why}");
+    false
+}
+
+/// Runs a command to completion; an error names it and shows its stderr.
+pub fn run(cmd: &mut Command) -> Result<Output, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("{cmd:?}: cannot start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `<tag>` (unique) with its loopback up.
+    pub fn new(tag: &str) -> Result<Netns, String> {
+        let name = unique(tag);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        run(&mut ns.cmd("ip", &["link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `program args...` inside the namespace.
+    pub fn cmd(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]).args(args);
+        c
+    }
+
+    /// Runs `program args...` inside the namespace to completion.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output, String> {
+        run(&mut self.cmd(program, args))
+    }
+
+    /// Starts `program args...` inside the namespace, its output to `log`.
+    pub fn spawn(&self, program: &Path, args: &[&str], log: &Path) -> Result<Proc, String> {
+        let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", program.display()))?;
+        Ok(Proc {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Processes still inside die with SIGKILL first (by PID, from `ip netns pids`).
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A process started by a test, killed (by PID) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for it to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `limit` until its log contains `text`.
+    pub fn wait_log(&mut self, text: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log().contains(text) {
+                return true;
+            }
+            if !self.running() {
+                return self.log().contains(text);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Sends SIGTERM (by PID).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects `ns` to the bridge `bridge` in namespace `hub` with a veth pair, gives the
+/// namespace's end `addr` (CIDR) and brings both up. The namespace's end is `eth0`.
+pub fn attach(hub: &Netns, bridge: &str, ns: &Netns, addr: &str) -> Result<(), String> {
+    let outer = unique("v");
+    run(&mut hub.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ],
+    ))?;
+    hub.run("ip", &["link", "set", &outer, "master", bridge])?;
+    hub.run("ip", &["link", "set", &outer, "up"])?;
+    ns.run("ip", &["addr", "add", addr, "dev", "eth0"])?;
+    ns.run("ip", &["link", "set", "eth0", "up"])?;
+    Ok(())
+}
+
+/// A bridge named `bridge` in `hub` with `addr` (CIDR) on it, up.
+pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> Result<(), String> {
+    hub.run("ip", &["link", "add", bridge, "type", "bridge"])?;
+    hub.run("ip", &["addr", "add", addr, "dev", bridge])?;
+    hub.run("ip", &["link", "set", bridge, "up"])?;
+    Ok(())
+}
+
+/// The project's binaries (`sec-em`, `asmnctl`, `asmn-agent`, ...) next to the running
+/// test or lab: target/<profile>/NAME. They are built by `cargo build --workspace --bins`
+/// (scripts/test.sh does it before the tests).
+pub fn binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} is not built: run `cargo build --workspace --bins` first",
+            p.display()
+        ))
+    }
+}

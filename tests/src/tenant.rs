@@ -1,0 +1,236 @@
+//! A tenant built from network namespaces: a hub namespace with a bridge and `sec-em` on
+//! it, and one namespace per VNF instance, attached to the bridge by a veth pair, running
+//! `asmn-agent`. The underlay is 10.99.0.0/24 (Sec-EM at .1); overlay addresses come from
+//! Sec-EM (10.77.0.0/16). Everything lives inside namespaces this run created.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::netns::{self, Netns, Proc};
+
+/// Sec-EM's address on the underlay.
+pub const SEC_EM: &str = "10.99.0.1";
+const PORT: u16 = 7443;
+
+/// One VNF instance.
+#[derive(Debug)]
+pub struct Vnf {
+    /// Instance name.
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Underlay address.
+    pub underlay: String,
+    /// Instance ID (hex).
+    pub id: String,
+    /// Overlay address given by Sec-EM.
+    pub overlay: IpAddr,
+    /// Agent configuration file.
+    pub config: PathBuf,
+    /// The running agent.
+    pub agent: Option<Proc>,
+}
+
+/// The tenant.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Working directory (PKI, images, bundles, logs).
+    pub dir: tempfile::TempDir,
+    /// VNFs, in the order added (dropped before the hub: see `Drop`).
+    pub vnfs: Vec<Vnf>,
+    /// Sec-EM.
+    pub sec_em: Option<Proc>,
+    /// The hub namespace (bridge, Sec-EM).
+    pub hub: Netns,
+    next_host: u8,
+}
+
+impl Drop for Tenant {
+    fn drop(&mut self) {
+        // Agents first, then Sec-EM, then the namespaces (vnfs before hub).
+        for v in &mut self.vnfs {
+            v.agent.take();
+        }
+        self.sec_em.take();
+        self.vnfs.clear();
+    }
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+impl Tenant {
+    /// The hub namespace, its bridge, and a running Sec-EM with a fresh PKI.
+    pub fn new() -> Result<Tenant, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let hub = Netns::new("asmnhub")?;
+        netns::bridge(&hub, "br0", &format!("{SEC_EM}/24"))?;
+        let sec_em = netns::binary("sec-em")?;
+        let pki = dir.path().join("pki");
+        netns::run(
+            std::process::Command::new(&sec_em)
+                .args(["init", "--dir"])
+                .arg(&pki)
+                .args(["--listen", &format!("{SEC_EM}:{PORT}")])
+                .args(["--server-name", "sec-em"])
+                .args(["--metrics-addr", &format!("{SEC_EM}:9464")]),
+        )?;
+        let cfg = pki.join("sec-em.toml");
+        let proc = hub.spawn(
+            &sec_em,
+            &["serve", "--config", cfg.to_str().unwrap_or_default()],
+            &dir.path().join("sec-em.log"),
+        )?;
+        let mut t = Tenant {
+            dir,
+            vnfs: Vec::new(),
+            sec_em: Some(proc),
+            hub,
+            next_host: 10,
+        };
+        if !wait_until(Duration::from_secs(15), || {
+            t.asmnctl(&["instance", "list"]).is_ok()
+        }) {
+            let log = t.sec_em.as_mut().map(|p| p.log()).unwrap_or_default();
+            return Err(format!("sec-em did not come up: {log}"));
+        }
+        Ok(t)
+    }
+
+    /// Runs `asmnctl ARGS` (in the hub namespace, with the admin certificate).
+    pub fn asmnctl(&self, args: &[&str]) -> Result<String, String> {
+        let bin = netns::binary("asmnctl")?;
+        let pki = self.dir.path().join("pki");
+        let out = netns::run(
+            self.hub
+                .cmd(bin.to_str().unwrap_or_default(), &[])
+                .args(["--pki", pki.to_str().unwrap_or_default()])
+                .args(["--controller", &format!("{SEC_EM}:{PORT}")])
+                .args(args),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `text` to a file in the working directory; its path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, String> {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(p)
+    }
+
+    /// On-boards `image` with the VNFD text `vnfd`.
+    pub fn onboard(&self, image: &Path, vnfd: &str) -> Result<(), String> {
+        let name = format!(
+            "{}.vnfd.yaml",
+            image.file_name().and_then(|n| n.to_str()).unwrap_or("vnf")
+        );
+        let v = self.file(&name, vnfd.as_bytes())?;
+        self.asmnctl(&[
+            "image",
+            "onboard",
+            image.to_str().unwrap_or_default(),
+            "--vnfd",
+            v.to_str().unwrap_or_default(),
+        ])?;
+        Ok(())
+    }
+
+    /// Creates an instance of `vnf` (role `vnf` or `gateway`) measuring `image`, its
+    /// namespace and its agent configuration (not started). Its index.
+    pub fn add(
+        &mut self,
+        name: &str,
+        vnf: &str,
+        role: &str,
+        image: &Path,
+    ) -> Result<usize, String> {
+        let bundle = self.dir.path().join(format!("{name}.bundle"));
+        let out = self.asmnctl(&[
+            "--json",
+            "instance",
+            "create",
+            "--tenant",
+            "lab",
+            "--vnf",
+            vnf,
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            bundle.to_str().unwrap_or_default(),
+        ])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| format!("instance create: {e}: {out}"))?;
+        let id = v["id"]
+            .as_str()
+            .ok_or("instance create: no id")?
+            .to_string();
+        let show = self.asmnctl(&["--json", "instance", "show", &id])?;
+        let rec: serde_json::Value =
+            serde_json::from_str(&show).map_err(|e| format!("instance show: {e}: {show}"))?;
+        let overlay: IpAddr = rec["overlay"]
+            .as_str()
+            .and_then(|o| o.split('/').next())
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| format!("instance show: no overlay: {show}"))?;
+        let ns = Netns::new("asmnvnf")?;
+        let underlay = format!("10.99.0.{}", self.next_host);
+        self.next_host += 1;
+        netns::attach(&self.hub, "br0", &ns, &format!("{underlay}/24"))?;
+        let config = self.file(
+            &format!("{name}.toml"),
+            format!(
+                "bundle = \"{}\"\ntarget = \"{}\"\nunderlay = \"{underlay}:51820\"\ntun = \"asmn0\"\nstate_dir = \"{}\"\nmetrics_addr = \"{underlay}:9465\"\n",
+                bundle.display(),
+                image.display(),
+                self.dir.path().join(format!("{name}.state")).display()
+            )
+            .as_bytes(),
+        )?;
+        self.vnfs.push(Vnf {
+            name: name.to_string(),
+            ns,
+            underlay,
+            id,
+            overlay,
+            config,
+            agent: None,
+        });
+        Ok(self.vnfs.len() - 1)
+    }
+
+    /// Starts the agent of VNF `i`.
+    pub fn start(&mut self, i: usize) -> Result<(), String> {
+        let bin = netns::binary("asmn-agent")?;
+        let log = self.dir.path().join(format!("{}.log", self.vnfs[i].name));
+        let v = &mut self.vnfs[i];
+        let p = v.ns.spawn(
+            &bin,
+            &["run", "--config", v.config.to_str().unwrap_or_default()],
+            &log,
+        )?;
+        v.agent = Some(p);
+        Ok(())
+    }
+
+    /// Waits until VNF `i`'s agent logged its enrollment.
+    pub fn wait_enrolled(&mut self, i: usize, limit: Duration) -> Result<(), String> {
+        let v = &mut self.vnfs[i];
+        let agent = v.agent.as_mut().ok_or("agent not started")?;
+        if agent.wait_log("enrolled", limit) {
+            Ok(())
+        } else {
+            Err(format!("{} did not enroll: {}", v.name, agent.log()))
+        }
+    }
+}
