@@ -29,12 +29,181 @@ const SERVER_VNFD: &str = "vnfd:
         port: 5201
         sources: [client]
         ingress_policing_rate: 0
+      - name: iperf-udp
+        protocol: udp
+        port: 5201
+        sources: [client]
+        ingress_policing_rate: 0
 ";
+
+/// The payload pattern of the pings the underlay capture looks for.
+const PATTERN: &str = "a5c3e1f00dbeef42cafe";
 
 fn image(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
+}
+
+/// A tenant with an enrolled client and server; their indexes.
+fn client_and_server() -> (Tenant, usize, usize) {
+    let mut t = Tenant::new().expect("tenant");
+    let client_img = t.file("client.img", &image(1, 1 << 20)).expect("img");
+    let server_img = t.file("server.img", &image(2, 1 << 20)).expect("img");
+    t.onboard(&client_img, CLIENT_VNFD).expect("onboard client");
+    t.onboard(&server_img, SERVER_VNFD).expect("onboard server");
+    let c = t
+        .add("client-0", "client", "vnf", &client_img)
+        .expect("client");
+    let s = t
+        .add("server-0", "server", "vnf", &server_img)
+        .expect("server");
+    for i in [c, s] {
+        t.start(i).expect("start");
+    }
+    t.wait_enrolled(c, Duration::from_secs(20)).expect("client");
+    t.wait_enrolled(s, Duration::from_secs(20)).expect("server");
+    (t, c, s)
+}
+
+fn stdout(o: std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The agent's metrics (from inside its namespace).
+fn metrics(t: &Tenant, i: usize) -> String {
+    let v = &t.vnfs[i];
+    let url = format!("http://{}:9465/metrics", v.underlay);
+    v.ns.run("curl", &["-s", "--max-time", "2", &url])
+        .map(stdout)
+        .unwrap_or_default()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn ping_until_up(t: &Tenant, from: usize, ip: &str) -> bool {
+    (0..10).any(|_| {
+        t.vnfs[from]
+            .ns
+            .run("ping", &["-c", "1", "-W", "1", ip])
+            .is_ok()
+    })
+}
+
+#[test]
+fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
+    if !netns::can_run("the catalog and revocation test") {
+        return;
+    }
+    let (t, c, s) = client_and_server();
+    let server_ip = t.vnfs[s].overlay.to_string();
+    let iperf = std::path::Path::new("/usr/bin/iperf3");
+    let _listed = t.vnfs[s]
+        .ns
+        .spawn(
+            iperf,
+            &["-s", "-p", "5201"],
+            &t.dir.path().join("iperf-5201.log"),
+        )
+        .expect("iperf3 server");
+    let _unlisted = t.vnfs[s]
+        .ns
+        .spawn(
+            iperf,
+            &["-s", "-p", "5202"],
+            &t.dir.path().join("iperf-5202.log"),
+        )
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+
+    // TCP and UDP on the listed port pass.
+    let tcp = t.vnfs[c]
+        .ns
+        .run(
+            "iperf3",
+            &[
+                "-c",
+                &server_ip,
+                "-p",
+                "5201",
+                "-t",
+                "2",
+                "-J",
+                "--connect-timeout",
+                "3000",
+            ],
+        )
+        .map(stdout)
+        .expect("iperf3 TCP on the listed port");
+    let v: serde_json::Value = serde_json::from_str(&tcp).expect("iperf3 json");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bps > 1e6, "TCP goodput {bps} bit/s");
+    let udp = t.vnfs[c]
+        .ns
+        .run(
+            "iperf3",
+            &[
+                "-c", &server_ip, "-p", "5201", "-u", "-b", "20M", "-t", "2", "-J",
+            ],
+        )
+        .map(stdout)
+        .expect("iperf3 UDP on the listed port");
+    let v: serde_json::Value = serde_json::from_str(&udp).expect("iperf3 json");
+    let lost = v["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0);
+    assert!(lost < 5.0, "UDP loss {lost}%");
+
+    // The unlisted port: the SYN never reaches the server.
+    let before = metric(&metrics(&t, s), "asmn_agent_policy_dropped_total").unwrap_or(0.0);
+    let unlisted = t.vnfs[c].ns.run(
+        "iperf3",
+        &[
+            "-c",
+            &server_ip,
+            "-p",
+            "5202",
+            "-t",
+            "1",
+            "--connect-timeout",
+            "2000",
+        ],
+    );
+    assert!(
+        unlisted.is_err(),
+        "port 5202 is not in the catalog: {unlisted:?}"
+    );
+    let after = metric(&metrics(&t, s), "asmn_agent_policy_dropped_total").unwrap_or(0.0);
+    assert!(after > before, "policy drops {before} -> {after}");
+
+    // Revocation of the server: the client's tunnel to it is gone within a second.
+    assert_eq!(metric(&metrics(&t, c), "asmn_agent_peers"), Some(1.0));
+    let id = t.vnfs[s].id.clone();
+    let revoked_at = std::time::Instant::now();
+    t.asmnctl(&["revoke", &id, "--reason", "test"])
+        .expect("revoke");
+    let mut gone = None;
+    while revoked_at.elapsed() < Duration::from_secs(3) {
+        if metric(&metrics(&t, c), "asmn_agent_peers") == Some(0.0) {
+            gone = Some(revoked_at.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = gone.expect("the client removed the revoked server's tunnel");
+    assert!(gone < Duration::from_secs(1), "took {gone:?}");
+    assert!(
+        t.vnfs[c]
+            .ns
+            .run("ping", &["-c", "1", "-W", "1", &server_ip])
+            .is_err()
+    );
 }
 
 #[test]
@@ -116,14 +285,65 @@ fn genuine_agents_ping_over_a_tunnel_and_a_fake_is_refused() {
             .map(|p| p.log())
             .unwrap_or_default()
     );
+    // Five pings with a recognizable payload, captured on the underlay bridge.
+    let pcap = t.dir.path().join("underlay.pcap");
+    let mut capture = t
+        .hub
+        .spawn(
+            std::path::Path::new("/usr/bin/tcpdump"),
+            &["-i", "br0", "-U", "-n", "-w", pcap.to_str().expect("utf-8")],
+            &t.dir.path().join("tcpdump.log"),
+        )
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(500));
     let out = t.vnfs[c]
         .ns
-        .run("ping", &["-c", "5", "-i", "0.2", "-W", "1", &server_ip])
+        .run(
+            "ping",
+            &[
+                "-c", "5", "-i", "0.2", "-W", "1", "-s", "200", "-p", PATTERN, &server_ip,
+            ],
+        )
         .expect("five pings");
+    std::thread::sleep(Duration::from_millis(300));
+    capture.terminate();
+    capture.wait_exit(Duration::from_secs(5));
+    let bytes = std::fs::read(&pcap).expect("capture");
+    let pattern: Vec<u8> = (0..PATTERN.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&PATTERN[i..i + 2], 16).expect("hex"))
+        .collect();
+    assert!(
+        !bytes
+            .windows(pattern.len())
+            .any(|w| w == pattern.as_slice()),
+        "the inner payload is visible on the underlay"
+    );
+    let (a, b) = (&t.vnfs[c].underlay, &t.vnfs[s].underlay);
+    let read = |filter: String| {
+        t.hub
+            .run(
+                "tcpdump",
+                &["-n", "-r", pcap.to_str().expect("utf-8"), &filter],
+            )
+            .map(stdout)
+            .expect("tcpdump -r")
+    };
+    let wireguard = read(format!("host {a} and host {b} and udp port 51820"));
+    let other = read(format!("host {a} and host {b} and not udp port 51820"));
+    // (tcpdump may miss the first packets while it starts.)
+    assert!(wireguard.lines().count() >= 4, "{wireguard}");
+    assert!(
+        other.trim().is_empty(),
+        "non-WireGuard traffic between the agents: {other}"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 5 received"), "{text}");
     // The fake never enrolled: it is nobody's peer.
     let fake_ip = t.vnfs[f].overlay.to_string();
+    let m = metrics(&t, c);
+    assert!(m.contains(&format!("peer=\"{server_ip}\"")), "{m}");
+    assert!(!m.contains(&format!("peer=\"{fake_ip}\"")), "{m}");
     assert!(
         t.vnfs[c]
             .ns
