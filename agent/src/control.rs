@@ -510,7 +510,7 @@ impl Control {
                 let Some(p) = v.peer.as_ref().and_then(|p| Peer::try_from(p).ok()) else {
                     return Ok(());
                 };
-                if self.plane.has_peer(&p.id) {
+                if self.plane.has_peer(&p.id) || self.plane.routes_to(p.overlay) {
                     // Verified already (we asked first): nothing to do, and asking again
                     // would make Sec-EM ask the peer again, and so on.
                     return Ok(());

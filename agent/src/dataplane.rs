@@ -86,7 +86,8 @@ pub struct PlaneCounters {
 
 struct Waiting {
     since: Instant,
-    packets: VecDeque<Vec<u8>>,
+    /// Packets, with the source VNF of those a gateway forwards (policed on release).
+    packets: VecDeque<(Option<VnfId>, Vec<u8>)>,
 }
 
 struct State {
@@ -108,8 +109,9 @@ enum Inbound {
     Done,
     /// `out[..len]` goes to TUN.
     ToTun(usize),
-    /// `out[..len]` goes onwards to a destination without a tunnel yet (gateway).
-    Requeue(usize),
+    /// `out[..len]` from this source VNF goes onwards to a destination without a tunnel
+    /// yet (gateway).
+    Requeue(usize, VnfId),
 }
 
 /// What the plane asks of the control side.
@@ -220,6 +222,34 @@ impl Plane {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sends what waited for `overlay` through the peer in `slot`; forwarded packets pass
+    /// the destination's catalog first (gateway).
+    fn release(&self, st: &mut State, overlay: IpAddr, slot: u32, out: &mut [u8]) {
+        let Some(w) = st.waiting.remove(&overlay) else {
+            return;
+        };
+        let Some(dst_vnf) = st.slots[slot as usize].as_ref().map(|p| p.spec.vnf.clone()) else {
+            return;
+        };
+        for (source, p) in w.packets {
+            if let Some(src) = source
+                && let Some(engine) = st.protected.get_mut(&dst_vnf)
+            {
+                let key = engine.source_key(&src);
+                if !engine.handle_packet(key, &p).passes() {
+                    st.counters.policy_dropped += 1;
+                    continue;
+                }
+            }
+            let Some(peer) = st.slots[slot as usize].as_mut() else {
+                return;
+            };
+            if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, out) {
+                let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+            }
+        }
+    }
+
     /// Installs (or re-keys) a verified peer with the pair's PSK; packets waiting for it
     /// are sent. `via` routes these addresses through this peer too (the VNFs a gateway
     /// protects).
@@ -233,15 +263,7 @@ impl Plane {
             && p.spec.id == spec.id
             && p.spec.overlay == spec.overlay
         {
-            if let Some(w) = st.waiting.remove(&spec.overlay)
-                && let Some(peer) = st.slots[slot as usize].as_mut()
-            {
-                for p in w.packets {
-                    if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
-                        let _ = self.udp.try_send_to(b, peer.spec.endpoint);
-                    }
-                }
-            }
+            self.release(&mut st, spec.overlay, slot, &mut out);
             return;
         }
         let mut psk_bytes = *psk.expose();
@@ -275,7 +297,6 @@ impl Plane {
         st.by_key.insert(spec.wg_public, slot);
         st.routes.insert(spec.overlay, slot);
         let overlay = spec.overlay;
-        let endpoint = spec.endpoint;
         st.slots[slot as usize] = Some(Peer {
             spec,
             tunn,
@@ -285,16 +306,7 @@ impl Plane {
             tx_bytes: 0,
         });
         // Release what waited for this address.
-        if let Some(w) = st.waiting.remove(&overlay) {
-            let Some(peer) = st.slots[slot as usize].as_mut() else {
-                return;
-            };
-            for p in w.packets {
-                if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
-                    let _ = self.udp.try_send_to(b, endpoint);
-                }
-            }
-        }
+        self.release(&mut st, overlay, slot, &mut out);
     }
 
     /// Routes `overlay` through the peer at `via` (a VNF behind a gateway). Packets that
@@ -306,17 +318,13 @@ impl Plane {
             return false;
         };
         st.routes.insert(overlay, slot);
-        if let Some(w) = st.waiting.remove(&overlay)
-            && let Some(peer) = st.slots[slot as usize].as_mut()
-        {
-            let to = peer.spec.endpoint;
-            for p in w.packets {
-                if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, &mut out) {
-                    let _ = self.udp.try_send_to(b, to);
-                }
-            }
-        }
+        self.release(&mut st, overlay, slot, &mut out);
         true
+    }
+
+    /// Whether packets to `overlay` have a tunnel (direct or through a gateway).
+    pub fn routes_to(&self, overlay: IpAddr) -> bool {
+        self.lock().routes.contains_key(&overlay)
     }
 
     /// Removes the peer with identity `id` (revoked): its routes go, its keys are dropped
@@ -428,11 +436,13 @@ impl Plane {
         loop {
             let n = self.tun.recv(&mut buf).await?;
             tracing::trace!(n, "from TUN");
-            self.outbound(&buf[..n], &mut out);
+            self.outbound(&buf[..n], None, &mut out);
         }
     }
 
-    fn outbound(&self, packet: &[u8], out: &mut [u8]) {
+    /// Sends `packet` into its tunnel, or queues it and asks for its destination.
+    /// `source`: the VNF a gateway forwards it for.
+    fn outbound(&self, packet: &[u8], source: Option<VnfId>, out: &mut [u8]) {
         let Some(dst) = Tunn::dst_address(packet) else {
             return;
         };
@@ -469,7 +479,7 @@ impl Plane {
                     };
                     match w {
                         Some(w) if w.packets.len() < QUEUE_PER_DST => {
-                            w.packets.push_back(packet.to_vec());
+                            w.packets.push_back((source, packet.to_vec()));
                         }
                         _ => st.counters.queue_dropped += 1,
                     }
@@ -495,9 +505,9 @@ impl Plane {
                 Inbound::ToTun(len) => {
                     let _ = self.tun.send(&out[..len]).await;
                 }
-                Inbound::Requeue(len) => {
+                Inbound::Requeue(len, source) => {
                     let packet = out[..len].to_vec();
-                    self.outbound(&packet, &mut fwd);
+                    self.outbound(&packet, Some(source), &mut fwd);
                 }
             }
         }
@@ -572,6 +582,11 @@ impl Plane {
         let dst = Tunn::dst_address(&out[..len])?;
         if dst == self.overlay {
             let decision = match st.policy.as_mut() {
+                // Relayed by the gateway, which enforced this VNF's catalog with the real
+                // source (this agent knows only the gateway as the sender).
+                Some(_) if src != peer_overlay => {
+                    Decision::Pass(asmn_shared::policy::Matched::Default)
+                }
                 Some(p) => p.handle_packet(source, &out[..len]),
                 // No catalog loaded: nothing passes.
                 None => Decision::DropNotListed,
@@ -590,7 +605,7 @@ impl Plane {
         // A gateway forwards to the destination, under the destination's catalog.
         let Some(&to_slot) = st.routes.get(&dst) else {
             // Not verified yet: queue it and ask, like outbound traffic.
-            return Some(Inbound::Requeue(len));
+            return Some(Inbound::Requeue(len, peer_vnf));
         };
         let dst_vnf = st.slots[to_slot as usize].as_ref()?.spec.vnf.clone();
         let decision = match st.protected.get_mut(&dst_vnf) {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use asmn_shared::catalog::SecCatalog;
-use asmn_shared::ids::{InstanceKey, TenantId, VnfId};
+use asmn_shared::ids::{InstanceKey, Role, TenantId, VnfId};
 use asmn_shared::wire::{self, msg};
 use tokio::sync::mpsc;
 
@@ -27,6 +27,7 @@ pub const QUEUE: usize = 256;
 struct Agent {
     tenant: TenantId,
     vnf: VnfId,
+    role: Role,
     tx: mpsc::Sender<msg::Envelope>,
 }
 
@@ -76,18 +77,19 @@ impl PushHub {
     }
 
     /// Registers an enrolled agent's connection: opens its push stream, sends `first`
-    /// (the catalog in force: what a reconnecting agent may have missed), and returns the
+    /// (the catalogs in force: what a reconnecting agent may have missed), and returns the
     /// task that writes the stream (owned by the connection's task).
     pub fn attach(
         self: &Arc<Self>,
         conn: quinn::Connection,
         id: InstanceKey,
-        tenant: TenantId,
-        vnf: VnfId,
-        first: msg::Body,
+        (tenant, vnf, role): (TenantId, VnfId, Role),
+        first: Vec<msg::Body>,
     ) -> AbortOnDrop {
         let (tx, mut rx) = mpsc::channel::<msg::Envelope>(QUEUE);
-        let _ = tx.try_send(push(first));
+        for body in first {
+            let _ = tx.try_send(push(body));
+        }
         let revoked: Vec<_> = self
             .revoked
             .lock()
@@ -101,7 +103,15 @@ impl PushHub {
             let _ = tx.try_send(revocation(&rid, &reason));
         }
         if let Ok(mut a) = self.agents.lock() {
-            a.insert(id, Agent { tenant, vnf, tx });
+            a.insert(
+                id,
+                Agent {
+                    tenant,
+                    vnf,
+                    role,
+                    tx,
+                },
+            );
         }
         let hub = Arc::clone(self);
         AbortOnDrop(tokio::spawn(async move {
@@ -138,10 +148,13 @@ impl PushHub {
         n
     }
 
-    /// Pushes a catalog to the agents of its VNF; how many were sent it.
+    /// Pushes a catalog to the agents of its VNF and to the gateways that enforce it;
+    /// how many were sent it.
     pub fn push_catalog(&self, c: &SecCatalog) -> usize {
         let env = push(msg::Body::CatalogPush(c.into()));
-        self.send_where(&env, |_, a| a.vnf == c.vnf)
+        self.send_where(&env, |_, a| {
+            a.vnf == c.vnf || (a.role == Role::Gateway && c.gateway.as_ref() == Some(&a.vnf))
+        })
     }
 
     /// Pushes a revocation to every agent of the tenant (its peers and itself), and

@@ -409,6 +409,22 @@ impl<S: Store> Registry<S> {
         )))
     }
 
+    /// The catalogs in force of the VNFs that name `gateway` as their gateway.
+    pub async fn catalogs_guarded_by(
+        &self,
+        gateway: &VnfId,
+    ) -> Result<Vec<SecCatalog>, RegistryError> {
+        let listing = self.store.list(&catalog_prefix()).await?;
+        let mut out = Vec::new();
+        for (_, v) in &listing.entries {
+            let c: SecCatalog = parse(&v.value)?;
+            if c.gateway.as_ref() == Some(gateway) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     /// The on-boarded VNF `vnf`.
     pub async fn vnf(&self, vnf: &VnfId) -> Result<Option<VnfRecord>, RegistryError> {
         match self.store.get(&vnf_key(vnf)).await? {
@@ -650,28 +666,40 @@ impl<S: Store> Registry<S> {
                 .refuse_peer(now, requester, RefusalCode::PeerNotAllowed, why)
                 .await);
         }
-        let via_gateway = match (&catalog.gateway, is_gateway || me.role == Role::Gateway) {
-            (Some(g), false) => {
+        // Gateway mode is symmetric: a VNF whose catalog names a gateway is reached
+        // through it, and reaches others through it too (so replies take the same path).
+        let peer_gateway = catalog
+            .gateway
+            .clone()
+            .filter(|_| !is_gateway && me.role != Role::Gateway);
+        let my_gateway = match self.catalog(&me.vnf).await? {
+            Some((c, _)) => c.gateway.filter(|g| {
+                me.role != Role::Gateway && *g != peer.vnf && peer.role != Role::Gateway
+            }),
+            None => None,
+        };
+        let via_gateway = match peer_gateway.or(my_gateway) {
+            Some(g) => {
                 let gw = self
                     .instances()
                     .await?
                     .into_iter()
                     .find(|r| {
                         r.tenant == me.tenant
-                            && &r.vnf == g
+                            && r.vnf == g
                             && r.role == Role::Gateway
                             && r.state == InstanceState::Enrolled
                     })
                     .ok_or_else(|| {
                         not_allowed(format!(
-                            "{} is reachable only through gateway {g}, which is not enrolled",
-                            peer.vnf
+                            "{} and {} talk only through gateway {g}, which is not enrolled",
+                            me.vnf, peer.vnf
                         ))
                     })?;
                 let o: Overlay = gw.overlay.parse().map_err(RegistryError::Corrupt)?;
                 Some(o.ip)
             }
-            _ => None,
+            None => None,
         };
         let out = self.describe_record(peer_id, &peer, overlay, via_gateway)?;
         self.audit(

@@ -53,6 +53,8 @@ pub struct Session {
     pub admin: bool,
     /// The instance that enrolled on this connection (set by a successful Enroll).
     pub agent: std::sync::Mutex<Option<asmn_shared::ids::InstanceKey>>,
+    /// Its VNF.
+    pub agent_vnf: std::sync::Mutex<Option<VnfId>>,
     /// The connection and push hub, to attach an enrolled agent's push stream.
     pub push: Option<(quinn::Connection, Arc<crate::push::PushHub>)>,
     /// The push stream's writer, owned by the connection.
@@ -90,13 +92,27 @@ pub async fn handle<S: Store>(
                     if let Ok(mut g) = session.agent.lock() {
                         *g = Some(req.id);
                     }
+                    if let Ok(mut g) = session.agent_vnf.lock() {
+                        *g = Some(req.vnf.clone());
+                    }
                     if let Some((conn, hub)) = &session.push {
+                        let mut first = vec![Body::CatalogPush((&enrolled.catalog).into())];
+                        // A gateway enforces the catalogs of the VNFs behind it.
+                        if req.role == asmn_shared::ids::Role::Gateway {
+                            match registry.catalogs_guarded_by(&req.vnf).await {
+                                Ok(list) => {
+                                    first.extend(list.iter().map(|c| Body::CatalogPush(c.into())))
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot list guarded catalogs")
+                                }
+                            }
+                        }
                         let task = hub.attach(
                             conn.clone(),
                             req.id,
-                            req.tenant.clone(),
-                            req.vnf.clone(),
-                            Body::CatalogPush((&enrolled.catalog).into()),
+                            (req.tenant.clone(), req.vnf.clone(), req.role),
+                            first,
                         );
                         if let Ok(mut p) = session.pusher.lock() {
                             *p = Some(task);
@@ -128,6 +144,18 @@ pub async fn handle<S: Store>(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
+            // A gateway also acknowledges the catalogs it enforces for others: those are
+            // counted in the metrics, not recorded as its own.
+            Some(_)
+                if session
+                    .agent_vnf
+                    .lock()
+                    .ok()
+                    .and_then(|v| v.clone())
+                    .is_some_and(|v| v.as_str() != m.vnf) =>
+            {
+                Body::Ok(msg::Ack {})
+            }
             Some(me) => match registry.ack_catalog(&me, m.version, ack_latency).await {
                 Ok(()) => Body::Ok(msg::Ack {}),
                 Err(e) => from_error(e),
@@ -426,6 +454,7 @@ pub async fn serve<S: Store>(
             let session = Arc::new(Session {
                 admin: transport::is_admin(&conn),
                 agent: std::sync::Mutex::new(None),
+                agent_vnf: std::sync::Mutex::new(None),
                 push: Some((conn.clone(), hub)),
                 pusher: std::sync::Mutex::new(None),
                 metrics,

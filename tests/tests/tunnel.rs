@@ -351,3 +351,141 @@ fn genuine_agents_ping_over_a_tunnel_and_a_fake_is_refused() {
             .is_err()
     );
 }
+
+const GATEWAY_VNFD: &str = "vnfd:
+  id: gw
+  sec_catalog:
+    default_action:
+      police:
+        ingress_policing_rate: 10000000
+        ingress_policing_burst: 1000000
+";
+
+/// A tenant with a client, a server whose catalog names the gateway, and the gateway.
+fn behind_gateway() -> (Tenant, usize, usize, usize) {
+    let mut t = Tenant::new().expect("tenant");
+    let client_img = t.file("client.img", &image(1, 1 << 20)).expect("img");
+    let server_img = t.file("server.img", &image(2, 1 << 20)).expect("img");
+    let gw_img = t.file("gw.img", &image(3, 1 << 20)).expect("img");
+    t.onboard(&client_img, CLIENT_VNFD).expect("onboard client");
+    let server_vnfd = SERVER_VNFD.replace("  sec_catalog:\n", "  sec_catalog:\n    gateway: gw\n");
+    t.onboard(&server_img, &server_vnfd)
+        .expect("onboard server");
+    t.onboard(&gw_img, GATEWAY_VNFD).expect("onboard gateway");
+    let g = t.add("gw-0", "gw", "gateway", &gw_img).expect("gw");
+    let c = t
+        .add("client-0", "client", "vnf", &client_img)
+        .expect("client");
+    let s = t
+        .add("server-0", "server", "vnf", &server_img)
+        .expect("server");
+    for i in [g, c, s] {
+        t.start(i).expect("start");
+    }
+    for i in [g, c, s] {
+        t.wait_enrolled(i, Duration::from_secs(20))
+            .expect("enrolled");
+    }
+    (t, c, s, g)
+}
+
+#[test]
+fn traffic_to_a_protected_vnf_goes_through_the_gateway_under_its_catalog() {
+    if !netns::can_run("the gateway test") {
+        return;
+    }
+    let (t, c, s, g) = behind_gateway();
+    let server_ip = t.vnfs[s].overlay.to_string();
+    let gw_ip = t.vnfs[g].overlay.to_string();
+    let iperf = std::path::Path::new("/usr/bin/iperf3");
+    let _listed = t.vnfs[s]
+        .ns
+        .spawn(
+            iperf,
+            &["-s", "-p", "5201"],
+            &t.dir.path().join("iperf-5201.log"),
+        )
+        .expect("iperf3 server");
+    let _unlisted = t.vnfs[s]
+        .ns
+        .spawn(
+            iperf,
+            &["-s", "-p", "5202"],
+            &t.dir.path().join("iperf-5202.log"),
+        )
+        .expect("iperf3 server");
+    let logs = || {
+        format!(
+            "client: {}\ngateway: {}\nserver: {}",
+            t.vnfs[c]
+                .agent
+                .as_ref()
+                .map(|p| p.log())
+                .unwrap_or_default(),
+            t.vnfs[g]
+                .agent
+                .as_ref()
+                .map(|p| p.log())
+                .unwrap_or_default(),
+            t.vnfs[s]
+                .agent
+                .as_ref()
+                .map(|p| p.log())
+                .unwrap_or_default()
+        )
+    };
+    assert!(
+        ping_until_up(&t, c, &server_ip),
+        "no path through the gateway\n{}",
+        logs()
+    );
+    // The client's only tunnel is to the gateway; the gateway forwarded.
+    let m = metrics(&t, c);
+    assert!(m.contains(&format!("peer=\"{gw_ip}\"")), "{m}");
+    assert!(!m.contains(&format!("peer=\"{server_ip}\"")), "{m}");
+    let forwarded = metric(&metrics(&t, g), "asmn_agent_rx_packets_total").unwrap_or(0.0);
+    assert!(forwarded >= 2.0, "gateway forwarded {forwarded}");
+
+    // The gateway enforces the server's catalog: the listed port passes...
+    let tcp = t.vnfs[c]
+        .ns
+        .run(
+            "iperf3",
+            &[
+                "-c",
+                &server_ip,
+                "-p",
+                "5201",
+                "-t",
+                "2",
+                "-J",
+                "--connect-timeout",
+                "3000",
+            ],
+        )
+        .map(stdout)
+        .unwrap_or_else(|e| panic!("iperf3 through the gateway: {e}\n{}", logs()));
+    let v: serde_json::Value = serde_json::from_str(&tcp).expect("iperf3 json");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bps > 1e6, "TCP goodput through the gateway {bps} bit/s");
+    // ... the unlisted one is dropped at the gateway.
+    let before = metric(&metrics(&t, g), "asmn_agent_policy_dropped_total").unwrap_or(0.0);
+    let unlisted = t.vnfs[c].ns.run(
+        "iperf3",
+        &[
+            "-c",
+            &server_ip,
+            "-p",
+            "5202",
+            "-t",
+            "1",
+            "--connect-timeout",
+            "2000",
+        ],
+    );
+    assert!(unlisted.is_err(), "{unlisted:?}");
+    let after = metric(&metrics(&t, g), "asmn_agent_policy_dropped_total").unwrap_or(0.0);
+    assert!(after > before, "gateway policy drops {before} -> {after}");
+}
