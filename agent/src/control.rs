@@ -308,6 +308,9 @@ pub struct Control {
     role: Role,
     /// The catalog version this VNF enforces (for acknowledgements).
     pub enforced: std::sync::atomic::AtomicU64,
+    /// Sec-EM's descriptions of the installed peers (their keys and epochs), to re-key
+    /// them when this agent's epoch rolls.
+    known: std::sync::Mutex<std::collections::HashMap<InstanceKey, Peer>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -375,6 +378,7 @@ impl Control {
             underlay,
             role,
             enforced: std::sync::atomic::AtomicU64::new(enforced),
+            known: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -419,8 +423,27 @@ impl Control {
             },
             &psk,
         );
-        tracing::info!(peer = %peer.id.to_hex(), vnf = %peer.vnf, overlay = %peer.overlay, "tunnel installed");
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(peer.id, peer.clone());
+        }
+        tracing::info!(peer = %peer.id.to_hex(), vnf = %peer.vnf, overlay = %peer.overlay, epoch = peer.epoch, "tunnel installed");
         Ok(())
+    }
+
+    /// Re-keys every installed peer (after this agent's epoch rolled).
+    async fn rekey_all(&self) {
+        let peers: Vec<Peer> = self
+            .known
+            .lock()
+            .map(|k| k.values().cloned().collect())
+            .unwrap_or_default();
+        for p in peers {
+            if self.plane.has_peer(&p.id)
+                && let Err(e) = self.install_direct(&p).await
+            {
+                tracing::warn!(peer = %p.overlay, error = %e, "cannot re-key");
+            }
+        }
     }
 
     /// VerifyPeer: Sec-EM's description of the instance at `overlay`.
@@ -500,6 +523,9 @@ impl Control {
                         code: RefusalCode::Revoked,
                         message: format!("this instance was revoked: {}", n.reason),
                     });
+                }
+                if let Ok(mut k) = self.known.lock() {
+                    k.remove(&id);
                 }
                 if self.plane.remove(&id) {
                     tracing::info!(peer = %id.to_hex(), reason = %n.reason, "peer revoked: tunnel removed");
@@ -597,7 +623,10 @@ impl Control {
                             next: spec.length - 1,
                         },
                     )?;
-                    tracing::info!(epoch = r.epoch, "chain renewed");
+                    drop(chain);
+                    tracing::info!(epoch = r.epoch, "chain renewed: re-keying the tunnels");
+                    // The peers are pushed the new D-H value and re-key on their side.
+                    self.rekey_all().await;
                     Ok(())
                 }
                 Body::Refused(r) => Err(refused(&r)),

@@ -58,7 +58,12 @@ pub struct PeerSpec {
 
 struct Peer {
     spec: PeerSpec,
+    /// The tunnel with the current PSK, and its index (receiver indexes >> 8).
     tunn: Tunn,
+    index: u32,
+    /// During a PSK rotation: the tunnel with the previous PSK, which carries the flow
+    /// until the new one has a session, and decrypts stragglers until it retires.
+    previous: Option<Retiring>,
     psk: PresharedKey,
     source: SourceKey,
     rx_bytes: u64,
@@ -84,6 +89,36 @@ pub struct PlaneCounters {
     pub no_route: u64,
 }
 
+struct Retiring {
+    tunn: Tunn,
+    index: u32,
+    since: Instant,
+    /// Set when the new tunnel got its session: the old one goes this long after.
+    retire_at: Option<Instant>,
+}
+
+/// How long a replaced tunnel still decrypts after its successor is up.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(10);
+/// Longest a rotation may wait for the new tunnel's handshake before the old one goes.
+pub const ROTATION_LIMIT: Duration = Duration::from_secs(30);
+
+impl Peer {
+    /// Whether the current tunnel has a session (the rotation, if any, is done).
+    fn current_ready(&self) -> bool {
+        self.tunn.stats().0.is_some()
+    }
+
+    /// The tunnel to send with: the previous one while the current has no session yet.
+    fn sending(&mut self) -> &mut Tunn {
+        if !self.current_ready()
+            && let Some(prev) = self.previous.as_mut()
+        {
+            return &mut prev.tunn;
+        }
+        &mut self.tunn
+    }
+}
+
 struct Waiting {
     since: Instant,
     /// Packets, with the source VNF of those a gateway forwards (policed on release).
@@ -92,6 +127,9 @@ struct Waiting {
 
 struct State {
     slots: Vec<Option<Peer>>,
+    /// Tunnel index (24 bits) to slot.
+    indexes: HashMap<u32, u32>,
+    next_index: u32,
     /// Overlay address to slot: the peer's own, or its gateway's.
     routes: HashMap<IpAddr, u32>,
     by_key: HashMap<[u8; 32], u32>,
@@ -193,6 +231,8 @@ impl Plane {
         Arc::new(Plane {
             state: Mutex::new(State {
                 slots: Vec::new(),
+                indexes: HashMap::new(),
+                next_index: 1,
                 routes: HashMap::new(),
                 by_key: HashMap::new(),
                 waiting: HashMap::new(),
@@ -232,20 +272,38 @@ impl Plane {
             return;
         };
         for (source, p) in w.packets {
-            if let Some(src) = source
+            if let Some(src) = &source
                 && let Some(engine) = st.protected.get_mut(&dst_vnf)
             {
-                let key = engine.source_key(&src);
+                let key = engine.source_key(src);
                 if !engine.handle_packet(key, &p).passes() {
                     st.counters.policy_dropped += 1;
                     continue;
                 }
             }
+            let forwarded = source.is_some();
             let Some(peer) = st.slots[slot as usize].as_mut() else {
                 return;
             };
-            if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(&p, out) {
-                let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+            let to = peer.spec.endpoint;
+            if let TunnResult::WriteToNetwork(b) = peer.sending().encapsulate(&p, out) {
+                let _ = self.udp.try_send_to(b, to);
+            }
+            if forwarded {
+                st.counters.rx_packets += 1;
+            } else {
+                st.counters.tx_packets += 1;
+            }
+        }
+    }
+
+    fn new_index(st: &mut State, slot: u32) -> u32 {
+        loop {
+            let i = st.next_index & 0x00ff_ffff;
+            st.next_index = st.next_index.wrapping_add(1);
+            if i != 0 && !st.indexes.contains_key(&i) {
+                st.indexes.insert(i, slot);
+                return i;
             }
         }
     }
@@ -267,7 +325,8 @@ impl Plane {
             return;
         }
         let mut psk_bytes = *psk.expose();
-        let slot = match st.by_key.get(&spec.wg_public).copied() {
+        let existing = st.by_key.get(&spec.wg_public).copied();
+        let slot = match existing {
             Some(s) => s,
             None => match st.slots.iter().position(Option::is_none) {
                 Some(free) => free as u32,
@@ -277,29 +336,71 @@ impl Plane {
                 }
             },
         };
-        if let Some(old) = st.slots[slot as usize].take() {
-            st.routes.retain(|_, s| *s != slot);
-            drop(old);
-        }
-        let tunn = Tunn::new(
+        let index = Self::new_index(&mut st, slot);
+        let mut tunn = Tunn::new(
             self.secret.clone(),
             x25519::PublicKey::from(spec.wg_public),
             Some(psk_bytes),
             Some(25),
-            slot,
+            index,
             None,
         );
         psk_bytes.zeroize();
+        let overlay = spec.overlay;
+        let rotating = existing
+            .and_then(|s| st.slots[s as usize].as_ref())
+            .is_some_and(|p| p.spec.id == spec.id && p.spec.overlay == spec.overlay);
+        if rotating {
+            // A new PSK for the same peer (a key epoch rolled): the old tunnel carries the
+            // flow until the new one's handshake completes, then retires.
+            let Some(peer) = st.slots[slot as usize].as_mut() else {
+                return;
+            };
+            let old = std::mem::replace(&mut peer.tunn, tunn);
+            let old_index = std::mem::replace(&mut peer.index, index);
+            let dropped = peer.previous.replace(Retiring {
+                tunn: old,
+                index: old_index,
+                since: Instant::now(),
+                retire_at: None,
+            });
+            peer.psk = psk.clone();
+            peer.spec.endpoint = spec.endpoint;
+            let to = peer.spec.endpoint;
+            if let TunnResult::WriteToNetwork(b) =
+                peer.tunn.format_handshake_initiation(&mut out, false)
+            {
+                let _ = self.udp.try_send_to(b, to);
+            }
+            if let Some(d) = dropped {
+                st.indexes.remove(&d.index);
+            }
+            tracing::info!(peer = %overlay, "PSK rotated: new handshake started");
+            self.release(&mut st, overlay, slot, &mut out);
+            return;
+        }
+        if let Some(old) = st.slots[slot as usize].take() {
+            st.routes.retain(|_, s| *s != slot);
+            st.indexes.remove(&old.index);
+            if let Some(p) = &old.previous {
+                st.indexes.remove(&p.index);
+            }
+        }
         let source = match st.policy.as_mut() {
             Some(p) => p.source_key(&spec.vnf),
             None => SourceKey::UNKNOWN,
         };
         st.by_key.insert(spec.wg_public, slot);
         st.routes.insert(spec.overlay, slot);
-        let overlay = spec.overlay;
+        // Start the handshake now: the first packets then find a session sooner.
+        if let TunnResult::WriteToNetwork(b) = tunn.format_handshake_initiation(&mut out, false) {
+            let _ = self.udp.try_send_to(b, spec.endpoint);
+        }
         st.slots[slot as usize] = Some(Peer {
             spec,
             tunn,
+            index,
+            previous: None,
             psk: psk.clone(),
             source,
             rx_bytes: 0,
@@ -340,6 +441,10 @@ impl Plane {
         };
         if let Some(p) = st.slots[slot].take() {
             st.by_key.remove(&p.spec.wg_public);
+            st.indexes.remove(&p.index);
+            if let Some(prev) = &p.previous {
+                st.indexes.remove(&prev.index);
+            }
         }
         st.routes.retain(|_, s| *s as usize != slot);
         true
@@ -454,7 +559,9 @@ impl Plane {
                     if let Some(peer) = st.slots[slot as usize].as_mut() {
                         let to = peer.spec.endpoint;
                         peer.tx_bytes += packet.len() as u64;
-                        if let TunnResult::WriteToNetwork(b) = peer.tunn.encapsulate(packet, out) {
+                        if let TunnResult::WriteToNetwork(b) =
+                            peer.sending().encapsulate(packet, out)
+                        {
                             let _ = self.udp.try_send_to(b, to);
                         }
                         st.counters.tx_packets += 1;
@@ -533,7 +640,8 @@ impl Plane {
         fwd: &mut [u8],
     ) -> Option<Inbound> {
         let mut st = self.lock();
-        let slot = match Tunn::parse_incoming_packet(datagram) {
+        // Which peer, and which of its tunnels (current or retiring).
+        let (slot, index) = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 let half = boringtun::noise::handshake::parse_handshake_anon(
                     &self.secret,
@@ -541,12 +649,21 @@ impl Plane {
                     &init,
                 )
                 .ok()?;
-                st.by_key.get(&half.peer_static_public).copied()
+                (st.by_key.get(&half.peer_static_public).copied(), None)
             }
-            Ok(Packet::HandshakeResponse(p)) => Some(p.receiver_idx >> 8),
-            Ok(Packet::PacketCookieReply(p)) => Some(p.receiver_idx >> 8),
-            Ok(Packet::PacketData(p)) => Some(p.receiver_idx >> 8),
-            Err(_) => None,
+            Ok(Packet::HandshakeResponse(p)) => (
+                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
+                Some(p.receiver_idx >> 8),
+            ),
+            Ok(Packet::PacketCookieReply(p)) => (
+                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
+                Some(p.receiver_idx >> 8),
+            ),
+            Ok(Packet::PacketData(p)) => (
+                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
+                Some(p.receiver_idx >> 8),
+            ),
+            Err(_) => (None, None),
         };
         let Some(slot) = slot.filter(|s| st.slots.get(*s as usize).is_some_and(Option::is_some))
         else {
@@ -555,11 +672,21 @@ impl Plane {
         };
         let st = &mut *st;
         let peer = st.slots[slot as usize].as_mut()?;
-        let (len, src) = match peer.tunn.decapsulate(Some(from.ip()), datagram, out) {
+        let use_previous = match (index, peer.previous.as_ref()) {
+            (Some(i), Some(prev)) => i == prev.index,
+            // A handshake initiation: the current PSK (the peer rotated too).
+            _ => false,
+        };
+        let tunn = if use_previous {
+            &mut peer.previous.as_mut()?.tunn
+        } else {
+            &mut peer.tunn
+        };
+        let (len, src) = match tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::WriteToNetwork(p) => {
                 let p = p.to_vec();
+                flush(&self.udp, tunn, from, Some(p), fwd);
                 peer.spec.endpoint = from;
-                flush(&self.udp, &mut peer.tunn, from, Some(p), fwd);
                 return None;
             }
             TunnResult::WriteToTunnelV4(p, src) => (p.len(), IpAddr::V4(src)),
@@ -640,12 +767,32 @@ impl Plane {
             let mut refused = Vec::new();
             {
                 let mut st = self.lock();
+                let now = Instant::now();
+                let mut retired = Vec::new();
                 for peer in st.slots.iter_mut().flatten() {
                     if let TunnResult::WriteToNetwork(b) = peer.tunn.update_timers(&mut out) {
                         let _ = self.udp.try_send_to(b, peer.spec.endpoint);
                     }
+                    let ready = peer.current_ready();
+                    if let Some(prev) = peer.previous.as_mut() {
+                        if ready && prev.retire_at.is_none() {
+                            prev.retire_at = Some(now + RETIRE_AFTER);
+                            tracing::info!(peer = %peer.spec.overlay, "PSK rotation complete");
+                        }
+                        let deadline = prev.retire_at.unwrap_or(prev.since + ROTATION_LIMIT);
+                        if now >= deadline {
+                            retired.push(prev.index);
+                            peer.previous = None;
+                        } else if let TunnResult::WriteToNetwork(b) =
+                            prev.tunn.update_timers(&mut out)
+                        {
+                            let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+                        }
+                    }
                 }
-                let now = Instant::now();
+                for i in retired {
+                    st.indexes.remove(&i);
+                }
                 st.waiting.retain(|ip, w| {
                     let keep = now.duration_since(w.since) < QUEUE_WAIT;
                     if !keep {

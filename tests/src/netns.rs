@@ -20,6 +20,14 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the namespace tests of one binary to one at a time: they measure rates and
+/// latencies, which a second tenant on the same two cores would distort.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether this process may create namespaces (root). Under `CI` a missing capability
 /// fails the calling test; elsewhere the test may skip, saying why.
 pub fn can_run(what: &str) -> bool {
