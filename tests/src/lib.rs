@@ -3,5 +3,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod generators;
 pub mod netns;
 pub mod tenant;

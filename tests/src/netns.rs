@@ -28,6 +28,28 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Removes every namespace this process made (and kills what runs in them): for a lab
+/// interrupted by Ctrl-C, whose guards will not run.
+pub fn cleanup_mine() {
+    let tag = format!("{}x", std::process::id() % 100_000);
+    let Ok(o) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let mine = ["asmnhub", "asmnvnf"]
+            .iter()
+            .any(|p| name.strip_prefix(p).is_some_and(|r| r.starts_with(&tag)));
+        if mine {
+            drop(Netns {
+                name: name.to_string(),
+            });
+        }
+    }
+}
+
 /// Whether this process may create namespaces (root). Under `CI` a missing capability
 /// fails the calling test; elsewhere the test may skip, saying why.
 pub fn can_run(what: &str) -> bool {

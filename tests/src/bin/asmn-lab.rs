@@ -1,0 +1,618 @@
+//! `asmn-lab`: the ASMN demo tenant in network namespaces, and the traffic generators it
+//! uses (`asmn-lab gen ...`, run inside a namespace).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use asmn_tests::generators;
+use asmn_tests::netns::{self, Netns};
+use asmn_tests::tenant::Tenant;
+use clap::{Parser, Subcommand};
+
+/// The ASMN lab: a whole tenant in network namespaces on this machine.
+///
+/// `asmn-lab demo` builds a tenant (Sec-EM with the embedded store; client, server and
+/// gateway VNFs; a fake VNF whose image differs by one byte), narrates each step as it
+/// happens, ends with a summary table, and removes everything it made. Needs root (network
+/// namespaces, TUN devices) and the project's binaries beside it (cargo build --release).
+#[derive(Parser, Debug)]
+#[command(name = "asmn-lab", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the demo tenant.
+    Demo {
+        /// Print the results as JSON at the end.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A traffic generator (run inside a namespace by the lab).
+    Gen {
+        #[command(subcommand)]
+        kind: Gen,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Gen {
+    /// ICMP echo requests.
+    Ping {
+        /// Destination.
+        to: Ipv4Addr,
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+        #[arg(long, default_value_t = 56)]
+        size: usize,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
+    /// Discard TCP streams on a port.
+    TcpSink {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Send a TCP stream.
+    Tcp {
+        to: SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+    },
+    /// Count sequence-numbered datagrams on a port.
+    UdpSink {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Send sequence-numbered datagrams at a rate.
+    Udp {
+        to: SocketAddr,
+        #[arg(long, default_value_t = 50.0)]
+        mbps: f64,
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
+        #[arg(long, default_value_t = 2)]
+        seconds: u64,
+    },
+    /// A TCP SYN flood (SYNs carrying `payload` bytes).
+    SynFlood {
+        to: Ipv4Addr,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1200)]
+        payload: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Sample a device's receive counter.
+    RxRate {
+        #[arg(long, default_value = "asmn0")]
+        dev: String,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+}
+
+fn generate(kind: Gen) -> anyhow::Result<String> {
+    Ok(match kind {
+        Gen::Ping {
+            to,
+            count,
+            size,
+            interval_ms,
+        } => serde_json::to_string(&generators::ping(
+            to,
+            count,
+            size,
+            Duration::from_millis(interval_ms),
+        )?)?,
+        Gen::TcpSink { port, seconds } => {
+            serde_json::to_string(&generators::tcp_sink(port, seconds)?)?
+        }
+        Gen::Tcp { to, seconds } => serde_json::to_string(&generators::tcp_stream(to, seconds)?)?,
+        Gen::UdpSink { port, seconds } => {
+            serde_json::to_string(&generators::udp_sink(port, seconds)?)?
+        }
+        Gen::Udp {
+            to,
+            mbps,
+            size,
+            seconds,
+        } => serde_json::to_string(&generators::udp_stream(to, mbps, size, seconds)?)?,
+        Gen::SynFlood {
+            to,
+            port,
+            payload,
+            seconds,
+        } => serde_json::to_string(&generators::syn_flood(to, port, payload, seconds)?)?,
+        Gen::RxRate {
+            dev,
+            interval_ms,
+            seconds,
+        } => serde_json::to_string(&generators::rx_samples(
+            &dev,
+            Duration::from_millis(interval_ms),
+            seconds,
+        )?)?,
+    })
+}
+
+/// Narration: one line per step, with the time since the start.
+struct Narrator {
+    start: Instant,
+    rows: Vec<(String, String, bool)>,
+}
+
+impl Narrator {
+    fn say(&self, text: &str) {
+        println!("[{:>5.1}s] {text}", self.start.elapsed().as_secs_f64());
+    }
+
+    fn step(&mut self, name: &str, result: String, ok: bool) {
+        self.say(&format!(
+            "{} {name}: {result}",
+            if ok { "ok  " } else { "FAIL" }
+        ));
+        self.rows.push((name.to_string(), result, ok));
+    }
+}
+
+const CLIENT_VNFD: &str = "vnfd:
+  id: client
+  name: Demo client
+  sec_catalog:
+    default_action:
+      police:
+        ingress_policing_rate: 1000000
+        ingress_policing_burst: 100000
+";
+
+const SERVER_VNFD: &str = "vnfd:
+  id: server
+  name: Demo server, reachable only through the gateway
+  sec_catalog:
+    gateway: gw
+    default_action: drop
+    rules:
+      - name: ping
+        protocol: icmp
+        ingress_policing_rate: 10000
+        ingress_policing_burst: 1000
+      - name: web
+        protocol: tcp
+        port: 8080
+        sources: [client]
+        ingress_policing_rate: 0
+      - name: stream
+        protocol: udp
+        port: 9000
+        sources: [client]
+        ingress_policing_rate: 0
+";
+
+const GW_VNFD: &str = "vnfd:
+  id: gw
+  name: The tenant's VNF-G/W
+  sec_catalog:
+    default_action:
+      police:
+        ingress_policing_rate: 10000000
+        ingress_policing_burst: 1000000
+";
+
+/// The 10 Mbit/s rule the demo applies during the flood.
+const SHAPED: &str = "vnf: server
+sec_catalog:
+  gateway: gw
+  default_action: drop
+  rules:
+    - name: ping
+      protocol: icmp
+      ingress_policing_rate: 10000
+      ingress_policing_burst: 1000
+    - name: web
+      protocol: tcp
+      port: 8080
+      sources: [client]
+      ingress_policing_rate: 10000
+      ingress_policing_burst: 40
+    - name: stream
+      protocol: udp
+      port: 9000
+      sources: [client]
+      ingress_policing_rate: 0
+";
+
+fn image(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Runs `asmn-lab gen ARGS` inside `ns` and parses its JSON line.
+fn run_gen(ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let me = std::env::current_exe()?;
+    let mut full = vec!["gen"];
+    full.extend_from_slice(args);
+    let out = netns::run(&mut ns.cmd(me.to_str().unwrap_or_default(), &full))
+        .map_err(anyhow::Error::msg)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Starts `asmn-lab gen ARGS` in the background inside `ns`.
+fn spawn_gen(ns: &Netns, args: &[&str], log: &Path) -> anyhow::Result<netns::Proc> {
+    let me = std::env::current_exe()?;
+    let mut full = vec!["gen"];
+    full.extend_from_slice(args);
+    ns.spawn(&me, &full, log).map_err(anyhow::Error::msg)
+}
+
+fn last_json(log: &str) -> anyhow::Result<serde_json::Value> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{') || l.starts_with('['))
+        .context("no result line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn demo(json: bool) -> anyhow::Result<bool> {
+    let mut n = Narrator {
+        start: Instant::now(),
+        rows: Vec::new(),
+    };
+    n.say("building the tenant: a hub namespace with a bridge and Sec-EM (embedded store)");
+    let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
+    n.step(
+        "Sec-EM",
+        format!("up on {}:7443", asmn_tests::tenant::SEC_EM),
+        true,
+    );
+
+    let client_img = t
+        .file("client.img", &image(1, 4 << 20))
+        .map_err(anyhow::Error::msg)?;
+    let server_bytes = image(2, 4 << 20);
+    let server_img = t
+        .file("server.img", &server_bytes)
+        .map_err(anyhow::Error::msg)?;
+    let gw_img = t
+        .file("gw.img", &image(3, 4 << 20))
+        .map_err(anyhow::Error::msg)?;
+    let mut fake = server_bytes.clone();
+    fake[1 << 20] ^= 1;
+    let fake_img = t.file("fake.img", &fake).map_err(anyhow::Error::msg)?;
+    for (img, vnfd) in [
+        (&client_img, CLIENT_VNFD),
+        (&server_img, SERVER_VNFD),
+        (&gw_img, GW_VNFD),
+    ] {
+        t.onboard(img, vnfd).map_err(anyhow::Error::msg)?;
+    }
+    n.step(
+        "images on-boarded",
+        "client, server (behind gateway gw, whitelist: icmp, tcp/8080, udp/9000), gw".into(),
+        true,
+    );
+    let g = t
+        .add("gw-0", "gw", "gateway", &gw_img)
+        .map_err(anyhow::Error::msg)?;
+    let c = t
+        .add("client-0", "client", "vnf", &client_img)
+        .map_err(anyhow::Error::msg)?;
+    let s = t
+        .add("server-0", "server", "vnf", &server_img)
+        .map_err(anyhow::Error::msg)?;
+    let f = t
+        .add("fake-0", "server", "vnf", &fake_img)
+        .map_err(anyhow::Error::msg)?;
+    n.step(
+        "instances created",
+        format!(
+            "gw-0 {}, client-0 {}, server-0 {}, fake-0 {} (its image differs by one byte)",
+            t.vnfs[g].overlay, t.vnfs[c].overlay, t.vnfs[s].overlay, t.vnfs[f].overlay
+        ),
+        true,
+    );
+    for i in [g, c, s, f] {
+        t.start(i).map_err(anyhow::Error::msg)?;
+    }
+    let mut enrolled = true;
+    for i in [g, c, s] {
+        enrolled &= t.wait_enrolled(i, Duration::from_secs(30)).is_ok();
+    }
+    n.step(
+        "agents enrolled",
+        "gw-0, client-0 and server-0 measured their images and revealed their first chain elements"
+            .into(),
+        enrolled,
+    );
+    let fake_agent = t.vnfs[f].agent.as_mut().context("fake agent")?;
+    let code = fake_agent.wait_exit(Duration::from_secs(30));
+    let log = fake_agent.log();
+    let reason = log
+        .lines()
+        .find(|l| l.contains("refused"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    n.step(
+        "fake VNF refused",
+        format!(
+            "exit code {code:?}: {}",
+            reason.chars().take(120).collect::<String>()
+        ),
+        code == Some(1) && reason.contains("WrongMeasurement"),
+    );
+
+    let server_ip = t.vnfs[s].overlay.to_string();
+    let server_v4: Ipv4Addr = server_ip.parse()?;
+    let mut up = false;
+    for _ in 0..10 {
+        let r = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "1"])?;
+        if r["received"] == 1 {
+            up = true;
+            break;
+        }
+    }
+    let r = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "10"])?;
+    let rtts: Vec<u64> = r["rtt_us"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    let avg = rtts.iter().sum::<u64>() as f64 / rtts.len().max(1) as f64 / 1000.0;
+    n.step(
+        "ICMP echo client -> server, through the gateway",
+        format!("{}/10 replies, RTT average {avg:.2} ms", rtts.len()),
+        up && rtts.len() >= 9,
+    );
+
+    let dir = t.dir.path().to_path_buf();
+    let sink = spawn_gen(
+        &t.vnfs[s].ns,
+        &["tcp-sink", "--port", "8080", "--seconds", "4"],
+        &dir.join("tcp-sink.log"),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let tcp = run_gen(
+        &t.vnfs[c].ns,
+        &["tcp", &format!("{server_ip}:8080"), "--seconds", "2"],
+    )?;
+    drop(sink);
+    let tcp_mbps = tcp["mbit_per_s"].as_f64().unwrap_or(0.0);
+    n.step(
+        "TCP stream, 2 s",
+        format!("{tcp_mbps:.0} Mbit/s"),
+        tcp_mbps > 1.0,
+    );
+
+    let mut usink = spawn_gen(
+        &t.vnfs[s].ns,
+        &["udp-sink", "--port", "9000", "--seconds", "5"],
+        &dir.join("udp-sink.log"),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = run_gen(
+        &t.vnfs[c].ns,
+        &[
+            "udp",
+            &format!("{server_ip}:9000"),
+            "--mbps",
+            "50",
+            "--seconds",
+            "2",
+        ],
+    )?;
+    usink.wait_exit(Duration::from_secs(6));
+    let got = last_json(&usink.log())?;
+    let (tx, rx) = (
+        sent["datagrams"].as_u64().unwrap_or(0),
+        got["datagrams"].as_u64().unwrap_or(0),
+    );
+    let loss = 100.0 * tx.saturating_sub(rx) as f64 / tx.max(1) as f64;
+    n.step(
+        "UDP stream at 50 Mbit/s, 2 s",
+        format!("{rx}/{tx} datagrams delivered ({loss:.2}% lost)"),
+        tx > 0 && loss < 5.0,
+    );
+
+    let unlisted = run_gen(
+        &t.vnfs[c].ns,
+        &["tcp", &format!("{server_ip}:22"), "--seconds", "1"],
+    );
+    n.step(
+        "unlisted port (tcp/22) blocked by the gateway",
+        if unlisted.is_err() {
+            "no connection".into()
+        } else {
+            "connected!".into()
+        },
+        unlisted.is_err(),
+    );
+
+    // The paper's Fig. 9, compressed: a SYN flood, then the 10 Mbit/s rule.
+    n.say("SYN flood client -> server:8080 through the gateway; the rule comes after 4 s");
+    let sampler = spawn_gen(
+        &t.vnfs[s].ns,
+        &["rx-rate", "--seconds", "9"],
+        &dir.join("rx.log"),
+    )?;
+    let flood = spawn_gen(
+        &t.vnfs[c].ns,
+        &[
+            "syn-flood",
+            &server_v4.to_string(),
+            "--port",
+            "8080",
+            "--seconds",
+            "8",
+        ],
+        &dir.join("flood.log"),
+    )?;
+    std::thread::sleep(Duration::from_secs(4));
+    let rule = t
+        .file("shaped.yaml", SHAPED.as_bytes())
+        .map_err(anyhow::Error::msg)?;
+    t.asmnctl(&["catalog", "apply", rule.to_str().unwrap_or_default()])
+        .map_err(anyhow::Error::msg)?;
+    let applied = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    n.say("asmnctl catalog apply: web rule at 10 Mbit/s");
+    let mut sampler = sampler;
+    let mut flood = flood;
+    flood.wait_exit(Duration::from_secs(10));
+    sampler.wait_exit(Duration::from_secs(10));
+    let samples: Vec<(u128, u64)> = serde_json::from_value(last_json(&sampler.log())?)?;
+    let rate = |from: u128, to: u128| {
+        let inside: Vec<&(u128, u64)> = samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .collect();
+        match (inside.first(), inside.last()) {
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                (b.1 - a.1) as f64 * 8.0 / ((b.0 - a.0) as f64 / 1e9) / 1e6
+            }
+            _ => 0.0,
+        }
+    };
+    let first = samples.first().map_or(0, |x| x.0);
+    let before = rate(first + 1_000_000_000, applied);
+    let after = rate(applied + 1_000_000_000, applied + 4_000_000_000);
+    n.step(
+        "flood shaped by a live catalog change",
+        format!("{before:.1} Mbit/s before the rule, {after:.1} Mbit/s after"),
+        before > 10.5 && after <= 10.5 && after > 5.0,
+    );
+
+    // Revocation: the client is cut off.
+    let id = t.vnfs[c].id.clone();
+    let revoked_at = Instant::now();
+    t.asmnctl(&["revoke", &id, "--reason", "demo: compromised"])
+        .map_err(anyhow::Error::msg)?;
+    let gw_agent = t.vnfs[g].agent.as_ref().context("gateway agent")?;
+    let mut cut = None;
+    while revoked_at.elapsed() < Duration::from_secs(5) {
+        if gw_agent.log().contains("peer revoked") {
+            cut = Some(revoked_at.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The revoked agent stops (its TUN device goes with it): nothing reaches the server.
+    let after_ping = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "2"])
+        .map(|r| r["received"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    let client_stopped = t.vnfs[c]
+        .agent
+        .as_mut()
+        .and_then(|a| a.wait_exit(Duration::from_secs(3)));
+    let cut_ms = cut.map(|d| d.as_secs_f64() * 1e3);
+    n.step(
+        "client-0 revoked and cut off",
+        format!(
+            "gateway removed its tunnel {} after the command; the client's agent stopped \
+             (exit {client_stopped:?}); pings answered afterwards: {after_ping}",
+            cut_ms.map_or("never".to_string(), |m| format!("{m:.0} ms")),
+        ),
+        cut.is_some_and(|d| d < Duration::from_secs(1)) && after_ping == 0,
+    );
+
+    drop(t);
+    let leftover = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("asmn"))
+        .unwrap_or(false);
+    n.step(
+        "clean-up",
+        "namespaces, processes and TUN devices removed".into(),
+        !leftover,
+    );
+
+    let all = n.rows.iter().all(|r| r.2);
+    println!();
+    println!("{:<48} {:<6} result", "step", "");
+    println!("{}", "-".repeat(100));
+    for (name, result, ok) in &n.rows {
+        println!("{name:<48} {:<6} {result}", if *ok { "ok" } else { "FAIL" });
+    }
+    println!(
+        "\n{} in {:.1} s",
+        if all {
+            "every step succeeded"
+        } else {
+            "SOME STEPS FAILED"
+        },
+        n.start.elapsed().as_secs_f64()
+    );
+    if json {
+        let rows: Vec<serde_json::Value> = n
+            .rows
+            .iter()
+            .map(|(name, result, ok)| serde_json::json!({"step": name, "result": result, "ok": ok}))
+            .collect();
+        println!("{}", serde_json::json!({"ok": all, "steps": rows}));
+    }
+    Ok(all)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Gen { kind } => match generate(kind) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("asmn-lab gen: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { json } => {
+            if !netns::can_run("asmn-lab demo") {
+                eprintln!(
+                    "asmn-lab demo: run it as root (it makes network namespaces and TUN devices)"
+                );
+                return ExitCode::from(2);
+            }
+            // Ctrl-C: the guards of the running demo will not run, so remove what this
+            // process made before exiting.
+            std::thread::spawn(|| {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!("\ninterrupted: removing the lab's namespaces and processes");
+                        netns::cleanup_mine();
+                        std::process::exit(130);
+                    }
+                });
+            });
+            match demo(json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("asmn-lab demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

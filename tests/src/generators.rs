@@ -1,0 +1,317 @@
+//! Traffic generators built into the lab (so the demo needs no tool outside the project):
+//! ICMP echo, TCP and UDP streams with their sinks, a TCP SYN flood, and a sampler of a
+//! device's receive counter. Each runs in the namespace it is started in (`asmn-lab gen
+//! ...` under `ip netns exec`), is bounded in time, and prints one JSON line of results.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// The Internet checksum of `data` (RFC 1071), starting from `sum`.
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum = sum.wrapping_add(u32::from(word));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// ICMP echo results.
+#[derive(Debug, serde::Serialize)]
+pub struct PingResult {
+    /// Requests sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// Round-trip times of the replies, in microseconds.
+    pub rtt_us: Vec<u64>,
+}
+
+/// Sends `count` ICMP echo requests of `size` payload bytes to `to`, one every
+/// `interval`, each waiting up to 1 s for its reply (raw socket: needs root).
+pub fn ping(
+    to: Ipv4Addr,
+    count: u32,
+    size: usize,
+    interval: Duration,
+) -> std::io::Result<PingResult> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let addr = SockAddr::from(SocketAddrV4::new(to, 0));
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut res = PingResult {
+        sent: 0,
+        received: 0,
+        rtt_us: Vec::new(),
+    };
+    let mut buf = vec![0u8; 65_536];
+    for seq in 0..count.min(10_000) {
+        let mut pkt = vec![0u8; 8 + size];
+        pkt[0] = 8;
+        pkt[4..6].copy_from_slice(&id.to_be_bytes());
+        pkt[6..8].copy_from_slice(&(seq as u16).to_be_bytes());
+        for (i, b) in pkt[8..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let c = checksum(&pkt, 0);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        let sent_at = Instant::now();
+        sock.send_to(&pkt, &addr)?;
+        res.sent += 1;
+        let deadline = sent_at + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let n = match (&sock).read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            // Raw ICMP sockets deliver the IP header too.
+            let ihl = usize::from(buf.first().copied().unwrap_or(0) & 0x0f) * 4;
+            let icmp = buf.get(ihl..n).unwrap_or(&[]);
+            if icmp.len() >= 8
+                && icmp[0] == 0
+                && icmp[4..6] == id.to_be_bytes()
+                && icmp[6..8] == (seq as u16).to_be_bytes()
+            {
+                res.received += 1;
+                res.rtt_us.push(sent_at.elapsed().as_micros() as u64);
+                break;
+            }
+        }
+        let next = sent_at + interval;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(res)
+}
+
+/// Stream results.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct StreamResult {
+    /// Payload bytes carried.
+    pub bytes: u64,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Goodput in Mbit/s.
+    pub mbit_per_s: f64,
+    /// Datagrams sent or received (UDP).
+    pub datagrams: u64,
+    /// Datagrams missing by sequence number (UDP sink).
+    pub lost: u64,
+}
+
+/// Accepts TCP connections on `port` and discards what they send, for `seconds`.
+pub fn tcp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut res = StreamResult::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    while Instant::now() < end {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let start = Instant::now();
+                while Instant::now() < end {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => res.bytes += n as u64,
+                        Err(_) => break,
+                    }
+                }
+                res.seconds += start.elapsed().as_secs_f64();
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    Ok(res)
+}
+
+/// Sends a TCP stream to `to` for `seconds`; the goodput as the sender saw it.
+pub fn tcp_stream(to: SocketAddr, seconds: u64) -> std::io::Result<StreamResult> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    let chunk = vec![0x5au8; 128 * 1024];
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut bytes = 0u64;
+    while Instant::now() < end {
+        s.write_all(&chunk)?;
+        bytes += chunk.len() as u64;
+    }
+    s.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    Ok(StreamResult {
+        bytes,
+        seconds: secs,
+        mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
+        ..StreamResult::default()
+    })
+}
+
+/// Receives sequence-numbered datagrams on `port` until `seconds` pass or the stream
+/// stops for a second; counts the missing ones.
+pub fn udp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
+    let sock = UdpSocket::bind(("0.0.0.0", port))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut buf = vec![0u8; 65_536];
+    let (mut first, mut last_seen) = (None::<Instant>, Instant::now());
+    let (mut max_seq, mut got, mut bytes) = (0u64, 0u64, 0u64);
+    while Instant::now() < end {
+        match sock.recv(&mut buf) {
+            Ok(n) if n >= 8 => {
+                let seq = u64::from_be_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+                max_seq = max_seq.max(seq + 1);
+                got += 1;
+                bytes += n as u64;
+                first.get_or_insert_with(Instant::now);
+                last_seen = Instant::now();
+            }
+            _ => {
+                if first.is_some() && last_seen.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+            }
+        }
+    }
+    let secs = first
+        .map_or(0.0, |f| (last_seen - f).as_secs_f64())
+        .max(1e-3);
+    Ok(StreamResult {
+        bytes,
+        seconds: secs,
+        mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
+        datagrams: got,
+        lost: max_seq.saturating_sub(got),
+    })
+}
+
+/// Sends sequence-numbered datagrams of `size` bytes to `to` at `mbps` for `seconds`.
+pub fn udp_stream(
+    to: SocketAddr,
+    mbps: f64,
+    size: usize,
+    seconds: u64,
+) -> std::io::Result<StreamResult> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let size = size.clamp(8, 65_000);
+    let mut pkt = vec![0u8; size];
+    let gap = Duration::from_secs_f64(size as f64 * 8.0 / (mbps.max(0.001) * 1e6));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut seq = 0u64;
+    let mut next = start;
+    while Instant::now() < end {
+        pkt[..8].copy_from_slice(&seq.to_be_bytes());
+        let _ = sock.send_to(&pkt, to);
+        seq += 1;
+        next += gap;
+        if let Some(w) = next.checked_duration_since(Instant::now())
+            && w > Duration::from_micros(200)
+        {
+            std::thread::sleep(w);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(StreamResult {
+        bytes: seq * size as u64,
+        seconds: secs,
+        mbit_per_s: (seq * size as u64) as f64 * 8.0 / secs / 1e6,
+        datagrams: seq,
+        lost: 0,
+    })
+}
+
+/// Sends TCP SYNs with `payload` bytes each to `to:port` as fast as it can for `seconds`
+/// (raw socket: needs root). Returns what it sent.
+pub fn syn_flood(
+    to: Ipv4Addr,
+    port: u16,
+    payload: usize,
+    seconds: u64,
+) -> std::io::Result<StreamResult> {
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+    // The kernel adds the IP header; the TCP checksum needs the source address, which the
+    // route to `to` decides: learn it from a connected UDP socket.
+    let probe = UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect((to, port))?;
+    let src = match probe.local_addr()? {
+        SocketAddr::V4(a) => *a.ip(),
+        SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
+    let addr = SockAddr::from(SocketAddrV4::new(to, 0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut seg = asmn_shared::policy::packet::build::tcp(0, port, 0x02, payload);
+    let mut src_port = 1024u16;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            src_port = src_port.wrapping_add(1).max(1024);
+            seg[0..2].copy_from_slice(&src_port.to_be_bytes());
+            seg[4..8].copy_from_slice(&(sent as u32).to_be_bytes());
+            seg[16..18].copy_from_slice(&[0, 0]);
+            let mut pseudo = Vec::with_capacity(12);
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&to.octets());
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+            let partial = u32::from(!checksum(&pseudo, 0));
+            let c = checksum(&seg, partial);
+            seg[16..18].copy_from_slice(&c.to_be_bytes());
+            if sock.send_to(&seg, &addr).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = sent * (20 + seg.len() as u64);
+    Ok(StreamResult {
+        bytes,
+        seconds: secs,
+        mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
+        datagrams: sent,
+        lost: 0,
+    })
+}
+
+/// Samples `/sys/class/net/DEV/statistics/rx_bytes` every `interval` for `seconds`:
+/// (nanoseconds since the Unix epoch, bytes) per sample, time and counter read back to
+/// back.
+pub fn rx_samples(
+    dev: &str,
+    interval: Duration,
+    seconds: u64,
+) -> std::io::Result<Vec<(u128, u64)>> {
+    let path = format!("/sys/class/net/{dev}/statistics/rx_bytes");
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut out = Vec::new();
+    let mut k = 0u32;
+    while Instant::now() < end {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let v: u64 = std::fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
+        out.push((now, v));
+        k += 1;
+        if let Some(w) = (start + interval * k).checked_duration_since(Instant::now()) {
+            std::thread::sleep(w);
+        }
+    }
+    Ok(out)
+}
