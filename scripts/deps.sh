@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libarchive-zip-perl                     # `crc32`, zlib's CRC32, a measurement baseline
   ca-certificates curl git
   iproute2 iputils-ping iperf3 hping3 tcpdump   # the network-namespace tests of the agent
+  wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
 )
 
 asmn_need_root() {
@@ -53,4 +54,13 @@ asmn_deps() {
   asmn_need_root
   asmn_install_apt
   asmn_install_rust
+}
+
+# Tools only the tests use: boringtun-cli, the unmodified WireGuard implementation the
+# agent's tunnels are checked against.
+asmn_test_tools() {
+  if ! command -v boringtun-cli >/dev/null 2>&1; then
+    echo "==> installing boringtun-cli 0.7.1 (cargo install)"
+    cargo install boringtun-cli --locked --version 0.7.1 --quiet
+  fi
 }

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 asmn_deps
+asmn_test_tools
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

@@ -42,6 +42,35 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
+    /// Run only the data plane with one static peer given on the command line (no Sec-EM):
+    /// for interoperability tests with other WireGuard implementations and for data-plane
+    /// benchmarks. Keys are WireGuard's base64, read from files.
+    Static {
+        /// TUN device name.
+        #[arg(long, default_value = "asmn0")]
+        tun: String,
+        /// This end's overlay address, ip/prefix.
+        #[arg(long)]
+        address: String,
+        /// UDP address to listen on (ip:port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// File with this end's private key (base64).
+        #[arg(long)]
+        private_key_file: PathBuf,
+        /// The peer's public key (base64).
+        #[arg(long)]
+        peer_public_key: String,
+        /// The peer's UDP endpoint (ip:port).
+        #[arg(long)]
+        peer_endpoint: std::net::SocketAddr,
+        /// The peer's overlay address.
+        #[arg(long)]
+        peer_address: std::net::Ipv4Addr,
+        /// File with the pair's preshared key (base64).
+        #[arg(long)]
+        psk_file: PathBuf,
+    },
     /// Check a configuration file and the bundle it names, then exit.
     CheckConfig {
         /// The configuration file (TOML).
@@ -93,6 +122,42 @@ fn main() -> ExitCode {
                 ExitCode::from(BAD_CONFIG)
             }
         },
+        Command::Static {
+            tun,
+            address,
+            listen,
+            private_key_file,
+            peer_public_key,
+            peer_endpoint,
+            peer_address,
+            psk_file,
+        } => {
+            logging("text");
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("asmn-agent: starting the runtime: {e}");
+                    return ExitCode::from(RUNTIME);
+                }
+            };
+            let args = StaticArgs {
+                tun,
+                address,
+                listen,
+                private_key_file,
+                peer_public_key,
+                peer_endpoint,
+                peer_address,
+                psk_file,
+            };
+            match runtime.block_on(run_static(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("asmn-agent static: {e:#}");
+                    ExitCode::from(BAD_CONFIG)
+                }
+            }
+        }
         Command::Run { config, log_format } => {
             logging(&log_format);
             let cfg = match Config::load(&config) {
@@ -125,6 +190,88 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+struct StaticArgs {
+    tun: String,
+    address: String,
+    listen: std::net::SocketAddr,
+    private_key_file: PathBuf,
+    peer_public_key: String,
+    peer_endpoint: std::net::SocketAddr,
+    peer_address: std::net::Ipv4Addr,
+    psk_file: PathBuf,
+}
+
+fn key32(what: &str, b64: &str) -> anyhow::Result<[u8; 32]> {
+    use base64::Engine;
+    let v = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .with_context(|| format!("{what}: not base64"))?;
+    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| anyhow::anyhow!("{what}: not 32 bytes"))
+}
+
+async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let secret =
+        boringtun::x25519::StaticSecret::from(key32("private key", &read(&a.private_key_file)?)?);
+    let peer_key = key32("peer public key", &a.peer_public_key)?;
+    let psk = asmn_shared::crypto::PresharedKey::new(key32("preshared key", &read(&a.psk_file)?)?);
+    let (ip, prefix) = a
+        .address
+        .split_once('/')
+        .and_then(|(i, p)| Some((i.parse::<std::net::Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
+        .context("--address must be ipv4/prefix")?;
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&a.tun)
+        .ipv4(ip, prefix, None)
+        .mtu(1420)
+        .build_async()
+        .with_context(|| format!("creating TUN device {}", a.tun))?;
+    let udp = underlay_socket(a.listen)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let net = IpAddr::V4((u32::from(ip) & mask).into());
+    let plane = Plane::new(
+        tun,
+        udp,
+        secret,
+        IpAddr::V4(ip),
+        (net, prefix),
+        asmn_shared::ids::Role::Vnf,
+        tx,
+    );
+    let catalog = asmn_shared::catalog::parse_catalog(
+        "static",
+        b"vnf: static\nsec_catalog:\n  default_action:\n    police:\n      ingress_policing_rate: 400000000\n      ingress_policing_burst: 4000000\n",
+    )?;
+    plane.set_catalog(catalog);
+    let vnf = asmn_shared::ids::VnfId::new("static").map_err(|e| anyhow::anyhow!("{e}"))?;
+    plane.install(
+        asmn_agent::dataplane::PeerSpec {
+            id: asmn_shared::ids::InstanceKey::from_bytes(peer_key),
+            vnf,
+            overlay: IpAddr::V4(a.peer_address),
+            endpoint: a.peer_endpoint,
+            wg_public: peer_key,
+            role: asmn_shared::ids::Role::Vnf,
+        },
+        &psk,
+    );
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    tokio::spawn(Arc::clone(&plane).run_timers());
+    let tun_task = tokio::spawn(Arc::clone(&plane).run_tun());
+    let udp_task = tokio::spawn(Arc::clone(&plane).run_udp());
+    tracing::info!("static data plane up");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        r = tun_task => Err(anyhow::anyhow!("TUN device failed: {r:?}")),
+        r = udp_task => Err(anyhow::anyhow!("underlay socket failed: {r:?}")),
     }
 }
 

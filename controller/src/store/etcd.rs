@@ -35,6 +35,9 @@ use super::{
 pub struct EtcdStore {
     clients: Vec<Client>,
     current: Arc<AtomicUsize>,
+    /// Per member: until when (ms since `epoch`) it is skipped after failing.
+    down_until: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    epoch: std::time::Instant,
     endpoints: Vec<String>,
     puts: Arc<PutGroup>,
 }
@@ -52,8 +55,13 @@ struct PutGroup {
 /// Most puts in one transaction (etcd's default `--max-txn-ops` is 128).
 const PUT_GROUP: usize = 100;
 
-/// Longest wait for one request to one member.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one request to one member: a member killed with requests in flight
+/// holds them until this passes, so it bounds how long writes pause when the leader dies.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same for listings (they can be large: every instance of a tenant).
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a member that failed is passed over (others are asked first).
+const SKIP_FAILED: Duration = Duration::from_secs(3);
 
 /// Whether a failed request surely did not reach etcd's log (so another member may be
 /// asked the same): no connection, or a member without a leader (`require_leader`).
@@ -124,6 +132,12 @@ impl EtcdStore {
             );
         }
         let store = Self {
+            down_until: Arc::new(
+                (0..clients.len())
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .collect(),
+            ),
+            epoch: std::time::Instant::now(),
             clients,
             current: Arc::new(AtomicUsize::new(0)),
             endpoints,
@@ -141,15 +155,33 @@ impl EtcdStore {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_within(REQUEST_TIMEOUT, write, op).await
+    }
+
+    async fn call_within<T, F, Fut>(
+        &self,
+        limit: Duration,
+        write: bool,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let n = self.clients.len();
         let first = self.current.load(Ordering::Relaxed) % n;
+        let now = || u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Members that failed recently go last: a request goes to a live member at once.
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        let t = now();
+        order.sort_by_key(|&i| self.down_until[i].load(Ordering::Relaxed) > t);
         let mut last = String::new();
-        for attempt in 0..n {
-            let i = (first + attempt) % n;
-            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, op(self.clients[i].clone())).await;
+        for i in order {
+            let outcome = tokio::time::timeout(limit, op(self.clients[i].clone())).await;
             let retry = match outcome {
                 Ok(Ok(v)) => {
                     self.current.store(i, Ordering::Relaxed);
+                    self.down_until[i].store(0, Ordering::Relaxed);
                     return Ok(v);
                 }
                 Ok(Err(e)) => {
@@ -158,14 +190,14 @@ impl EtcdStore {
                     retry
                 }
                 Err(_) => {
-                    last = format!(
-                        "{}: no answer within {REQUEST_TIMEOUT:?}",
-                        self.endpoints[i]
-                    );
+                    last = format!("{}: no answer within {limit:?}", self.endpoints[i]);
                     !write
                 }
             };
-            // Whatever happened, the next request starts at the next member.
+            // This member failed: pass it over for a while; the next request starts at
+            // the next member.
+            let skip = u64::try_from(SKIP_FAILED.as_millis()).unwrap_or(u64::MAX);
+            self.down_until[i].store(now().saturating_add(skip), Ordering::Relaxed);
             self.current.store((i + 1) % n, Ordering::Relaxed);
             if !retry {
                 break;
@@ -299,7 +331,7 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         let resp = self
-            .call(false, |mut c| async move {
+            .call_within(LIST_TIMEOUT, false, |mut c| async move {
                 c.get(prefix, Some(GetOptions::new().with_prefix())).await
             })
             .await?;
