@@ -29,6 +29,16 @@ fn tool(name: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// Removes boringtun-cli's control socket (in /var/run/wireguard, outside the namespace)
+/// when the test ends, however it ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn wg(args: &[&str], input: Option<&str>) -> String {
     use std::io::Write;
     let mut child = std::process::Command::new("wg")
@@ -126,6 +136,7 @@ fn the_agent_interoperates_with_boringtun_cli_and_wg() {
         )
         .expect("boringtun-cli");
     let sock = format!("/var/run/wireguard/{ifname}.sock");
+    let _sock_guard = RemoveOnDrop(sock.clone().into());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !Path::new(&sock).exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
