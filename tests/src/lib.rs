@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod generators;
 pub mod netns;
 pub mod tenant;

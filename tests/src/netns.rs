@@ -258,21 +258,28 @@ pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The project's binaries (`sec-em`, `asmnctl`, `asmn-agent`, ...) next to the running
-/// test or lab: target/<profile>/NAME. They are built by `cargo build --workspace --bins`
-/// (scripts/test.sh does it before the tests).
+/// The project's binaries (`sec-em`, `asmnctl`, `asmn-agent`, ...): from `ASMN_BIN_DIR`
+/// when set (scripts/test.sh points it at the release build, so that the namespace tests
+/// measure the data plane as it ships), else next to the running test or lab
+/// (target/<profile>/NAME, built by `cargo build --workspace --bins`).
 pub fn binary(name: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
+    let dir = match std::env::var_os("ASMN_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+            if dir.ends_with("deps") {
+                dir.pop();
+            }
+            dir
+        }
+    };
     let p = dir.join(name);
     if p.is_file() {
         Ok(p)
     } else {
         Err(format!(
-            "{} is not built: run `cargo build --workspace --bins` first",
+            "{} is not built: run `cargo build --workspace --bins` first (or set ASMN_BIN_DIR)",
             p.display()
         ))
     }

@@ -33,6 +33,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The data-plane benchmark: plain veth, ASMN direct, boringtun-cli (where installed)
+    /// and ASMN through the gateway, in one run, each figure beside the baseline.
+    Bench {
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A traffic generator (run inside a namespace by the lab).
     Gen {
         #[command(subcommand)]
@@ -568,6 +578,373 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     Ok(all)
 }
 
+const BENCH_SERVER_VNFD: &str = "vnfd:
+  id: server
+  sec_catalog:
+    gateway: gw
+    default_action: drop
+    rules:
+      - name: ping
+        protocol: icmp
+        ingress_policing_rate: 0
+      - name: tcp
+        protocol: tcp
+        port: 7001
+        ingress_policing_rate: 0
+      - name: udp
+        protocol: udp
+        port: 7002
+        ingress_policing_rate: 0
+";
+
+fn write_key(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{text}\n"))?;
+    Ok(p)
+}
+
+fn wg_cmd(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("wg")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("wg (wireguard-tools)")?;
+    if let Some(i) = input
+        && let Some(mut stdin) = child.stdin.take()
+    {
+        stdin.write_all(i.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
+    use asmn_tests::bench::{PathResult, Run, measure, tool};
+    let me = std::env::current_exe()?;
+    let work = tempfile::tempdir()?;
+    let run = Run {
+        me: &me,
+        seconds,
+        work: work.path(),
+    };
+    let mut results: Vec<PathResult> = Vec::new();
+    let a = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
+    let b = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
+    netns::run(&mut a.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ],
+    ))
+    .map_err(anyhow::Error::msg)?;
+    for (ns, ip) in [(&a, "10.96.0.1/24"), (&b, "10.96.0.2/24")] {
+        ns.run("ip", &["addr", "add", ip, "dev", "eth0"])
+            .map_err(anyhow::Error::msg)?;
+        ns.run("ip", &["link", "set", "eth0", "up"])
+            .map_err(anyhow::Error::msg)?;
+    }
+    eprintln!("plain veth ...");
+    results
+        .push(measure(run, "plain veth", (&a, &b), "10.96.0.2", &[]).map_err(anyhow::Error::msg)?);
+
+    // Keys for the tunnels (wg makes them; the agent reads the same files).
+    let (ka, kb, psk) = (
+        wg_cmd(&["genkey"], None)?,
+        wg_cmd(&["genkey"], None)?,
+        wg_cmd(&["genpsk"], None)?,
+    );
+    let (pa, pb) = (
+        wg_cmd(&["pubkey"], Some(&ka))?,
+        wg_cmd(&["pubkey"], Some(&kb))?,
+    );
+    let (fa, fb, fp) = (
+        write_key(work.path(), "a.key", &ka)?,
+        write_key(work.path(), "b.key", &kb)?,
+        write_key(work.path(), "psk", &psk)?,
+    );
+
+    eprintln!("ASMN direct ...");
+    {
+        let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
+        let start = |ns: &Netns,
+                     me_ip: &str,
+                     listen: &str,
+                     key: &Path,
+                     peer: &str,
+                     ep: &str,
+                     peer_ip: &str,
+                     log: &str| {
+            ns.spawn(
+                &agent,
+                &[
+                    "static",
+                    "--tun",
+                    "asmn0",
+                    "--address",
+                    me_ip,
+                    "--listen",
+                    listen,
+                    "--private-key-file",
+                    key.to_str().unwrap_or_default(),
+                    "--peer-public-key",
+                    peer,
+                    "--peer-endpoint",
+                    ep,
+                    "--peer-address",
+                    peer_ip,
+                    "--psk-file",
+                    fp.to_str().unwrap_or_default(),
+                ],
+                &work.path().join(log),
+            )
+        };
+        let mut x = start(
+            &a,
+            "10.86.0.1/24",
+            "10.96.0.1:51820",
+            &fa,
+            &pb,
+            "10.96.0.2:51820",
+            "10.86.0.2",
+            "agent-a.log",
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut y = start(
+            &b,
+            "10.86.0.2/24",
+            "10.96.0.2:51820",
+            &fb,
+            &pa,
+            "10.96.0.1:51820",
+            "10.86.0.1",
+            "agent-b.log",
+        )
+        .map_err(anyhow::Error::msg)?;
+        x.wait_log("static data plane up", Duration::from_secs(10));
+        y.wait_log("static data plane up", Duration::from_secs(10));
+        let pids = [x.pid(), y.pid()];
+        results.push(
+            measure(run, "ASMN direct", (&a, &b), "10.86.0.2", &pids)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+
+    if let Some(bt) = tool("boringtun-cli") {
+        for threads in ["1", "4"] {
+            eprintln!("boringtun-cli, {threads} thread(s) ...");
+            let (ia, ib) = (netns::unique("wgb"), netns::unique("wgb"));
+            let _sa = RemoveOnDrop(format!("/var/run/wireguard/{ia}.sock").into());
+            let _sb = RemoveOnDrop(format!("/var/run/wireguard/{ib}.sock").into());
+            let x = a
+                .spawn(
+                    &bt,
+                    &[
+                        "--foreground",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        threads,
+                        &ia,
+                    ],
+                    &work.path().join("bt-a.log"),
+                )
+                .map_err(anyhow::Error::msg)?;
+            let y = b
+                .spawn(
+                    &bt,
+                    &[
+                        "--foreground",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        threads,
+                        &ib,
+                    ],
+                    &work.path().join("bt-b.log"),
+                )
+                .map_err(anyhow::Error::msg)?;
+            for s in [&ia, &ib] {
+                let sock = format!("/var/run/wireguard/{s}.sock");
+                let t = Instant::now();
+                while !Path::new(&sock).exists() && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            for (ns, ifn, key, peer, ep, allowed, ip) in [
+                (
+                    &a,
+                    &ia,
+                    &fa,
+                    &pb,
+                    "10.96.0.2:51821",
+                    "10.85.0.2/32",
+                    "10.85.0.1/24",
+                ),
+                (
+                    &b,
+                    &ib,
+                    &fb,
+                    &pa,
+                    "10.96.0.1:51821",
+                    "10.85.0.1/32",
+                    "10.85.0.2/24",
+                ),
+            ] {
+                ns.run(
+                    "wg",
+                    &[
+                        "set",
+                        ifn,
+                        "private-key",
+                        key.to_str().unwrap_or_default(),
+                        "listen-port",
+                        "51821",
+                        "peer",
+                        peer,
+                        "preshared-key",
+                        fp.to_str().unwrap_or_default(),
+                        "endpoint",
+                        ep,
+                        "allowed-ips",
+                        allowed,
+                    ],
+                )
+                .map_err(anyhow::Error::msg)?;
+                ns.run("ip", &["addr", "add", ip, "dev", ifn])
+                    .map_err(anyhow::Error::msg)?;
+                ns.run("ip", &["link", "set", ifn, "up"])
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let pids = [x.pid(), y.pid()];
+            let name = format!("boringtun-cli, {threads} thread(s)");
+            results.push(
+                measure(run, &name, (&a, &b), "10.85.0.2", &pids).map_err(anyhow::Error::msg)?,
+            );
+            drop(x);
+            drop(y);
+            for ns in [&a, &b] {
+                let _ = ns.run("ip", &["addr", "flush", "to", "10.85.0.0/24"]);
+            }
+        }
+    } else {
+        eprintln!("boringtun-cli is not installed: its rows are skipped");
+    }
+    drop(a);
+    drop(b);
+
+    eprintln!("ASMN through the gateway ...");
+    {
+        let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
+        let imgs: Vec<std::path::PathBuf> = (1..=3)
+            .map(|i| t.file(&format!("{i}.img"), &image(i, 1 << 20)))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[0], CLIENT_VNFD)
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[1], BENCH_SERVER_VNFD)
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[2], GW_VNFD).map_err(anyhow::Error::msg)?;
+        let g = t
+            .add("gw-0", "gw", "gateway", &imgs[2])
+            .map_err(anyhow::Error::msg)?;
+        let c = t
+            .add("client-0", "client", "vnf", &imgs[0])
+            .map_err(anyhow::Error::msg)?;
+        let s = t
+            .add("server-0", "server", "vnf", &imgs[1])
+            .map_err(anyhow::Error::msg)?;
+        for i in [g, c, s] {
+            t.start(i).map_err(anyhow::Error::msg)?;
+            t.wait_enrolled(i, Duration::from_secs(30))
+                .map_err(anyhow::Error::msg)?;
+        }
+        let pids: Vec<u32> = [g, c, s]
+            .iter()
+            .filter_map(|i| t.vnfs[*i].agent.as_ref().map(netns::Proc::pid))
+            .collect();
+        let to = t.vnfs[s].overlay.to_string();
+        results.push(
+            measure(
+                run,
+                "ASMN through the gateway",
+                (&t.vnfs[c].ns, &t.vnfs[s].ns),
+                &to,
+                &pids,
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+    }
+
+    let plain = results[0].clone();
+    let bt1 = results
+        .iter()
+        .find(|r| r.path.starts_with("boringtun-cli, 1"))
+        .cloned();
+    println!(
+        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "path", "RTT 64 B", "RTT 4 KiB", "TCP", "UDP", "UDP loss", "CPU s/GB"
+    );
+    println!(
+        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "", "us", "us", "Mbit/s", "Mbit/s", "%", ""
+    );
+    for r in &results {
+        println!(
+            "{:<30} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>10}",
+            r.path,
+            r.rtt64_us,
+            r.rtt4096_us,
+            r.tcp_mbps,
+            r.udp_mbps,
+            r.udp_loss_pct,
+            r.cpu_s_per_gb
+                .map_or("kernel".to_string(), |c| format!("{c:.1}"))
+        );
+    }
+    println!();
+    for r in results.iter().skip(1) {
+        let mut line = format!(
+            "{}: RTT overhead over veth {:+.0} us (64 B); TCP {:.2}x veth",
+            r.path,
+            r.rtt64_us - plain.rtt64_us,
+            r.tcp_mbps / plain.tcp_mbps.max(1e-9)
+        );
+        if let Some(b) = &bt1
+            && !r.path.starts_with("boringtun")
+        {
+            line.push_str(&format!(
+                "; TCP {:.2}x boringtun-cli (1 thread); RTT overhead {:.2}x boringtun-cli's",
+                r.tcp_mbps / b.tcp_mbps.max(1e-9),
+                (r.rtt64_us - plain.rtt64_us) / (b.rtt64_us - plain.rtt64_us).max(1e-9)
+            ));
+        }
+        println!("{line}");
+    }
+    if json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
+    Ok(())
+}
+
+/// Removes a file when dropped (boringtun-cli's control sockets live outside namespaces).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -581,6 +958,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Bench { seconds, json } => {
+            if !netns::can_run("asmn-lab bench") {
+                return ExitCode::from(2);
+            }
+            match bench(seconds, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("asmn-lab bench: {e:#}");
+                    netns::cleanup_mine();
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { json } => {
             if !netns::can_run("asmn-lab demo") {
                 eprintln!(
