@@ -175,3 +175,22 @@ pub fn tool(name: &str) -> Option<PathBuf> {
             p.is_file().then_some(p)
         })
 }
+
+/// Runs `wg ARGS` (wireguard-tools) with `input` on its standard input; its output.
+pub fn wg(args: &[&str], input: Option<&str>) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("wg")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("wg (wireguard-tools): {e}"))?;
+    if let Some(i) = input
+        && let Some(mut stdin) = child.stdin.take()
+    {
+        stdin.write_all(i.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

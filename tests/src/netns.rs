@@ -250,6 +250,31 @@ pub fn attach(hub: &Netns, bridge: &str, ns: &Netns, addr: &str) -> Result<(), S
     Ok(())
 }
 
+/// Joins `a` and `b` with a veth pair (`eth0` in each) with the addresses `addr_a` and
+/// `addr_b` (CIDR), both up.
+pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> Result<(), String> {
+    run(&mut a.cmd(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ],
+    ))?;
+    for (ns, addr) in [(a, addr_a), (b, addr_b)] {
+        ns.run("ip", &["addr", "add", addr, "dev", "eth0"])?;
+        ns.run("ip", &["link", "set", "eth0", "up"])?;
+    }
+    Ok(())
+}
+
 /// A bridge named `bridge` in `hub` with `addr` (CIDR) on it, up.
 pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> Result<(), String> {
     hub.run("ip", &["link", "add", bridge, "type", "bridge"])?;

@@ -9,6 +9,35 @@ use std::time::{Duration, Instant};
 
 use crate::netns::{self, Netns, Proc};
 
+/// A client VNF's descriptor: it accepts anything from the tenant, policed at 1 Gbit/s.
+pub const CLIENT_VNFD: &str = "vnfd:
+  id: client
+  name: Demo client
+  sec_catalog:
+    default_action:
+      police:
+        ingress_policing_rate: 1000000
+        ingress_policing_burst: 100000
+";
+
+/// The gateway VNF's descriptor (VNF-G/W): it accepts the tenant, policed at 10 Gbit/s.
+pub const GATEWAY_VNFD: &str = "vnfd:
+  id: gw
+  name: The tenant's VNF-G/W
+  sec_catalog:
+    default_action:
+      police:
+        ingress_policing_rate: 10000000
+        ingress_policing_burst: 1000000
+";
+
+/// A deterministic test image of `len` bytes (different `seed`, different image).
+pub fn image(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
 /// Sec-EM's address on the underlay.
 pub const SEC_EM: &str = "10.99.0.1";
 const PORT: u16 = 7443;

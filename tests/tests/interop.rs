@@ -40,25 +40,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn wg(args: &[&str], input: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("wg")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("wg");
-    if let Some(i) = input {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(i.as_bytes())
-            .expect("write");
-    } else {
-        drop(child.stdin.take());
-    }
-    let out = child.wait_with_output().expect("wg output");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    asmn_tests::bench::wg(args, input).expect("wg")
 }
 
 #[test]
@@ -75,28 +57,7 @@ fn the_agent_interoperates_with_boringtun_cli_and_wg() {
         Netns::new("asmnvnf").expect("ns"),
         Netns::new("asmnvnf").expect("ns"),
     );
-    netns::run(&mut a.cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            b.name(),
-        ],
-    ))
-    .expect("veth");
-    a.run("ip", &["addr", "add", "10.98.0.1/24", "dev", "eth0"])
-        .expect("addr");
-    b.run("ip", &["addr", "add", "10.98.0.2/24", "dev", "eth0"])
-        .expect("addr");
-    a.run("ip", &["link", "set", "eth0", "up"]).expect("up");
-    b.run("ip", &["link", "set", "eth0", "up"]).expect("up");
+    netns::veth(&a, &b, "10.98.0.1/24", "10.98.0.2/24").expect("veth");
 
     // Keys made by wg.
     let (priv_a, priv_b, psk) = (

@@ -4,16 +4,7 @@
 use std::time::Duration;
 
 use asmn_tests::netns;
-use asmn_tests::tenant::Tenant;
-
-const CLIENT_VNFD: &str = "vnfd:
-  id: client
-  sec_catalog:
-    default_action:
-      police:
-        ingress_policing_rate: 1000000
-        ingress_policing_burst: 100000
-";
+use asmn_tests::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
 
 const SERVER_VNFD: &str = "vnfd:
   id: server
@@ -38,12 +29,6 @@ const SERVER_VNFD: &str = "vnfd:
 
 /// The payload pattern of the pings the underlay capture looks for.
 const PATTERN: &str = "a5c3e1f00dbeef42cafe";
-
-fn image(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// A tenant with an enrolled client and server; their indexes.
 fn client_and_server() -> (Tenant, usize, usize) {
@@ -353,15 +338,6 @@ fn genuine_agents_ping_over_a_tunnel_and_a_fake_is_refused() {
             .is_err()
     );
 }
-
-const GATEWAY_VNFD: &str = "vnfd:
-  id: gw
-  sec_catalog:
-    default_action:
-      police:
-        ingress_policing_rate: 10000000
-        ingress_policing_burst: 1000000
-";
 
 /// A tenant with a client, a server whose catalog names the gateway, and the gateway.
 fn behind_gateway() -> (Tenant, usize, usize, usize) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use asmn_tests::generators;
 use asmn_tests::netns::{self, Netns};
-use asmn_tests::tenant::Tenant;
+use asmn_tests::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
 use clap::{Parser, Subcommand};
 
 /// The ASMN lab: a whole tenant in network namespaces on this machine.
@@ -178,16 +178,6 @@ impl Narrator {
     }
 }
 
-const CLIENT_VNFD: &str = "vnfd:
-  id: client
-  name: Demo client
-  sec_catalog:
-    default_action:
-      police:
-        ingress_policing_rate: 1000000
-        ingress_policing_burst: 100000
-";
-
 const SERVER_VNFD: &str = "vnfd:
   id: server
   name: Demo server, reachable only through the gateway
@@ -209,16 +199,6 @@ const SERVER_VNFD: &str = "vnfd:
         port: 9000
         sources: [client]
         ingress_policing_rate: 0
-";
-
-const GW_VNFD: &str = "vnfd:
-  id: gw
-  name: The tenant's VNF-G/W
-  sec_catalog:
-    default_action:
-      police:
-        ingress_policing_rate: 10000000
-        ingress_policing_burst: 1000000
 ";
 
 /// The 10 Mbit/s rule the demo applies during the flood.
@@ -243,12 +223,6 @@ sec_catalog:
       sources: [client]
       ingress_policing_rate: 0
 ";
-
-fn image(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// Runs `asmn-lab gen ARGS` inside `ns` and parses its JSON line.
 fn run_gen(ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
@@ -306,7 +280,7 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     for (img, vnfd) in [
         (&client_img, CLIENT_VNFD),
         (&server_img, SERVER_VNFD),
-        (&gw_img, GW_VNFD),
+        (&gw_img, GATEWAY_VNFD),
     ] {
         t.onboard(img, vnfd).map_err(anyhow::Error::msg)?;
     }
@@ -604,21 +578,7 @@ fn write_key(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::Pa
 }
 
 fn wg_cmd(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("wg")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("wg (wireguard-tools)")?;
-    if let Some(i) = input
-        && let Some(mut stdin) = child.stdin.take()
-    {
-        stdin.write_all(i.as_bytes())?;
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    asmn_tests::bench::wg(args, input).map_err(anyhow::Error::msg)
 }
 
 fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
@@ -633,28 +593,7 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
     let mut results: Vec<PathResult> = Vec::new();
     let a = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
     let b = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
-    netns::run(&mut a.cmd(
-        "ip",
-        &[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            b.name(),
-        ],
-    ))
-    .map_err(anyhow::Error::msg)?;
-    for (ns, ip) in [(&a, "10.96.0.1/24"), (&b, "10.96.0.2/24")] {
-        ns.run("ip", &["addr", "add", ip, "dev", "eth0"])
-            .map_err(anyhow::Error::msg)?;
-        ns.run("ip", &["link", "set", "eth0", "up"])
-            .map_err(anyhow::Error::msg)?;
-    }
+    netns::veth(&a, &b, "10.96.0.1/24", "10.96.0.2/24").map_err(anyhow::Error::msg)?;
     eprintln!("plain veth ...");
     results
         .push(measure(run, "plain veth", (&a, &b), "10.96.0.2", &[]).map_err(anyhow::Error::msg)?);
@@ -853,7 +792,8 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         t.onboard(&imgs[1], BENCH_SERVER_VNFD)
             .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[2], GW_VNFD).map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[2], GATEWAY_VNFD)
+            .map_err(anyhow::Error::msg)?;
         let g = t
             .add("gw-0", "gw", "gateway", &imgs[2])
             .map_err(anyhow::Error::msg)?;
