@@ -17,7 +17,7 @@ use asmn_shared::dh::DhKeyPair;
 use asmn_shared::ids::{InstanceKey, Role};
 use asmn_shared::measure::{Algorithm, MeasureOptions, measure_path};
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
-use asmn_shared::wire::{self, BootstrapBundle, Enroll, Enrolled, Overlay, Peer};
+use asmn_shared::wire::{self, BootstrapBundle, Enroll, Enrolled, Peer};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -675,9 +675,4 @@ impl Control {
             delay = (delay * 2).min(Duration::from_secs(30));
         }
     }
-}
-
-/// The overlay address and network of an enrollment.
-pub fn overlay_of(e: &Enrolled) -> Overlay {
-    e.overlay
 }

@@ -308,9 +308,8 @@ impl Plane {
         }
     }
 
-    /// Installs (or re-keys) a verified peer with the pair's PSK; packets waiting for it
-    /// are sent. `via` routes these addresses through this peer too (the VNFs a gateway
-    /// protects).
+    /// Installs a verified peer with the pair's PSK, or rotates its PSK if it is installed
+    /// with another; packets waiting for it are sent.
     pub fn install(&self, spec: PeerSpec, psk: &PresharedKey) {
         let mut out = vec![0u8; BUF];
         let mut st = self.lock();
@@ -639,31 +638,35 @@ impl Plane {
         out: &mut [u8],
         fwd: &mut [u8],
     ) -> Option<Inbound> {
-        let mut st = self.lock();
-        // Which peer, and which of its tunnels (current or retiring).
-        let (slot, index) = match Tunn::parse_incoming_packet(datagram) {
+        // Which peer, and which of its tunnels (current or retiring). A handshake
+        // initiation names its peer only inside its encrypted static key: that X25519
+        // work is done before the lock is taken.
+        enum Key {
+            Static([u8; 32]),
+            Index(u32),
+            Unknown,
+        }
+        let key = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
-                let half = boringtun::noise::handshake::parse_handshake_anon(
+                match boringtun::noise::handshake::parse_handshake_anon(
                     &self.secret,
                     &self.public,
                     &init,
-                )
-                .ok()?;
-                (st.by_key.get(&half.peer_static_public).copied(), None)
+                ) {
+                    Ok(half) => Key::Static(half.peer_static_public),
+                    Err(_) => Key::Unknown,
+                }
             }
-            Ok(Packet::HandshakeResponse(p)) => (
-                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
-                Some(p.receiver_idx >> 8),
-            ),
-            Ok(Packet::PacketCookieReply(p)) => (
-                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
-                Some(p.receiver_idx >> 8),
-            ),
-            Ok(Packet::PacketData(p)) => (
-                st.indexes.get(&(p.receiver_idx >> 8)).copied(),
-                Some(p.receiver_idx >> 8),
-            ),
-            Err(_) => (None, None),
+            Ok(Packet::HandshakeResponse(p)) => Key::Index(p.receiver_idx >> 8),
+            Ok(Packet::PacketCookieReply(p)) => Key::Index(p.receiver_idx >> 8),
+            Ok(Packet::PacketData(p)) => Key::Index(p.receiver_idx >> 8),
+            Err(_) => Key::Unknown,
+        };
+        let mut st = self.lock();
+        let (slot, index) = match key {
+            Key::Static(k) => (st.by_key.get(&k).copied(), None),
+            Key::Index(i) => (st.indexes.get(&i).copied(), Some(i)),
+            Key::Unknown => (None, None),
         };
         let Some(slot) = slot.filter(|s| st.slots.get(*s as usize).is_some_and(Option::is_some))
         else {

@@ -94,6 +94,12 @@ fn logging(format: &str) {
     }
 }
 
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| eprintln!("asmn-agent: starting the runtime: {e}"))
+        .ok()
+}
+
 /// Exit codes.
 const REFUSED: u8 = 1;
 const BAD_CONFIG: u8 = 2;
@@ -133,12 +139,8 @@ fn main() -> ExitCode {
             psk_file,
         } => {
             logging("text");
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("asmn-agent: starting the runtime: {e}");
-                    return ExitCode::from(RUNTIME);
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::from(RUNTIME);
             };
             let args = StaticArgs {
                 tun,
@@ -167,12 +169,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(BAD_CONFIG);
                 }
             };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("asmn-agent: starting the runtime: {e}");
-                    return ExitCode::from(RUNTIME);
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::from(RUNTIME);
             };
             match runtime.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -329,7 +327,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let enrolled = control::enroll(&conn, &mut chain, wg_public, cfg.underlay)
         .await
         .map_err(classify)?;
-    let overlay = control::overlay_of(&enrolled);
+    let overlay = enrolled.overlay;
     tracing::info!(overlay = %overlay.ip, prefix = overlay.prefix, "enrolled");
 
     let IpAddr::V4(ip4) = overlay.ip else {

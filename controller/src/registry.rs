@@ -681,7 +681,7 @@ impl<S: Store> Registry<S> {
         let via_gateway = match peer_gateway.or(my_gateway) {
             Some(g) => {
                 let gw = self
-                    .instances()
+                    .instance_records()
                     .await?
                     .into_iter()
                     .find(|r| {
@@ -802,28 +802,33 @@ impl<S: Store> Registry<S> {
         Ok(Some(rec))
     }
 
+    /// Every instance record as stored (without acknowledgements).
+    async fn instance_records(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
+        let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
+        listing
+            .entries
+            .iter()
+            .map(|(_, v)| parse(&v.value))
+            .collect()
+    }
+
     /// Every instance record, with the catalog version each acknowledged.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
-        let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
+        let mut records = self.instance_records().await?;
         let acks = self.store.list(&format!("{PREFIX}acks/")).await?;
         let acks: std::collections::HashMap<&str, &[u8]> = acks
             .entries
             .iter()
             .filter_map(|(k, v)| Some((k.rsplit('/').next()?, v.value.as_slice())))
             .collect();
-        listing
-            .entries
-            .iter()
-            .map(|(_, v)| {
-                let mut rec: InstanceRecord = parse(&v.value)?;
-                if let Some(a) = acks.get(rec.id.as_str()) {
-                    let ack: CatalogAckRecord = parse(a)?;
-                    rec.enforced_catalog = Some(ack.version);
-                    rec.catalog_latency_ms = ack.latency_ms;
-                }
-                Ok(rec)
-            })
-            .collect()
+        for rec in &mut records {
+            if let Some(a) = acks.get(rec.id.as_str()) {
+                let ack: CatalogAckRecord = parse(a)?;
+                rec.enforced_catalog = Some(ack.version);
+                rec.catalog_latency_ms = ack.latency_ms;
+            }
+        }
+        Ok(records)
     }
 
     /// Quarantines `id` (a refused instance) unless it is revoked already.
@@ -1022,15 +1027,7 @@ impl<S: Store> Registry<S> {
             ));
         }
         for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(id).await? else {
-                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
-            };
-            if rec.state != InstanceState::Enrolled {
-                return Err(refuse(
-                    RefusalCode::Revoked,
-                    format!("instance is not enrolled ({:?})", rec.state),
-                ));
-            }
+            let (mut rec, rev) = self.enrolled(id).await?;
             let vnf = self
                 .vnf(&rec.vnf)
                 .await?
@@ -1127,6 +1124,20 @@ impl<S: Store> Registry<S> {
         Err(contended("instance record"))
     }
 
+    /// The record of `id` and its revision, if the instance is enrolled.
+    async fn enrolled(&self, id: &InstanceKey) -> Result<(InstanceRecord, u64), RegistryError> {
+        let Some((rec, rev)) = self.instance(id).await? else {
+            return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
+        };
+        if rec.state != InstanceState::Enrolled {
+            return Err(refuse(
+                RefusalCode::Revoked,
+                format!("instance is not enrolled ({:?})", rec.state),
+            ));
+        }
+        Ok((rec, rev))
+    }
+
     /// A D-H public value of the tenant's group, validated (range and subgroup).
     fn valid_dh(&self, bytes: &[u8]) -> Result<asmn_shared::dh::DhPublic, RegistryError> {
         asmn_shared::dh::DhPublic::validate(self.config.dh_group, bytes).map_err(|e| {
@@ -1149,15 +1160,7 @@ impl<S: Store> Registry<S> {
     ) -> Result<(), RegistryError> {
         let dh = self.valid_dh(dh)?;
         for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(id).await? else {
-                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
-            };
-            if rec.state != InstanceState::Enrolled {
-                return Err(refuse(
-                    RefusalCode::Revoked,
-                    format!("instance is not enrolled ({:?})", rec.state),
-                ));
-            }
+            let (mut rec, rev) = self.enrolled(id).await?;
             if epoch != rec.chain.epoch {
                 return Err(refuse(
                     RefusalCode::WrongEpoch,
