@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libarchive-zip-perl                     # `crc32`, zlib's CRC32, a measurement baseline
   ca-certificates curl git
   iproute2 iputils-ping iperf3 hping3 tcpdump   # the network-namespace tests of the agent
+  procps                                        # `kill`: tests stop what they started, by PID
   wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
 )
 
