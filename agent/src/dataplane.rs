@@ -12,10 +12,12 @@
 //!   Sec-catalog (or, on a gateway forwarding to a protected VNF, that VNF's catalog).
 //! - Timers: every peer's `update_timers` runs every 100 ms.
 //!
-//! All state sits behind one mutex, never held across an await.
+//! All state sits behind one mutex, never held across an await, taken once per batch of
+//! packets. The I/O (batched, with offloads) is in [`crate::io`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +28,11 @@ use asmn_shared::policy::{Decision, PolicyEngine, SourceKey};
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use governor::clock::DefaultClock;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
 use tokio::sync::mpsc;
 use zeroize::Zeroize;
 
-/// Largest datagram or packet handled (an MTU of 1420 plus WireGuard's overhead fits).
+/// Scratch buffer for one datagram or packet.
 pub const BUF: usize = 65_536;
 /// Packets queued per destination waiting for its tunnel.
 pub const QUEUE_PER_DST: usize = 64;
@@ -87,6 +89,8 @@ pub struct PlaneCounters {
     pub queue_dropped: u64,
     /// Packets to addresses outside the tenant.
     pub no_route: u64,
+    /// Packets lost in I/O: unreadable from TUN, or not sent (socket buffer full).
+    pub io_dropped: u64,
 }
 
 struct Retiring {
@@ -141,6 +145,48 @@ struct State {
     counters: PlaneCounters,
 }
 
+/// Which peer a datagram is for, found before the lock is taken.
+enum Key {
+    Static([u8; 32]),
+    Index(u32),
+    Unknown,
+}
+
+/// Where encrypted datagrams go: into a batch sent with GSO, or out at once.
+enum Sink<'a> {
+    Batch(&'a mut crate::io::Sends),
+    Now(&'a UdpSocket, &'a mut [u8]),
+}
+
+impl Sink<'_> {
+    /// Encrypts `packet` with `tunn` for `to`. Whether a datagram was produced (without a
+    /// session boringtun queues the packet and may send a handshake instead).
+    fn encrypt(&mut self, tunn: &mut Tunn, to: SocketAddr, packet: &[u8]) {
+        match self {
+            Sink::Batch(sends) => {
+                if !sends.fits(packet.len()) {
+                    return;
+                }
+                let space = sends.space();
+                let base = space.as_ptr() as usize;
+                let (offset, len) = match tunn.encapsulate(packet, space) {
+                    TunnResult::WriteToNetwork(b) => (b.as_ptr() as usize - base, b.len()),
+                    _ => return,
+                };
+                if offset != 0 {
+                    sends.space().copy_within(offset..offset + len, 0);
+                }
+                sends.commit(to, len);
+            }
+            Sink::Now(udp, buf) => {
+                if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(packet, buf) {
+                    let _ = udp.send_to(b, to);
+                }
+            }
+        }
+    }
+}
+
 /// What became of a datagram.
 enum Inbound {
     /// Consumed (a handshake, a drop, or forwarded by a gateway).
@@ -163,7 +209,9 @@ pub enum Ask {
 pub struct Plane {
     state: Mutex<State>,
     udp: UdpSocket,
-    tun: tun_rs::AsyncDevice,
+    udp_state: quinn_udp::UdpSocketState,
+    tun: tun_rs::SyncDevice,
+    io_dropped: AtomicU64,
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     overlay: IpAddr,
@@ -203,12 +251,12 @@ fn in_net(ip: IpAddr, (net, prefix): (IpAddr, u8)) -> bool {
 /// datagram) as boringtun requires. Runs under the lock; sends are non-blocking.
 fn flush(udp: &UdpSocket, tunn: &mut Tunn, to: SocketAddr, first: Option<Vec<u8>>, out: &mut [u8]) {
     if let Some(p) = first {
-        let _ = udp.try_send_to(&p, to);
+        let _ = udp.send_to(&p, to);
     }
     for _ in 0..QUEUE_PER_DST {
         match tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(p) => {
-                let _ = udp.try_send_to(p, to);
+                let _ = udp.send_to(p, to);
             }
             _ => break,
         }
@@ -217,18 +265,20 @@ fn flush(udp: &UdpSocket, tunn: &mut Tunn, to: SocketAddr, first: Option<Vec<u8>
 
 impl Plane {
     /// A plane on `tun` and `udp` with the static key `secret`, for the instance at
-    /// `overlay` in `overlay_net`. Verification requests go to `asks`.
+    /// `overlay` in `overlay_net`. Verification requests go to `asks`. The socket is made
+    /// non-blocking (and UDP GRO is turned on where the kernel has it).
     pub fn new(
-        tun: tun_rs::AsyncDevice,
+        tun: tun_rs::SyncDevice,
         udp: UdpSocket,
         secret: x25519::StaticSecret,
         overlay: IpAddr,
         overlay_net: (IpAddr, u8),
         role: Role,
         asks: mpsc::Sender<Ask>,
-    ) -> Arc<Plane> {
+    ) -> std::io::Result<Arc<Plane>> {
         let public = x25519::PublicKey::from(&secret);
-        Arc::new(Plane {
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
+        Ok(Arc::new(Plane {
             state: Mutex::new(State {
                 slots: Vec::new(),
                 indexes: HashMap::new(),
@@ -241,14 +291,28 @@ impl Plane {
                 counters: PlaneCounters::default(),
             }),
             udp,
+            udp_state,
             tun,
+            io_dropped: AtomicU64::new(0),
             secret,
             public,
             overlay,
             overlay_net,
             role,
             asks,
-        })
+        }))
+    }
+
+    /// The device, the socket and its GSO/GRO state, for the I/O loop.
+    pub(crate) fn io_parts(&self) -> (&tun_rs::SyncDevice, &UdpSocket, &quinn_udp::UdpSocketState) {
+        (&self.tun, &self.udp, &self.udp_state)
+    }
+
+    /// Counts packets lost in I/O.
+    pub(crate) fn count_io_drop(&self, n: u64) {
+        if n > 0 {
+            self.io_dropped.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// This agent's WireGuard public key.
@@ -286,9 +350,7 @@ impl Plane {
                 return;
             };
             let to = peer.spec.endpoint;
-            if let TunnResult::WriteToNetwork(b) = peer.sending().encapsulate(&p, out) {
-                let _ = self.udp.try_send_to(b, to);
-            }
+            Sink::Now(&self.udp, out).encrypt(peer.sending(), to, &p);
             if forwarded {
                 st.counters.rx_packets += 1;
             } else {
@@ -369,7 +431,7 @@ impl Plane {
             if let TunnResult::WriteToNetwork(b) =
                 peer.tunn.format_handshake_initiation(&mut out, false)
             {
-                let _ = self.udp.try_send_to(b, to);
+                let _ = self.udp.send_to(b, to);
             }
             if let Some(d) = dropped {
                 st.indexes.remove(&d.index);
@@ -393,7 +455,7 @@ impl Plane {
         st.routes.insert(spec.overlay, slot);
         // Start the handshake now: the first packets then find a session sooner.
         if let TunnResult::WriteToNetwork(b) = tunn.format_handshake_initiation(&mut out, false) {
-            let _ = self.udp.try_send_to(b, spec.endpoint);
+            let _ = self.udp.send_to(b, spec.endpoint);
         }
         st.slots[slot as usize] = Some(Peer {
             spec,
@@ -504,7 +566,9 @@ impl Plane {
 
     /// Counters.
     pub fn counters(&self) -> PlaneCounters {
-        self.lock().counters
+        let mut c = self.lock().counters;
+        c.io_dropped = self.io_dropped.load(Ordering::Relaxed);
+        c
     }
 
     /// Per-rule policy counters of this VNF's catalog.
@@ -533,120 +597,96 @@ impl Plane {
             .collect()
     }
 
-    /// TUN to tunnels, until the device fails.
-    pub async fn run_tun(self: Arc<Self>) -> std::io::Result<()> {
-        let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
-        loop {
-            let n = self.tun.recv(&mut buf).await?;
-            tracing::trace!(n, "from TUN");
-            self.outbound(&buf[..n], None, &mut out);
-        }
-    }
-
-    /// Sends `packet` into its tunnel, or queues it and asks for its destination.
-    /// `source`: the VNF a gateway forwards it for.
-    fn outbound(&self, packet: &[u8], source: Option<VnfId>, out: &mut [u8]) {
-        let Some(dst) = Tunn::dst_address(packet) else {
-            return;
-        };
-        let mut ask = None;
+    /// Encrypts packets read from TUN into `sends` (one lock for the batch), queueing
+    /// those without a tunnel yet.
+    pub(crate) fn outbound_batch<'p>(
+        &self,
+        packets: impl Iterator<Item = &'p [u8]>,
+        sends: &mut crate::io::Sends,
+    ) {
+        let mut asks = Vec::new();
         {
             let mut st = self.lock();
-            match st.routes.get(&dst).copied() {
-                Some(slot) => {
-                    if let Some(peer) = st.slots[slot as usize].as_mut() {
-                        let to = peer.spec.endpoint;
-                        peer.tx_bytes += packet.len() as u64;
-                        if let TunnResult::WriteToNetwork(b) =
-                            peer.sending().encapsulate(packet, out)
-                        {
-                            let _ = self.udp.try_send_to(b, to);
-                        }
-                        st.counters.tx_packets += 1;
-                    }
+            let mut sink = Sink::Batch(sends);
+            for p in packets {
+                if let Some(a) = self.outbound_locked(&mut st, p, None, &mut sink) {
+                    asks.push(a);
                 }
-                None if in_net(dst, self.overlay_net) && dst != self.overlay => {
-                    let full = st.waiting.len() >= QUEUE_DSTS;
-                    let w = match st.waiting.get_mut(&dst) {
-                        Some(w) => Some(w),
-                        None if !full => {
-                            ask = Some(Ask::Verify(dst));
-                            st.waiting.insert(
-                                dst,
-                                Waiting {
-                                    since: Instant::now(),
-                                    packets: VecDeque::new(),
-                                },
-                            );
-                            st.waiting.get_mut(&dst)
-                        }
-                        None => None,
-                    };
-                    match w {
-                        Some(w) if w.packets.len() < QUEUE_PER_DST => {
-                            w.packets.push_back((source, packet.to_vec()));
-                        }
-                        _ => st.counters.queue_dropped += 1,
-                    }
-                }
-                None => st.counters.no_route += 1,
             }
         }
-        if let Some(a) = ask {
+        self.send_asks(asks);
+    }
+
+    /// Sends `packet` into its tunnel at once, or queues it and asks for its destination.
+    /// `source`: the VNF a gateway forwards it for.
+    fn outbound(&self, packet: &[u8], source: Option<VnfId>, out: &mut [u8]) {
+        let ask = {
+            let mut st = self.lock();
+            self.outbound_locked(&mut st, packet, source, &mut Sink::Now(&self.udp, out))
+        };
+        self.send_asks(ask.into_iter().collect());
+    }
+
+    fn send_asks(&self, asks: Vec<Ask>) {
+        for a in asks {
             tracing::debug!(?a, "no tunnel yet: asking Sec-EM");
             let _ = self.asks.try_send(a);
         }
     }
 
-    /// Tunnels to TUN (or onwards, on a gateway), until the socket fails.
-    pub async fn run_udp(self: Arc<Self>) -> std::io::Result<()> {
-        let mut buf = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
-        let mut fwd = vec![0u8; BUF];
-        loop {
-            let (n, from) = self.udp.recv_from(&mut buf).await?;
-            match self.inbound(&buf[..n], from, &mut out, &mut fwd) {
-                Inbound::Done => {}
-                Inbound::ToTun(len) => {
-                    let _ = self.tun.send(&out[..len]).await;
-                }
-                Inbound::Requeue(len, source) => {
-                    let packet = out[..len].to_vec();
-                    self.outbound(&packet, Some(source), &mut fwd);
+    /// Encrypts `packet` into `sink`, or queues it; the question for Sec-EM if its
+    /// destination is new.
+    fn outbound_locked(
+        &self,
+        st: &mut State,
+        packet: &[u8],
+        source: Option<VnfId>,
+        sink: &mut Sink<'_>,
+    ) -> Option<Ask> {
+        let dst = Tunn::dst_address(packet)?;
+        let mut ask = None;
+        match st.routes.get(&dst).copied() {
+            Some(slot) => {
+                if let Some(peer) = st.slots[slot as usize].as_mut() {
+                    let to = peer.spec.endpoint;
+                    peer.tx_bytes += packet.len() as u64;
+                    sink.encrypt(peer.sending(), to, packet);
+                    st.counters.tx_packets += 1;
                 }
             }
+            None if in_net(dst, self.overlay_net) && dst != self.overlay => {
+                let full = st.waiting.len() >= QUEUE_DSTS;
+                let w = match st.waiting.get_mut(&dst) {
+                    Some(w) => Some(w),
+                    None if !full => {
+                        ask = Some(Ask::Verify(dst));
+                        st.waiting.insert(
+                            dst,
+                            Waiting {
+                                since: Instant::now(),
+                                packets: VecDeque::new(),
+                            },
+                        );
+                        st.waiting.get_mut(&dst)
+                    }
+                    None => None,
+                };
+                match w {
+                    Some(w) if w.packets.len() < QUEUE_PER_DST => {
+                        w.packets.push_back((source, packet.to_vec()));
+                    }
+                    _ => st.counters.queue_dropped += 1,
+                }
+            }
+            None => st.counters.no_route += 1,
         }
+        ask
     }
 
-    /// Handles one datagram.
-    fn inbound(
-        &self,
-        datagram: &[u8],
-        from: SocketAddr,
-        out: &mut [u8],
-        fwd: &mut [u8],
-    ) -> Inbound {
-        self.inbound_locked(datagram, from, out, fwd)
-            .unwrap_or(Inbound::Done)
-    }
-
-    fn inbound_locked(
-        &self,
-        datagram: &[u8],
-        from: SocketAddr,
-        out: &mut [u8],
-        fwd: &mut [u8],
-    ) -> Option<Inbound> {
-        // Which peer, and which of its tunnels (current or retiring). A handshake
-        // initiation names its peer only inside its encrypted static key: that X25519
-        // work is done before the lock is taken.
-        enum Key {
-            Static([u8; 32]),
-            Index(u32),
-            Unknown,
-        }
-        let key = match Tunn::parse_incoming_packet(datagram) {
+    /// Which peer a datagram is for. A handshake initiation names its peer only inside
+    /// its encrypted static key: that X25519 work is done here, before the lock is taken.
+    fn key_of(&self, datagram: &[u8]) -> Key {
+        match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 match boringtun::noise::handshake::parse_handshake_anon(
                     &self.secret,
@@ -661,8 +701,60 @@ impl Plane {
             Ok(Packet::PacketCookieReply(p)) => Key::Index(p.receiver_idx >> 8),
             Ok(Packet::PacketData(p)) => Key::Index(p.receiver_idx >> 8),
             Err(_) => Key::Unknown,
-        };
-        let mut st = self.lock();
+        }
+    }
+
+    /// Decrypts a batch of datagrams (one lock): packets for this VNF go into `to_tun`
+    /// (each after its virtio-net header room, truncated to its length), forwarded ones
+    /// into `sends`. How many of `to_tun` are filled.
+    pub(crate) fn inbound_batch(
+        &self,
+        datagrams: &[(SocketAddr, &[u8])],
+        to_tun: &mut [Vec<u8>],
+        sends: &mut crate::io::Sends,
+        scratch: &mut [u8],
+    ) -> usize {
+        const H: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+        let keys: Vec<Key> = datagrams.iter().map(|(_, d)| self.key_of(d)).collect();
+        let mut k = 0;
+        let mut requeue = Vec::new();
+        {
+            let mut st = self.lock();
+            let mut sink = Sink::Batch(sends);
+            for ((from, d), key) in datagrams.iter().zip(keys) {
+                let Some(buf) = to_tun.get_mut(k) else {
+                    break;
+                };
+                match self.inbound_one(&mut st, key, d, *from, &mut buf[H..], &mut sink, scratch) {
+                    Some(Inbound::ToTun(len)) => {
+                        buf.truncate(H + len);
+                        k += 1;
+                    }
+                    Some(Inbound::Requeue(len, source)) => {
+                        requeue.push((buf[H..H + len].to_vec(), source));
+                    }
+                    Some(Inbound::Done) | None => {}
+                }
+            }
+        }
+        for (p, source) in requeue {
+            self.outbound(&p, Some(source), scratch);
+        }
+        k
+    }
+
+    /// Handles one datagram.
+    #[allow(clippy::too_many_arguments)]
+    fn inbound_one(
+        &self,
+        st: &mut State,
+        key: Key,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        sink: &mut Sink<'_>,
+        scratch: &mut [u8],
+    ) -> Option<Inbound> {
         let (slot, index) = match key {
             Key::Static(k) => (st.by_key.get(&k).copied(), None),
             Key::Index(i) => (st.indexes.get(&i).copied(), Some(i)),
@@ -673,7 +765,6 @@ impl Plane {
             st.counters.unknown_peer += 1;
             return Some(Inbound::Done);
         };
-        let st = &mut *st;
         let peer = st.slots[slot as usize].as_mut()?;
         let use_previous = match (index, peer.previous.as_ref()) {
             (Some(i), Some(prev)) => i == prev.index,
@@ -688,7 +779,7 @@ impl Plane {
         let (len, src) = match tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::WriteToNetwork(p) => {
                 let p = p.to_vec();
-                flush(&self.udp, tunn, from, Some(p), fwd);
+                flush(&self.udp, tunn, from, Some(p), scratch);
                 peer.spec.endpoint = from;
                 return None;
             }
@@ -701,7 +792,6 @@ impl Plane {
         let peer_role = peer.spec.role;
         let peer_overlay = peer.spec.overlay;
         let source = peer.source;
-        let peer_vnf = peer.spec.vnf.clone();
         // Cryptokey routing: the inner source must be the peer, or come through the
         // gateway (which verified and policed it).
         let from_gateway = peer_role == Role::Gateway && in_net(src, self.overlay_net);
@@ -732,13 +822,14 @@ impl Plane {
             st.counters.no_route += 1;
             return None;
         }
+        let peer_vnf = st.slots[slot as usize].as_ref()?.spec.vnf.clone();
         // A gateway forwards to the destination, under the destination's catalog.
         let Some(&to_slot) = st.routes.get(&dst) else {
             // Not verified yet: queue it and ask, like outbound traffic.
             return Some(Inbound::Requeue(len, peer_vnf));
         };
-        let dst_vnf = st.slots[to_slot as usize].as_ref()?.spec.vnf.clone();
-        let decision = match st.protected.get_mut(&dst_vnf) {
+        let dst_vnf = &st.slots[to_slot as usize].as_ref()?.spec.vnf;
+        let decision = match st.protected.get_mut(dst_vnf) {
             Some(engine) => {
                 let key = engine.source_key(&peer_vnf);
                 engine.handle_packet(key, &out[..len])
@@ -754,9 +845,7 @@ impl Plane {
         let to = st.slots[to_slot as usize].as_mut()?;
         let endpoint = to.spec.endpoint;
         to.tx_bytes += len as u64;
-        if let TunnResult::WriteToNetwork(b) = to.tunn.encapsulate(&out[..len], fwd) {
-            let _ = self.udp.try_send_to(b, endpoint);
-        }
+        sink.encrypt(to.sending(), endpoint, &out[..len]);
         st.counters.rx_packets += 1;
         None
     }
@@ -774,7 +863,7 @@ impl Plane {
                 let mut retired = Vec::new();
                 for peer in st.slots.iter_mut().flatten() {
                     if let TunnResult::WriteToNetwork(b) = peer.tunn.update_timers(&mut out) {
-                        let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+                        let _ = self.udp.send_to(b, peer.spec.endpoint);
                     }
                     let ready = peer.current_ready();
                     if let Some(prev) = peer.previous.as_mut() {
@@ -789,7 +878,7 @@ impl Plane {
                         } else if let TunnResult::WriteToNetwork(b) =
                             prev.tunn.update_timers(&mut out)
                         {
-                            let _ = self.udp.try_send_to(b, peer.spec.endpoint);
+                            let _ = self.udp.send_to(b, peer.spec.endpoint);
                         }
                     }
                 }

@@ -11,4 +11,5 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod io;
 pub mod metrics;

@@ -227,7 +227,8 @@ async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
         .name(&a.tun)
         .ipv4(ip, prefix, None)
         .mtu(1420)
-        .build_async()
+        .offload(true)
+        .build_sync()
         .with_context(|| format!("creating TUN device {}", a.tun))?;
     let udp = underlay_socket(a.listen)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
@@ -241,7 +242,8 @@ async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
         (net, prefix),
         asmn_shared::ids::Role::Vnf,
         tx,
-    );
+    )
+    .context("setting up the underlay socket")?;
     let catalog = asmn_shared::catalog::parse_catalog(
         "static",
         b"vnf: static\nsec_catalog:\n  default_action:\n    police:\n      ingress_policing_rate: 400000000\n      ingress_policing_burst: 4000000\n",
@@ -261,15 +263,13 @@ async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
     );
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     tokio::spawn(Arc::clone(&plane).run_timers());
-    let tun_task = tokio::spawn(Arc::clone(&plane).run_tun());
-    let udp_task = tokio::spawn(Arc::clone(&plane).run_udp());
+    let io_failed = spawn_io(&plane)?;
     tracing::info!("static data plane up");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
-        r = tun_task => Err(anyhow::anyhow!("TUN device failed: {r:?}")),
-        r = udp_task => Err(anyhow::anyhow!("underlay socket failed: {r:?}")),
+        e = io_failed => Err(anyhow::anyhow!("data plane I/O failed: {}", describe_io(e))),
     }
 }
 
@@ -290,7 +290,27 @@ fn classify(e: AgentError) -> Failure {
 /// a namespace those cannot be raised, so the socket asks for what it needs).
 const SOCKET_BUFFER: usize = 4 << 20;
 
-fn underlay_socket(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::UdpSocket> {
+/// Starts the data plane's I/O thread; the receiver gets its error if it stops.
+fn spawn_io(plane: &Arc<Plane>) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Error>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let plane = Arc::clone(plane);
+    std::thread::Builder::new()
+        .name("asmn-dataplane".into())
+        .spawn(move || {
+            let _ = tx.send(plane.run_io());
+        })
+        .context("starting the data plane thread")?;
+    Ok(rx)
+}
+
+fn describe_io(r: Result<std::io::Error, tokio::sync::oneshot::error::RecvError>) -> String {
+    match r {
+        Ok(e) => e.to_string(),
+        Err(_) => "the data plane thread ended".into(),
+    }
+}
+
+fn underlay_socket(addr: std::net::SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
@@ -298,7 +318,7 @@ fn underlay_socket(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::Udp
     s.set_nonblocking(true)?;
     s.bind(&addr.into())
         .with_context(|| format!("binding the underlay socket {addr}"))?;
-    Ok(tokio::net::UdpSocket::from_std(s.into())?)
+    Ok(s.into())
 }
 
 async fn run(cfg: Config) -> Result<(), Failure> {
@@ -339,7 +359,8 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         .name(&cfg.tun)
         .ipv4(ip4, overlay.prefix, None)
         .mtu(1420)
-        .build_async()
+        .offload(true)
+        .build_sync()
         .with_context(|| {
             format!(
                 "creating TUN device {} (root or CAP_NET_ADMIN needed)",
@@ -362,7 +383,9 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         (net, overlay.prefix),
         bundle.role,
         asks_tx,
-    );
+    )
+    .context("setting up the underlay socket")
+    .map_err(Failure::Runtime)?;
     let version = enrolled.catalog.version;
     let vnf = enrolled.catalog.vnf.to_string();
     plane.set_catalog(enrolled.catalog.clone());
@@ -377,8 +400,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let _ = control::ask(&conn, Body::CatalogAck(msg::CatalogAck { vnf, version })).await;
 
     tokio::spawn(Arc::clone(&plane).run_timers());
-    let tun_task = tokio::spawn(Arc::clone(&plane).run_tun());
-    let udp_task = tokio::spawn(Arc::clone(&plane).run_udp());
+    let io_failed = spawn_io(&plane).map_err(Failure::Runtime)?;
     tokio::spawn(Arc::clone(&control).serve_asks(asks_rx));
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -452,7 +474,6 @@ async fn run(cfg: Config) -> Result<(), Failure> {
             tracing::error!(error = %e, "stopping");
             Err(Failure::Refused(e))
         }
-        r = tun_task => Err(Failure::Runtime(anyhow::anyhow!("TUN device failed: {r:?}"))),
-        r = udp_task => Err(Failure::Runtime(anyhow::anyhow!("underlay socket failed: {r:?}"))),
+        e = io_failed => Err(Failure::Runtime(anyhow::anyhow!("data plane I/O failed: {}", describe_io(e)))),
     }
 }

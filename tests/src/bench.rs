@@ -14,6 +14,8 @@ use crate::netns::{self, Netns, Proc};
 pub struct PathResult {
     /// The path.
     pub path: String,
+    /// What measured it: `ping + iperf3`, or the lab's generators.
+    pub tool: String,
     /// Mean ICMP RTT with 64-byte payloads, microseconds.
     pub rtt64_us: f64,
     /// Mean ICMP RTT with 4096-byte payloads, microseconds.
@@ -89,6 +91,61 @@ pub struct Run<'a> {
     pub seconds: u64,
     /// Where logs go.
     pub work: &'a Path,
+    /// Measure with iputils `ping` and `iperf3` (true), or with the lab's own generators.
+    pub tools: bool,
+}
+
+/// Whether `ping` (iputils) and `iperf3` are installed.
+pub fn have_tools() -> bool {
+    tool("ping").is_some() && tool("iperf3").is_some()
+}
+
+/// Mean RTT in microseconds from iputils ping: `rtt min/avg/max/mdev = a/b/c/d ms`.
+fn ping_rtt(ns: &Netns, to: &str, size: usize) -> Result<f64, String> {
+    // Warm-up (handshakes, ARP), then 20 echoes 50 ms apart (root may go below 200 ms).
+    let size = size.to_string();
+    let _ = ns.run("ping", &["-c", "3", "-i", "0.2", "-s", &size, "-q", to]);
+    let out = ns.run(
+        "ping",
+        &["-c", "20", "-i", "0.05", "-s", &size, "-q", "-W", "2", to],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .ok_or_else(|| format!("ping {to}: no summary in {text:?}"))?;
+    let avg = line
+        .split('=')
+        .nth(1)
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| format!("ping {to}: cannot read {line:?}"))?;
+    Ok(avg * 1000.0)
+}
+
+/// Runs an iperf3 client in `a` against a one-off server in `b`; its JSON report.
+fn iperf3(
+    run: Run<'_>,
+    (a, b): (&Netns, &Netns),
+    to: &str,
+    port: u16,
+    extra: &[&str],
+    log: &str,
+) -> Result<serde_json::Value, String> {
+    let port = port.to_string();
+    let iperf = tool("iperf3").ok_or("iperf3 is not installed")?;
+    let _server = b.spawn(&iperf, &["-s", "-1", "-p", &port], &run.work.join(log))?;
+    std::thread::sleep(Duration::from_millis(400));
+    let secs = run.seconds.to_string();
+    let mut args = vec!["-c", to, "-p", &port, "-t", &secs, "-J"];
+    args.extend_from_slice(extra);
+    let out = a.run("iperf3", &args)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("iperf3 to {to}: {e}"));
+    }
+    Ok(v)
 }
 
 /// Measures one path from `a` to `b`'s address `to`; `procs` are the PIDs whose CPU time
@@ -100,7 +157,67 @@ pub fn measure(
     to: &str,
     procs: &[u32],
 ) -> Result<PathResult, String> {
-    let Run { me, seconds, work } = run;
+    let r = if run.tools {
+        measure_tools(run, name, (a, b), to, procs)
+    } else {
+        measure_lab(run, name, (a, b), to, procs)
+    }
+    .map_err(|e| format!("{name}: {e}"))?;
+    eprintln!(
+        "  {name}: RTT {:.0} / {:.0} us, TCP {:.0} Mbit/s, UDP {:.0} Mbit/s ({:.1}% lost)",
+        r.rtt64_us, r.rtt4096_us, r.tcp_mbps, r.udp_mbps, r.udp_loss_pct
+    );
+    Ok(r)
+}
+
+fn measure_tools(
+    run: Run<'_>,
+    name: &str,
+    (a, b): (&Netns, &Netns),
+    to: &str,
+    procs: &[u32],
+) -> Result<PathResult, String> {
+    let rtt64 = ping_rtt(a, to, 56)?;
+    let rtt4096 = ping_rtt(a, to, 4088)?;
+    let slug: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+    let cpu0: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let tcp = iperf3(run, (a, b), to, 7001, &[], &format!("{slug}-iperf-tcp.log"))?;
+    let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let received = &tcp["end"]["sum_received"];
+    let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    let udp = iperf3(
+        run,
+        (a, b),
+        to,
+        7002,
+        &["-u", "-b", "1G", "-l", "1200"],
+        &format!("{slug}-iperf-udp.log"),
+    )?;
+    // iperf3 3.12 reports what the server received (and lost) in `sum_received`.
+    let urx = &udp["end"]["sum_received"];
+    Ok(PathResult {
+        path: name.to_string(),
+        tool: "ping + iperf3".into(),
+        rtt64_us: rtt64,
+        rtt4096_us: rtt4096,
+        tcp_mbps: received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+        udp_mbps: urx["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+        udp_loss_pct: urx["lost_percent"].as_f64().unwrap_or(100.0),
+        cpu_s_per_gb: (!procs.is_empty() && bytes > 0.0).then(|| (cpu1 - cpu0) / (bytes / 1e9)),
+    })
+}
+
+/// [`measure`] with the lab's own generators.
+fn measure_lab(
+    run: Run<'_>,
+    name: &str,
+    (a, b): (&Netns, &Netns),
+    to: &str,
+    procs: &[u32],
+) -> Result<PathResult, String> {
+    let Run {
+        me, seconds, work, ..
+    } = run;
     let rtt64 = mean_rtt(a, me, to, 56)?;
     let rtt4096 = mean_rtt(a, me, to, 4088)?;
     let secs = seconds.to_string();
@@ -147,6 +264,7 @@ pub fn measure(
     let rx = got["datagrams"].as_f64().unwrap_or(0.0);
     Ok(PathResult {
         path: name.to_string(),
+        tool: "lab generators".into(),
         rtt64_us: rtt64,
         rtt4096_us: rtt4096,
         tcp_mbps: tcp["mbit_per_s"].as_f64().unwrap_or(0.0),

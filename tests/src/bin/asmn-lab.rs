@@ -42,12 +42,29 @@ enum Command {
         /// Print the results as JSON.
         #[arg(long)]
         json: bool,
+        /// Measure with the lab's own generators even where ping and iperf3 are installed.
+        #[arg(long)]
+        lab_generators: bool,
+        /// Measure only these paths besides the plain veth baseline (repeatable).
+        #[arg(long, value_enum)]
+        only: Vec<BenchPath>,
     },
     /// A traffic generator (run inside a namespace by the lab).
     Gen {
         #[command(subcommand)]
         kind: Gen,
     },
+}
+
+/// The paths `asmn-lab bench` can measure.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchPath {
+    /// ASMN's data plane, a direct tunnel (`asmn-agent static`).
+    Direct,
+    /// boringtun-cli configured with wg, one thread and four.
+    Boringtun,
+    /// ASMN through the gateway, in a tenant with Sec-EM.
+    Gateway,
 }
 
 #[derive(Subcommand, Debug)]
@@ -569,6 +586,10 @@ const BENCH_SERVER_VNFD: &str = "vnfd:
         protocol: udp
         port: 7002
         ingress_policing_rate: 0
+      - name: iperf3-control
+        protocol: tcp
+        port: 7002
+        ingress_policing_rate: 0
 ";
 
 fn write_key(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -581,14 +602,25 @@ fn wg_cmd(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
     asmn_tests::bench::wg(args, input).map_err(anyhow::Error::msg)
 }
 
-fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
-    use asmn_tests::bench::{PathResult, Run, measure, tool};
+fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> anyhow::Result<()> {
+    let want = |p: BenchPath| only.is_empty() || only.contains(&p);
+    use asmn_tests::bench::{PathResult, Run, have_tools, measure, tool};
     let me = std::env::current_exe()?;
     let work = tempfile::tempdir()?;
+    let tools = !lab_generators && have_tools();
+    eprintln!(
+        "measuring with {}",
+        if tools {
+            "iputils ping and iperf3"
+        } else {
+            "the lab's own generators"
+        }
+    );
     let run = Run {
         me: &me,
         seconds,
         work: work.path(),
+        tools,
     };
     let mut results: Vec<PathResult> = Vec::new();
     let a = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
@@ -614,8 +646,8 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
         write_key(work.path(), "psk", &psk)?,
     );
 
-    eprintln!("ASMN direct ...");
-    {
+    if want(BenchPath::Direct) {
+        eprintln!("ASMN direct ...");
         let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
         let start = |ns: &Netns,
                      me_ip: &str,
@@ -680,7 +712,8 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
         );
     }
 
-    if let Some(bt) = tool("boringtun-cli") {
+    if !want(BenchPath::Boringtun) {
+    } else if let Some(bt) = tool("boringtun-cli") {
         for threads in ["1", "4"] {
             eprintln!("boringtun-cli, {threads} thread(s) ...");
             let (ia, ib) = (netns::unique("wgb"), netns::unique("wgb"));
@@ -781,8 +814,8 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
     drop(a);
     drop(b);
 
-    eprintln!("ASMN through the gateway ...");
-    {
+    if want(BenchPath::Gateway) {
+        eprintln!("ASMN through the gateway ...");
         let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
         let imgs: Vec<std::path::PathBuf> = (1..=3)
             .map(|i| t.file(&format!("{i}.img"), &image(i, 1 << 20)))
@@ -813,16 +846,26 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
             .filter_map(|i| t.vnfs[*i].agent.as_ref().map(netns::Proc::pid))
             .collect();
         let to = t.vnfs[s].overlay.to_string();
-        results.push(
-            measure(
-                run,
-                "ASMN through the gateway",
-                (&t.vnfs[c].ns, &t.vnfs[s].ns),
-                &to,
-                &pids,
-            )
-            .map_err(anyhow::Error::msg)?,
+        let r = measure(
+            run,
+            "ASMN through the gateway",
+            (&t.vnfs[c].ns, &t.vnfs[s].ns),
+            &to,
+            &pids,
         );
+        if r.is_err() {
+            for v in &t.vnfs {
+                if let Some(p) = &v.agent {
+                    let log = p.log();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    eprintln!("--- {} agent, last lines of its log:", v.name);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        results.push(r.map_err(anyhow::Error::msg)?);
     }
 
     let plain = results[0].clone();
@@ -830,6 +873,10 @@ fn bench(seconds: u64, json: bool) -> anyhow::Result<()> {
         .iter()
         .find(|r| r.path.starts_with("boringtun-cli, 1"))
         .cloned();
+    println!(
+        "measured with {}; RTT in us, throughput in Mbit/s",
+        results[0].tool
+    );
     println!(
         "{:<30} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
         "path", "RTT 64 B", "RTT 4 KiB", "TCP", "UDP", "UDP loss", "CPU s/GB"
@@ -898,11 +945,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Bench { seconds, json } => {
+        Command::Bench {
+            seconds,
+            json,
+            lab_generators,
+            only,
+        } => {
             if !netns::can_run("asmn-lab bench") {
                 return ExitCode::from(2);
             }
-            match bench(seconds, json) {
+            match bench(seconds, json, lab_generators, &only) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("asmn-lab bench: {e:#}");

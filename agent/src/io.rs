@@ -1,0 +1,347 @@
+//! The data plane's I/O: one thread that moves packets between the TUN device and the
+//! underlay socket in batches (the techniques of wireguard-go's Linux data path).
+//!
+//! - The TUN device is opened with a virtio-net header and TSO/USO offloads: one read can
+//!   be a 64 KiB TCP or UDP super-packet, which tun-rs splits into MTU-sized packets.
+//! - Packets encrypted for the same peer with the same size leave in one `sendmsg` with
+//!   UDP GSO (quinn-udp), up to 64 KiB at a time.
+//! - The socket is read with `recvmmsg` and UDP GRO (quinn-udp); what is decrypted is
+//!   written to the TUN device coalesced back into super-packets (tun-rs's GRO table).
+//! - Latency: a thread asleep in `epoll_wait` pays a wake-up for each packet, tens of
+//!   microseconds on a virtual machine. After traffic the loop keeps polling for
+//!   [`SPIN`] (yielding the CPU between polls) before it sleeps, so a reply that comes
+//!   within that window is picked up without a wake-up. Idle, it sleeps.
+//!
+//! The state the packets need sits in the [`Plane`], behind its lock, taken once per
+//! batch.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use crate::dataplane::Plane;
+
+/// Largest packet read from or written to the TUN device (its MTU is 1420; bigger inner
+/// packets from a peer are dropped).
+pub const PACKET: usize = 4096;
+/// WireGuard's overhead on a data packet: header, tag and padding to 16 bytes.
+const OVERHEAD: usize = 32 + 16;
+/// The most bytes one GSO send carries (a UDP datagram's limit, with headers).
+const GSO_BYTES: usize = 65_000;
+/// Room for the encrypted packets of one batch.
+const ARENA: usize = 2 * IDEAL_BATCH_SIZE * (PACKET + OVERHEAD);
+/// Largest datagram (a GRO batch) read from the socket.
+const DATAGRAM: usize = 65_536;
+/// How long the loop keeps polling after traffic before it sleeps.
+pub const SPIN: Duration = Duration::from_micros(300);
+/// Longest sleep between checks of the sockets (they also wake it).
+const SLEEP: Duration = Duration::from_millis(100);
+/// Tries of a send that finds the socket's buffer full, before its batch is dropped.
+const SEND_TRIES: usize = 200;
+
+/// Encrypted datagrams waiting to be sent, grouped for UDP GSO: consecutive datagrams to
+/// the same endpoint with the same size (the last of a group may be shorter).
+pub struct Sends {
+    arena: Vec<u8>,
+    used: usize,
+    groups: Vec<Group>,
+    max_segments: usize,
+}
+
+impl std::fmt::Debug for Sends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sends")
+            .field("bytes", &self.used)
+            .field("groups", &self.groups.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Group {
+    to: SocketAddr,
+    start: usize,
+    segment: usize,
+    len: usize,
+    closed: bool,
+}
+
+impl Sends {
+    /// An empty set, grouping at most `max_segments` datagrams per send.
+    pub fn new(max_segments: usize) -> Sends {
+        Sends {
+            arena: vec![0; ARENA],
+            used: 0,
+            groups: Vec::new(),
+            max_segments: max_segments.max(1),
+        }
+    }
+
+    /// Whether a datagram of a packet of `len` bytes still fits.
+    pub fn fits(&self, len: usize) -> bool {
+        self.arena.len() - self.used >= len + OVERHEAD + 148
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Where the next datagram is written.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.arena[self.used..]
+    }
+
+    /// The next `len` bytes of [`Sends::space`] are a datagram to `to`.
+    pub fn commit(&mut self, to: SocketAddr, len: usize) {
+        let start = self.used;
+        self.used += len;
+        if let Some(g) = self.groups.last_mut()
+            && g.to == to
+            && !g.closed
+            && len <= g.segment
+            && g.len / g.segment < self.max_segments
+            && g.len + len <= GSO_BYTES
+            && g.start + g.len == start
+        {
+            g.len += len;
+            g.closed = len < g.segment;
+            return;
+        }
+        self.groups.push(Group {
+            to,
+            start,
+            segment: len,
+            len,
+            closed: false,
+        });
+    }
+
+    /// Sends everything; the number of datagrams that could not be sent.
+    pub fn flush(&mut self, udp: &UdpSocket, state: &UdpSocketState) -> u64 {
+        let mut lost = 0;
+        for g in self.groups.drain(..) {
+            let t = Transmit {
+                destination: g.to,
+                ecn: None,
+                contents: &self.arena[g.start..g.start + g.len],
+                segment_size: (g.len > g.segment).then_some(g.segment),
+                src_ip: None,
+            };
+            let mut sent = false;
+            for _ in 0..SEND_TRIES {
+                match state.try_send(udp.into(), &t) {
+                    Ok(()) => {
+                        sent = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, to = %g.to, "underlay send failed");
+                        break;
+                    }
+                }
+            }
+            if !sent {
+                lost += g.len.div_ceil(g.segment) as u64;
+            }
+        }
+        self.used = 0;
+        self.max_segments = state.max_gso_segments().max(1);
+        lost
+    }
+}
+
+/// The buffers of the loop, allocated once.
+struct Buffers {
+    /// A raw TUN read: virtio-net header and a packet or super-packet.
+    tun_raw: Vec<u8>,
+    /// The packets of TUN reads, split.
+    tun_in: Vec<Vec<u8>>,
+    tun_sizes: Vec<usize>,
+    /// Decrypted packets for the TUN device, each with room for the virtio-net header.
+    tun_out: Vec<Vec<u8>>,
+    gro: GROTable,
+    /// Socket reads (each may hold several GRO-coalesced datagrams).
+    udp_in: Vec<Vec<u8>>,
+    metas: Vec<RecvMeta>,
+    sends: Sends,
+    /// Scratch for handshakes and other replies sent at once.
+    scratch: Vec<u8>,
+}
+
+/// Fatal for the loop: the device or socket is gone, not one bad packet (tun-rs reports
+/// those without an OS error code) or a device that is down (EIO).
+fn fatal(e: &io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(code) => !matches!(
+            code,
+            libc::EAGAIN | libc::EINTR | libc::EINVAL | libc::EMSGSIZE | libc::EIO
+        ),
+        None => false,
+    }
+}
+
+impl Plane {
+    /// Runs the data plane's I/O on this thread until the TUN device or the socket fails.
+    pub fn run_io(self: Arc<Self>) -> io::Error {
+        match self.io_loop() {
+            Ok(never) => match never {},
+            Err(e) => e,
+        }
+    }
+
+    fn io_loop(&self) -> io::Result<std::convert::Infallible> {
+        let (tun, udp, state) = self.io_parts();
+        tun.set_nonblocking(true)?;
+        let mut poll = mio::Poll::new()?;
+        let (tun_fd, udp_fd) = (tun.as_raw_fd(), udp.as_raw_fd());
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&tun_fd),
+            mio::Token(0),
+            mio::Interest::READABLE,
+        )?;
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&udp_fd),
+            mio::Token(1),
+            mio::Interest::READABLE,
+        )?;
+        let mut events = mio::Events::with_capacity(4);
+        let mut b = Buffers {
+            tun_raw: vec![0; VIRTIO_NET_HDR_LEN + DATAGRAM],
+            tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
+            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+            tun_out: vec![vec![0; VIRTIO_NET_HDR_LEN + PACKET]; IDEAL_BATCH_SIZE],
+            gro: GROTable::default(),
+            udp_in: vec![vec![0; DATAGRAM]; quinn_udp::BATCH_SIZE],
+            metas: vec![RecvMeta::default(); quinn_udp::BATCH_SIZE],
+            sends: Sends::new(state.max_gso_segments()),
+            scratch: vec![0; DATAGRAM],
+        };
+        tracing::info!(
+            tun_offload = tun.tcp_gso(),
+            udp_gso_segments = state.max_gso_segments(),
+            udp_gro_segments = state.gro_segments(),
+            "data plane I/O running"
+        );
+        // Until when to keep polling: set when packets went out into a tunnel (a reply
+        // may follow), not when they were handed to the TUN device (the application
+        // takes over, and a polling thread would only compete with it for the CPU).
+        let mut spin_until = Instant::now();
+        loop {
+            let sent = self.tun_round(tun, udp, state, &mut b)?;
+            let delivered = self.udp_round(tun, udp, state, &mut b)?;
+            if sent {
+                spin_until = Instant::now() + SPIN;
+            }
+            if sent || delivered {
+                continue;
+            }
+            if Instant::now() < spin_until {
+                std::thread::yield_now();
+                continue;
+            }
+            // Both are drained (edge-triggered registration): sleep until one is ready.
+            if let Err(e) = poll.poll(&mut events, Some(SLEEP))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Reads what the TUN device has (a batch at most) and sends it into the tunnels.
+    /// Whether there was anything.
+    fn tun_round(
+        &self,
+        tun: &SyncDevice,
+        udp: &UdpSocket,
+        state: &UdpSocketState,
+        b: &mut Buffers,
+    ) -> io::Result<bool> {
+        let mut n = 0;
+        // Several reads per batch (a bounded number), while a whole super-packet fits.
+        for _ in 0..IDEAL_BATCH_SIZE {
+            if IDEAL_BATCH_SIZE - n < 64 {
+                break;
+            }
+            match tun.recv_multiple(&mut b.tun_raw, &mut b.tun_in[n..], &mut b.tun_sizes[n..], 0) {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if fatal(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "unreadable packet from TUN dropped");
+                    self.count_io_drop(1);
+                }
+            }
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let packets = b.tun_in[..n]
+            .iter()
+            .zip(&b.tun_sizes[..n])
+            .map(|(buf, len)| &buf[..*len]);
+        self.outbound_batch(packets, &mut b.sends);
+        let lost = b.sends.flush(udp, state);
+        self.count_io_drop(lost);
+        Ok(true)
+    }
+
+    /// Reads what the socket has (a batch at most), decrypts it and writes it to the TUN
+    /// device (or forwards it, on a gateway). Whether there was anything.
+    fn udp_round(
+        &self,
+        tun: &SyncDevice,
+        udp: &UdpSocket,
+        state: &UdpSocketState,
+        b: &mut Buffers,
+    ) -> io::Result<bool> {
+        let n = {
+            let mut iovs: Vec<io::IoSliceMut<'_>> = b
+                .udp_in
+                .iter_mut()
+                .map(|v| io::IoSliceMut::new(v))
+                .collect();
+            match state.recv(udp.into(), &mut iovs, &mut b.metas) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if fatal(&e) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "underlay receive failed");
+                    return Ok(true);
+                }
+            }
+        };
+        let mut datagrams: Vec<(SocketAddr, &[u8])> = Vec::with_capacity(n * 8);
+        for (buf, meta) in b.udp_in.iter().zip(&b.metas).take(n) {
+            let stride = meta.stride.max(1);
+            for d in buf[..meta.len.min(buf.len())].chunks(stride) {
+                datagrams.push((meta.addr, d));
+            }
+        }
+        for chunk in datagrams.chunks(IDEAL_BATCH_SIZE) {
+            for o in b.tun_out.iter_mut() {
+                o.resize(VIRTIO_NET_HDR_LEN + PACKET, 0);
+            }
+            let k = self.inbound_batch(chunk, &mut b.tun_out, &mut b.sends, &mut b.scratch);
+            let lost = b.sends.flush(udp, state);
+            self.count_io_drop(lost);
+            if k > 0
+                && let Err(e) =
+                    tun.send_multiple(&mut b.gro, &mut b.tun_out[..k], VIRTIO_NET_HDR_LEN)
+            {
+                if fatal(&e) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "write to TUN failed");
+            }
+        }
+        Ok(true)
+    }
+}
