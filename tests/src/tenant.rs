@@ -59,7 +59,16 @@ pub struct Vnf {
     pub config: PathBuf,
     /// The running agent.
     pub agent: Option<Proc>,
+    /// Whether it is the gateway.
+    pub gateway: bool,
 }
+
+/// The scheduling priority of gateway agents: a gateway is a data-plane appliance, and
+/// here it shares two cores with the traffic generators and the other agents. Its
+/// limiters count time, so a gateway kept off the CPU for tens of milliseconds under a
+/// flood lets through less than the catalog's rate (tokens lost in the gaps). The baked
+/// gateway image sets the same in its systemd unit (`Nice=`).
+pub const GATEWAY_NICE: &str = "-10";
 
 /// The tenant.
 #[derive(Debug)]
@@ -234,6 +243,7 @@ impl Tenant {
             overlay,
             config,
             agent: None,
+            gateway: role == "gateway",
         });
         Ok(self.vnfs.len() - 1)
     }
@@ -243,11 +253,17 @@ impl Tenant {
         let bin = netns::binary("asmn-agent")?;
         let log = self.dir.path().join(format!("{}.log", self.vnfs[i].name));
         let v = &mut self.vnfs[i];
-        let p = v.ns.spawn(
-            &bin,
-            &["run", "--config", v.config.to_str().unwrap_or_default()],
-            &log,
-        )?;
+        let config = v.config.to_str().unwrap_or_default();
+        let p = if v.gateway {
+            let bin = bin.to_str().unwrap_or_default();
+            v.ns.spawn(
+                Path::new("/usr/bin/nice"),
+                &["-n", GATEWAY_NICE, bin, "run", "--config", config],
+                &log,
+            )?
+        } else {
+            v.ns.spawn(&bin, &["run", "--config", config], &log)?
+        };
         v.agent = Some(p);
         Ok(())
     }
