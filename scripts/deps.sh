@@ -13,6 +13,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping iperf3 hping3 tcpdump   # the network-namespace tests of the agent
   procps                                        # `kill`: tests stop what they started, by PID
   wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
+  fonts-dejavu-core                             # the font of asmn-lab eval's charts
 )
 
 asmn_need_root() {

@@ -5,9 +5,10 @@
 //! Every figure is printed beside the baseline measured in the same run.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::netns::{self, Netns, Proc};
+use crate::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
 
 /// One path's measurements.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -311,4 +312,416 @@ pub fn wg(args: &[&str], input: Option<&str>) -> Result<String, String> {
     drop(child.stdin.take());
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Which paths [`paths`] measures besides the plain veth baseline.
+#[derive(Debug, Clone, Copy)]
+pub struct Paths {
+    /// ASMN's data plane, a direct tunnel (`asmn-agent static`).
+    pub direct: bool,
+    /// boringtun-cli with one thread and with four (where installed).
+    pub boringtun: bool,
+    /// ASMN through the gateway, in a tenant with Sec-EM.
+    pub gateway: bool,
+}
+
+/// The benchmark server's descriptor: it accepts the benchmark's traffic (and iperf3's control connections).
+pub const BENCH_SERVER_VNFD: &str = "vnfd:
+  id: server
+  sec_catalog:
+    gateway: gw
+    default_action: drop
+    rules:
+      - name: ping
+        protocol: icmp
+        ingress_policing_rate: 0
+      - name: tcp
+        protocol: tcp
+        port: 7001
+        ingress_policing_rate: 0
+      - name: udp
+        protocol: udp
+        port: 7002
+        ingress_policing_rate: 0
+      - name: iperf3-control
+        protocol: tcp
+        port: 7002
+        ingress_policing_rate: 0
+";
+
+fn write_key(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{text}\n"))?;
+    Ok(p)
+}
+
+fn wg_cmd(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    wg(args, input).map_err(anyhow::Error::msg)
+}
+
+/// Removes a file when dropped (boringtun-cli's control sockets live outside namespaces).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The veth address of the second namespace of a [`DirectPair`].
+pub const VETH_B: &str = "10.96.0.2";
+/// The overlay address of the second agent of a [`DirectPair`].
+pub const TUNNEL_B: &str = "10.86.0.2";
+
+/// Two namespaces joined by a veth pair, with WireGuard keys for a tunnel between them
+/// and, once started, `asmn-agent static` at both ends.
+#[derive(Debug)]
+pub struct DirectPair {
+    /// The first namespace (10.96.0.1; overlay 10.86.0.1).
+    pub a: Netns,
+    /// The second namespace ([`VETH_B`]; overlay [`TUNNEL_B`]).
+    pub b: Netns,
+    /// Private key files of a and b, and the PSK file.
+    pub keys: (PathBuf, PathBuf, PathBuf),
+    /// Public keys of a and b (base64).
+    pub public: (String, String),
+    agents: Vec<Proc>,
+    work: PathBuf,
+}
+
+impl DirectPair {
+    /// The namespaces, the veth pair and the keys (made by `wg`), files under `work`.
+    pub fn new(work: &Path) -> anyhow::Result<DirectPair> {
+        let a = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
+        let b = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
+        netns::veth(&a, &b, "10.96.0.1/24", &format!("{VETH_B}/24")).map_err(anyhow::Error::msg)?;
+        let (ka, kb, psk) = (
+            wg_cmd(&["genkey"], None)?,
+            wg_cmd(&["genkey"], None)?,
+            wg_cmd(&["genpsk"], None)?,
+        );
+        let public = (
+            wg_cmd(&["pubkey"], Some(&ka))?,
+            wg_cmd(&["pubkey"], Some(&kb))?,
+        );
+        let keys = (
+            write_key(work, "a.key", &ka)?,
+            write_key(work, "b.key", &kb)?,
+            write_key(work, "psk", &psk)?,
+        );
+        Ok(DirectPair {
+            a,
+            b,
+            keys,
+            public,
+            agents: Vec::new(),
+            work: work.to_path_buf(),
+        })
+    }
+
+    /// Starts the agents; their PIDs once both data planes are up.
+    pub fn start_agents(&mut self) -> anyhow::Result<[u32; 2]> {
+        let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
+        let psk = self.keys.2.to_str().unwrap_or_default().to_string();
+        let ends = [
+            (
+                &self.a,
+                "10.86.0.1/24",
+                "10.96.0.1",
+                &self.keys.0,
+                &self.public.1,
+                VETH_B,
+                TUNNEL_B,
+            ),
+            (
+                &self.b,
+                "10.86.0.2/24",
+                VETH_B,
+                &self.keys.1,
+                &self.public.0,
+                "10.96.0.1",
+                "10.86.0.1",
+            ),
+        ];
+        for (i, (ns, me, listen, key, peer, ep, peer_ip)) in ends.into_iter().enumerate() {
+            let listen = format!("{listen}:51820");
+            let ep = format!("{ep}:51820");
+            let mut p = ns
+                .spawn(
+                    &agent,
+                    &[
+                        "static",
+                        "--tun",
+                        "asmn0",
+                        "--address",
+                        me,
+                        "--listen",
+                        &listen,
+                        "--private-key-file",
+                        key.to_str().unwrap_or_default(),
+                        "--peer-public-key",
+                        peer,
+                        "--peer-endpoint",
+                        &ep,
+                        "--peer-address",
+                        peer_ip,
+                        "--psk-file",
+                        &psk,
+                    ],
+                    &self.work.join(format!("agent-{i}.log")),
+                )
+                .map_err(anyhow::Error::msg)?;
+            if !p.wait_log("static data plane up", Duration::from_secs(10)) {
+                anyhow::bail!("asmn-agent static did not start: {}", p.log());
+            }
+            self.agents.push(p);
+        }
+        Ok([self.agents[0].pid(), self.agents[1].pid()])
+    }
+
+    /// Stops the agents (their TUN devices go with them).
+    pub fn stop_agents(&mut self) {
+        self.agents.clear();
+    }
+}
+
+/// Measures the plain veth path and the paths `want` asks for, in one run.
+pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
+    let work = run.work;
+    let mut results: Vec<PathResult> = Vec::new();
+    let mut pair = DirectPair::new(work)?;
+    eprintln!("plain veth ...");
+    results.push(
+        measure(run, "plain veth", (&pair.a, &pair.b), VETH_B, &[]).map_err(anyhow::Error::msg)?,
+    );
+    if want.direct {
+        eprintln!("ASMN direct ...");
+        let pids = pair.start_agents()?;
+        results.push(
+            measure(run, "ASMN direct", (&pair.a, &pair.b), TUNNEL_B, &pids)
+                .map_err(anyhow::Error::msg)?,
+        );
+        pair.stop_agents();
+    }
+    let DirectPair {
+        a,
+        b,
+        keys: (fa, fb, fp),
+        public: (pa, pb),
+        ..
+    } = pair;
+
+    if !want.boringtun {
+    } else if let Some(bt) = tool("boringtun-cli") {
+        for threads in ["1", "4"] {
+            eprintln!("boringtun-cli, {threads} thread(s) ...");
+            let (ia, ib) = (netns::unique("wgb"), netns::unique("wgb"));
+            let _sa = RemoveOnDrop(format!("/var/run/wireguard/{ia}.sock").into());
+            let _sb = RemoveOnDrop(format!("/var/run/wireguard/{ib}.sock").into());
+            let x = a
+                .spawn(
+                    &bt,
+                    &[
+                        "--foreground",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        threads,
+                        &ia,
+                    ],
+                    &work.join("bt-a.log"),
+                )
+                .map_err(anyhow::Error::msg)?;
+            let y = b
+                .spawn(
+                    &bt,
+                    &[
+                        "--foreground",
+                        "--disable-drop-privileges",
+                        "--threads",
+                        threads,
+                        &ib,
+                    ],
+                    &work.join("bt-b.log"),
+                )
+                .map_err(anyhow::Error::msg)?;
+            for s in [&ia, &ib] {
+                let sock = format!("/var/run/wireguard/{s}.sock");
+                let t = Instant::now();
+                while !Path::new(&sock).exists() && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            for (ns, ifn, key, peer, ep, allowed, ip) in [
+                (
+                    &a,
+                    &ia,
+                    &fa,
+                    &pb,
+                    "10.96.0.2:51821",
+                    "10.85.0.2/32",
+                    "10.85.0.1/24",
+                ),
+                (
+                    &b,
+                    &ib,
+                    &fb,
+                    &pa,
+                    "10.96.0.1:51821",
+                    "10.85.0.1/32",
+                    "10.85.0.2/24",
+                ),
+            ] {
+                ns.run(
+                    "wg",
+                    &[
+                        "set",
+                        ifn,
+                        "private-key",
+                        key.to_str().unwrap_or_default(),
+                        "listen-port",
+                        "51821",
+                        "peer",
+                        peer,
+                        "preshared-key",
+                        fp.to_str().unwrap_or_default(),
+                        "endpoint",
+                        ep,
+                        "allowed-ips",
+                        allowed,
+                    ],
+                )
+                .map_err(anyhow::Error::msg)?;
+                ns.run("ip", &["addr", "add", ip, "dev", ifn])
+                    .map_err(anyhow::Error::msg)?;
+                ns.run("ip", &["link", "set", ifn, "up"])
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let pids = [x.pid(), y.pid()];
+            let name = format!("boringtun-cli, {threads} thread(s)");
+            results.push(
+                measure(run, &name, (&a, &b), "10.85.0.2", &pids).map_err(anyhow::Error::msg)?,
+            );
+            drop(x);
+            drop(y);
+            for ns in [&a, &b] {
+                let _ = ns.run("ip", &["addr", "flush", "to", "10.85.0.0/24"]);
+            }
+        }
+    } else {
+        eprintln!("boringtun-cli is not installed: its rows are skipped");
+    }
+    drop(a);
+    drop(b);
+
+    if want.gateway {
+        eprintln!("ASMN through the gateway ...");
+        let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
+        let imgs: Vec<PathBuf> = (1..=3)
+            .map(|i| t.file(&format!("{i}.img"), &image(i, 1 << 20)))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[0], CLIENT_VNFD)
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[1], BENCH_SERVER_VNFD)
+            .map_err(anyhow::Error::msg)?;
+        t.onboard(&imgs[2], GATEWAY_VNFD)
+            .map_err(anyhow::Error::msg)?;
+        let g = t
+            .add("gw-0", "gw", "gateway", &imgs[2])
+            .map_err(anyhow::Error::msg)?;
+        let c = t
+            .add("client-0", "client", "vnf", &imgs[0])
+            .map_err(anyhow::Error::msg)?;
+        let s = t
+            .add("server-0", "server", "vnf", &imgs[1])
+            .map_err(anyhow::Error::msg)?;
+        for i in [g, c, s] {
+            t.start(i).map_err(anyhow::Error::msg)?;
+            t.wait_enrolled(i, Duration::from_secs(30))
+                .map_err(anyhow::Error::msg)?;
+        }
+        let pids: Vec<u32> = [g, c, s]
+            .iter()
+            .filter_map(|i| t.vnfs[*i].agent.as_ref().map(Proc::pid))
+            .collect();
+        let to = t.vnfs[s].overlay.to_string();
+        let r = measure(
+            run,
+            "ASMN through the gateway",
+            (&t.vnfs[c].ns, &t.vnfs[s].ns),
+            &to,
+            &pids,
+        );
+        if r.is_err() {
+            for v in &t.vnfs {
+                if let Some(p) = &v.agent {
+                    let log = p.log();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    eprintln!("--- {} agent, last lines of its log:", v.name);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+        results.push(r.map_err(anyhow::Error::msg)?);
+    }
+    Ok(results)
+}
+
+/// The results as a Markdown table, then each path's ratios against the veth baseline
+/// (the first row) and against boringtun-cli in its fastest thread setting.
+pub fn markdown(results: &[PathResult]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let Some(plain) = results.first() else {
+        return out;
+    };
+    let bt = results
+        .iter()
+        .filter(|r| r.path.starts_with("boringtun"))
+        .max_by(|a, b| a.tcp_mbps.total_cmp(&b.tcp_mbps));
+    let _ = writeln!(out, "Measured with {}.\n", plain.tool);
+    let _ = writeln!(
+        out,
+        "| path | RTT 64 B (us) | RTT 4 KiB (us) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | CPU s/GB |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            r.path,
+            r.rtt64_us,
+            r.rtt4096_us,
+            r.tcp_mbps,
+            r.udp_mbps,
+            r.udp_loss_pct,
+            r.cpu_s_per_gb
+                .map_or("kernel".to_string(), |c| format!("{c:.1}"))
+        );
+    }
+    let _ = writeln!(out);
+    for r in results.iter().skip(1) {
+        let _ = write!(
+            out,
+            "- {}: RTT overhead over veth {:+.0} us (64 B); TCP {:.2}x veth",
+            r.path,
+            r.rtt64_us - plain.rtt64_us,
+            r.tcp_mbps / plain.tcp_mbps.max(1e-9)
+        );
+        if let Some(b) = bt
+            && !r.path.starts_with("boringtun")
+        {
+            let _ = write!(
+                out,
+                "; TCP {:.2}x {}; RTT overhead {:.2}x its overhead",
+                r.tcp_mbps / b.tcp_mbps.max(1e-9),
+                b.path,
+                (r.rtt64_us - plain.rtt64_us) / (b.rtt64_us - plain.rtt64_us).max(1e-9)
+            );
+        }
+        let _ = writeln!(out);
+    }
+    out
 }

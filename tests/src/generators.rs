@@ -141,16 +141,33 @@ pub fn tcp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
     Ok(res)
 }
 
-/// Sends a TCP stream to `to` for `seconds`; the goodput as the sender saw it.
-pub fn tcp_stream(to: SocketAddr, seconds: u64) -> std::io::Result<StreamResult> {
+/// Sends a TCP stream to `to` for `seconds`, in writes of `write` bytes, paced to `mbps`
+/// (0: as fast as it goes); the goodput as the sender saw it.
+pub fn tcp_stream(
+    to: SocketAddr,
+    seconds: u64,
+    write: usize,
+    mbps: f64,
+) -> std::io::Result<StreamResult> {
     let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-    let chunk = vec![0x5au8; 128 * 1024];
+    let chunk = vec![0x5au8; write.clamp(1, 1 << 20)];
+    let gap =
+        (mbps > 0.0).then(|| Duration::from_secs_f64(chunk.len() as f64 * 8.0 / (mbps * 1e6)));
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut bytes = 0u64;
+    let mut next = start;
     while Instant::now() < end {
         s.write_all(&chunk)?;
         bytes += chunk.len() as u64;
+        if let Some(gap) = gap {
+            next += gap;
+            if let Some(w) = next.checked_duration_since(Instant::now())
+                && w > Duration::from_micros(200)
+            {
+                std::thread::sleep(w);
+            }
+        }
     }
     s.flush()?;
     let secs = start.elapsed().as_secs_f64();

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod charts;
+pub mod eval;
 pub mod generators;
 pub mod netns;
 pub mod tenant;

@@ -49,3 +49,92 @@ fn the_demo_succeeds_at_every_step_and_leaves_nothing_behind() {
         "a lab namespace was left behind"
     );
 }
+
+/// `asmn-lab eval --quick` writes the whole report: every section, the raw data, valid
+/// PNG and SVG charts, and Fig. 9's data show the flood above 10 Mbit/s before the rule
+/// and at most 10.5 Mbit/s in every 100 ms window from 100 ms after it.
+#[test]
+fn the_quick_evaluation_writes_the_full_report() {
+    if !netns::can_run("asmn-lab eval") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asmn-lab"))
+        .args(["eval", "--quick", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("run asmn-lab eval");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = out_dir.path();
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    for section in [
+        "## Tables 1 and 2",
+        "## Fig. 5",
+        "## Figs. 6 to 8",
+        "## Fig. 9",
+        "## Beyond the paper",
+    ] {
+        assert!(report.contains(section), "no {section:?} in\n{report}");
+    }
+    for chart in [
+        "fig5_rtt",
+        "fig6_cpu_icmp",
+        "fig7_cpu_tcp",
+        "fig8_cpu_udp",
+        "fig9_flood",
+    ] {
+        let png = std::fs::read(dir.join(format!("{chart}.png"))).expect("png");
+        assert!(png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"), "{chart}.png");
+        let svg = std::fs::read_to_string(dir.join(format!("{chart}.svg"))).expect("svg");
+        assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "{chart}.svg");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("json"))
+            .expect("report.json");
+    // Table 2: three pairs, four algorithms, the digests of different images differ.
+    let hashing = json["hashing"].as_array().expect("hashing");
+    assert_eq!(hashing.len(), 12, "{hashing:?}");
+    assert!(hashing.iter().all(|h| h["differ"] == true));
+    // Fig. 5: the baseline, ASMN direct and through the gateway.
+    let paths: Vec<&str> = json["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .filter_map(|p| p["path"].as_str())
+        .collect();
+    for want in ["plain veth", "ASMN direct", "ASMN through the gateway"] {
+        assert!(paths.contains(&want), "{paths:?}");
+    }
+    // Figs. 6-8: three protocols, two sizes, two paths.
+    assert_eq!(json["cpu"].as_array().map(Vec::len), Some(12));
+    // Fig. 9, from the raw data: (seconds since the flood started, Mbit/s).
+    let rule_at = json["flood"]["rule_at_s"].as_f64().expect("rule_at_s");
+    let csv = std::fs::read_to_string(dir.join("fig9_flood.csv")).expect("fig9 csv");
+    let rate: Vec<(f64, f64)> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (t, r) = l.split_once(',')?;
+            Some((t.parse().ok()?, r.parse().ok()?))
+        })
+        .collect();
+    let before: Vec<f64> = rate
+        .iter()
+        .filter(|(t, _)| *t > 1.0 && *t + 0.1 < rule_at)
+        .map(|x| x.1)
+        .collect();
+    assert!(!before.is_empty(), "{csv}");
+    let mean_before = before.iter().sum::<f64>() / before.len() as f64;
+    assert!(mean_before > 10.0, "{mean_before} Mbit/s before the rule\n{csv}");
+    let after: Vec<&(f64, f64)> = rate.iter().filter(|(t, _)| *t >= rule_at + 0.1).collect();
+    assert!(after.len() >= 30, "{csv}");
+    for (t, r) in after {
+        assert!(*r <= 10.5, "{r} Mbit/s at {t} s (rule at {rule_at} s)\n{csv}");
+    }
+}

@@ -49,6 +49,19 @@ enum Command {
         #[arg(long, value_enum)]
         only: Vec<BenchPath>,
     },
+    /// Reproduce the paper's Section 4 (Tables 1-2, Figs. 5-9, and latencies beyond it):
+    /// report.md, CSV and PNG + SVG charts in --out.
+    Eval {
+        /// Scaled-down images and shorter runs (a few minutes; what CI runs).
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes.
+        #[arg(long, default_value = "asmn-eval")]
+        out: std::path::PathBuf,
+        /// Print the results as JSON at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// A traffic generator (run inside a namespace by the lab).
     Gen {
         #[command(subcommand)]
@@ -92,6 +105,12 @@ enum Gen {
         to: SocketAddr,
         #[arg(long, default_value_t = 2)]
         seconds: u64,
+        /// Bytes per write.
+        #[arg(long, default_value_t = 131_072)]
+        size: usize,
+        /// Pace to this rate (0: as fast as it goes).
+        #[arg(long, default_value_t = 0.0)]
+        mbps: f64,
     },
     /// Count sequence-numbered datagrams on a port.
     UdpSink {
@@ -147,7 +166,12 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
         Gen::TcpSink { port, seconds } => {
             serde_json::to_string(&generators::tcp_sink(port, seconds)?)?
         }
-        Gen::Tcp { to, seconds } => serde_json::to_string(&generators::tcp_stream(to, seconds)?)?,
+        Gen::Tcp {
+            to,
+            seconds,
+            size,
+            mbps,
+        } => serde_json::to_string(&generators::tcp_stream(to, seconds, size, mbps)?)?,
         Gen::UdpSink { port, seconds } => {
             serde_json::to_string(&generators::udp_sink(port, seconds)?)?
         }
@@ -569,42 +593,9 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     Ok(all)
 }
 
-const BENCH_SERVER_VNFD: &str = "vnfd:
-  id: server
-  sec_catalog:
-    gateway: gw
-    default_action: drop
-    rules:
-      - name: ping
-        protocol: icmp
-        ingress_policing_rate: 0
-      - name: tcp
-        protocol: tcp
-        port: 7001
-        ingress_policing_rate: 0
-      - name: udp
-        protocol: udp
-        port: 7002
-        ingress_policing_rate: 0
-      - name: iperf3-control
-        protocol: tcp
-        port: 7002
-        ingress_policing_rate: 0
-";
-
-fn write_key(dir: &Path, name: &str, text: &str) -> anyhow::Result<std::path::PathBuf> {
-    let p = dir.join(name);
-    std::fs::write(&p, format!("{text}\n"))?;
-    Ok(p)
-}
-
-fn wg_cmd(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
-    asmn_tests::bench::wg(args, input).map_err(anyhow::Error::msg)
-}
-
 fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> anyhow::Result<()> {
     let want = |p: BenchPath| only.is_empty() || only.contains(&p);
-    use asmn_tests::bench::{PathResult, Run, have_tools, measure, tool};
+    use asmn_tests::bench::{Run, have_tools};
     let me = std::env::current_exe()?;
     let work = tempfile::tempdir()?;
     let tools = !lab_generators && have_tools();
@@ -622,314 +613,40 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
         work: work.path(),
         tools,
     };
-    let mut results: Vec<PathResult> = Vec::new();
-    let a = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
-    let b = Netns::new("asmnvnf").map_err(anyhow::Error::msg)?;
-    netns::veth(&a, &b, "10.96.0.1/24", "10.96.0.2/24").map_err(anyhow::Error::msg)?;
-    eprintln!("plain veth ...");
-    results
-        .push(measure(run, "plain veth", (&a, &b), "10.96.0.2", &[]).map_err(anyhow::Error::msg)?);
+    let results = asmn_tests::bench::paths(
+        run,
+        asmn_tests::bench::Paths {
+            direct: want(BenchPath::Direct),
+            boringtun: want(BenchPath::Boringtun),
+            gateway: want(BenchPath::Gateway),
+        },
+    )?;
 
-    // Keys for the tunnels (wg makes them; the agent reads the same files).
-    let (ka, kb, psk) = (
-        wg_cmd(&["genkey"], None)?,
-        wg_cmd(&["genkey"], None)?,
-        wg_cmd(&["genpsk"], None)?,
-    );
-    let (pa, pb) = (
-        wg_cmd(&["pubkey"], Some(&ka))?,
-        wg_cmd(&["pubkey"], Some(&kb))?,
-    );
-    let (fa, fb, fp) = (
-        write_key(work.path(), "a.key", &ka)?,
-        write_key(work.path(), "b.key", &kb)?,
-        write_key(work.path(), "psk", &psk)?,
-    );
-
-    if want(BenchPath::Direct) {
-        eprintln!("ASMN direct ...");
-        let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
-        let start = |ns: &Netns,
-                     me_ip: &str,
-                     listen: &str,
-                     key: &Path,
-                     peer: &str,
-                     ep: &str,
-                     peer_ip: &str,
-                     log: &str| {
-            ns.spawn(
-                &agent,
-                &[
-                    "static",
-                    "--tun",
-                    "asmn0",
-                    "--address",
-                    me_ip,
-                    "--listen",
-                    listen,
-                    "--private-key-file",
-                    key.to_str().unwrap_or_default(),
-                    "--peer-public-key",
-                    peer,
-                    "--peer-endpoint",
-                    ep,
-                    "--peer-address",
-                    peer_ip,
-                    "--psk-file",
-                    fp.to_str().unwrap_or_default(),
-                ],
-                &work.path().join(log),
-            )
-        };
-        let mut x = start(
-            &a,
-            "10.86.0.1/24",
-            "10.96.0.1:51820",
-            &fa,
-            &pb,
-            "10.96.0.2:51820",
-            "10.86.0.2",
-            "agent-a.log",
-        )
-        .map_err(anyhow::Error::msg)?;
-        let mut y = start(
-            &b,
-            "10.86.0.2/24",
-            "10.96.0.2:51820",
-            &fb,
-            &pa,
-            "10.96.0.1:51820",
-            "10.86.0.1",
-            "agent-b.log",
-        )
-        .map_err(anyhow::Error::msg)?;
-        x.wait_log("static data plane up", Duration::from_secs(10));
-        y.wait_log("static data plane up", Duration::from_secs(10));
-        let pids = [x.pid(), y.pid()];
-        results.push(
-            measure(run, "ASMN direct", (&a, &b), "10.86.0.2", &pids)
-                .map_err(anyhow::Error::msg)?,
-        );
-    }
-
-    if !want(BenchPath::Boringtun) {
-    } else if let Some(bt) = tool("boringtun-cli") {
-        for threads in ["1", "4"] {
-            eprintln!("boringtun-cli, {threads} thread(s) ...");
-            let (ia, ib) = (netns::unique("wgb"), netns::unique("wgb"));
-            let _sa = RemoveOnDrop(format!("/var/run/wireguard/{ia}.sock").into());
-            let _sb = RemoveOnDrop(format!("/var/run/wireguard/{ib}.sock").into());
-            let x = a
-                .spawn(
-                    &bt,
-                    &[
-                        "--foreground",
-                        "--disable-drop-privileges",
-                        "--threads",
-                        threads,
-                        &ia,
-                    ],
-                    &work.path().join("bt-a.log"),
-                )
-                .map_err(anyhow::Error::msg)?;
-            let y = b
-                .spawn(
-                    &bt,
-                    &[
-                        "--foreground",
-                        "--disable-drop-privileges",
-                        "--threads",
-                        threads,
-                        &ib,
-                    ],
-                    &work.path().join("bt-b.log"),
-                )
-                .map_err(anyhow::Error::msg)?;
-            for s in [&ia, &ib] {
-                let sock = format!("/var/run/wireguard/{s}.sock");
-                let t = Instant::now();
-                while !Path::new(&sock).exists() && t.elapsed() < Duration::from_secs(10) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-            for (ns, ifn, key, peer, ep, allowed, ip) in [
-                (
-                    &a,
-                    &ia,
-                    &fa,
-                    &pb,
-                    "10.96.0.2:51821",
-                    "10.85.0.2/32",
-                    "10.85.0.1/24",
-                ),
-                (
-                    &b,
-                    &ib,
-                    &fb,
-                    &pa,
-                    "10.96.0.1:51821",
-                    "10.85.0.1/32",
-                    "10.85.0.2/24",
-                ),
-            ] {
-                ns.run(
-                    "wg",
-                    &[
-                        "set",
-                        ifn,
-                        "private-key",
-                        key.to_str().unwrap_or_default(),
-                        "listen-port",
-                        "51821",
-                        "peer",
-                        peer,
-                        "preshared-key",
-                        fp.to_str().unwrap_or_default(),
-                        "endpoint",
-                        ep,
-                        "allowed-ips",
-                        allowed,
-                    ],
-                )
-                .map_err(anyhow::Error::msg)?;
-                ns.run("ip", &["addr", "add", ip, "dev", ifn])
-                    .map_err(anyhow::Error::msg)?;
-                ns.run("ip", &["link", "set", ifn, "up"])
-                    .map_err(anyhow::Error::msg)?;
-            }
-            let pids = [x.pid(), y.pid()];
-            let name = format!("boringtun-cli, {threads} thread(s)");
-            results.push(
-                measure(run, &name, (&a, &b), "10.85.0.2", &pids).map_err(anyhow::Error::msg)?,
-            );
-            drop(x);
-            drop(y);
-            for ns in [&a, &b] {
-                let _ = ns.run("ip", &["addr", "flush", "to", "10.85.0.0/24"]);
-            }
-        }
-    } else {
-        eprintln!("boringtun-cli is not installed: its rows are skipped");
-    }
-    drop(a);
-    drop(b);
-
-    if want(BenchPath::Gateway) {
-        eprintln!("ASMN through the gateway ...");
-        let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
-        let imgs: Vec<std::path::PathBuf> = (1..=3)
-            .map(|i| t.file(&format!("{i}.img"), &image(i, 1 << 20)))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[0], CLIENT_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[1], BENCH_SERVER_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[2], GATEWAY_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        let g = t
-            .add("gw-0", "gw", "gateway", &imgs[2])
-            .map_err(anyhow::Error::msg)?;
-        let c = t
-            .add("client-0", "client", "vnf", &imgs[0])
-            .map_err(anyhow::Error::msg)?;
-        let s = t
-            .add("server-0", "server", "vnf", &imgs[1])
-            .map_err(anyhow::Error::msg)?;
-        for i in [g, c, s] {
-            t.start(i).map_err(anyhow::Error::msg)?;
-            t.wait_enrolled(i, Duration::from_secs(30))
-                .map_err(anyhow::Error::msg)?;
-        }
-        let pids: Vec<u32> = [g, c, s]
-            .iter()
-            .filter_map(|i| t.vnfs[*i].agent.as_ref().map(netns::Proc::pid))
-            .collect();
-        let to = t.vnfs[s].overlay.to_string();
-        let r = measure(
-            run,
-            "ASMN through the gateway",
-            (&t.vnfs[c].ns, &t.vnfs[s].ns),
-            &to,
-            &pids,
-        );
-        if r.is_err() {
-            for v in &t.vnfs {
-                if let Some(p) = &v.agent {
-                    let log = p.log();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    eprintln!("--- {} agent, last lines of its log:", v.name);
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
-        }
-        results.push(r.map_err(anyhow::Error::msg)?);
-    }
-
-    let plain = results[0].clone();
-    let bt1 = results
-        .iter()
-        .find(|r| r.path.starts_with("boringtun-cli, 1"))
-        .cloned();
-    println!(
-        "measured with {}; RTT in us, throughput in Mbit/s",
-        results[0].tool
-    );
-    println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
-        "path", "RTT 64 B", "RTT 4 KiB", "TCP", "UDP", "UDP loss", "CPU s/GB"
-    );
-    println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
-        "", "us", "us", "Mbit/s", "Mbit/s", "%", ""
-    );
-    for r in &results {
-        println!(
-            "{:<30} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.2} {:>10}",
-            r.path,
-            r.rtt64_us,
-            r.rtt4096_us,
-            r.tcp_mbps,
-            r.udp_mbps,
-            r.udp_loss_pct,
-            r.cpu_s_per_gb
-                .map_or("kernel".to_string(), |c| format!("{c:.1}"))
-        );
-    }
-    println!();
-    for r in results.iter().skip(1) {
-        let mut line = format!(
-            "{}: RTT overhead over veth {:+.0} us (64 B); TCP {:.2}x veth",
-            r.path,
-            r.rtt64_us - plain.rtt64_us,
-            r.tcp_mbps / plain.tcp_mbps.max(1e-9)
-        );
-        if let Some(b) = &bt1
-            && !r.path.starts_with("boringtun")
-        {
-            line.push_str(&format!(
-                "; TCP {:.2}x boringtun-cli (1 thread); RTT overhead {:.2}x boringtun-cli's",
-                r.tcp_mbps / b.tcp_mbps.max(1e-9),
-                (r.rtt64_us - plain.rtt64_us) / (b.rtt64_us - plain.rtt64_us).max(1e-9)
-            ));
-        }
-        println!("{line}");
-    }
+    print!("{}", asmn_tests::bench::markdown(&results));
     if json {
         println!("{}", serde_json::to_string(&results)?);
     }
     Ok(())
 }
 
-/// Removes a file when dropped (boringtun-cli's control sockets live outside namespaces).
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// On Ctrl-C the guards of what is running do not run: remove what this process made,
+/// then exit.
+fn interrupt_cleans_up() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: removing the lab's namespaces and processes");
+                netns::cleanup_mine();
+                std::process::exit(130);
+            }
+        });
+    });
 }
 
 fn main() -> ExitCode {
@@ -963,6 +680,49 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Eval { quick, out, json } => {
+            if !netns::can_run("asmn-lab eval") {
+                eprintln!(
+                    "asmn-lab eval: run it as root (it makes network namespaces and TUN devices)"
+                );
+                return ExitCode::from(2);
+            }
+            interrupt_cleans_up();
+            let me = match std::env::current_exe() {
+                Ok(me) => me,
+                Err(e) => {
+                    eprintln!("asmn-lab eval: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match asmn_tests::eval::run(
+                &asmn_tests::eval::Options {
+                    quick,
+                    out: out.clone(),
+                },
+                &me,
+            ) {
+                Ok(report) => {
+                    println!(
+                        "report: {} (charts and CSV beside it), {:.0} s",
+                        out.join("report.md").display(),
+                        report.seconds
+                    );
+                    if json {
+                        match serde_json::to_string(&report) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => eprintln!("asmn-lab eval: {e}"),
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("asmn-lab eval: {e:#}");
+                    netns::cleanup_mine();
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { json } => {
             if !netns::can_run("asmn-lab demo") {
                 eprintln!(
@@ -970,23 +730,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            // Ctrl-C: the guards of the running demo will not run, so remove what this
-            // process made before exiting.
-            std::thread::spawn(|| {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        eprintln!("\ninterrupted: removing the lab's namespaces and processes");
-                        netns::cleanup_mine();
-                        std::process::exit(130);
-                    }
-                });
-            });
+            interrupt_cleans_up();
             match demo(json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
