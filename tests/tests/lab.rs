@@ -90,9 +90,15 @@ fn the_quick_evaluation_writes_the_full_report() {
         "fig9_flood",
     ] {
         let png = std::fs::read(dir.join(format!("{chart}.png"))).expect("png");
-        assert!(png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"), "{chart}.png");
+        assert!(
+            png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{chart}.png"
+        );
         let svg = std::fs::read_to_string(dir.join(format!("{chart}.svg"))).expect("svg");
-        assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "{chart}.svg");
+        assert!(
+            svg.contains("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{chart}.svg"
+        );
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).expect("json"))
@@ -131,10 +137,16 @@ fn the_quick_evaluation_writes_the_full_report() {
         .collect();
     assert!(!before.is_empty(), "{csv}");
     let mean_before = before.iter().sum::<f64>() / before.len() as f64;
-    assert!(mean_before > 10.0, "{mean_before} Mbit/s before the rule\n{csv}");
+    assert!(
+        mean_before > 10.0,
+        "{mean_before} Mbit/s before the rule\n{csv}"
+    );
     let after: Vec<&(f64, f64)> = rate.iter().filter(|(t, _)| *t >= rule_at + 0.1).collect();
     assert!(after.len() >= 30, "{csv}");
     for (t, r) in after {
-        assert!(*r <= 10.5, "{r} Mbit/s at {t} s (rule at {rule_at} s)\n{csv}");
+        assert!(
+            *r <= 10.5,
+            "{r} Mbit/s at {t} s (rule at {rule_at} s)\n{csv}"
+        );
     }
 }
