@@ -359,3 +359,82 @@ impl Plane {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(s: &Sends) -> Vec<(SocketAddr, usize, usize)> {
+        s.groups.iter().map(|g| (g.to, g.segment, g.len)).collect()
+    }
+
+    #[test]
+    fn datagrams_group_for_gso_by_peer_and_size() {
+        let a: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
+        let b: SocketAddr = "192.0.2.2:51820".parse().expect("addr");
+        let mut s = Sends::new(4);
+        for _ in 0..3 {
+            s.commit(a, 1452);
+        }
+        // A shorter one ends the group (GSO allows only the last segment to be short).
+        s.commit(a, 600);
+        s.commit(a, 1452);
+        // Another peer: another send.
+        s.commit(b, 1452);
+        s.commit(b, 1452);
+        assert_eq!(
+            groups(&s),
+            vec![
+                (a, 1452, 3 * 1452 + 600),
+                (a, 1452, 1452),
+                (b, 1452, 2 * 1452)
+            ]
+        );
+        // At most max_segments per send.
+        let mut s = Sends::new(2);
+        for _ in 0..5 {
+            s.commit(a, 100);
+        }
+        assert_eq!(
+            groups(&s),
+            vec![(a, 100, 200), (a, 100, 200), (a, 100, 100)]
+        );
+        // A bigger datagram after smaller ones starts a new send.
+        let mut s = Sends::new(64);
+        s.commit(a, 100);
+        s.commit(a, 200);
+        assert_eq!(groups(&s), vec![(a, 100, 100), (a, 200, 200)]);
+        // At most GSO_BYTES per send.
+        let mut s = Sends::new(64);
+        for _ in 0..60 {
+            s.commit(a, 1452);
+        }
+        assert!(s.groups.iter().all(|g| g.len <= GSO_BYTES));
+        assert_eq!(s.groups.iter().map(|g| g.len).sum::<usize>(), 60 * 1452);
+    }
+
+    #[test]
+    fn a_flush_sends_every_group_on_loopback() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let state = UdpSocketState::new((&tx).into()).expect("state");
+        let to = rx.local_addr().expect("addr");
+        let mut s = Sends::new(state.max_gso_segments());
+        for i in 0..10u8 {
+            let len = if i == 9 { 50 } else { 300 };
+            s.space()[..len].fill(i);
+            s.commit(to, len);
+        }
+        assert_eq!(s.flush(&tx, &state), 0);
+        assert!(s.is_empty());
+        // Without GRO on the receiver, each segment arrives as its own datagram.
+        let mut buf = [0u8; 2048];
+        for i in 0..10u8 {
+            let n = rx.recv(&mut buf).expect("datagram");
+            assert_eq!(n, if i == 9 { 50 } else { 300 });
+            assert!(buf[..n].iter().all(|b| *b == i));
+        }
+    }
+}

@@ -2,11 +2,12 @@
 //! images, and benchmarking our measurement against the system's tools.
 //!
 //! The measurement itself is `asmn_shared::measure` (the same code the agent runs inside a
-//! VM); this crate adds what an operator's workstation needs around it. Baking the agent
-//! into bootable images comes with issue 6.
+//! VM); this crate adds what an operator's workstation needs around it, and bakes the
+//! agent into bootable Debian VNF images from recipes ([`bake`]).
 
 #![forbid(unsafe_code)]
 
+pub mod bake;
 pub mod bench;
 pub mod compare;
 pub mod size;

@@ -535,7 +535,7 @@ sec_catalog:
       port: 8080
       sources: [client]
       ingress_policing_rate: 10000
-      ingress_policing_burst: 40
+      ingress_policing_burst: 30
 "
     );
     if probe {

@@ -1,16 +1,16 @@
-//! `asmn-image`: measure, make, compare and benchmark VNF images.
+//! `asmn-image`: measure, make, compare, benchmark and bake VNF images.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use asmn_images::{bench, compare, size, testimage};
+use asmn_images::{bake, bench, compare, size, testimage};
 use asmn_shared::measure::{self, Algorithm, MeasureOptions};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Measure, make, compare and benchmark VNF images.
+/// Measure, make, compare, benchmark and bake VNF images.
 ///
 /// Digests are computed in one streaming pass, every requested algorithm at once, spread
 /// over the available cores. CRC32, MD5 and SHA-1 are for comparison with VIM checksums
@@ -61,6 +61,31 @@ enum Command {
         #[arg(long, default_value = "sha256")]
         algo: String,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bake a bootable Debian VNF image with the ASMN agent from a recipe (as root).
+    ///
+    /// Writes NAME.raw (the golden ext4 image: on-board it, and attach it read-only as the
+    /// VM's second disk, which the agent measures), NAME.qcow2 (the same, to boot from),
+    /// NAME.vmlinuz and NAME.initrd (direct kernel boot: root=/dev/vda), and prints the
+    /// golden digests. The VM gets its bootstrap bundle from a config drive (label cidata
+    /// or config-2) holding asmn/bundle, asmn/agent.toml and optionally asmn/hosts.
+    /// Needs debootstrap, e2fsprogs and qemu-utils; downloads from the recipe's mirror.
+    Bake {
+        /// The recipe (TOML), such as images/recipes/vnf-web.toml.
+        #[arg(long)]
+        recipe: PathBuf,
+        /// The asmn-agent binary to bake in.
+        #[arg(long, default_value = "target/release/asmn-agent")]
+        agent: PathBuf,
+        /// Where the image goes.
+        #[arg(long, default_value = "baked")]
+        out: PathBuf,
+        /// Where debootstrap keeps its downloads between bakes.
+        #[arg(long, default_value = "/var/cache/asmn-image")]
+        cache: PathBuf,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -217,6 +242,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Bake {
+            recipe,
+            agent,
+            out,
+            cache,
+            json,
+        } => {
+            let r = bake::load_recipe(&recipe)?;
+            let baked = bake::bake(&r, &agent, &out, &cache, &mut |s| {
+                if !json {
+                    eprintln!("bake: {s}");
+                }
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&baked)?);
+            } else {
+                println!(
+                    "baked {} in {:.0} s: {} ({}), {} ({})",
+                    r.name,
+                    baked.seconds,
+                    baked.raw.display(),
+                    size::human(baked.bytes),
+                    baked.qcow2.display(),
+                    size::human(baked.qcow2_bytes)
+                );
+                println!("golden digests of {}:", baked.raw.display());
+                for (a, d) in &baked.digests {
+                    println!("  {a:<7} {d}");
+                }
+                println!(
+                    "on-board it with: asmnctl image onboard {} --vnfd VNFD.yaml",
+                    baked.raw.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { file, repeat, json } => {
             let quiet = json;
