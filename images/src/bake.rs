@@ -253,7 +253,9 @@ if [ -z "$dev" ]; then
   echo "asmn-bundle: no config drive (label cidata or config-2): the agent will not start"
   exit 0
 fi
-mnt=$(mktemp -d)
+# Under /run: this runs early, before /tmp may be mounted over.
+mnt=/run/asmn-config-drive
+mkdir -p "$mnt"
 mount -o ro "$dev" "$mnt"
 umask 077
 mkdir -p /etc/asmn
