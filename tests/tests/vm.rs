@@ -76,8 +76,9 @@ fn a_baked_image_boots_and_its_agent_enrolls() {
     let t1 = Instant::now();
     let second = bake(&work.path().join("b"), &cache);
     eprintln!(
-        "bakes: {first_secs:.0} s (downloading) and {:.0} s (cached); raw {} bytes, qcow2 {} bytes",
+        "bakes: {first_secs:.0} s and {:.0} s (debootstrap's downloads cached in {}); raw {} bytes, qcow2 {} bytes",
         t1.elapsed().as_secs_f64(),
+        cache.display(),
         first["bytes"],
         first["qcow2_bytes"]
     );
