@@ -340,7 +340,8 @@ impl Plane {
             }
         }
         for chunk in datagrams.chunks(IDEAL_BATCH_SIZE) {
-            for o in b.tun_out.iter_mut() {
+            // Only the buffers this chunk can fill (one per datagram at most) regrow.
+            for o in b.tun_out.iter_mut().take(chunk.len()) {
                 o.resize(VIRTIO_NET_HDR_LEN + PACKET, 0);
             }
             let k = self.inbound_batch(chunk, &mut b.tun_out, &mut b.sends, &mut b.scratch);

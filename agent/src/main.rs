@@ -223,17 +223,9 @@ async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
         .split_once('/')
         .and_then(|(i, p)| Some((i.parse::<std::net::Ipv4Addr>().ok()?, p.parse::<u8>().ok()?)))
         .context("--address must be ipv4/prefix")?;
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&a.tun)
-        .ipv4(ip, prefix, None)
-        .mtu(1420)
-        .offload(true)
-        .build_sync()
-        .with_context(|| format!("creating TUN device {}", a.tun))?;
+    let (tun, net) = open_tun(&a.tun, ip, prefix)?;
     let udp = underlay_socket(a.listen)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-    let net = IpAddr::V4((u32::from(ip) & mask).into());
     let plane = Plane::new(
         tun,
         udp,
@@ -289,6 +281,24 @@ fn classify(e: AgentError) -> Failure {
 /// Underlay socket buffers (the kernel caps them at `net.core.rmem_max`/`wmem_max`; inside
 /// a namespace those cannot be raised, so the socket asks for what it needs).
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// The TUN device with address `ip/prefix` (MTU 1420, virtio-net header and TSO/USO
+/// offloads for the batched I/O), and the overlay network it is in.
+fn open_tun(
+    name: &str,
+    ip: std::net::Ipv4Addr,
+    prefix: u8,
+) -> anyhow::Result<(tun_rs::SyncDevice, IpAddr)> {
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .ipv4(ip, prefix, None)
+        .mtu(1420)
+        .offload(true)
+        .build_sync()
+        .with_context(|| format!("creating TUN device {name} (root or CAP_NET_ADMIN needed)"))?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Ok((tun, IpAddr::V4((u32::from(ip) & mask).into())))
+}
 
 /// Starts the data plane's I/O thread; the receiver gets its error if it stops.
 fn spawn_io(plane: &Arc<Plane>) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Error>> {
@@ -355,25 +365,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
             "IPv6 overlays are not supported yet"
         )));
     };
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&cfg.tun)
-        .ipv4(ip4, overlay.prefix, None)
-        .mtu(1420)
-        .offload(true)
-        .build_sync()
-        .with_context(|| {
-            format!(
-                "creating TUN device {} (root or CAP_NET_ADMIN needed)",
-                cfg.tun
-            )
-        })
-        .map_err(Failure::Runtime)?;
-    let net = {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(overlay.prefix))
-            .unwrap_or(0);
-        IpAddr::V4((u32::from(ip4) & mask).into())
-    };
+    let (tun, net) = open_tun(&cfg.tun, ip4, overlay.prefix).map_err(Failure::Runtime)?;
     let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(256);
     let plane = Plane::new(
         tun,

@@ -52,6 +52,23 @@ pub fn generate(ns: &Netns, me: &Path, args: &[&str]) -> Result<serde_json::Valu
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
+/// Starts the lab's generator `args` in the background inside `ns`, its output in `log`.
+pub fn spawn_generator(ns: &Netns, me: &Path, args: &[&str], log: &Path) -> Result<Proc, String> {
+    let mut full = vec!["gen"];
+    full.extend_from_slice(args);
+    ns.spawn(me, &full, log)
+}
+
+/// The last JSON line (an object or an array) of a generator's output.
+pub fn last_json(log: &str) -> Result<serde_json::Value, String> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{') || l.starts_with('['))
+        .ok_or("no result line from the generator")?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
 fn mean_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, String> {
     // Warm-up (handshakes, ARP), then 20 echoes.
     let _ = generate(
@@ -223,9 +240,10 @@ fn measure_lab(
     let rtt4096 = mean_rtt(a, me, to, 4088)?;
     let secs = seconds.to_string();
     let sink_secs = (seconds + 3).to_string();
-    let _sink = b.spawn(
+    let _sink = spawn_generator(
+        b,
         me,
-        &["gen", "tcp-sink", "--port", "7001", "--seconds", &sink_secs],
+        &["tcp-sink", "--port", "7001", "--seconds", &sink_secs],
         &work.join(format!("{name}-tcp-sink.log")),
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -233,9 +251,10 @@ fn measure_lab(
     let tcp = generate(a, me, &["tcp", &format!("{to}:7001"), "--seconds", &secs])?;
     let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
     let bytes = tcp["bytes"].as_f64().unwrap_or(0.0);
-    let mut usink: Proc = b.spawn(
+    let mut usink = spawn_generator(
+        b,
         me,
-        &["gen", "udp-sink", "--port", "7002", "--seconds", &sink_secs],
+        &["udp-sink", "--port", "7002", "--seconds", &sink_secs],
         &work.join(format!("{name}-udp-sink.log")),
     )?;
     std::thread::sleep(Duration::from_millis(300));
@@ -254,13 +273,7 @@ fn measure_lab(
         ],
     )?;
     usink.wait_exit(Duration::from_secs(seconds + 5));
-    let log = usink.log();
-    let got: serde_json::Value = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_default();
+    let got = last_json(&usink.log()).unwrap_or_default();
     let tx = sent["datagrams"].as_f64().unwrap_or(0.0);
     let rx = got["datagrams"].as_f64().unwrap_or(0.0);
     Ok(PathResult {
@@ -370,6 +383,8 @@ impl Drop for RemoveOnDrop {
 
 /// The veth address of the second namespace of a [`DirectPair`].
 pub const VETH_B: &str = "10.96.0.2";
+/// The overlay address of the first agent of a [`DirectPair`].
+pub const TUNNEL_A: &str = "10.86.0.1";
 /// The overlay address of the second agent of a [`DirectPair`].
 pub const TUNNEL_B: &str = "10.86.0.2";
 
@@ -440,7 +455,7 @@ impl DirectPair {
                 &self.keys.1,
                 &self.public.0,
                 "10.96.0.1",
-                "10.86.0.1",
+                TUNNEL_A,
             ),
         ];
         for (i, (ns, me, listen, key, peer, ep, peer_ip)) in ends.into_iter().enumerate() {
@@ -518,32 +533,23 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
             let (ia, ib) = (netns::unique("wgb"), netns::unique("wgb"));
             let _sa = RemoveOnDrop(format!("/var/run/wireguard/{ia}.sock").into());
             let _sb = RemoveOnDrop(format!("/var/run/wireguard/{ib}.sock").into());
-            let x = a
-                .spawn(
-                    &bt,
-                    &[
-                        "--foreground",
-                        "--disable-drop-privileges",
-                        "--threads",
-                        threads,
-                        &ia,
-                    ],
-                    &work.join("bt-a.log"),
-                )
-                .map_err(anyhow::Error::msg)?;
-            let y = b
-                .spawn(
-                    &bt,
-                    &[
-                        "--foreground",
-                        "--disable-drop-privileges",
-                        "--threads",
-                        threads,
-                        &ib,
-                    ],
-                    &work.join("bt-b.log"),
-                )
-                .map_err(anyhow::Error::msg)?;
+            let mut bts = Vec::new();
+            for (ns, ifn, log) in [(&a, &ia, "bt-a.log"), (&b, &ib, "bt-b.log")] {
+                bts.push(
+                    ns.spawn(
+                        &bt,
+                        &[
+                            "--foreground",
+                            "--disable-drop-privileges",
+                            "--threads",
+                            threads,
+                            ifn,
+                        ],
+                        &work.join(log),
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                );
+            }
             for s in [&ia, &ib] {
                 let sock = format!("/var/run/wireguard/{s}.sock");
                 let t = Instant::now();
@@ -596,13 +602,12 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
                 ns.run("ip", &["link", "set", ifn, "up"])
                     .map_err(anyhow::Error::msg)?;
             }
-            let pids = [x.pid(), y.pid()];
+            let pids: Vec<u32> = bts.iter().map(Proc::pid).collect();
             let name = format!("boringtun-cli, {threads} thread(s)");
             results.push(
                 measure(run, &name, (&a, &b), "10.85.0.2", &pids).map_err(anyhow::Error::msg)?,
             );
-            drop(x);
-            drop(y);
+            drop(bts);
             for ns in [&a, &b] {
                 let _ = ns.run("ip", &["addr", "flush", "to", "10.85.0.0/24"]);
             }

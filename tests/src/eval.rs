@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::bench::{self, DirectPair, PathResult, Paths, Run, TUNNEL_B, VETH_B};
 use crate::charts::{self, BarChart, LineChart, Marker, Series};
-use crate::netns::{self, Netns, Proc};
+use crate::netns::{Netns, Proc};
 use crate::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
 
 /// Table 1 of the paper: the six VNF images, GB.
@@ -398,14 +398,8 @@ fn sample_cpu(secs: u64) -> Vec<f64> {
     out
 }
 
-fn gen_args(me: &Path) -> String {
-    me.to_str().unwrap_or_default().to_string()
-}
-
 fn spawn_gen(ns: &Netns, me: &Path, args: &[&str], log: &Path) -> anyhow::Result<Proc> {
-    let mut full = vec!["gen"];
-    full.extend_from_slice(args);
-    ns.spawn(me, &full, log).map_err(anyhow::Error::msg)
+    bench::spawn_generator(ns, me, args, log).map_err(anyhow::Error::msg)
 }
 
 fn cpu(o: &Options, me: &Path, work: &Path, p: &Progress) -> anyhow::Result<Vec<CpuRun>> {
@@ -427,10 +421,11 @@ fn cpu(o: &Options, me: &Path, work: &Path, p: &Progress) -> anyhow::Result<Vec<
     )?;
     // Both ends up (the tunnel's handshake done) before anything is timed.
     for to in [VETH_B, TUNNEL_B] {
-        let _ = netns::run(&mut pair.a.cmd(
-            &gen_args(me),
-            &["gen", "ping", to, "--count", "3", "--interval-ms", "100"],
-        ));
+        let _ = bench::generate(
+            &pair.a,
+            me,
+            &["ping", to, "--count", "3", "--interval-ms", "100"],
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let mut runs = Vec::new();
@@ -557,13 +552,11 @@ fn epoch_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
+/// The (time in ns, received bytes) samples of the `rx-rate` generator.
 fn samples_of(log: &str) -> anyhow::Result<Vec<(u128, u64)>> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('['))
-        .context("no samples from the rx-rate generator")?;
-    Ok(serde_json::from_str(line)?)
+    Ok(serde_json::from_value(
+        bench::last_json(log).map_err(anyhow::Error::msg)?,
+    )?)
 }
 
 fn tenant_figures(o: &Options, me: &Path, p: &Progress) -> anyhow::Result<(Flood, Latency)> {
@@ -599,13 +592,8 @@ fn tenant_figures(o: &Options, me: &Path, p: &Progress) -> anyhow::Result<(Flood
     }
     let server = t.vnfs[s].overlay.to_string();
     let up = (0..10).any(|_| {
-        netns::run(
-            &mut t.vnfs[c]
-                .ns
-                .cmd(&gen_args(me), &["gen", "ping", &server, "--count", "1"]),
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("\"received\":1"))
-        .unwrap_or(false)
+        bench::generate(&t.vnfs[c].ns, me, &["ping", &server, "--count", "1"])
+            .is_ok_and(|r| r["received"] == 1)
     });
     anyhow::ensure!(
         up,
@@ -634,7 +622,7 @@ fn tenant_figures(o: &Options, me: &Path, p: &Progress) -> anyhow::Result<(Flood
             &[
                 "-n",
                 "19",
-                &gen_args(me),
+                me.to_str().unwrap_or_default(),
                 "gen",
                 "syn-flood",
                 &server,

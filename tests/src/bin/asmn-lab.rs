@@ -268,28 +268,17 @@ sec_catalog:
 /// Runs `asmn-lab gen ARGS` inside `ns` and parses its JSON line.
 fn run_gen(ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let me = std::env::current_exe()?;
-    let mut full = vec!["gen"];
-    full.extend_from_slice(args);
-    let out = netns::run(&mut ns.cmd(me.to_str().unwrap_or_default(), &full))
-        .map_err(anyhow::Error::msg)?;
-    Ok(serde_json::from_slice(&out.stdout)?)
+    asmn_tests::bench::generate(ns, &me, args).map_err(anyhow::Error::msg)
 }
 
 /// Starts `asmn-lab gen ARGS` in the background inside `ns`.
 fn spawn_gen(ns: &Netns, args: &[&str], log: &Path) -> anyhow::Result<netns::Proc> {
     let me = std::env::current_exe()?;
-    let mut full = vec!["gen"];
-    full.extend_from_slice(args);
-    ns.spawn(&me, &full, log).map_err(anyhow::Error::msg)
+    asmn_tests::bench::spawn_generator(ns, &me, args, log).map_err(anyhow::Error::msg)
 }
 
 fn last_json(log: &str) -> anyhow::Result<serde_json::Value> {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{') || l.starts_with('['))
-        .context("no result line")?;
-    Ok(serde_json::from_str(line)?)
+    asmn_tests::bench::last_json(log).map_err(anyhow::Error::msg)
 }
 
 fn demo(json: bool) -> anyhow::Result<bool> {
