@@ -9,6 +9,7 @@
 //! state_dir = "/var/lib/asmn-agent"  # where the chain position survives restarts
 //! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
 //! reattest_interval_secs = 30        # default: what Sec-EM says
+//! polling = "adaptive"               # or "busy": the data plane never sleeps (a whole core)
 //! ```
 //!
 //! The role (`vnf` or `gateway`) and everything about the tenant come from the bundle.
@@ -17,6 +18,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::io::Polling;
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +38,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Re-attestation interval (None: Sec-EM's).
     pub reattest_interval_secs: Option<u32>,
+    /// How the data plane waits for packets.
+    pub polling: Polling,
 }
 
 /// A configuration that could not be loaded.
@@ -61,6 +66,8 @@ struct Raw {
     metrics_addr: Option<String>,
     #[serde(default)]
     reattest_interval_secs: Option<u32>,
+    #[serde(default)]
+    polling: Polling,
 }
 
 /// Longest TUN name Linux accepts (IFNAMSIZ - 1).
@@ -135,6 +142,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/var/lib/asmn-agent"))),
             metrics_addr,
             reattest_interval_secs: raw.reattest_interval_secs,
+            polling: raw.polling,
         })
     }
 }
@@ -154,6 +162,12 @@ mod tests {
         assert_eq!(c.bundle, PathBuf::from("/etc/asmn/b"));
         assert_eq!(c.tun, "asmn0");
         assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.polling, Polling::Adaptive);
+        let busy = parse(
+            "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\npolling = \"busy\"\n",
+        )
+        .expect("valid");
+        assert_eq!(busy.polling, Polling::Busy);
     }
 
     #[test]
@@ -176,6 +190,10 @@ mod tests {
                 "reattest_interval_secs",
             ),
             ("bundle = \"b\"\nunderlay = \"10.0.0.2:1\"\n", "target"),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\npolling = \"always\"\n",
+                "polling",
+            ),
             (
                 "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ncolour = 1\n",
                 "colour",

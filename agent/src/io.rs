@@ -11,7 +11,9 @@
 //!   microseconds on a virtual machine. After traffic the loop keeps polling for
 //!   [`SPIN`] (yielding the CPU between polls) before it sleeps, so a reply that comes
 //!   within that window is picked up without a wake-up, within a budget of 5% of a core.
-//!   Idle, it sleeps.
+//!   Idle, it sleeps. With [`Polling::Busy`] (an operator's choice for a VNF that owns a
+//!   core, as DPDK data planes do) it never sleeps: no wake-up on any packet, at the
+//!   price of a whole core.
 //!
 //! The state the packets need sits in the [`Plane`], behind its lock, taken once per
 //! batch.
@@ -48,6 +50,18 @@ const SPIN_EPOCH: Duration = Duration::from_millis(100);
 const SLEEP: Duration = Duration::from_millis(100);
 /// Tries of a send that finds the socket's buffer full, before its batch is dropped.
 const SEND_TRIES: usize = 200;
+
+/// How the I/O thread waits for packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Polling {
+    /// Sleep in `epoll_wait` when idle; poll for [`SPIN`] after sending into a tunnel
+    /// (at most 5% of a core).
+    #[default]
+    Adaptive,
+    /// Never sleep: poll the TUN device and the socket without pause (a whole core).
+    Busy,
+}
 
 /// Encrypted datagrams waiting to be sent, grouped for UDP GSO: consecutive datagrams to
 /// the same endpoint with the same size (the last of a group may be shorter).
@@ -194,14 +208,14 @@ fn fatal(e: &io::Error) -> bool {
 
 impl Plane {
     /// Runs the data plane's I/O on this thread until the TUN device or the socket fails.
-    pub fn run_io(self: Arc<Self>) -> io::Error {
-        match self.io_loop() {
+    pub fn run_io(self: Arc<Self>, polling: Polling) -> io::Error {
+        match self.io_loop(polling) {
             Ok(never) => match never {},
             Err(e) => e,
         }
     }
 
-    fn io_loop(&self) -> io::Result<std::convert::Infallible> {
+    fn io_loop(&self, polling: Polling) -> io::Result<std::convert::Infallible> {
         let (tun, udp, state) = self.io_parts();
         tun.set_nonblocking(true)?;
         let mut poll = mio::Poll::new()?;
@@ -232,6 +246,7 @@ impl Plane {
             tun_offload = tun.tcp_gso(),
             udp_gso_segments = state.max_gso_segments(),
             udp_gro_segments = state.gro_segments(),
+            ?polling,
             "data plane I/O running"
         );
         // Until when to keep polling: set when packets went out into a tunnel (a reply
@@ -249,6 +264,10 @@ impl Plane {
                 spin_until = Instant::now() + SPIN;
             }
             if sent || delivered {
+                continue;
+            }
+            if polling == Polling::Busy {
+                std::hint::spin_loop();
                 continue;
             }
             let now = Instant::now();

@@ -10,6 +10,7 @@ use anyhow::Context;
 use asmn_agent::config::Config;
 use asmn_agent::control::{self, AgentError, Chain, Control};
 use asmn_agent::dataplane::Plane;
+use asmn_agent::io::Polling;
 use asmn_shared::wire::msg::{self, Body};
 use clap::{Parser, Subcommand};
 use rand::RngCore;
@@ -70,6 +71,10 @@ enum Command {
         /// File with the pair's preshared key (base64).
         #[arg(long)]
         psk_file: PathBuf,
+        /// Poll without pause instead of sleeping when idle: the lowest latency, at the
+        /// price of a whole core (the config file's `polling = "busy"`).
+        #[arg(long)]
+        busy_poll: bool,
     },
     /// Check a configuration file and the bundle it names, then exit.
     CheckConfig {
@@ -137,6 +142,7 @@ fn main() -> ExitCode {
             peer_endpoint,
             peer_address,
             psk_file,
+            busy_poll,
         } => {
             logging("text");
             let Some(runtime) = runtime() else {
@@ -151,6 +157,7 @@ fn main() -> ExitCode {
                 peer_endpoint,
                 peer_address,
                 psk_file,
+                busy_poll,
             };
             match runtime.block_on(run_static(args)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -200,6 +207,7 @@ struct StaticArgs {
     peer_endpoint: std::net::SocketAddr,
     peer_address: std::net::Ipv4Addr,
     psk_file: PathBuf,
+    busy_poll: bool,
 }
 
 fn key32(what: &str, b64: &str) -> anyhow::Result<[u8; 32]> {
@@ -255,7 +263,12 @@ async fn run_static(a: StaticArgs) -> anyhow::Result<()> {
     );
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     tokio::spawn(Arc::clone(&plane).run_timers());
-    let io_failed = spawn_io(&plane)?;
+    let polling = if a.busy_poll {
+        Polling::Busy
+    } else {
+        Polling::Adaptive
+    };
+    let io_failed = spawn_io(&plane, polling)?;
     tracing::info!("static data plane up");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -301,13 +314,16 @@ fn open_tun(
 }
 
 /// Starts the data plane's I/O thread; the receiver gets its error if it stops.
-fn spawn_io(plane: &Arc<Plane>) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Error>> {
+fn spawn_io(
+    plane: &Arc<Plane>,
+    polling: Polling,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<std::io::Error>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let plane = Arc::clone(plane);
     std::thread::Builder::new()
         .name("asmn-dataplane".into())
         .spawn(move || {
-            let _ = tx.send(plane.run_io());
+            let _ = tx.send(plane.run_io(polling));
         })
         .context("starting the data plane thread")?;
     Ok(rx)
@@ -392,7 +408,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let _ = control::ask(&conn, Body::CatalogAck(msg::CatalogAck { vnf, version })).await;
 
     tokio::spawn(Arc::clone(&plane).run_timers());
-    let io_failed = spawn_io(&plane).map_err(Failure::Runtime)?;
+    let io_failed = spawn_io(&plane, cfg.polling).map_err(Failure::Runtime)?;
     tokio::spawn(Arc::clone(&control).serve_asks(asks_rx));
     if let Some(addr) = cfg.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -69,8 +69,23 @@ pub fn last_json(log: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(line).map_err(|e| e.to_string())
 }
 
-fn mean_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, String> {
-    // Warm-up (handshakes, ARP), then 20 echoes.
+/// Echoes per RTT measurement (after 3 warm-up echoes), 50 ms apart.
+const ECHOES: usize = 50;
+
+/// The median of `v` (sorted in place); None when empty.
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| {
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    })
+}
+
+fn median_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, String> {
     let _ = generate(
         ns,
         me,
@@ -83,7 +98,7 @@ fn mean_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, String>
             "ping",
             to,
             "--count",
-            "20",
+            &ECHOES.to_string(),
             "--size",
             &size.to_string(),
             "--interval-ms",
@@ -94,10 +109,18 @@ fn mean_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, String>
         .as_array()
         .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
         .unwrap_or_default();
-    if v.len() < 15 {
-        return Err(format!("only {} of 20 echoes answered to {to}", v.len()));
+    median_of_echoes(v, to)
+}
+
+/// The median of the RTTs of [`ECHOES`] echoes to `to`, if at least three in four came back.
+fn median_of_echoes(mut v: Vec<f64>, to: &str) -> Result<f64, String> {
+    if v.len() < ECHOES * 3 / 4 {
+        return Err(format!(
+            "only {} of {ECHOES} echoes answered to {to}",
+            v.len()
+        ));
     }
-    Ok(v.iter().sum::<f64>() / v.len() as f64)
+    median(&mut v).ok_or_else(|| format!("no echo answered to {to}"))
 }
 
 /// What every measurement of a run shares.
@@ -118,27 +141,35 @@ pub fn have_tools() -> bool {
     tool("ping").is_some() && tool("iperf3").is_some()
 }
 
-/// Mean RTT in microseconds from iputils ping: `rtt min/avg/max/mdev = a/b/c/d ms`.
+/// Median RTT in microseconds from iputils ping's per-reply lines (`... time=0.215 ms`):
+/// the median, because on a virtual machine a few echoes now and then wait milliseconds
+/// for a CPU, and the mean follows them.
 fn ping_rtt(ns: &Netns, to: &str, size: usize) -> Result<f64, String> {
-    // Warm-up (handshakes, ARP), then 20 echoes 50 ms apart (root may go below 200 ms).
+    // Warm-up (handshakes, ARP), then the echoes 50 ms apart (root may go below 200 ms).
     let size = size.to_string();
     let _ = ns.run("ping", &["-c", "3", "-i", "0.2", "-s", &size, "-q", to]);
     let out = ns.run(
         "ping",
-        &["-c", "20", "-i", "0.05", "-s", &size, "-q", "-W", "2", to],
+        &[
+            "-c",
+            &ECHOES.to_string(),
+            "-i",
+            "0.05",
+            "-s",
+            &size,
+            "-W",
+            "2",
+            to,
+        ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
+    let v: Vec<f64> = text
         .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .ok_or_else(|| format!("ping {to}: no summary in {text:?}"))?;
-    let avg = line
-        .split('=')
-        .nth(1)
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| format!("ping {to}: cannot read {line:?}"))?;
-    Ok(avg * 1000.0)
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches("ms").trim().parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    median_of_echoes(v, to).map_err(|e| format!("ping: {e}"))
 }
 
 /// Runs an iperf3 client in `a` against a one-off server in `b`; its JSON report.
@@ -236,8 +267,8 @@ fn measure_lab(
     let Run {
         me, seconds, work, ..
     } = run;
-    let rtt64 = mean_rtt(a, me, to, 56)?;
-    let rtt4096 = mean_rtt(a, me, to, 4088)?;
+    let rtt64 = median_rtt(a, me, to, 56)?;
+    let rtt4096 = median_rtt(a, me, to, 4088)?;
     let secs = seconds.to_string();
     let sink_secs = (seconds + 3).to_string();
     let _sink = spawn_generator(
@@ -336,6 +367,11 @@ pub struct Paths {
     pub boringtun: bool,
     /// ASMN through the gateway, in a tenant with Sec-EM.
     pub gateway: bool,
+    /// An ASMN direct tunnel whose agents poll without pause (`--busy-poll`, a core each).
+    pub busy: bool,
+    /// Null tunnels (no cryptography, blocking and busy-polling): the floor of a
+    /// userspace tunnel on this machine.
+    pub floor: bool,
 }
 
 /// The benchmark server's descriptor: it accepts the benchmark's traffic (and iperf3's control connections).
@@ -434,8 +470,9 @@ impl DirectPair {
         })
     }
 
-    /// Starts the agents; their PIDs once both data planes are up.
-    pub fn start_agents(&mut self) -> anyhow::Result<[u32; 2]> {
+    /// Starts the agents (polling without pause with `busy_poll`); their PIDs once both
+    /// data planes are up.
+    pub fn start_agents(&mut self, busy_poll: bool) -> anyhow::Result<[u32; 2]> {
         let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
         let psk = self.keys.2.to_str().unwrap_or_default().to_string();
         let ends = [
@@ -461,30 +498,30 @@ impl DirectPair {
         for (i, (ns, me, listen, key, peer, ep, peer_ip)) in ends.into_iter().enumerate() {
             let listen = format!("{listen}:51820");
             let ep = format!("{ep}:51820");
+            let mut args = vec![
+                "static",
+                "--tun",
+                "asmn0",
+                "--address",
+                me,
+                "--listen",
+                &listen,
+                "--private-key-file",
+                key.to_str().unwrap_or_default(),
+                "--peer-public-key",
+                peer,
+                "--peer-endpoint",
+                &ep,
+                "--peer-address",
+                peer_ip,
+                "--psk-file",
+                &psk,
+            ];
+            if busy_poll {
+                args.push("--busy-poll");
+            }
             let mut p = ns
-                .spawn(
-                    &agent,
-                    &[
-                        "static",
-                        "--tun",
-                        "asmn0",
-                        "--address",
-                        me,
-                        "--listen",
-                        &listen,
-                        "--private-key-file",
-                        key.to_str().unwrap_or_default(),
-                        "--peer-public-key",
-                        peer,
-                        "--peer-endpoint",
-                        &ep,
-                        "--peer-address",
-                        peer_ip,
-                        "--psk-file",
-                        &psk,
-                    ],
-                    &self.work.join(format!("agent-{i}.log")),
-                )
+                .spawn(&agent, &args, &self.work.join(format!("agent-{i}.log")))
                 .map_err(anyhow::Error::msg)?;
             if !p.wait_log("static data plane up", Duration::from_secs(10)) {
                 anyhow::bail!("asmn-agent static did not start: {}", p.log());
@@ -500,6 +537,60 @@ impl DirectPair {
     }
 }
 
+/// The overlay address of the second end of the null tunnels.
+pub const NULL_B: &str = "10.84.0.2";
+
+/// Starts a null tunnel at both ends of `pair` (see [`crate::generators::null_tunnel`]): the
+/// generators' PIDs, and the processes (stopped when dropped).
+pub fn null_tunnels(
+    run: Run<'_>,
+    pair: &DirectPair,
+    busy: bool,
+) -> anyhow::Result<(Vec<u32>, Vec<Proc>)> {
+    let mut procs = Vec::new();
+    for (ns, me, listen, peer) in [
+        (
+            &pair.a,
+            "10.84.0.1/24",
+            "10.96.0.1:51830",
+            "10.96.0.2:51830",
+        ),
+        (
+            &pair.b,
+            "10.84.0.2/24",
+            "10.96.0.2:51830",
+            "10.96.0.1:51830",
+        ),
+    ] {
+        let tun = netns::unique("nul");
+        let mut args = vec![
+            "null-tunnel",
+            "--tun",
+            &tun,
+            "--address",
+            me,
+            "--listen",
+            listen,
+            "--peer",
+            peer,
+            "--seconds",
+            "900",
+        ];
+        if busy {
+            args.push("--busy-poll");
+        }
+        let log = run.work.join(format!("{tun}.log"));
+        let mut p = spawn_generator(ns, run.me, &args, &log).map_err(anyhow::Error::msg)?;
+        if !p.wait_log("null tunnel up", Duration::from_secs(10)) {
+            anyhow::bail!("the null tunnel did not start: {}", p.log());
+        }
+        ns.run("ip", &["link", "set", &tun, "up"])
+            .map_err(anyhow::Error::msg)?;
+        procs.push(p);
+    }
+    Ok((procs.iter().map(Proc::pid).collect(), procs))
+}
+
 /// Measures the plain veth path and the paths `want` asks for, in one run.
 pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
     let work = run.work;
@@ -509,14 +600,32 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
     results.push(
         measure(run, "plain veth", (&pair.a, &pair.b), VETH_B, &[]).map_err(anyhow::Error::msg)?,
     );
-    if want.direct {
-        eprintln!("ASMN direct ...");
-        let pids = pair.start_agents()?;
-        results.push(
-            measure(run, "ASMN direct", (&pair.a, &pair.b), TUNNEL_B, &pids)
-                .map_err(anyhow::Error::msg)?,
-        );
-        pair.stop_agents();
+    for (wanted, busy, name) in [
+        (want.direct, false, "ASMN direct"),
+        (want.busy, true, "ASMN direct, busy-poll"),
+    ] {
+        if wanted {
+            eprintln!("{name} ...");
+            let pids = pair.start_agents(busy)?;
+            results.push(
+                measure(run, name, (&pair.a, &pair.b), TUNNEL_B, &pids)
+                    .map_err(anyhow::Error::msg)?,
+            );
+            pair.stop_agents();
+        }
+    }
+    if want.floor {
+        for (busy, name) in [
+            (false, "null tunnel (no crypto), blocking"),
+            (true, "null tunnel (no crypto), busy-poll"),
+        ] {
+            eprintln!("{name} ...");
+            let pids = null_tunnels(run, &pair, busy)?;
+            results.push(
+                measure(run, name, (&pair.a, &pair.b), NULL_B, &pids.0)
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
     }
     let DirectPair {
         a,
@@ -682,14 +791,15 @@ pub fn markdown(results: &[PathResult]) -> String {
     let Some(plain) = results.first() else {
         return out;
     };
-    let bt = results
-        .iter()
-        .filter(|r| r.path.starts_with("boringtun"))
-        .max_by(|a, b| a.tcp_mbps.total_cmp(&b.tcp_mbps));
+    let bts = || results.iter().filter(|r| r.path.starts_with("boringtun"));
+    // Each figure beside boringtun-cli's best setting for it: the most TCP throughput,
+    // the least RTT overhead.
+    let bt_tcp = bts().max_by(|a, b| a.tcp_mbps.total_cmp(&b.tcp_mbps));
+    let bt_rtt = bts().min_by(|a, b| a.rtt64_us.total_cmp(&b.rtt64_us));
     let _ = writeln!(out, "Measured with {}.\n", plain.tool);
     let _ = writeln!(
         out,
-        "| path | RTT 64 B (us) | RTT 4 KiB (us) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | CPU s/GB |"
+        "| path | RTT 64 B (us, median) | RTT 4 KiB (us, median) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | CPU s/GB |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for r in results {
@@ -715,18 +825,33 @@ pub fn markdown(results: &[PathResult]) -> String {
             r.rtt64_us - plain.rtt64_us,
             r.tcp_mbps / plain.tcp_mbps.max(1e-9)
         );
-        if let Some(b) = bt
+        if let (Some(t), Some(l)) = (bt_tcp, bt_rtt)
             && !r.path.starts_with("boringtun")
         {
             let _ = write!(
                 out,
-                "; TCP {:.2}x {}; RTT overhead {:.2}x its overhead",
-                r.tcp_mbps / b.tcp_mbps.max(1e-9),
-                b.path,
-                (r.rtt64_us - plain.rtt64_us) / (b.rtt64_us - plain.rtt64_us).max(1e-9)
+                "; TCP {:.2}x {}; RTT overhead {:.2}x that of {}",
+                r.tcp_mbps / t.tcp_mbps.max(1e-9),
+                t.path,
+                (r.rtt64_us - plain.rtt64_us) / (l.rtt64_us - plain.rtt64_us).max(1e-9),
+                l.path
             );
         }
         let _ = writeln!(out);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_is_the_middle_or_the_mean_of_the_two_middles() {
+        assert_eq!(median(&mut []), None);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        // An outlier moves the mean, not the median.
+        assert_eq!(median(&mut [100.0, 110.0, 7000.0]), Some(110.0));
+    }
 }

@@ -250,6 +250,9 @@ pub fn run(o: &Options, me: &Path) -> anyhow::Result<Report> {
         direct: true,
         boringtun: true,
         gateway: true,
+        // The busy-polling agent and the null tunnels (the floor) in the full run only.
+        busy: !o.quick,
+        floor: !o.quick,
     };
     let paths = bench::paths(run, all)?;
     let paths_lab = if tools {
@@ -261,6 +264,8 @@ pub fn run(o: &Options, me: &Path) -> anyhow::Result<Report> {
             },
             Paths {
                 boringtun: false,
+                busy: false,
+                floor: false,
                 ..all
             },
         )?
@@ -405,7 +410,7 @@ fn spawn_gen(ns: &Netns, me: &Path, args: &[&str], log: &Path) -> anyhow::Result
 fn cpu(o: &Options, me: &Path, work: &Path, p: &Progress) -> anyhow::Result<Vec<CpuRun>> {
     let secs = if o.quick { 3 } else { 25 };
     let mut pair = DirectPair::new(work)?;
-    pair.start_agents()?;
+    pair.start_agents(false)?;
     let sink_secs = (secs * 13 + 30).to_string();
     let _tcp_sink = spawn_gen(
         &pair.b,
@@ -888,7 +893,7 @@ pub fn write(o: &Options, r: &Report) -> anyhow::Result<()> {
     charts::bar_chart(
         &out.join("fig5_rtt"),
         &BarChart {
-            title: "Fig. 5: ICMP RTT (mean of 20 echoes)".into(),
+            title: "Fig. 5: ICMP RTT (median of 50 echoes)".into(),
             y_label: "RTT (us)".into(),
             categories: r.paths.iter().map(|p| short(&p.path)).collect(),
             series: vec![

@@ -332,3 +332,106 @@ pub fn rx_samples(
     }
     Ok(out)
 }
+
+/// What a [`null_tunnel`] moved.
+#[derive(Debug, serde::Serialize)]
+pub struct NullTunnelResult {
+    /// Packets read from the TUN device and sent to the peer.
+    pub to_peer: u64,
+    /// Datagrams from the peer written to the TUN device.
+    pub from_peer: u64,
+}
+
+/// Where a [`null_tunnel`] runs.
+#[derive(Debug, Clone)]
+pub struct NullTunnel {
+    /// TUN device name.
+    pub tun: String,
+    /// The device's address and prefix.
+    pub address: (Ipv4Addr, u8),
+    /// The UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The other end's UDP address.
+    pub peer: SocketAddr,
+    /// Poll without pause (one thread) instead of blocking (one thread per direction).
+    pub busy: bool,
+}
+
+/// A tunnel without cryptography: every packet read from a TUN device goes to the peer
+/// in one UDP datagram as it is, and every datagram from the peer is written to the TUN
+/// device. It does what any userspace tunnel must do and nothing else (one system call
+/// per packet each way, no batching, no offloads), so its latency is the floor that the
+/// benchmark sets userspace WireGuard implementations beside. Runs for `seconds`.
+pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelResult> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(&t.tun)
+        .ipv4(t.address.0, t.address.1, None)
+        .mtu(1420)
+        .build_sync()?;
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // The agent's buffer size (the namespace's default loses packets under load).
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&t.listen.into())?;
+    let udp: UdpSocket = sock.into();
+    eprintln!("null tunnel up on {}", t.tun);
+    let (out, inn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let peer = t.peer;
+    if t.busy {
+        dev.set_nonblocking(true)?;
+        udp.set_nonblocking(true)?;
+        let mut buf = vec![0u8; 65_536];
+        let mut rounds = 0u32;
+        loop {
+            while let Ok(n) = dev.recv(&mut buf) {
+                let _ = udp.send_to(&buf[..n], peer);
+                out.fetch_add(1, Ordering::Relaxed);
+            }
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                if from == peer {
+                    let _ = dev.send(&buf[..n]);
+                    inn.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            rounds = rounds.wrapping_add(1);
+            if rounds.is_multiple_of(1024) && Instant::now() >= end {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    } else {
+        // Blocking reads: the threads end with the process, after `seconds`.
+        let dev = Arc::new(dev);
+        let udp = Arc::new(udp);
+        {
+            let (dev, udp, out) = (Arc::clone(&dev), Arc::clone(&udp), Arc::clone(&out));
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while let Ok(n) = dev.recv(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], peer);
+                    out.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        {
+            let inn = Arc::clone(&inn);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    if from == peer {
+                        let _ = dev.send(&buf[..n]);
+                        inn.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    }
+    Ok(NullTunnelResult {
+        to_peer: out.load(Ordering::Relaxed),
+        from_peer: inn.load(Ordering::Relaxed),
+    })
+}

@@ -150,3 +150,51 @@ fn the_quick_evaluation_writes_the_full_report() {
         );
     }
 }
+
+/// The benchmark's extra paths work: agents that poll without pause (`--busy-poll`)
+/// and the null tunnels (the floor) carry echoes both ways, and every busy agent keeps
+/// its data plane up.
+#[test]
+fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
+    use asmn_tests::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
+    if !netns::can_run("the busy-poll and null-tunnel paths") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    if bench::tool("wg").is_none() {
+        assert!(std::env::var("CI").is_err(), "wg is required under CI");
+        eprintln!("skipped: wg (wireguard-tools) is not installed");
+        return;
+    }
+    // Five echoes from `ns` to `to`, all answered.
+    let five_answered = |ns: &netns::Netns, to: &str, what: &str| {
+        let out = ns
+            .run("ping", &["-c", "5", "-i", "0.05", "-W", "2", to])
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("5 received"), "{what}: {text}");
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut pair = DirectPair::new(dir.path()).expect("namespaces, veth and keys");
+    let pids = pair.start_agents(true).expect("both busy agents up");
+    five_answered(&pair.a, TUNNEL_B, "busy agents, a to b");
+    five_answered(&pair.b, TUNNEL_A, "busy agents, b to a");
+    for pid in pids {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "busy agent {pid} exited"
+        );
+    }
+    pair.stop_agents();
+    let me = std::path::Path::new(env!("CARGO_BIN_EXE_asmn-lab"));
+    let run = Run {
+        me,
+        seconds: 1,
+        work: dir.path(),
+        tools: true,
+    };
+    for busy in [false, true] {
+        let (_pids, _procs) = bench::null_tunnels(run, &pair, busy).expect("null tunnels up");
+        five_answered(&pair.a, NULL_B, &format!("null tunnel, busy {busy}"));
+    }
+}

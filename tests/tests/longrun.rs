@@ -28,7 +28,7 @@ fn a_tunnel_passes_traffic_both_ways_across_rekeys() {
     }
     let dir = tempfile::tempdir().expect("tmp");
     let mut pair = DirectPair::new(dir.path()).expect("namespaces, veth and keys");
-    pair.start_agents().expect("both agents up");
+    pair.start_agents(false).expect("both agents up");
     let (a, b) = (&pair.a, &pair.b);
     let began = Instant::now();
     let (mut ab, mut ba, mut rounds) = (0u32, 0u32, 0u32);

@@ -78,6 +78,10 @@ enum BenchPath {
     Boringtun,
     /// ASMN through the gateway, in a tenant with Sec-EM.
     Gateway,
+    /// An ASMN direct tunnel whose agents poll without pause (a core each).
+    Busy,
+    /// Null tunnels without cryptography, blocking and busy-polling: the floor.
+    Floor,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,6 +143,24 @@ enum Gen {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// A tunnel without cryptography between two TUN devices (the benchmark's floor for
+    /// userspace tunnels): packets go to the peer as they are, in UDP.
+    NullTunnel {
+        #[arg(long)]
+        tun: String,
+        /// The device's address, ip/prefix.
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Poll without pause instead of blocking.
+        #[arg(long)]
+        busy_poll: bool,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Sample a device's receive counter.
     RxRate {
         #[arg(long, default_value = "asmn0")]
@@ -187,6 +209,27 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             payload,
             seconds,
         } => serde_json::to_string(&generators::syn_flood(to, port, payload, seconds)?)?,
+        Gen::NullTunnel {
+            tun,
+            address,
+            listen,
+            peer,
+            busy_poll,
+            seconds,
+        } => {
+            let address = address
+                .split_once('/')
+                .and_then(|(ip, p)| Some((ip.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?)))
+                .ok_or_else(|| anyhow::anyhow!("--address {address:?} is not ipv4/prefix"))?;
+            let t = generators::NullTunnel {
+                tun,
+                address,
+                listen,
+                peer,
+                busy: busy_poll,
+            };
+            serde_json::to_string(&generators::null_tunnel(&t, seconds)?)?
+        }
         Gen::RxRate {
             dev,
             interval_ms,
@@ -608,6 +651,8 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
             direct: want(BenchPath::Direct),
             boringtun: want(BenchPath::Boringtun),
             gateway: want(BenchPath::Gateway),
+            busy: want(BenchPath::Busy),
+            floor: want(BenchPath::Floor),
         },
     )?;
 
