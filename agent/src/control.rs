@@ -94,14 +94,46 @@ fn state_file(dir: &Path, id: &InstanceKey) -> PathBuf {
     dir.join(format!("{}.chain", id.to_hex()))
 }
 
-fn load_position(dir: &Path, id: &InstanceKey) -> Option<Position> {
-    let text = std::fs::read_to_string(state_file(dir, id)).ok()?;
-    let mut it = text.split_whitespace().map(|w| w.parse::<u32>().ok());
-    Some(Position {
-        epoch: it.next()??,
-        length: it.next()??,
-        next: it.next()??,
-    })
+/// The saved position of `id`'s chain in `dir`; None when there is none (a first start).
+/// A file that cannot be read or makes no sense is an error, never a fresh start: the
+/// agent cannot know which elements it already revealed.
+fn load_position(dir: &Path, id: &InstanceKey) -> Result<Option<Position>, AgentError> {
+    let path = state_file(dir, id);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(other(format!(
+                "reading the chain position {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let damaged = || {
+        other(format!(
+            "the chain position {} is damaged ({:?}; want \"epoch length next\"): the \
+             agent cannot tell which reveals it already sent. Revoke this instance and \
+             create a new one (`asmnctl revoke`, `asmnctl instance create`)",
+            path.display(),
+            text.chars().take(64).collect::<String>()
+        ))
+    };
+    let v: Vec<u32> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| damaged())?;
+    let [epoch, length, next] = v[..] else {
+        return Err(damaged());
+    };
+    if next >= length || ChainSpec::new(*id, epoch, length).is_err() {
+        return Err(damaged());
+    }
+    Ok(Some(Position {
+        epoch,
+        length,
+        next,
+    }))
 }
 
 fn save_position(dir: &Path, id: &InstanceKey, p: Position) -> Result<(), AgentError> {
@@ -135,27 +167,38 @@ impl std::fmt::Debug for Chain {
 
 impl Chain {
     /// The chain of `bundle` for the image measured as `measurement`, resumed where the
-    /// state in `state_dir` says.
-    pub fn new(bundle: BootstrapBundle, measurement: Vec<u8>, state_dir: PathBuf) -> Self {
+    /// state in `state_dir` says (from its start when there is no state yet).
+    pub fn new(
+        bundle: BootstrapBundle,
+        measurement: Vec<u8>,
+        state_dir: PathBuf,
+    ) -> Result<Self, AgentError> {
         let id = bundle.instance_key();
-        let pos = load_position(&state_dir, &id).unwrap_or(Position {
-            epoch: 0,
-            length: bundle.chain_length,
-            next: bundle.chain_length.saturating_sub(1),
-        });
+        let pos = match load_position(&state_dir, &id)? {
+            Some(p) => p,
+            None => Position {
+                epoch: 0,
+                length: bundle.chain_length,
+                next: bundle.chain_length.saturating_sub(1),
+            },
+        };
+        let spec = ChainSpec::new(id, pos.epoch, pos.length).map_err(|e| {
+            other(format!(
+                "the bundle's chain (epoch {}, length {}): {e}",
+                pos.epoch, pos.length
+            ))
+        })?;
         let seed = chain::seed(&bundle.nonce, &id, &measurement, pos.epoch);
-        let spec = ChainSpec::new(id, pos.epoch, pos.length)
-            .unwrap_or_else(|_| ChainSpec::new(id, 0, 2).unwrap_or_else(|_| unreachable!()));
         let dh = DhKeyPair::derive(bundle.dh_group, &seed, &id, pos.epoch);
         let prover = ChainProver::resume(spec, seed, pos.next);
-        Chain {
+        Ok(Chain {
             bundle,
             id,
             measurement,
             prover,
             dh,
             state_dir,
-        }
+        })
     }
 
     /// The instance identity.
@@ -673,6 +716,40 @@ impl Control {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_position_is_a_first_start_and_a_damaged_one_is_an_error() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let id = InstanceKey::from_bytes([7; 32]);
+        assert_eq!(load_position(dir.path(), &id).expect("no file"), None);
+        let p = Position {
+            epoch: 3,
+            length: 1000,
+            next: 41,
+        };
+        save_position(dir.path(), &id, p).expect("saved");
+        assert_eq!(load_position(dir.path(), &id).expect("read"), Some(p));
+        for bad in [
+            "",
+            "3 1000",
+            "3 1000 41 9",
+            "x 1000 41",
+            "3 1000 1000",
+            "3 1 0",
+        ] {
+            std::fs::write(state_file(dir.path(), &id), bad).expect("write");
+            let e = load_position(dir.path(), &id).expect_err(bad).to_string();
+            assert!(
+                e.contains("damaged") && e.contains(".chain"),
+                "{bad:?}: {e}"
+            );
         }
     }
 }

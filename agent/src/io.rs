@@ -259,8 +259,10 @@ impl Plane {
         loop {
             let round = Instant::now();
             let sent = self.tun_round(tun, udp, state, &mut b)?;
-            let delivered = self.udp_round(tun, udp, state, &mut b)?;
-            if sent {
+            let (delivered, forwarded) = self.udp_round(tun, udp, state, &mut b)?;
+            // A gateway's forwarding is a send into a tunnel too (the reply comes back
+            // through it).
+            if sent || forwarded {
                 spin_until = Instant::now() + SPIN;
             }
             if sent || delivered {
@@ -327,14 +329,15 @@ impl Plane {
     }
 
     /// Reads what the socket has (a batch at most), decrypts it and writes it to the TUN
-    /// device (or forwards it, on a gateway). Whether there was anything.
+    /// device (or forwards it, on a gateway). Whether there was anything, and whether
+    /// anything went out into a tunnel (forwarded packets, handshake replies).
     fn udp_round(
         &self,
         tun: &SyncDevice,
         udp: &UdpSocket,
         state: &UdpSocketState,
         b: &mut Buffers,
-    ) -> io::Result<bool> {
+    ) -> io::Result<(bool, bool)> {
         let n = {
             let mut iovs: Vec<io::IoSliceMut<'_>> = b
                 .udp_in
@@ -343,11 +346,11 @@ impl Plane {
                 .collect();
             match state.recv(udp.into(), &mut iovs, &mut b.metas) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, false)),
                 Err(e) if fatal(&e) => return Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "underlay receive failed");
-                    return Ok(true);
+                    return Ok((true, false));
                 }
             }
         };
@@ -358,12 +361,14 @@ impl Plane {
                 datagrams.push((meta.addr, d));
             }
         }
+        let mut forwarded = false;
         for chunk in datagrams.chunks(IDEAL_BATCH_SIZE) {
             // Only the buffers this chunk can fill (one per datagram at most) regrow.
             for o in b.tun_out.iter_mut().take(chunk.len()) {
                 o.resize(VIRTIO_NET_HDR_LEN + PACKET, 0);
             }
             let k = self.inbound_batch(chunk, &mut b.tun_out, &mut b.sends, &mut b.scratch);
+            forwarded |= !b.sends.is_empty();
             let lost = b.sends.flush(udp, state);
             self.count_io_drop(lost);
             if k > 0
@@ -376,7 +381,7 @@ impl Plane {
                 tracing::debug!(error = %e, "write to TUN failed");
             }
         }
-        Ok(true)
+        Ok((true, forwarded))
     }
 }
 

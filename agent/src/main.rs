@@ -356,7 +356,8 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure::Runtime(e.into()))?
         .map_err(classify)?;
-    let mut chain = Chain::new(bundle.clone(), measurement, cfg.state_dir.clone());
+    let mut chain = Chain::new(bundle.clone(), measurement, cfg.state_dir.clone())
+        .map_err(|e| Failure::Config(anyhow::anyhow!(e)))?;
 
     // The static WireGuard key of this run.
     let mut key = [0u8; 32];
