@@ -9,7 +9,7 @@
 //! state_dir = "/var/lib/asmn-agent"  # where the chain position survives restarts
 //! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
 //! reattest_interval_secs = 30        # default: what Sec-EM says
-//! polling = "adaptive"               # or "busy": the data plane never sleeps (a whole core)
+//! polling = "adaptive"               # or "busy": no sleep while packets flow (a whole core)
 //! ```
 //!
 //! The role (`vnf` or `gateway`) and everything about the tenant come from the bundle.

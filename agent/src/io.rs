@@ -12,8 +12,9 @@
 //!   [`SPIN`] (yielding the CPU between polls) before it sleeps, so a reply that comes
 //!   within that window is picked up without a wake-up, within a budget of 5% of a core.
 //!   Idle, it sleeps. With [`Polling::Busy`] (an operator's choice for a VNF that owns a
-//!   core, as DPDK data planes do) it never sleeps: no wake-up on any packet, at the
-//!   price of a whole core.
+//!   core, as DPDK data planes do) it does not sleep while packets flow: no wake-up on
+//!   any packet, at the price of a whole core; after [`BUSY_IDLE`] without a packet it
+//!   sleeps until the next one.
 //!
 //! The state the packets need sits in the [`Plane`], behind its lock, taken once per
 //! batch.
@@ -46,6 +47,8 @@ pub const SPIN: Duration = Duration::from_micros(300);
 const SPIN_BUDGET: Duration = Duration::from_millis(5);
 /// See [`SPIN_BUDGET`].
 const SPIN_EPOCH: Duration = Duration::from_millis(100);
+/// How long [`Polling::Busy`] keeps polling after the last packet.
+pub const BUSY_IDLE: Duration = Duration::from_secs(1);
 /// Longest sleep between checks of the sockets (they also wake it).
 const SLEEP: Duration = Duration::from_millis(100);
 /// Tries of a send that finds the socket's buffer full, before its batch is dropped.
@@ -59,7 +62,8 @@ pub enum Polling {
     /// (at most 5% of a core).
     #[default]
     Adaptive,
-    /// Never sleep: poll the TUN device and the socket without pause (a whole core).
+    /// Poll the TUN device and the socket without pause while packets flow (a whole
+    /// core); sleep after [`BUSY_IDLE`] without one.
     Busy,
 }
 
@@ -256,6 +260,7 @@ impl Plane {
         // trickle of packets (each restarting the window) cannot keep a core busy.
         let mut spin_until = Instant::now();
         let (mut epoch, mut spun) = (Instant::now(), Duration::ZERO);
+        let mut last_packet = Instant::now();
         loop {
             let round = Instant::now();
             let sent = self.tun_round(tun, udp, state, &mut b)?;
@@ -266,9 +271,10 @@ impl Plane {
                 spin_until = Instant::now() + SPIN;
             }
             if sent || delivered {
+                last_packet = round;
                 continue;
             }
-            if polling == Polling::Busy {
+            if polling == Polling::Busy && round.duration_since(last_packet) < BUSY_IDLE {
                 std::hint::spin_loop();
                 continue;
             }

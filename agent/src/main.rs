@@ -71,7 +71,7 @@ enum Command {
         /// File with the pair's preshared key (base64).
         #[arg(long)]
         psk_file: PathBuf,
-        /// Poll without pause instead of sleeping when idle: the lowest latency, at the
+        /// Poll without pause while packets flow instead of sleeping: the lowest latency, at the
         /// price of a whole core (the config file's `polling = "busy"`).
         #[arg(long)]
         busy_poll: bool,
@@ -309,6 +309,15 @@ fn open_tun(
         .offload(true)
         .build_sync()
         .with_context(|| format!("creating TUN device {name} (root or CAP_NET_ADMIN needed)"))?;
+    // The overlay is IPv4: without this the kernel sends router solicitations and MLD
+    // reports into the device, which the data plane reads only to drop (and which would
+    // keep a busy-polling agent from going idle).
+    let sysctl = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if let Err(e) = std::fs::write(&sysctl, "1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!(error = %e, "could not disable IPv6 on {name}");
+    }
     let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
     Ok((tun, IpAddr::V4((u32::from(ip) & mask).into())))
 }

@@ -152,8 +152,8 @@ fn the_quick_evaluation_writes_the_full_report() {
 }
 
 /// The benchmark's extra paths work: agents that poll without pause (`--busy-poll`)
-/// and the null tunnels (the floor) carry echoes both ways, and every busy agent keeps
-/// its data plane up.
+/// carry echoes both ways, poll while packets flow and sleep when idle, and the null
+/// tunnels (the floor) carry echoes.
 #[test]
 fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
     use asmn_tests::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
@@ -185,6 +185,28 @@ fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
             "busy agent {pid} exited"
         );
     }
+    // They poll while packets flow (a core's worth of CPU time between them), and sleep
+    // once a second has passed without one. Loose bounds: a second of echoes costs far
+    // more than 0.3 s of CPU, two idle seconds far less than 0.2 s.
+    let cpu = || pids.iter().map(|p| bench::cpu_seconds(*p)).sum::<f64>();
+    let c0 = cpu();
+    five_answered(&pair.a, TUNNEL_B, "busy agents, a to b again");
+    pair.a
+        .run("ping", &["-c", "20", "-i", "0.05", "-q", TUNNEL_B])
+        .expect("a second of echoes");
+    let flowing = cpu() - c0;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let c2 = cpu();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let idle = cpu() - c2;
+    assert!(
+        flowing >= 0.3,
+        "busy agents used only {flowing:.2} s of CPU while echoes flowed"
+    );
+    assert!(
+        idle <= 0.2,
+        "busy agents used {idle:.2} s of CPU in 2 idle seconds"
+    );
     pair.stop_agents();
     let me = std::path::Path::new(env!("CARGO_BIN_EXE_asmn-lab"));
     let run = Run {
