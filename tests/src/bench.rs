@@ -540,13 +540,9 @@ impl DirectPair {
 /// The overlay address of the second end of the null tunnels.
 pub const NULL_B: &str = "10.84.0.2";
 
-/// Starts a null tunnel at both ends of `pair` (see [`crate::generators::null_tunnel`]): the
-/// generators' PIDs, and the processes (stopped when dropped).
-pub fn null_tunnels(
-    run: Run<'_>,
-    pair: &DirectPair,
-    busy: bool,
-) -> anyhow::Result<(Vec<u32>, Vec<Proc>)> {
+/// Starts a null tunnel at both ends of `pair` (see [`crate::generators::null_tunnel`]):
+/// the generators (stopped when dropped).
+pub fn null_tunnels(run: Run<'_>, pair: &DirectPair, busy: bool) -> anyhow::Result<Vec<Proc>> {
     let mut procs = Vec::new();
     for (ns, me, listen, peer) in [
         (
@@ -584,11 +580,9 @@ pub fn null_tunnels(
         if !p.wait_log("null tunnel up", Duration::from_secs(10)) {
             anyhow::bail!("the null tunnel did not start: {}", p.log());
         }
-        ns.run("ip", &["link", "set", &tun, "up"])
-            .map_err(anyhow::Error::msg)?;
         procs.push(p);
     }
-    Ok((procs.iter().map(Proc::pid).collect(), procs))
+    Ok(procs)
 }
 
 /// Measures the plain veth path and the paths `want` asks for, in one run.
@@ -620,9 +614,10 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
             (true, "null tunnel (no crypto), busy-poll"),
         ] {
             eprintln!("{name} ...");
-            let pids = null_tunnels(run, &pair, busy)?;
+            let tunnels = null_tunnels(run, &pair, busy)?;
+            let pids: Vec<u32> = tunnels.iter().map(Proc::pid).collect();
             results.push(
-                measure(run, name, (&pair.a, &pair.b), NULL_B, &pids.0)
+                measure(run, name, (&pair.a, &pair.b), NULL_B, &pids)
                     .map_err(anyhow::Error::msg)?,
             );
         }

@@ -182,16 +182,15 @@ impl Tenant {
         Ok(())
     }
 
-    /// Creates an instance of `vnf` (role `vnf` or `gateway`) measuring `image`, its
-    /// namespace and its agent configuration (not started). Its index.
-    pub fn add(
-        &mut self,
+    /// Creates instance `name` of `vnf` (role `vnf` or `gateway`) in tenant `lab` with
+    /// `asmnctl instance create`, its bundle written to `bundle`. Its ID.
+    pub fn create_instance(
+        &self,
         name: &str,
         vnf: &str,
         role: &str,
-        image: &Path,
-    ) -> Result<usize, String> {
-        let bundle = self.dir.path().join(format!("{name}.bundle"));
+        bundle: &Path,
+    ) -> Result<String, String> {
         let out = self.asmnctl(&[
             "--json",
             "instance",
@@ -209,10 +208,23 @@ impl Tenant {
         ])?;
         let v: serde_json::Value =
             serde_json::from_str(&out).map_err(|e| format!("instance create: {e}: {out}"))?;
-        let id = v["id"]
+        Ok(v["id"]
             .as_str()
             .ok_or("instance create: no id")?
-            .to_string();
+            .to_string())
+    }
+
+    /// Creates an instance of `vnf` (role `vnf` or `gateway`) measuring `image`, its
+    /// namespace and its agent configuration (not started). Its index.
+    pub fn add(
+        &mut self,
+        name: &str,
+        vnf: &str,
+        role: &str,
+        image: &Path,
+    ) -> Result<usize, String> {
+        let bundle = self.dir.path().join(format!("{name}.bundle"));
+        let id = self.create_instance(name, vnf, role, &bundle)?;
         let show = self.asmnctl(&["--json", "instance", "show", &id])?;
         let rec: serde_json::Value =
             serde_json::from_str(&show).map_err(|e| format!("instance show: {e}: {show}"))?;

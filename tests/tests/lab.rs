@@ -216,7 +216,7 @@ fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
         tools: true,
     };
     for busy in [false, true] {
-        let (_pids, _procs) = bench::null_tunnels(run, &pair, busy).expect("null tunnels up");
+        let _tunnels = bench::null_tunnels(run, &pair, busy).expect("null tunnels up");
         five_answered(&pair.a, NULL_B, &format!("null tunnel, busy {busy}"));
     }
 }

@@ -109,25 +109,9 @@ fn a_baked_image_boots_and_its_agent_enrolls() {
     ])
     .expect("onboard the baked image");
     let bundle = t.dir.path().join("vm.bundle");
-    let created = t
-        .asmnctl(&[
-            "--json",
-            "instance",
-            "create",
-            "--tenant",
-            "lab",
-            "--vnf",
-            "web",
-            "--name",
-            "web-vm",
-            "--out",
-            bundle.to_str().expect("utf-8"),
-        ])
+    let id = t
+        .create_instance("web-vm", "web", "vnf", &bundle)
         .expect("instance create");
-    let id = serde_json::from_str::<serde_json::Value>(&created).expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
     let drive_dir = t.dir.path().join("cidata");
     std::fs::create_dir_all(drive_dir.join("asmn")).expect("mkdir");
     std::fs::copy(&bundle, drive_dir.join("asmn/bundle")).expect("bundle");
