@@ -23,7 +23,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::dataplane::{Ask, PeerSpec, Plane};
+use crate::dataplane::{Ask, Installed, PeerSpec};
+use crate::io::PlaneHandle;
 
 /// ALPN of the control protocol.
 const ALPN: &[u8] = b"asmn/1";
@@ -32,36 +33,29 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Elements left in a chain when the agent renews it.
 pub const RENEW_BELOW: u32 = 16;
 
-/// Why the agent stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// Sec-EM refused the agent: it must not run (wrong image, unknown, revoked...).
-    #[error("Sec-EM refused this instance ({code:?}): {message}")]
-    Refused {
-        /// The typed reason.
-        code: RefusalCode,
-        /// Sec-EM's message.
-        message: String,
-    },
-    /// Anything else (files, devices, the network).
-    #[error("{0}")]
-    Other(String),
-}
+pub use crate::error::AgentError;
 
 fn other(e: impl std::fmt::Display) -> AgentError {
     AgentError::Other(e.to_string())
 }
 
+fn bad_config(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Config(e.to_string())
+}
+
 /// Reads and validates a bootstrap bundle file (protobuf, as `asmnctl` writes it).
 pub fn load_bundle(path: &Path) -> Result<BootstrapBundle, AgentError> {
     let bytes = std::fs::read(path)
-        .map_err(|e| other(format!("reading the bundle {}: {e}", path.display())))?;
+        .map_err(|e| bad_config(format!("reading the bundle {}: {e}", path.display())))?;
     if bytes.len() > wire::MAX_FRAME {
-        return Err(other(format!("{}: too large for a bundle", path.display())));
+        return Err(bad_config(format!(
+            "{}: too large for a bundle",
+            path.display()
+        )));
     }
     let m = <msg::BootstrapBundleMsg as prost::Message>::decode(bytes.as_slice())
-        .map_err(|e| other(format!("{}: not a bootstrap bundle: {e}", path.display())))?;
-    BootstrapBundle::try_from(&m).map_err(|e| other(format!("{}: {e}", path.display())))
+        .map_err(|e| bad_config(format!("{}: not a bootstrap bundle: {e}", path.display())))?;
+    BootstrapBundle::try_from(&m).map_err(|e| bad_config(format!("{}: {e}", path.display())))
 }
 
 /// Measures `target` (SHA-256) with the same streaming code as `asmn-image`.
@@ -110,7 +104,7 @@ fn load_position(dir: &Path, id: &InstanceKey) -> Result<Option<Position>, Agent
         }
     };
     let damaged = || {
-        other(format!(
+        bad_config(format!(
             "the chain position {} is damaged ({:?}; want \"epoch length next\"): the \
              agent cannot tell which reveals it already sent. Revoke this instance and \
              create a new one (`asmnctl revoke`, `asmnctl instance create`)",
@@ -140,9 +134,17 @@ fn save_position(dir: &Path, id: &InstanceKey, p: Position) -> Result<(), AgentE
     std::fs::create_dir_all(dir).map_err(|e| other(format!("creating {}: {e}", dir.display())))?;
     let path = state_file(dir, id);
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{} {} {}\n", p.epoch, p.length, p.next))
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| other(format!("writing {}: {e}", path.display())))
+    // Synced before the reveal leaves: after a power loss the agent must not reveal an
+    // element twice (Sec-EM would refuse it as a replay).
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{} {} {}\n", p.epoch, p.length, p.next).as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| other(format!("writing {}: {e}", path.display())))
 }
 
 /// The chain the agent reveals, its D-H key pair, and where it stands.
@@ -153,6 +155,9 @@ pub struct Chain {
     prover: ChainProver,
     dh: DhKeyPair,
     state_dir: PathBuf,
+    /// The reveal sent last whose answer never came (a lost connection): it is sent
+    /// again rather than a new one, so a Sec-EM outage spends at most one element.
+    pending: Option<Reveal>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -198,6 +203,7 @@ impl Chain {
             prover,
             dh,
             state_dir,
+            pending: None,
         })
     }
 
@@ -206,8 +212,12 @@ impl Chain {
         self.id
     }
 
-    /// The next reveal, its position saved first.
+    /// The next reveal, its position saved first; or, if the last one got no answer,
+    /// that one again.
     fn reveal(&mut self) -> Result<Reveal, AgentError> {
+        if let Some(r) = &self.pending {
+            return Ok(r.clone());
+        }
         let next = self.prover.remaining();
         if next == 0 {
             return Err(other("the chain is exhausted and was not renewed"));
@@ -222,9 +232,25 @@ impl Chain {
                 next: next - 1,
             },
         )?;
-        self.prover
+        let r = self
+            .prover
             .reveal()
-            .ok_or_else(|| other("the chain is exhausted"))
+            .ok_or_else(|| other("the chain is exhausted"))?;
+        self.pending = Some(r.clone());
+        Ok(r)
+    }
+
+    /// Sec-EM answered the pending reveal (accepted or refused it): the next request
+    /// reveals a new element.
+    fn settle(&mut self) {
+        self.pending = None;
+    }
+
+    /// Settles the pending reveal if `answer` is Sec-EM's (not a lost connection).
+    fn settle_on<T>(&mut self, answer: &Result<T, AgentError>) {
+        if !matches!(answer, Err(AgentError::Other(_))) {
+            self.settle();
+        }
     }
 
     /// A reveal carrying the renewal to the next epoch of `length`, measured as
@@ -345,7 +371,7 @@ pub struct Control {
     chain: Mutex<Chain>,
     conn: Mutex<quinn::Connection>,
     endpoint: quinn::Endpoint,
-    plane: Arc<Plane>,
+    plane: PlaneHandle,
     wg_public: [u8; 32],
     underlay: SocketAddr,
     role: Role,
@@ -392,7 +418,9 @@ pub async fn enroll(
     underlay: SocketAddr,
 ) -> Result<Enrolled, AgentError> {
     let req = enroll_request(chain, wg_public, underlay)?;
-    match ask(conn, Body::Enroll(req)).await? {
+    let answer = ask(conn, Body::Enroll(req)).await;
+    chain.settle_on(&answer);
+    match answer? {
         Body::Enrolled(e) => Enrolled::try_from(&e).map_err(other),
         Body::Refused(r) => Err(refused(&r)),
         other_body => Err(other(format!(
@@ -407,7 +435,7 @@ impl Control {
         chain: Chain,
         conn: quinn::Connection,
         endpoint: quinn::Endpoint,
-        plane: Arc<Plane>,
+        plane: PlaneHandle,
         underlay: SocketAddr,
         enforced: u64,
     ) -> Arc<Control> {
@@ -429,14 +457,45 @@ impl Control {
         self.conn.lock().await.clone()
     }
 
+    /// Runs `f` on the data plane.
+    async fn on_plane<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(
+            &mut crate::io::SystemPlane,
+            std::time::Instant,
+            &mut crate::dataplane::Outbox,
+        ) -> R
+        + Send
+        + 'static,
+    ) -> Result<R, AgentError> {
+        self.plane.call(f).await.map_err(other)
+    }
+
+    /// Whether instance `id` is installed (directly or through a gateway).
+    async fn has_peer(&self, id: InstanceKey) -> bool {
+        self.on_plane(move |p, _, _| p.has_peer(&id))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Routes `peer` through the gateway at `gw`; false when that gateway is not
+    /// installed.
+    async fn route_via(&self, peer: &Peer, gw: IpAddr) -> Result<bool, AgentError> {
+        let (overlay, id, vnf) = (peer.overlay, peer.id, peer.vnf.clone());
+        self.on_plane(move |p, _, out| p.route_via(overlay, id, vnf, gw, out))
+            .await
+    }
+
     /// Installs the verified `peer` (computing the pair's PSK), or routes it through its
     /// gateway (verifying the gateway first if needed).
     pub async fn install(&self, peer: &Peer) -> Result<(), AgentError> {
         if let Some(gw) = peer.via_gateway {
-            if !self.plane.route_via(peer.overlay, gw) {
+            if !self.route_via(peer, gw).await? {
                 let g = self.verify(gw).await?;
                 self.install_direct(&g).await?;
-                self.plane.route_via(peer.overlay, gw);
+                if !self.route_via(peer, gw).await? {
+                    return Err(other(format!("{gw} is not a gateway")));
+                }
             }
             return Ok(());
         }
@@ -455,21 +514,28 @@ impl Control {
                 )
                 .map_err(other)?
         };
-        self.plane.install(
-            PeerSpec {
-                id: peer.id,
-                vnf: peer.vnf.clone(),
-                overlay: peer.overlay,
-                endpoint: peer.endpoint,
-                wg_public: peer.wg_public_key,
-                role: peer.role,
-            },
-            &psk,
-        );
+        let spec = PeerSpec {
+            id: peer.id,
+            vnf: peer.vnf.clone(),
+            overlay: peer.overlay,
+            endpoint: peer.endpoint,
+            wg_public: peer.wg_public_key,
+            role: peer.role,
+            protected: peer.protected,
+        };
+        let outcome = self
+            .on_plane(move |p, now, out| p.install(now, spec, &psk, out))
+            .await?;
+        if outcome == Installed::KeyConflict {
+            return Err(other(format!(
+                "{}: another peer holds its WireGuard key",
+                peer.overlay
+            )));
+        }
         if let Ok(mut k) = self.known.lock() {
             k.insert(peer.id, peer.clone());
         }
-        tracing::info!(peer = %peer.id.to_hex(), vnf = %peer.vnf, overlay = %peer.overlay, epoch = peer.epoch, "tunnel installed");
+        tracing::info!(peer = %peer.id.to_hex(), vnf = %peer.vnf, overlay = %peer.overlay, epoch = peer.epoch, ?outcome, "tunnel installed");
         Ok(())
     }
 
@@ -481,7 +547,7 @@ impl Control {
             .map(|k| k.values().cloned().collect())
             .unwrap_or_default();
         for p in peers {
-            if self.plane.has_peer(&p.id)
+            if self.has_peer(p.id).await
                 && let Err(e) = self.install_direct(&p).await
             {
                 tracing::warn!(peer = %p.overlay, error = %e, "cannot re-key");
@@ -491,11 +557,22 @@ impl Control {
 
     /// VerifyPeer: Sec-EM's description of the instance at `overlay`.
     pub async fn verify(&self, overlay: IpAddr) -> Result<Peer, AgentError> {
+        self.verify_for(overlay, None).await
+    }
+
+    /// VerifyPeer, on a gateway on behalf of the instance at `source`: whether it and
+    /// the instance at `overlay` may talk through this gateway.
+    async fn verify_for(
+        &self,
+        overlay: IpAddr,
+        source: Option<IpAddr>,
+    ) -> Result<Peer, AgentError> {
         let conn = self.conn().await;
         match ask(
             &conn,
             Body::VerifyPeer(msg::VerifyPeerRequest {
                 overlay: overlay.to_string(),
+                source: source.map(|s| s.to_string()).unwrap_or_default(),
             }),
         )
         .await?
@@ -506,24 +583,51 @@ impl Control {
         }
     }
 
-    /// Serves the plane's requests to verify destinations, forever.
+    /// Serves the plane's requests (verify a destination; on a gateway, admit a pair)
+    /// until the channel closes. Each runs as a task of `tasks`.
     pub async fn serve_asks(self: Arc<Self>, mut asks: mpsc::Receiver<Ask>) {
-        while let Some(Ask::Verify(ip)) = asks.recv().await {
+        let mut tasks = tokio::task::JoinSet::new();
+        while let Some(a) = asks.recv().await {
+            // Reap what finished (the set stays as small as the requests in flight).
+            while tasks.try_join_next().is_some() {}
             let me = Arc::clone(&self);
-            tokio::spawn(async move {
-                match me.verify(ip).await {
-                    Ok(peer) => {
-                        if let Err(e) = me.install(&peer).await {
-                            tracing::warn!(%ip, error = %e, "cannot install the peer");
-                            me.plane.refuse(ip);
-                        }
+            tasks.spawn(async move { me.answer(a).await });
+        }
+    }
+
+    async fn answer(&self, a: Ask) {
+        match a {
+            Ask::Verify(ip) => {
+                let r = match self.verify(ip).await {
+                    Ok(peer) => self.install(&peer).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(%ip, error = %e, "peer refused");
+                    let _ = self.on_plane(move |p, now, _| p.refuse(now, ip)).await;
+                }
+            }
+            Ask::Admit { src, dst } => {
+                let r = match self.verify_for(dst, Some(src)).await {
+                    Ok(peer) if peer.overlay == dst && peer.via_gateway.is_none() => {
+                        self.install_direct(&peer).await
+                    }
+                    Ok(_) => Err(other("Sec-EM answered for another instance")),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(()) => {
+                        tracing::info!(%src, %dst, "pair admitted through this gateway");
+                        let _ = self.on_plane(move |p, _, out| p.admit(src, dst, out)).await;
                     }
                     Err(e) => {
-                        tracing::warn!(%ip, error = %e, "peer refused");
-                        me.plane.refuse(ip);
+                        tracing::warn!(%src, %dst, error = %e, "pair refused: not forwarded");
+                        let _ = self
+                            .on_plane(move |p, now, _| p.refuse_pair(now, src, dst))
+                            .await;
                     }
                 }
-            });
+            }
         }
     }
 
@@ -542,11 +646,12 @@ impl Control {
                 let own = self.chain.lock().await.bundle.vnf.clone();
                 let (vnf, version) = (c.vnf.to_string(), c.version);
                 if c.vnf == own {
-                    self.plane.set_catalog(c);
+                    self.on_plane(move |p, _, _| p.set_catalog(c)).await?;
                     self.enforced
                         .store(version, std::sync::atomic::Ordering::Relaxed);
                 } else if self.role == Role::Gateway {
-                    self.plane.set_protected_catalog(c);
+                    self.on_plane(move |p, _, _| p.set_protected_catalog(c))
+                        .await?;
                 } else {
                     return Ok(());
                 }
@@ -570,7 +675,7 @@ impl Control {
                 if let Ok(mut k) = self.known.lock() {
                     k.remove(&id);
                 }
-                if self.plane.remove(&id) {
+                if self.on_plane(move |p, _, _| p.remove(&id)).await? {
                     tracing::info!(peer = %id.to_hex(), reason = %n.reason, "peer revoked: tunnel removed");
                 }
             }
@@ -579,7 +684,10 @@ impl Control {
                 let Some(p) = v.peer.as_ref().and_then(|p| Peer::try_from(p).ok()) else {
                     return Ok(());
                 };
-                if self.plane.has_peer(&p.id) || self.plane.routes_to(p.overlay) {
+                let overlay = p.overlay;
+                if self.has_peer(p.id).await
+                    || self.on_plane(move |pl, _, _| pl.routes_to(overlay)).await?
+                {
                     // Verified already (we asked first): nothing to do, and asking again
                     // would make Sec-EM ask the peer again, and so on.
                     return Ok(());
@@ -600,7 +708,7 @@ impl Control {
             Body::Peer(p) => {
                 // New keys of a peer (its renewal): re-key if it is ours.
                 if let Ok(peer) = Peer::try_from(&p)
-                    && self.plane.has_peer(&peer.id)
+                    && self.has_peer(peer.id).await
                 {
                     self.install_direct(&peer).await?;
                 }
@@ -642,6 +750,12 @@ impl Control {
         let mut chain = self.chain.lock().await;
         let renew = chain.prover.remaining() <= RENEW_BELOW || measurement != chain.measurement;
         let conn = self.conn().await;
+        // No element is spent without a live connection (the push task reconnects).
+        if let Some(reason) = conn.close_reason() {
+            return Err(other(format!(
+                "not connected to Sec-EM ({reason}): not revealing"
+            )));
+        }
         if renew {
             let length = chain.prover.spec().length;
             let (reveal, sealed, next, dh) = chain.renewal(&measurement, length)?;
@@ -651,7 +765,9 @@ impl Control {
                 renewal: Some((&sealed).into()),
                 dh_public: dh.public().as_bytes().to_vec(),
             });
-            match ask(&conn, body).await? {
+            let answer = ask(&conn, body).await;
+            chain.settle_on(&answer);
+            match answer? {
                 Body::Reattested(r) => {
                     chain.prover = next;
                     chain.dh = dh;
@@ -683,7 +799,9 @@ impl Control {
                 renewal: None,
                 dh_public: Vec::new(),
             });
-            match ask(&conn, body).await? {
+            let answer = ask(&conn, body).await;
+            chain.settle_on(&answer);
+            match answer? {
                 Body::Reattested(r) => {
                     tracing::debug!(index = r.last_index, "re-attested");
                     Ok(())
@@ -708,7 +826,7 @@ impl Control {
                             tracing::info!("reconnected to Sec-EM");
                             return Ok(());
                         }
-                        Err(e @ AgentError::Refused { .. }) => return Err(e),
+                        Err(e) if e.is_terminal() => return Err(e),
                         Err(e) => tracing::warn!(error = %e, "re-enrollment failed"),
                     }
                 }

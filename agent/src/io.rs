@@ -1,5 +1,8 @@
-//! The data plane's I/O: one thread that moves packets between the TUN device and the
-//! underlay socket in batches (the techniques of wireguard-go's Linux data path).
+//! The driver of the data plane: one thread that owns the TUN device, the underlay socket
+//! and the [`Plane`], and moves packets between them in batches (the techniques of
+//! wireguard-go's Linux data path). It is the plane's only caller: the control side
+//! reaches the plane through a [`PlaneHandle`], whose calls run on this thread between
+//! batches.
 //!
 //! - The TUN device is opened with a virtio-net header and TSO/USO offloads: one read can
 //!   be a 64 KiB TCP or UDP super-packet, which tun-rs splits into MTU-sized packets.
@@ -15,30 +18,21 @@
 //!   core, as DPDK data planes do) it does not sleep while packets flow: no wake-up on
 //!   any packet, at the price of a whole core; after [`BUSY_IDLE`] without a packet it
 //!   sleeps until the next one.
-//!
-//! The state the packets need sits in the [`Plane`], behind its lock, taken once per
-//! batch.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use governor::clock::DefaultClock;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
-use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice};
 
-use crate::dataplane::Plane;
+use crate::dataplane::{Ask, Outbox, PACKET, Plane, PlaneStats, Sends, TUN_HEADER};
 
-/// Largest packet read from or written to the TUN device (its MTU is 1420; bigger inner
-/// packets from a peer are dropped).
-pub const PACKET: usize = 4096;
-/// WireGuard's overhead on a data packet: header, tag and padding to 16 bytes.
-const OVERHEAD: usize = 32 + 16;
-/// The most bytes one GSO send carries (a UDP datagram's limit, with headers).
-const GSO_BYTES: usize = 65_000;
-/// Room for the encrypted packets of one batch.
-const ARENA: usize = 2 * IDEAL_BATCH_SIZE * (PACKET + OVERHEAD);
 /// Largest datagram (a GRO batch) read from the socket.
 const DATAGRAM: usize = 65_536;
 /// How long the loop keeps polling after traffic before it sleeps.
@@ -49,10 +43,15 @@ const SPIN_BUDGET: Duration = Duration::from_millis(5);
 const SPIN_EPOCH: Duration = Duration::from_millis(100);
 /// How long [`Polling::Busy`] keeps polling after the last packet.
 pub const BUSY_IDLE: Duration = Duration::from_secs(1);
-/// Longest sleep between checks of the sockets (they also wake it).
-const SLEEP: Duration = Duration::from_millis(100);
+/// The plane's timers run this often.
+pub const TICK: Duration = Duration::from_millis(100);
 /// Tries of a send that finds the socket's buffer full, before its batch is dropped.
 const SEND_TRIES: usize = 200;
+/// Calls from the control side handled per round (the rest wait for the next round).
+const JOBS_PER_ROUND: usize = 64;
+
+/// The plane as the agent runs it: its limiters on the system's clock.
+pub type SystemPlane = Plane<DefaultClock>;
 
 /// How the I/O thread waits for packets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -67,116 +66,179 @@ pub enum Polling {
     Busy,
 }
 
-/// Encrypted datagrams waiting to be sent, grouped for UDP GSO: consecutive datagrams to
-/// the same endpoint with the same size (the last of a group may be shorter).
-pub struct Sends {
-    arena: Vec<u8>,
-    used: usize,
-    groups: Vec<Group>,
-    max_segments: usize,
+type Job = Box<dyn FnOnce(&mut SystemPlane, Instant, &mut Outbox) + Send>;
+
+/// The data plane thread is gone (stopped, or failed).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the data plane has stopped")]
+pub struct PlaneGone;
+
+/// The control side's way to the plane: each call runs on the driver's thread between
+/// batches, and what it puts in the outbox is sent at once.
+#[derive(Clone)]
+pub struct PlaneHandle {
+    jobs: Sender<Job>,
+    waker: Arc<mio::Waker>,
+    stats: Arc<Mutex<PlaneStats>>,
+    public: [u8; 32],
 }
 
-impl std::fmt::Debug for Sends {
+impl std::fmt::Debug for PlaneHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sends")
-            .field("bytes", &self.used)
-            .field("groups", &self.groups.len())
-            .finish_non_exhaustive()
+        f.debug_struct("PlaneHandle").finish_non_exhaustive()
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Group {
-    to: SocketAddr,
-    start: usize,
-    segment: usize,
-    len: usize,
-    closed: bool,
-}
-
-impl Sends {
-    /// An empty set, grouping at most `max_segments` datagrams per send.
-    pub fn new(max_segments: usize) -> Sends {
-        Sends {
-            arena: vec![0; ARENA],
-            used: 0,
-            groups: Vec::new(),
-            max_segments: max_segments.max(1),
-        }
-    }
-
-    /// Whether a datagram of a packet of `len` bytes still fits.
-    pub fn fits(&self, len: usize) -> bool {
-        self.arena.len() - self.used >= len + OVERHEAD + 148
-    }
-
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
-    }
-
-    /// Where the next datagram is written.
-    pub fn space(&mut self) -> &mut [u8] {
-        &mut self.arena[self.used..]
-    }
-
-    /// The next `len` bytes of [`Sends::space`] are a datagram to `to`.
-    pub fn commit(&mut self, to: SocketAddr, len: usize) {
-        let start = self.used;
-        self.used += len;
-        if let Some(g) = self.groups.last_mut()
-            && g.to == to
-            && !g.closed
-            && len <= g.segment
-            && g.len / g.segment < self.max_segments
-            && g.len + len <= GSO_BYTES
-            && g.start + g.len == start
-        {
-            g.len += len;
-            g.closed = len < g.segment;
-            return;
-        }
-        self.groups.push(Group {
-            to,
-            start,
-            segment: len,
-            len,
-            closed: false,
+impl PlaneHandle {
+    /// Runs `f` on the plane (on the driver's thread) and returns what it returned.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SystemPlane, Instant, &mut Outbox) -> R + Send + 'static,
+    ) -> Result<R, PlaneGone> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |plane, now, out| {
+            let _ = tx.send(f(plane, now, out));
         });
+        self.jobs.send(job).map_err(|_| PlaneGone)?;
+        self.waker.wake().map_err(|_| PlaneGone)?;
+        rx.await.map_err(|_| PlaneGone)
     }
 
-    /// Sends everything; the number of datagrams that could not be sent.
-    pub fn flush(&mut self, udp: &UdpSocket, state: &UdpSocketState) -> u64 {
-        let mut lost = 0;
-        for g in self.groups.drain(..) {
-            let t = Transmit {
-                destination: g.to,
-                ecn: None,
-                contents: &self.arena[g.start..g.start + g.len],
-                segment_size: (g.len > g.segment).then_some(g.segment),
-                src_ip: None,
-            };
-            let mut sent = false;
-            for _ in 0..SEND_TRIES {
-                match state.try_send(udp.into(), &t) {
-                    Ok(()) => {
-                        sent = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
-                    Err(e) => {
-                        tracing::debug!(error = %e, to = %g.to, "underlay send failed");
-                        break;
-                    }
-                }
-            }
-            if !sent {
-                lost += g.len.div_ceil(g.segment) as u64;
-            }
+    /// What the metrics show, taken now on the driver's thread (or, if the plane has
+    /// stopped, as of its last timer tick).
+    pub async fn stats(&self) -> PlaneStats {
+        match self.call(|p, _, _| p.stats()).await {
+            Ok(s) => s,
+            Err(PlaneGone) => self.stats.lock().map(|s| s.clone()).unwrap_or_default(),
         }
-        self.used = 0;
-        self.max_segments = state.max_gso_segments().max(1);
-        lost
+    }
+
+    /// This agent's WireGuard public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public
+    }
+}
+
+/// The running driver thread.
+#[derive(Debug)]
+pub struct Driver {
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+    failed: Option<tokio::sync::oneshot::Receiver<String>>,
+}
+
+impl Driver {
+    /// Starts the thread that runs `plane` on `tun` and `udp`. Verification requests
+    /// go to `asks` (dropped, and asked again later, when it is full).
+    pub fn start(
+        plane: SystemPlane,
+        tun: SyncDevice,
+        udp: UdpSocket,
+        polling: Polling,
+        asks: tokio::sync::mpsc::Sender<Ask>,
+    ) -> io::Result<(Driver, PlaneHandle)> {
+        let udp_state = UdpSocketState::new((&udp).into())?;
+        tun.set_nonblocking(true)?;
+        let poll = mio::Poll::new()?;
+        let (tun_fd, udp_fd) = (tun.as_raw_fd(), udp.as_raw_fd());
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&tun_fd),
+            mio::Token(0),
+            mio::Interest::READABLE,
+        )?;
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&udp_fd),
+            mio::Token(1),
+            mio::Interest::READABLE,
+        )?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(2))?);
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(Mutex::new(plane.stats()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = PlaneHandle {
+            jobs: jobs_tx,
+            waker: Arc::clone(&waker),
+            stats: Arc::clone(&stats),
+            public: plane.public_key(),
+        };
+        let max_segments = udp_state.max_gso_segments();
+        let mut io = Io {
+            plane,
+            tun,
+            udp,
+            udp_state,
+            poll,
+            jobs: jobs_rx,
+            asks,
+            stats,
+            stop: Arc::clone(&stop),
+            polling,
+            b: Buffers {
+                tun_raw: vec![0; TUN_HEADER + DATAGRAM],
+                tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
+                tun_sizes: vec![0; IDEAL_BATCH_SIZE],
+                gro: GROTable::default(),
+                udp_in: vec![vec![0; DATAGRAM]; quinn_udp::BATCH_SIZE],
+                metas: vec![RecvMeta::default(); quinn_udp::BATCH_SIZE],
+                out: Outbox::new(IDEAL_BATCH_SIZE, max_segments),
+            },
+        };
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("asmn-dataplane".into())
+            .spawn(move || {
+                let r = io.run();
+                if let Err(e) = &r {
+                    let _ = failed_tx.send(e.to_string());
+                }
+                // The plane drops here, on its own thread: every tunnel and key with it.
+                drop(io);
+                r
+            })?;
+        Ok((
+            Driver {
+                thread: Some(thread),
+                stop,
+                waker,
+                failed: Some(failed_rx),
+            },
+            handle,
+        ))
+    }
+
+    /// Resolves with the error if the thread fails (never if it is stopped).
+    pub async fn failed(&mut self) -> String {
+        match self.failed.take() {
+            Some(rx) => match rx.await {
+                Ok(e) => e,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the thread and waits for it: the plane, its tunnels and keys, the socket and
+    /// the TUN device are gone when this returns.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| io::Error::other("the data plane thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.halt();
     }
 }
 
@@ -187,15 +249,25 @@ struct Buffers {
     /// The packets of TUN reads, split.
     tun_in: Vec<Vec<u8>>,
     tun_sizes: Vec<usize>,
-    /// Decrypted packets for the TUN device, each with room for the virtio-net header.
-    tun_out: Vec<Vec<u8>>,
     gro: GROTable,
     /// Socket reads (each may hold several GRO-coalesced datagrams).
     udp_in: Vec<Vec<u8>>,
     metas: Vec<RecvMeta>,
-    sends: Sends,
-    /// Scratch for handshakes and other replies sent at once.
-    scratch: Vec<u8>,
+    out: Outbox,
+}
+
+struct Io {
+    plane: SystemPlane,
+    tun: SyncDevice,
+    udp: UdpSocket,
+    udp_state: UdpSocketState,
+    poll: mio::Poll,
+    jobs: Receiver<Job>,
+    asks: tokio::sync::mpsc::Sender<Ask>,
+    stats: Arc<Mutex<PlaneStats>>,
+    stop: Arc<AtomicBool>,
+    polling: Polling,
+    b: Buffers,
 }
 
 /// Fatal for the loop: the device or socket is gone, not one bad packet (tun-rs reports
@@ -210,49 +282,50 @@ fn fatal(e: &io::Error) -> bool {
     }
 }
 
-impl Plane {
-    /// Runs the data plane's I/O on this thread until the TUN device or the socket fails.
-    pub fn run_io(self: Arc<Self>, polling: Polling) -> io::Error {
-        match self.io_loop(polling) {
-            Ok(never) => match never {},
-            Err(e) => e,
+/// Sends every group of `sends`; the number of datagrams that could not be sent.
+fn send_all(sends: &mut Sends, udp: &UdpSocket, state: &UdpSocketState) -> u64 {
+    let mut lost = 0;
+    let (groups, arena) = sends.groups();
+    for g in groups {
+        let t = Transmit {
+            destination: g.to,
+            ecn: None,
+            contents: &arena[g.start..g.start + g.len],
+            segment_size: (g.len > g.segment).then_some(g.segment),
+            src_ip: None,
+        };
+        let mut sent = false;
+        for _ in 0..SEND_TRIES {
+            match state.try_send(udp.into(), &t) {
+                Ok(()) => {
+                    sent = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => {
+                    tracing::debug!(error = %e, to = %g.to, "underlay send failed");
+                    break;
+                }
+            }
+        }
+        if !sent {
+            lost += g.len.div_ceil(g.segment) as u64;
         }
     }
+    sends.clear(state.max_gso_segments());
+    lost
+}
 
-    fn io_loop(&self, polling: Polling) -> io::Result<std::convert::Infallible> {
-        let (tun, udp, state) = self.io_parts();
-        tun.set_nonblocking(true)?;
-        let mut poll = mio::Poll::new()?;
-        let (tun_fd, udp_fd) = (tun.as_raw_fd(), udp.as_raw_fd());
-        poll.registry().register(
-            &mut mio::unix::SourceFd(&tun_fd),
-            mio::Token(0),
-            mio::Interest::READABLE,
-        )?;
-        poll.registry().register(
-            &mut mio::unix::SourceFd(&udp_fd),
-            mio::Token(1),
-            mio::Interest::READABLE,
-        )?;
-        let mut events = mio::Events::with_capacity(4);
-        let mut b = Buffers {
-            tun_raw: vec![0; VIRTIO_NET_HDR_LEN + DATAGRAM],
-            tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
-            tun_sizes: vec![0; IDEAL_BATCH_SIZE],
-            tun_out: vec![vec![0; VIRTIO_NET_HDR_LEN + PACKET]; IDEAL_BATCH_SIZE],
-            gro: GROTable::default(),
-            udp_in: vec![vec![0; DATAGRAM]; quinn_udp::BATCH_SIZE],
-            metas: vec![RecvMeta::default(); quinn_udp::BATCH_SIZE],
-            sends: Sends::new(state.max_gso_segments()),
-            scratch: vec![0; DATAGRAM],
-        };
+impl Io {
+    fn run(&mut self) -> io::Result<()> {
         tracing::info!(
-            tun_offload = tun.tcp_gso(),
-            udp_gso_segments = state.max_gso_segments(),
-            udp_gro_segments = state.gro_segments(),
-            ?polling,
+            tun_offload = self.tun.tcp_gso(),
+            udp_gso_segments = self.udp_state.max_gso_segments(),
+            udp_gro_segments = self.udp_state.gro_segments(),
+            polling = ?self.polling,
             "data plane I/O running"
         );
+        let mut events = mio::Events::with_capacity(4);
         // Until when to keep polling: set when packets went out into a tunnel (a reply
         // may follow), not when they were handed to the TUN device (the application
         // takes over, and a polling thread would only compete with it for the CPU).
@@ -261,10 +334,19 @@ impl Plane {
         let mut spin_until = Instant::now();
         let (mut epoch, mut spun) = (Instant::now(), Duration::ZERO);
         let mut last_packet = Instant::now();
-        loop {
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stop.load(Ordering::Acquire) {
             let round = Instant::now();
-            let sent = self.tun_round(tun, udp, state, &mut b)?;
-            let (delivered, forwarded) = self.udp_round(tun, udp, state, &mut b)?;
+            if round >= next_tick {
+                self.plane.handle_timers(round, &mut self.b.out);
+                self.flush()?;
+                self.publish();
+                next_tick = round + TICK;
+            }
+            self.run_jobs(round)?;
+            let sent = self.tun_round()?;
+            let (delivered, forwarded) = self.udp_round()?;
+            self.hand_out_asks();
             // A gateway's forwarding is a send into a tunnel too (the reply comes back
             // through it).
             if sent || forwarded {
@@ -274,7 +356,7 @@ impl Plane {
                 last_packet = round;
                 continue;
             }
-            if polling == Polling::Busy && round.duration_since(last_packet) < BUSY_IDLE {
+            if self.polling == Polling::Busy && round.duration_since(last_packet) < BUSY_IDLE {
                 std::hint::spin_loop();
                 continue;
             }
@@ -287,70 +369,130 @@ impl Plane {
                 spun += round.elapsed();
                 continue;
             }
-            // Both are drained (edge-triggered registration): sleep until one is ready.
-            if let Err(e) = poll.poll(&mut events, Some(SLEEP))
+            // Both are drained (edge-triggered registration): sleep until one is ready,
+            // a call comes (the waker), or the next tick.
+            let timeout = next_tick.saturating_duration_since(now);
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 return Err(e);
             }
         }
+        Ok(())
+    }
+
+    /// Runs what the control side asked for, sending what it produced.
+    fn run_jobs(&mut self, now: Instant) -> io::Result<()> {
+        let mut ran = false;
+        for _ in 0..JOBS_PER_ROUND {
+            match self.jobs.try_recv() {
+                Ok(job) => {
+                    job(&mut self.plane, now, &mut self.b.out);
+                    self.flush()?;
+                    ran = true;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        if ran {
+            self.publish();
+        }
+        Ok(())
+    }
+
+    fn hand_out_asks(&mut self) {
+        while let Some(a) = self.plane.poll_ask() {
+            tracing::debug!(?a, "asking Sec-EM");
+            if self.asks.try_send(a).is_err() {
+                // Full or closed: the packets wait (bounded) and are asked for again
+                // once they expire.
+                tracing::debug!(?a, "verification requests full: not asked now");
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.plane.stats();
+        if let Ok(mut st) = self.stats.lock() {
+            *st = s;
+        }
+    }
+
+    /// Sends and writes what the outbox holds.
+    fn flush(&mut self) -> io::Result<()> {
+        let out = &mut self.b.out;
+        if !out.net.is_empty() {
+            let lost = send_all(&mut out.net, &self.udp, &self.udp_state);
+            if lost > 0 {
+                self.plane.count_io_dropped(lost);
+            }
+        }
+        if !out.tun.is_empty() {
+            if let Err(e) = self
+                .tun
+                .send_multiple(&mut self.b.gro, out.tun.filled(), TUN_HEADER)
+            {
+                if fatal(&e) {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, "write to TUN failed");
+            }
+            out.tun.clear();
+        }
+        Ok(())
     }
 
     /// Reads what the TUN device has (a batch at most) and sends it into the tunnels.
     /// Whether there was anything.
-    fn tun_round(
-        &self,
-        tun: &SyncDevice,
-        udp: &UdpSocket,
-        state: &UdpSocketState,
-        b: &mut Buffers,
-    ) -> io::Result<bool> {
+    fn tun_round(&mut self) -> io::Result<bool> {
+        let b = &mut self.b;
         let mut n = 0;
         // Several reads per batch (a bounded number), while a whole super-packet fits.
         for _ in 0..IDEAL_BATCH_SIZE {
             if IDEAL_BATCH_SIZE - n < 64 {
                 break;
             }
-            match tun.recv_multiple(&mut b.tun_raw, &mut b.tun_in[n..], &mut b.tun_sizes[n..], 0) {
+            match self.tun.recv_multiple(
+                &mut b.tun_raw,
+                &mut b.tun_in[n..],
+                &mut b.tun_sizes[n..],
+                0,
+            ) {
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if fatal(&e) => return Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "unreadable packet from TUN dropped");
-                    self.count_io_drop(1);
+                    self.plane.count_io_dropped(1);
                 }
             }
         }
         if n == 0 {
             return Ok(false);
         }
-        let packets = b.tun_in[..n]
-            .iter()
-            .zip(&b.tun_sizes[..n])
-            .map(|(buf, len)| &buf[..*len]);
-        self.outbound_batch(packets, &mut b.sends);
-        let lost = b.sends.flush(udp, state);
-        self.count_io_drop(lost);
+        let now = Instant::now();
+        for (buf, len) in b.tun_in[..n].iter().zip(&b.tun_sizes[..n]) {
+            self.plane.handle_tun(now, &buf[..*len], &mut b.out);
+        }
+        self.flush()?;
         Ok(true)
     }
 
     /// Reads what the socket has (a batch at most), decrypts it and writes it to the TUN
     /// device (or forwards it, on a gateway). Whether there was anything, and whether
     /// anything went out into a tunnel (forwarded packets, handshake replies).
-    fn udp_round(
-        &self,
-        tun: &SyncDevice,
-        udp: &UdpSocket,
-        state: &UdpSocketState,
-        b: &mut Buffers,
-    ) -> io::Result<(bool, bool)> {
+    fn udp_round(&mut self) -> io::Result<(bool, bool)> {
+        let b = &mut self.b;
         let n = {
             let mut iovs: Vec<io::IoSliceMut<'_>> = b
                 .udp_in
                 .iter_mut()
                 .map(|v| io::IoSliceMut::new(v))
                 .collect();
-            match state.recv(udp.into(), &mut iovs, &mut b.metas) {
+            match self
+                .udp_state
+                .recv((&self.udp).into(), &mut iovs, &mut b.metas)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((false, false)),
                 Err(e) if fatal(&e) => return Err(e),
@@ -360,33 +502,32 @@ impl Plane {
                 }
             }
         };
-        let mut datagrams: Vec<(SocketAddr, &[u8])> = Vec::with_capacity(n * 8);
-        for (buf, meta) in b.udp_in.iter().zip(&b.metas).take(n) {
-            let stride = meta.stride.max(1);
-            for d in buf[..meta.len.min(buf.len())].chunks(stride) {
-                datagrams.push((meta.addr, d));
-            }
-        }
+        let now = Instant::now();
         let mut forwarded = false;
-        for chunk in datagrams.chunks(IDEAL_BATCH_SIZE) {
-            // Only the buffers this chunk can fill (one per datagram at most) regrow.
-            for o in b.tun_out.iter_mut().take(chunk.len()) {
-                o.resize(VIRTIO_NET_HDR_LEN + PACKET, 0);
-            }
-            let k = self.inbound_batch(chunk, &mut b.tun_out, &mut b.sends, &mut b.scratch);
-            forwarded |= !b.sends.is_empty();
-            let lost = b.sends.flush(udp, state);
-            self.count_io_drop(lost);
-            if k > 0
-                && let Err(e) =
-                    tun.send_multiple(&mut b.gro, &mut b.tun_out[..k], VIRTIO_NET_HDR_LEN)
-            {
-                if fatal(&e) {
-                    return Err(e);
+        let mut in_batch = 0;
+        for i in 0..n {
+            let (addr, len, stride) = {
+                let m = &self.b.metas[i];
+                (m.addr, m.len.min(self.b.udp_in[i].len()), m.stride.max(1))
+            };
+            let mut at = 0;
+            while at < len {
+                let end = (at + stride).min(len);
+                let d = &self.b.udp_in[i][at..end];
+                self.plane.handle_datagram(now, addr, d, &mut self.b.out);
+                at = end;
+                in_batch += 1;
+                // The TUN batch has room for IDEAL_BATCH_SIZE packets: write it out
+                // before it could overflow.
+                if in_batch == IDEAL_BATCH_SIZE {
+                    forwarded |= !self.b.out.net.is_empty();
+                    self.flush()?;
+                    in_batch = 0;
                 }
-                tracing::debug!(error = %e, "write to TUN failed");
             }
         }
+        forwarded |= !self.b.out.net.is_empty();
+        self.flush()?;
         Ok((true, forwarded))
     }
 }
@@ -394,71 +535,22 @@ impl Plane {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn groups(s: &Sends) -> Vec<(SocketAddr, usize, usize)> {
-        s.groups.iter().map(|g| (g.to, g.segment, g.len)).collect()
-    }
+    use std::net::SocketAddr;
 
     #[test]
-    fn datagrams_group_for_gso_by_peer_and_size() {
-        let a: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
-        let b: SocketAddr = "192.0.2.2:51820".parse().expect("addr");
-        let mut s = Sends::new(4);
-        for _ in 0..3 {
-            s.commit(a, 1452);
-        }
-        // A shorter one ends the group (GSO allows only the last segment to be short).
-        s.commit(a, 600);
-        s.commit(a, 1452);
-        // Another peer: another send.
-        s.commit(b, 1452);
-        s.commit(b, 1452);
-        assert_eq!(
-            groups(&s),
-            vec![
-                (a, 1452, 3 * 1452 + 600),
-                (a, 1452, 1452),
-                (b, 1452, 2 * 1452)
-            ]
-        );
-        // At most max_segments per send.
-        let mut s = Sends::new(2);
-        for _ in 0..5 {
-            s.commit(a, 100);
-        }
-        assert_eq!(
-            groups(&s),
-            vec![(a, 100, 200), (a, 100, 200), (a, 100, 100)]
-        );
-        // A bigger datagram after smaller ones starts a new send.
-        let mut s = Sends::new(64);
-        s.commit(a, 100);
-        s.commit(a, 200);
-        assert_eq!(groups(&s), vec![(a, 100, 100), (a, 200, 200)]);
-        // At most GSO_BYTES per send.
-        let mut s = Sends::new(64);
-        for _ in 0..60 {
-            s.commit(a, 1452);
-        }
-        assert!(s.groups.iter().all(|g| g.len <= GSO_BYTES));
-        assert_eq!(s.groups.iter().map(|g| g.len).sum::<usize>(), 60 * 1452);
-    }
-
-    #[test]
-    fn a_flush_sends_every_group_on_loopback() {
+    fn a_send_delivers_every_group_on_loopback() {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         rx.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let state = UdpSocketState::new((&tx).into()).expect("state");
-        let to = rx.local_addr().expect("addr");
-        let mut s = Sends::new(state.max_gso_segments());
+        let to: SocketAddr = rx.local_addr().expect("addr");
+        let mut s = Sends::new(1 << 16, state.max_gso_segments());
         for i in 0..10u8 {
             let len = if i == 9 { 50 } else { 300 };
-            s.space()[..len].fill(i);
-            s.commit(to, len);
+            assert!(s.push(to, &vec![i; len]));
         }
-        assert_eq!(s.flush(&tx, &state), 0);
+        assert_eq!(send_all(&mut s, &tx, &state), 0);
         assert!(s.is_empty());
         // Without GRO on the receiver, each segment arrives as its own datagram.
         let mut buf = [0u8; 2048];

@@ -2,18 +2,18 @@
 //! per-rule policy counters, per-peer bytes and handshakes, the catalog in force.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::dataplane::Plane;
+use crate::dataplane::PlaneStats;
+use crate::io::PlaneHandle;
 
-/// The exposition of `plane`'s counters.
-pub fn render(plane: &Plane) -> String {
+/// The exposition of the plane's statistics.
+pub fn render(stats: &PlaneStats) -> String {
     let mut out = String::new();
-    let c = plane.counters();
+    let c = stats.counters;
     for (name, help, v) in [
         (
             "asmn_agent_tx_packets_total",
@@ -47,8 +47,53 @@ pub fn render(plane: &Plane) -> String {
         ),
         (
             "asmn_agent_no_route_total",
-            "Packets to addresses outside the tenant",
+            "Packets to addresses outside the tenant, or with nowhere to go",
             c.no_route,
+        ),
+        (
+            "asmn_agent_forwarded_total",
+            "Packets a gateway forwarded between tunnels",
+            c.forwarded,
+        ),
+        (
+            "asmn_agent_bad_mac_total",
+            "Handshake messages dropped before any Diffie-Hellman (wrong mac1, or under load)",
+            c.bad_mac,
+        ),
+        (
+            "asmn_agent_cookie_replies_total",
+            "Cookie replies sent instead of processing a handshake under load",
+            c.cookie_replies,
+        ),
+        (
+            "asmn_agent_rejected_total",
+            "Datagrams a tunnel rejected (decryption, replay, handshake verification)",
+            c.rejected,
+        ),
+        (
+            "asmn_agent_malformed_total",
+            "Datagrams that are not WireGuard messages, and packets without an IP header",
+            c.malformed,
+        ),
+        (
+            "asmn_agent_not_admitted_total",
+            "Packets a gateway dropped because Sec-EM did not admit the pair",
+            c.not_admitted,
+        ),
+        (
+            "asmn_agent_oversize_total",
+            "Inner packets too large to carry, dropped",
+            c.oversize,
+        ),
+        (
+            "asmn_agent_outbox_full_total",
+            "Packets dropped because a batch had no room left",
+            c.outbox_full,
+        ),
+        (
+            "asmn_agent_io_dropped_total",
+            "Packets lost in I/O (unreadable from TUN, or not sent)",
+            c.io_dropped,
         ),
     ] {
         let _ = writeln!(
@@ -56,7 +101,7 @@ pub fn render(plane: &Plane) -> String {
             "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {v}"
         );
     }
-    if let Some(p) = plane.policy_counters() {
+    if let Some(p) = &stats.policy {
         let _ = writeln!(
             out,
             "# HELP asmn_agent_catalog_version Sec-catalog version in force.\n# TYPE asmn_agent_catalog_version gauge\nasmn_agent_catalog_version {}",
@@ -94,8 +139,9 @@ pub fn render(plane: &Plane) -> String {
         out,
         "# HELP asmn_agent_peer_bytes_total Bytes per peer and direction.\n# TYPE asmn_agent_peer_bytes_total counter"
     );
-    let peers = plane.peers();
-    for (_, vnf, ip, rx, tx, _) in &peers {
+    let peers = &stats.peers;
+    for p in peers {
+        let (ip, vnf, rx, tx) = (p.overlay, &p.vnf, p.rx_bytes, p.tx_bytes);
         let _ = writeln!(
             out,
             "asmn_agent_peer_bytes_total{{peer=\"{ip}\",vnf=\"{vnf}\",direction=\"rx\"}} {rx}\nasmn_agent_peer_bytes_total{{peer=\"{ip}\",vnf=\"{vnf}\",direction=\"tx\"}} {tx}"
@@ -105,8 +151,9 @@ pub fn render(plane: &Plane) -> String {
         out,
         "# HELP asmn_agent_peer_last_handshake_seconds Seconds since the last handshake with the peer.\n# TYPE asmn_agent_peer_last_handshake_seconds gauge"
     );
-    for (_, vnf, ip, _, _, last) in &peers {
-        if let Some(d) = last {
+    for p in peers {
+        let (ip, vnf) = (p.overlay, &p.vnf);
+        if let Some(d) = p.last_handshake {
             let _ = writeln!(
                 out,
                 "asmn_agent_peer_last_handshake_seconds{{peer=\"{ip}\",vnf=\"{vnf}\"}} {}",
@@ -119,13 +166,40 @@ pub fn render(plane: &Plane) -> String {
         "# HELP asmn_agent_peers Installed peers.\n# TYPE asmn_agent_peers gauge\nasmn_agent_peers {}",
         peers.len()
     );
+    for (name, help, v) in [
+        (
+            "asmn_agent_routes",
+            "Routes to overlay addresses (direct and through gateways)",
+            stats.routes,
+        ),
+        (
+            "asmn_agent_admitted_pairs",
+            "Pairs Sec-EM admitted for forwarding (gateway)",
+            stats.admitted_pairs,
+        ),
+        (
+            "asmn_agent_waiting_packets",
+            "Packets waiting for Sec-EM",
+            stats.waiting,
+        ),
+        (
+            "asmn_agent_tunnel_indexes",
+            "Receiver indexes in use (one per live tunnel)",
+            stats.indexes,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} gauge\n{name} {v}"
+        );
+    }
     out
 }
 
 /// Serves `/metrics` and `/health` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, plane: Arc<Plane>) {
+pub async fn serve(listener: TcpListener, plane: PlaneHandle) {
     while let Ok((mut sock, _)) = listener.accept().await {
-        let plane = Arc::clone(&plane);
+        let plane = plane.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -150,7 +224,7 @@ pub async fn serve(listener: TcpListener, plane: Arc<Plane>) {
             }
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", render(&plane))
+                ("200 OK", render(&plane.stats().await))
             } else if head.starts_with("GET /health ") {
                 ("200 OK", "ok\n".to_string())
             } else {

@@ -291,7 +291,9 @@ impl Follower {
                 .overlay
                 .parse::<wire::Overlay>()
                 .map_err(crate::registry::RegistryError::Corrupt)
-                .and_then(|o| crate::registry::describe_record(self.group, id, &rec, o.ip, None));
+                .and_then(|o| {
+                    crate::registry::describe_record(self.group, id, &rec, o.ip, None, false)
+                });
             match described {
                 Ok(peer) => {
                     let n = self.hub.push_keys(&rec.tenant, &peer);

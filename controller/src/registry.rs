@@ -233,6 +233,7 @@ pub fn describe_record(
     rec: &InstanceRecord,
     overlay: IpAddr,
     via_gateway: Option<IpAddr>,
+    protected: bool,
 ) -> Result<asmn_shared::wire::Peer, RegistryError> {
     let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
         let mut b = [0u8; 32];
@@ -259,7 +260,22 @@ pub fn describe_record(
         epoch: rec.chain.epoch,
         via_gateway,
         role: rec.role,
+        protected,
     })
+}
+
+/// Whether `catalog` (of some VNF) admits traffic from `vnf`: a rule for any source or
+/// naming it, a lowered default service, or `vnf` being its gateway.
+fn catalog_admits(catalog: &SecCatalog, vnf: &VnfId) -> bool {
+    catalog.gateway.as_ref() == Some(vnf)
+        || matches!(
+            catalog.default_action,
+            asmn_shared::catalog::DefaultAction::Police(_)
+        )
+        || catalog
+            .rules
+            .iter()
+            .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(vnf)))
 }
 
 /// A record kept changing under us for every retry.
@@ -651,16 +667,7 @@ impl<S: Store> Registry<S> {
             .map(|(c, _)| c)
             .unwrap_or_else(|| SecCatalog::deny_all(peer.vnf.clone()));
         let is_gateway = catalog.gateway.as_ref() == Some(&me.vnf);
-        let admitted = is_gateway
-            || matches!(
-                catalog.default_action,
-                asmn_shared::catalog::DefaultAction::Police(_)
-            )
-            || catalog
-                .rules
-                .iter()
-                .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(&me.vnf)));
-        if !admitted {
+        if !catalog_admits(&catalog, &me.vnf) {
             let why = format!("{}'s Sec-catalog does not admit {}", peer.vnf, me.vnf);
             return Err(self
                 .refuse_peer(now, requester, RefusalCode::PeerNotAllowed, why)
@@ -701,7 +708,13 @@ impl<S: Store> Registry<S> {
             }
             None => None,
         };
-        let out = self.describe_record(peer_id, &peer, overlay, via_gateway)?;
+        let out = self.describe_record(
+            peer_id,
+            &peer,
+            overlay,
+            via_gateway,
+            catalog.gateway.is_some(),
+        )?;
         self.audit(
             now,
             "peer.verified",
@@ -712,7 +725,11 @@ impl<S: Store> Registry<S> {
         // The paper's Fig. 2: the peer is asked to verify the requester in turn. Through the
         // store, so that the replica the peer is connected to pushes it.
         let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
-        let back = self.describe_record(*requester, &me, o.ip, None)?;
+        let my_protected = self
+            .catalog(&me.vnf)
+            .await?
+            .is_some_and(|(c, _)| c.gateway.is_some());
+        let back = self.describe_record(*requester, &me, o.ip, None, my_protected)?;
         let info: asmn_shared::wire::msg::PeerInfo = (&back).into();
         self.store
             .put(
@@ -720,6 +737,115 @@ impl<S: Store> Registry<S> {
                 prost::Message::encode_to_vec(&info),
             )
             .await?;
+        Ok(out)
+    }
+
+    /// The enrolled instance at `overlay` in `tenant`, or a refusal naming it.
+    async fn enrolled_at(
+        &self,
+        now: u64,
+        requester: &InstanceKey,
+        tenant: &TenantId,
+        overlay: IpAddr,
+    ) -> Result<(InstanceKey, InstanceRecord), RegistryError> {
+        let unknown = format!("no enrolled instance at {overlay}");
+        let id = match self.store.get(&overlay_index_key(tenant, &overlay)).await? {
+            Some(v) => String::from_utf8(v.value)
+                .ok()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| InstanceKey::from_slice(&b))
+                .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into()))?,
+            None => {
+                return Err(self
+                    .refuse_peer(now, requester, RefusalCode::PeerUnknown, unknown)
+                    .await);
+            }
+        };
+        match self.instance(&id).await? {
+            Some((rec, _)) if rec.state == InstanceState::Enrolled && rec.tenant == *tenant => {
+                Ok((id, rec))
+            }
+            _ => Err(self
+                .refuse_peer(now, requester, RefusalCode::PeerUnknown, unknown)
+                .await),
+        }
+    }
+
+    /// A gateway's pair check: may the instances at `source` and `overlay` talk through
+    /// the gateway `requester`? Only a gateway instance may ask; both instances must be
+    /// enrolled in its tenant, one of them must be behind this gateway's VNF, and each
+    /// one's catalog must admit the other (a pair is connected only when both directions
+    /// pass, as between direct peers). The answer describes the instance at `overlay`
+    /// (direct, for the gateway), so that the gateway can build its tunnel to it.
+    pub async fn verify_pair(
+        &self,
+        now: u64,
+        requester: &InstanceKey,
+        source: IpAddr,
+        overlay: IpAddr,
+    ) -> Result<asmn_shared::wire::Peer, RegistryError> {
+        let Some((me, _)) = self.instance(requester).await? else {
+            return Err(refuse(RefusalCode::NotAuthorized, "enroll first"));
+        };
+        if me.state != InstanceState::Enrolled || me.role != Role::Gateway {
+            return Err(refuse(
+                RefusalCode::NotAuthorized,
+                "only an enrolled gateway asks on behalf of another instance",
+            ));
+        }
+        let (_, src) = self.enrolled_at(now, requester, &me.tenant, source).await?;
+        let (dst_id, dst) = self
+            .enrolled_at(now, requester, &me.tenant, overlay)
+            .await?;
+        let catalog_of = |vnf: &VnfId| {
+            let vnf = vnf.clone();
+            async move {
+                Ok::<_, RegistryError>(
+                    self.catalog(&vnf)
+                        .await?
+                        .map(|(c, _)| c)
+                        .unwrap_or_else(|| SecCatalog::deny_all(vnf.clone())),
+                )
+            }
+        };
+        let (src_catalog, dst_catalog) = (catalog_of(&src.vnf).await?, catalog_of(&dst.vnf).await?);
+        let behind_me = |c: &SecCatalog| c.gateway.as_ref() == Some(&me.vnf);
+        let why = if !behind_me(&src_catalog) && !behind_me(&dst_catalog) {
+            Some(format!(
+                "neither {} nor {} is behind gateway {}",
+                src.vnf, dst.vnf, me.vnf
+            ))
+        } else if !catalog_admits(&dst_catalog, &src.vnf) {
+            Some(format!(
+                "{}'s Sec-catalog does not admit {}",
+                dst.vnf, src.vnf
+            ))
+        } else if !catalog_admits(&src_catalog, &dst.vnf) {
+            Some(format!(
+                "{}'s Sec-catalog does not admit {}",
+                src.vnf, dst.vnf
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let why = format!("{} -> {} through {}: {why}", source, overlay, me.vnf);
+            return Err(self
+                .refuse_peer(now, requester, RefusalCode::PeerNotAllowed, why)
+                .await);
+        }
+        let out =
+            self.describe_record(dst_id, &dst, overlay, None, dst_catalog.gateway.is_some())?;
+        self.audit(
+            now,
+            "peer.relay_admitted",
+            Some(requester),
+            format!(
+                "{} ({source}) and {} ({overlay}) may talk through {}",
+                src.vnf, dst.vnf, me.vnf
+            ),
+        )
+        .await?;
         Ok(out)
     }
 
@@ -747,8 +873,16 @@ impl<S: Store> Registry<S> {
         rec: &InstanceRecord,
         overlay: IpAddr,
         via_gateway: Option<IpAddr>,
+        protected: bool,
     ) -> Result<asmn_shared::wire::Peer, RegistryError> {
-        describe_record(self.config.dh_group, id, rec, overlay, via_gateway)
+        describe_record(
+            self.config.dh_group,
+            id,
+            rec,
+            overlay,
+            via_gateway,
+            protected,
+        )
     }
 
     /// The description of enrolled instance `id` that its peers receive (for the push
@@ -764,7 +898,11 @@ impl<S: Store> Registry<S> {
             return Err(refuse(RefusalCode::PeerUnknown, "not enrolled"));
         }
         let o: Overlay = rec.overlay.parse().map_err(RegistryError::Corrupt)?;
-        self.describe_record(*id, &rec, o.ip, None)
+        let protected = self
+            .catalog(&rec.vnf)
+            .await?
+            .is_some_and(|(c, _)| c.gateway.is_some());
+        self.describe_record(*id, &rec, o.ip, None, protected)
     }
 
     /// Records that agent `id` (enrolled on the connection that reports it) enforces

@@ -133,10 +133,22 @@ pub async fn handle<S: Store>(
                 RefusalCode::MalformedMessage,
                 "verify_peer.overlay is not an IP address",
             ),
-            (Some(me), Ok(ip)) => match registry.verify_peer(now(), &me, ip).await {
-                // The peer is asked to verify back by the push follower (see `push`).
-                Ok(peer) => Body::Peer((&peer).into()),
-                Err(e) => from_error(e),
+            (Some(me), Ok(ip)) if m.source.is_empty() => {
+                match registry.verify_peer(now(), &me, ip).await {
+                    // The peer is asked to verify back by the push follower (see `push`).
+                    Ok(peer) => Body::Peer((&peer).into()),
+                    Err(e) => from_error(e),
+                }
+            }
+            (Some(me), Ok(ip)) => match m.source.parse::<std::net::IpAddr>() {
+                Err(_) => refusal(
+                    RefusalCode::MalformedMessage,
+                    "verify_peer.source is not an IP address",
+                ),
+                Ok(source) => match registry.verify_pair(now(), &me, source, ip).await {
+                    Ok(peer) => Body::Peer((&peer).into()),
+                    Err(e) => from_error(e),
+                },
             },
         },
         Some(Body::CatalogAck(m)) => match session.agent() {

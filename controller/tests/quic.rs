@@ -528,6 +528,7 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
     let stranger = connect(&lab, false).await;
     let probe = Body::VerifyPeer(msg::VerifyPeerRequest {
         overlay: "10.77.0.1".into(),
+        source: String::new(),
     });
     assert_eq!(
         refused(&ask(&stranger, probe).await),
@@ -538,7 +539,10 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
     let b_ip = eb.overlay.split('/').next().expect("ip").to_string();
     let answer = ask(
         &ca,
-        Body::VerifyPeer(msg::VerifyPeerRequest { overlay: b_ip }),
+        Body::VerifyPeer(msg::VerifyPeerRequest {
+            overlay: b_ip,
+            source: String::new(),
+        }),
     )
     .await;
     let Body::Peer(p) = answer else {
@@ -662,7 +666,10 @@ async fn two_replicas_on_one_etcd_push_across_replicas() {
     let b_ip = eb.overlay.split('/').next().expect("ip").to_string();
     let answer = ask(
         &ca,
-        Body::VerifyPeer(msg::VerifyPeerRequest { overlay: b_ip }),
+        Body::VerifyPeer(msg::VerifyPeerRequest {
+            overlay: b_ip,
+            source: String::new(),
+        }),
     )
     .await;
     assert!(matches!(answer, Body::Peer(_)), "{answer:?}");

@@ -422,7 +422,7 @@ fn traffic_to_a_protected_vnf_goes_through_the_gateway_under_its_catalog() {
     let m = metrics(&t, c);
     assert!(m.contains(&format!("peer=\"{gw_ip}\"")), "{m}");
     assert!(!m.contains(&format!("peer=\"{server_ip}\"")), "{m}");
-    let forwarded = metric(&metrics(&t, g), "asmn_agent_rx_packets_total").unwrap_or(0.0);
+    let forwarded = metric(&metrics(&t, g), "asmn_agent_forwarded_total").unwrap_or(0.0);
     assert!(forwarded >= 2.0, "gateway forwarded {forwarded}");
 
     // The gateway enforces the server's catalog: the listed port passes...

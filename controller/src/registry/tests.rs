@@ -656,3 +656,77 @@ async fn peers_are_verified_by_catalog_tenant_and_state() {
         RefusalCode::PeerUnknown
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_relays_only_pairs_that_both_catalogs_admit() {
+    let (_d, s) = embedded();
+    let r = Registry::new(s, config());
+    onboard_as(&r, "server", "    gateway: gw\n    rules:\n      - protocol: tcp\n        port: 80\n        sources: [client]\n").await;
+    onboard_as(&r, "client", "    rules:\n      - protocol: icmp\n").await;
+    onboard_as(&r, "gw", "    rules:\n      - protocol: any\n").await;
+    onboard_as(&r, "intruder", "    rules:\n      - protocol: any\n").await;
+    onboard_as(&r, "other", "    rules:\n      - protocol: any\n").await;
+    let server = enrolled(&r, "server", "server-0", 1, Role::Vnf).await;
+    let client = enrolled(&r, "client", "client-0", 2, Role::Vnf).await;
+    let intruder = enrolled(&r, "intruder", "intruder-0", 3, Role::Vnf).await;
+    let gw = enrolled(&r, "gw", "gw-0", 4, Role::Gateway).await;
+    let other = enrolled(&r, "other", "other-0", 5, Role::Vnf).await;
+    let ip = |a| overlay_of(&r, a);
+    let (server_ip, client_ip) = (ip(&server).await, ip(&client).await);
+    let (intruder_ip, other_ip) = (ip(&intruder).await, ip(&other).await);
+
+    // Admitted both ways: the answer describes the destination, direct and protected.
+    let p = r
+        .verify_pair(6, &gw.request.id, client_ip, server_ip)
+        .await
+        .expect("client -> server through gw");
+    assert_eq!(
+        (p.id, p.via_gateway, p.protected),
+        (server.request.id, None, true)
+    );
+    let back = r
+        .verify_pair(6, &gw.request.id, server_ip, client_ip)
+        .await
+        .expect("server -> client through gw");
+    assert_eq!((back.id, back.protected), (client.request.id, false));
+    assert!(kinds(&r).await.iter().any(|k| k == "peer.relay_admitted"));
+    // The server's catalog does not admit the intruder, in either direction of asking.
+    for (a, b) in [(intruder_ip, server_ip), (server_ip, intruder_ip)] {
+        assert_eq!(
+            code(
+                r.verify_pair(6, &gw.request.id, a, b)
+                    .await
+                    .expect_err("intruder")
+            ),
+            RefusalCode::PeerNotAllowed
+        );
+    }
+    // Neither side is behind this gateway: it is not an open relay.
+    assert_eq!(
+        code(
+            r.verify_pair(6, &gw.request.id, client_ip, other_ip)
+                .await
+                .expect_err("no relay")
+        ),
+        RefusalCode::PeerNotAllowed
+    );
+    // Only a gateway may ask on behalf of another instance.
+    assert_eq!(
+        code(
+            r.verify_pair(6, &intruder.request.id, client_ip, server_ip)
+                .await
+                .expect_err("not gw")
+        ),
+        RefusalCode::NotAuthorized
+    );
+    // Nobody at that address.
+    let nobody: IpAddr = "10.77.9.9".parse().expect("ip");
+    assert_eq!(
+        code(
+            r.verify_pair(6, &gw.request.id, client_ip, nobody)
+                .await
+                .expect_err("nobody")
+        ),
+        RefusalCode::PeerUnknown
+    );
+}

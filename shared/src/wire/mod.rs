@@ -512,6 +512,8 @@ pub struct Peer {
     pub via_gateway: Option<IpAddr>,
     /// Its role.
     pub role: Role,
+    /// Whether its Sec-catalog names a gateway.
+    pub protected: bool,
 }
 
 impl TryFrom<&msg::PeerInfo> for Peer {
@@ -534,6 +536,7 @@ impl TryFrom<&msg::PeerInfo> for Peer {
                 Some(name("peer.via_gateway", &m.via_gateway)?)
             },
             role: role("peer.role", m.role)?,
+            protected: m.protected,
         })
     }
 }
@@ -551,6 +554,7 @@ impl From<&Peer> for msg::PeerInfo {
             epoch: p.epoch,
             via_gateway: p.via_gateway.map(|g| g.to_string()).unwrap_or_default(),
             role: role_msg(p.role),
+            protected: p.protected,
         }
     }
 }

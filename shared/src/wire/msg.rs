@@ -197,6 +197,11 @@ pub struct VerifyPeerRequest {
     /// The peer's overlay address (no prefix).
     #[prost(string, tag = "1")]
     pub overlay: String,
+    /// Empty: the requester asks for itself. Otherwise (a gateway only) the overlay
+    /// address of the instance on whose behalf it asks: may that instance and the peer
+    /// talk through this gateway?
+    #[prost(string, tag = "2")]
+    pub source: String,
 }
 
 /// A verified peer: everything needed to build the tunnel.
@@ -223,6 +228,10 @@ pub struct PeerInfo {
     pub via_gateway: String,
     #[prost(enumeration = "RoleMsg", tag = "10")]
     pub role: i32,
+    /// Whether its Sec-catalog names a gateway (which forwards to it only under that
+    /// catalog).
+    #[prost(bool, tag = "11")]
+    pub protected: bool,
 }
 
 /// Push: this peer asked to reach you; verify it in turn (the paper's Fig. 2).

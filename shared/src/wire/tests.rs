@@ -106,6 +106,7 @@ fn domain_round_trips() {
         epoch: 2,
         via_gateway: Some("10.77.0.1".parse().expect("gw")),
         role: Role::Gateway,
+        protected: true,
     };
     assert_eq!(Peer::try_from(&msg::PeerInfo::from(&p)).expect("peer"), p);
 
