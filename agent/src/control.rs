@@ -705,6 +705,35 @@ impl Control {
                     }
                 });
             }
+            Body::Rekeyed(n) => {
+                // A peer has new keys: ask Sec-EM for them (it answers admitted pairs only).
+                let Some(id) = InstanceKey::from_slice(&n.instance_key) else {
+                    return Ok(());
+                };
+                let overlay = self
+                    .known
+                    .lock()
+                    .ok()
+                    .and_then(|k| k.get(&id).map(|p| p.overlay));
+                if let Some(overlay) = overlay
+                    && self.has_peer(id).await
+                {
+                    let me = Arc::clone(self);
+                    tokio::spawn(async move {
+                        match me.verify(overlay).await {
+                            Ok(peer) if peer.id == id => {
+                                if let Err(e) = me.install(&peer).await {
+                                    tracing::warn!(error = %e, "cannot re-key the peer");
+                                }
+                            }
+                            Ok(_) => {
+                                tracing::warn!(%overlay, "re-key: another instance at that address")
+                            }
+                            Err(e) => tracing::warn!(%overlay, error = %e, "re-key refused"),
+                        }
+                    });
+                }
+            }
             Body::Peer(p) => {
                 // New keys of a peer (its renewal): re-key if it is ours.
                 if let Ok(peer) = Peer::try_from(&p)

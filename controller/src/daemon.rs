@@ -97,7 +97,6 @@ async fn serve_with<S: Store>(
     let _follower = crate::push::follow(
         registry.store_arc(),
         Arc::clone(&hub),
-        config.dh_group,
         Some(Arc::clone(&metrics)),
     );
     let _metrics_http = match config.metrics_addr {

@@ -29,12 +29,16 @@ struct Agent {
     vnf: VnfId,
     role: Role,
     tx: mpsc::Sender<msg::Envelope>,
+    /// Which attach this is: a connection's writer removes its own entry only, never
+    /// the newer connection's of the same instance.
+    generation: u64,
 }
 
 /// The connected agents.
 #[derive(Default)]
 pub struct PushHub {
     agents: Mutex<HashMap<InstanceKey, Agent>>,
+    generations: std::sync::atomic::AtomicU64,
     /// Revoked instances per tenant (with the reason), for agents that reconnect.
     revoked: Mutex<HashMap<TenantId, BTreeMap<InstanceKey, String>>>,
 }
@@ -102,6 +106,9 @@ impl PushHub {
             // What does not fit in the queue the agent learns from a refused VerifyPeer.
             let _ = tx.try_send(revocation(&rid, &reason));
         }
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut a) = self.agents.lock() {
             a.insert(
                 id,
@@ -110,6 +117,7 @@ impl PushHub {
                     vnf,
                     role,
                     tx,
+                    generation,
                 },
             );
         }
@@ -124,7 +132,9 @@ impl PushHub {
                 Some(())
             };
             let _ = done.await;
-            if let Ok(mut a) = hub.agents.lock() {
+            if let Ok(mut a) = hub.agents.lock()
+                && a.get(&id).is_some_and(|x| x.generation == generation)
+            {
                 a.remove(&id);
             }
         }))
@@ -168,11 +178,15 @@ impl PushHub {
         self.send_where(&revocation(id, reason), |_, a| &a.tenant == tenant)
     }
 
-    /// Pushes new keys of `peer` (a renewal's epoch, or republished keys) to the other
-    /// agents of its tenant; those that have it as a peer re-key, the others ignore it.
-    pub fn push_keys(&self, tenant: &TenantId, peer: &wire::Peer) -> usize {
-        let env = push(msg::Body::Peer(peer.into()));
-        self.send_where(&env, |k, a| &a.tenant == tenant && *k != peer.id)
+    /// Tells the other agents of its tenant that `id` has new keys (a renewal's epoch, or
+    /// a restarted agent): only its identity. Those that have it as a peer ask for it
+    /// again (VerifyPeer), which Sec-EM answers only for admitted pairs; the keys never
+    /// reach a VNF that Sec-EM refuses.
+    pub fn push_rekeyed(&self, tenant: &TenantId, id: &InstanceKey) -> usize {
+        let env = push(msg::Body::Rekeyed(msg::RekeyNotice {
+            instance_key: id.as_bytes().to_vec(),
+        }));
+        self.send_where(&env, |k, a| &a.tenant == tenant && k != id)
     }
 
     /// Sends `body` to one agent, if connected here.
@@ -212,7 +226,6 @@ impl Seen {
 /// The follower's memory: catalog versions and instance summaries.
 struct Follower {
     hub: Arc<PushHub>,
-    group: asmn_shared::dh::Group,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     catalogs: HashMap<String, u64>,
     instances: HashMap<String, Seen>,
@@ -287,31 +300,18 @@ impl Follower {
             (Some(Seen { keys: Some(old), .. }), Some(new)) if old != new
         );
         if rekeyed && !quiet {
-            let described = rec
-                .overlay
-                .parse::<wire::Overlay>()
-                .map_err(crate::registry::RegistryError::Corrupt)
-                .and_then(|o| {
-                    crate::registry::describe_record(self.group, id, &rec, o.ip, None, false)
-                });
-            match described {
-                Ok(peer) => {
-                    let n = self.hub.push_keys(&rec.tenant, &peer);
-                    tracing::info!(instance = %rec.id, epoch = peer.epoch, agents = n, "new keys pushed");
-                }
-                Err(e) => tracing::warn!(instance = %rec.id, error = %e, "cannot describe"),
-            }
+            let n = self.hub.push_rekeyed(&rec.tenant, &id);
+            tracing::info!(instance = %rec.id, epoch = rec.chain.epoch, agents = n, "new keys announced");
         }
     }
 }
 
 /// Follows catalogs and instance states in the store and pushes their changes: catalog
-/// versions to the agents of their VNF, revocations and new keys to the agents of the
-/// tenant. Runs until dropped.
+/// versions to the agents of their VNF, revocations and re-key notices to the agents of
+/// the tenant. Runs until dropped.
 pub fn follow<S: Store>(
     store: Arc<S>,
     hub: Arc<PushHub>,
-    group: asmn_shared::dh::Group,
     metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
@@ -324,7 +324,6 @@ pub fn follow<S: Store>(
             watch_prefix(Arc::clone(&store), &crate::registry::verify_back_prefix());
         let mut f = Follower {
             hub,
-            group,
             metrics,
             catalogs: HashMap::new(),
             instances: HashMap::new(),

@@ -1009,7 +1009,13 @@ impl<S: Store> Registry<S> {
                     "no such instance: it was never created, or its bundle is wrong",
                 ));
             };
-            if rec.tenant != req.tenant || rec.vnf != req.vnf || rec.instance != req.instance {
+            // The role too: it decides what a connection is pushed (a gateway gets the
+            // catalogs of the VNFs behind it) and what it may ask.
+            if rec.tenant != req.tenant
+                || rec.vnf != req.vnf
+                || rec.instance != req.instance
+                || rec.role != req.role
+            {
                 self.audit(now, "enroll.refused", Some(&id), "identity mismatch".into())
                     .await?;
                 return Err(refuse(

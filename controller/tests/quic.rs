@@ -67,12 +67,7 @@ fn serve_on<S: Store>(
     .expect("server");
     let addr = endpoint.local_addr().expect("addr");
     let hub = asmn_controller::push::PushHub::new();
-    let follower = asmn_controller::push::follow(
-        registry.store_arc(),
-        Arc::clone(&hub),
-        Group::Ffdhe3072,
-        None,
-    );
+    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub), None);
     let server = tokio::spawn(async move {
         let _follower = follower;
         service::serve(endpoint, registry, hub, None).await
@@ -432,6 +427,55 @@ async fn catalogs_and_revocations_are_pushed_to_enrolled_agents() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_of_an_instance_keeps_its_pushes_when_the_first_closes() {
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let vnfd = include_str!("../../images/examples/web-server.vnfd.yaml");
+    ask(&admin, common::onboard_body(IMAGE, vnfd.into())).await;
+    let a = create(&admin, "web-a").await;
+    let (first, mut prover) = enroll_with_prover(&a);
+    let old = connect(&lab, false).await;
+    assert!(matches!(
+        ask(&old, Body::Enroll(first.clone())).await,
+        Body::Enrolled(_)
+    ));
+    let mut old_pushes = Pushes::open(&old).await;
+    assert!(matches!(old_pushes.next().await, Body::CatalogPush(_)));
+    // The agent comes back on a new connection while the old one is still open (a
+    // restart faster than the idle timeout), then the old one closes.
+    let new = connect(&lab, false).await;
+    let again = msg::EnrollRequest {
+        reveal: Some((&prover.reveal().expect("next")).into()),
+        ..first
+    };
+    assert!(matches!(
+        ask(&new, Body::Enroll(again)).await,
+        Body::Enrolled(_)
+    ));
+    let mut pushes = Pushes::open(&new).await;
+    assert!(matches!(pushes.next().await, Body::CatalogPush(c) if c.version == 1));
+    old.close(0u32.into(), b"old connection");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Pushes still reach the new connection.
+    let mut c = asmn_shared::catalog::parse_vnfd("x", vnfd.as_bytes())
+        .expect("vnfd")
+        .catalog;
+    c.rules.truncate(1);
+    let applied = ask(
+        &admin,
+        Body::ApplyCatalog(msg::ApplyCatalogRequest {
+            catalog: Some((&c).into()),
+        }),
+    )
+    .await;
+    assert!(matches!(applied, Body::CatalogApplied(ref x) if x.version == 2));
+    let pushed = tokio::time::timeout(std::time::Duration::from_secs(5), pushes.next())
+        .await
+        .expect("the catalog reached the new connection");
+    assert!(matches!(pushed, Body::CatalogPush(c) if c.version == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnected_agent_gets_catalogs_and_revocations_on_reconnect() {
     let lab = lab().await;
     let admin = connect(&lab, true).await;
@@ -514,10 +558,10 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
     let (a, b) = (create(&admin, "web-a").await, create(&admin, "web-b").await);
     let (ca, cb) = (connect(&lab, false).await, connect(&lab, false).await);
     let (req_a, mut prover_a) = enroll_with_prover(&a);
-    assert!(matches!(
-        ask(&ca, Body::Enroll(req_a)).await,
-        Body::Enrolled(_)
-    ));
+    let Body::Enrolled(ea) = ask(&ca, Body::Enroll(req_a)).await else {
+        panic!("a")
+    };
+    let a_ip = ea.overlay.split('/').next().expect("ip").to_string();
     let Body::Enrolled(eb) = ask(&cb, Body::Enroll(enroll_request(&b))).await else {
         panic!("b")
     };
@@ -613,7 +657,20 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
         panic!("renewed")
     };
     assert_eq!((r.epoch, r.last_index), (1, 64));
-    let Body::Peer(update) = pushes_b.next().await else {
+    // The push names a only: its keys go to those Sec-EM admits when they ask again.
+    let Body::Rekeyed(notice) = pushes_b.next().await else {
+        panic!("a re-keyed")
+    };
+    assert_eq!(notice.instance_key, id.as_bytes().to_vec());
+    let Body::Peer(update) = ask(
+        &cb,
+        Body::VerifyPeer(msg::VerifyPeerRequest {
+            overlay: a_ip.clone(),
+            source: String::new(),
+        }),
+    )
+    .await
+    else {
         panic!("new keys of a")
     };
     assert_eq!(update.instance_key, id.as_bytes().to_vec());

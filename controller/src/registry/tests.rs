@@ -145,6 +145,23 @@ async fn a_genuine_instance_enrolls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cannot_claim_a_role_it_was_not_created_with() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let mut a = agent(create(&r, "web-0", 1).await, IMAGE);
+    assert_eq!(a.bundle.role, Role::Vnf);
+    a.request.role = Role::Gateway;
+    assert_eq!(
+        code(r.enroll(10, &a.request).await.expect_err("claimed gateway")),
+        RefusalCode::UnknownInstance
+    );
+    assert!(kinds(&r).await.contains(&"enroll.refused".to_string()));
+    // With its own role it enrolls (nothing was spent on the refused claim).
+    a.request.role = Role::Vnf;
+    r.enroll(11, &a.request).await.expect("as created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fakes_and_replays_are_refused_audited_and_quarantined() {
     let (_d, s) = embedded();
     let r = onboarded(s).await;

@@ -15,7 +15,7 @@ pub struct Envelope {
     pub request_id: u64,
     #[prost(
         oneof = "Body",
-        tags = "10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 40, 41, 42, 43, 44, 45, 46, 47, 48"
+        tags = "10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 40, 41, 42, 43, 44, 45, 46, 47, 48"
     )]
     pub body: Option<Body>,
 }
@@ -50,6 +50,8 @@ pub enum Body {
     Refused(Refusal),
     #[prost(message, tag = "27")]
     Ok(Ack),
+    #[prost(message, tag = "28")]
+    Rekeyed(RekeyNotice),
     // Operator (asmnctl) to Sec-EM and back.
     #[prost(message, tag = "40")]
     Onboard(OnboardRequest),
@@ -302,6 +304,15 @@ pub struct CatalogAck {
     pub vnf: String,
     #[prost(uint64, tag = "2")]
     pub version: u64,
+}
+
+/// Push: an instance has new keys (its agent restarted, or its chain epoch rolled).
+/// Only its identity: an agent that has it as a peer asks again (VerifyPeer), so its keys
+/// and endpoint reach only the instances Sec-EM admits as its peers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RekeyNotice {
+    #[prost(bytes = "vec", tag = "1")]
+    pub instance_key: Vec<u8>,
 }
 
 /// Push: an instance was revoked; drop its tunnel and keys.
