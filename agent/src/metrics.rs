@@ -66,6 +66,11 @@ pub fn render(stats: &PlaneStats) -> String {
             c.cookie_replies,
         ),
         (
+            "asmn_agent_handshakes_shed_total",
+            "Handshake messages dropped unread under load (their source's budget used)",
+            c.handshakes_shed,
+        ),
+        (
             "asmn_agent_rejected_total",
             "Datagrams a tunnel rejected (decryption, replay, handshake verification)",
             c.rejected,

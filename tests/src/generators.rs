@@ -306,6 +306,68 @@ pub fn syn_flood(
     })
 }
 
+/// Sends WireGuard handshake initiations to `to` as fast as it can for `seconds`: forged
+/// ones from random static keys with a valid mac1 for the responder key `key` (what an
+/// attacker who learnt the key can make), or, without a key, random datagrams of the same
+/// size that are no WireGuard message at all (the baseline cost of a datagram). Returns
+/// what it sent.
+pub fn handshake_flood(
+    to: SocketAddr,
+    key: Option<[u8; 32]>,
+    seconds: u64,
+) -> std::io::Result<StreamResult> {
+    use rand::RngCore;
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    let mut rng = rand::rng();
+    // A few hundred distinct messages, made before the clock starts.
+    let messages: Vec<Vec<u8>> = (0..256u32)
+        .map(|i| match key {
+            Some(k) => {
+                let mut secret = [0u8; 32];
+                rng.fill_bytes(&mut secret);
+                let mut t = boringtun::noise::Tunn::new(
+                    boringtun::x25519::StaticSecret::from(secret),
+                    boringtun::x25519::PublicKey::from(k),
+                    None,
+                    None,
+                    i,
+                    None,
+                );
+                let mut buf = vec![0u8; 256];
+                match t.format_handshake_initiation(&mut buf, true) {
+                    boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+                    _ => vec![0xff; 148],
+                }
+            }
+            None => {
+                let mut d = vec![0u8; 148];
+                rng.fill_bytes(&mut d);
+                d[0] = 0xff;
+                d
+            }
+        })
+        .collect();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for m in &messages {
+            if sock.send_to(m, to).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = sent * 148;
+    Ok(StreamResult {
+        bytes,
+        seconds: secs,
+        mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
+        datagrams: sent,
+        lost: 0,
+    })
+}
+
 /// Samples `/sys/class/net/DEV/statistics/rx_bytes` every `interval` for `seconds`:
 /// (nanoseconds since the Unix epoch, bytes) per sample, time and counter read back to
 /// back.

@@ -122,26 +122,38 @@ impl Tenant {
                 .args(["--server-name", "sec-em"])
                 .args(["--metrics-addr", &format!("{SEC_EM}:9464")]),
         )?;
-        let cfg = pki.join("sec-em.toml");
-        let proc = hub.spawn(
-            &sec_em,
-            &["serve", "--config", cfg.to_str().unwrap_or_default()],
-            &dir.path().join("sec-em.log"),
-        )?;
         let mut t = Tenant {
             dir,
             vnfs: Vec::new(),
-            sec_em: Some(proc),
+            sec_em: None,
             hub,
             next_host: 10,
         };
+        t.start_sec_em()?;
+        Ok(t)
+    }
+
+    /// Starts Sec-EM (again, after a test stopped it: `sec_em.take()` kills it) on the
+    /// same configuration and store, and waits until it answers.
+    pub fn start_sec_em(&mut self) -> Result<(), String> {
+        let sec_em = netns::binary("sec-em")?;
+        let cfg = self.dir.path().join("pki").join("sec-em.toml");
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let proc = self.hub.spawn(
+            &sec_em,
+            &["serve", "--config", cfg.to_str().unwrap_or_default()],
+            &self.dir.path().join(format!("sec-em-{n}.log")),
+        )?;
+        self.sec_em = Some(proc);
         if !wait_until(Duration::from_secs(15), || {
-            t.asmnctl(&["instance", "list"]).is_ok()
+            self.asmnctl(&["instance", "list"]).is_ok()
         }) {
-            let log = t.sec_em.as_mut().map(|p| p.log()).unwrap_or_default();
+            let log = self.sec_em.as_mut().map(|p| p.log()).unwrap_or_default();
             return Err(format!("sec-em did not come up: {log}"));
         }
-        Ok(t)
+        Ok(())
     }
 
     /// Runs `asmnctl ARGS` (in the hub namespace, with the admin certificate).
@@ -290,4 +302,46 @@ impl Tenant {
             Err(format!("{} did not enroll: {}", v.name, agent.log()))
         }
     }
+}
+
+/// VNF `i`'s agent metrics (read from inside its namespace; empty when unreachable).
+pub fn metrics(t: &Tenant, i: usize) -> String {
+    let v = &t.vnfs[i];
+    let url = format!("http://{}:9465/metrics", v.underlay);
+    v.ns.run("curl", &["-s", "--max-time", "2", &url])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the unlabelled metric `name` in `text`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether VNF `from` gets an echo reply from `ip` within ten one-second tries.
+pub fn ping_until_up(t: &Tenant, from: usize, ip: &str) -> bool {
+    (0..10).any(|_| ping_once(t, from, ip))
+}
+
+/// Whether one echo from VNF `from` to `ip` is answered within a second.
+pub fn ping_once(t: &Tenant, from: usize, ip: &str) -> bool {
+    t.vnfs[from]
+        .ns
+        .run("ping", &["-c", "1", "-W", "1", ip])
+        .is_ok()
+}
+
+/// Polls `f` every 20 ms for up to `limit`; how long it took to hold, if it did.
+pub fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }

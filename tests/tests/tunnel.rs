@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use asmn_tests::netns;
-use asmn_tests::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_tests::tenant::{
+    CLIENT_VNFD, GATEWAY_VNFD, Tenant, image, metric, metrics, ping_until_up,
+};
 
 const SERVER_VNFD: &str = "vnfd:
   id: server
@@ -53,31 +55,6 @@ fn client_and_server() -> (Tenant, usize, usize) {
 
 fn stdout(o: std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The agent's metrics (from inside its namespace).
-fn metrics(t: &Tenant, i: usize) -> String {
-    let v = &t.vnfs[i];
-    let url = format!("http://{}:9465/metrics", v.underlay);
-    v.ns.run("curl", &["-s", "--max-time", "2", &url])
-        .map(stdout)
-        .unwrap_or_default()
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn ping_until_up(t: &Tenant, from: usize, ip: &str) -> bool {
-    (0..10).any(|_| {
-        t.vnfs[from]
-            .ns
-            .run("ping", &["-c", "1", "-W", "1", ip])
-            .is_ok()
-    })
 }
 
 #[test]

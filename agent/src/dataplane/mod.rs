@@ -62,6 +62,14 @@ use routing::{Route, Routes};
 /// Handshake messages per second (with a valid mac1) that the plane processes before it
 /// is under load and answers with cookies instead (boringtun's device uses the same).
 pub const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Under load, handshake messages per second and source address that are looked at (and
+/// answered with a cookie); the rest from that address are dropped unread. A peer needs
+/// one cookie (valid two minutes); a flood from one address costs no more than junk.
+pub const LOADED_PER_SOURCE: u32 = 4;
+/// Under load, source addresses tracked per second; beyond, handshakes from new addresses
+/// share one budget of [`LOADED_PER_SOURCE`] (a flood from spoofed addresses cannot grow
+/// memory).
+pub const LOADED_SOURCES: usize = 4096;
 /// Persistent keepalive of every tunnel, in seconds.
 pub const KEEPALIVE: u16 = 25;
 
@@ -87,6 +95,9 @@ pub struct PlaneCounters {
     pub bad_mac: u64,
     /// Cookie replies sent instead of processing a handshake (under load).
     pub cookie_replies: u64,
+    /// Handshake messages dropped unread under load: their source address had used its
+    /// budget for the second.
+    pub handshakes_shed: u64,
     /// Datagrams a tunnel rejected (failed decryption, replay, a handshake that did not
     /// verify).
     pub rejected: u64,
@@ -229,6 +240,8 @@ pub struct Plane<C: Clock + Clone> {
     protected: HashMap<VnfId, PolicyEngine<C>>,
     /// mac1 and cookies for every handshake, before any Diffie-Hellman.
     limiter: Arc<RateLimiter>,
+    /// Handshake messages seen in the current second, and under load, per source.
+    load: HandshakeLoad,
     counters: PlaneCounters,
     asks: VecDeque<Ask>,
     /// Scratch for handshakes and queued packets.
@@ -242,6 +255,42 @@ impl<C: Clock + Clone> std::fmt::Debug for Plane<C> {
             .field("role", &self.role)
             .field("peers", &self.peers.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Handshake messages seen per second, to shed a flood before any cryptography.
+#[derive(Debug, Default)]
+struct HandshakeLoad {
+    second: Option<Instant>,
+    seen: u64,
+    per_source: HashMap<IpAddr, u32>,
+    overflow: u32,
+}
+
+impl HandshakeLoad {
+    /// Whether a handshake message from `ip` is looked at.
+    fn admit(&mut self, now: Instant, ip: IpAddr) -> bool {
+        if self
+            .second
+            .is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1))
+        {
+            self.second = Some(now);
+            self.seen = 0;
+            self.per_source.clear();
+            self.overflow = 0;
+        }
+        self.seen += 1;
+        if self.seen <= HANDSHAKES_PER_SECOND {
+            return true;
+        }
+        let room = self.per_source.len() < LOADED_SOURCES;
+        let n = if room || self.per_source.contains_key(&ip) {
+            self.per_source.entry(ip).or_insert(0)
+        } else {
+            &mut self.overflow
+        };
+        *n += 1;
+        *n <= LOADED_PER_SOURCE
     }
 }
 
@@ -303,6 +352,7 @@ impl<C: Clock + Clone> Plane<C> {
         let public = x25519::PublicKey::from(&config.secret);
         Plane {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            load: HandshakeLoad::default(),
             secret: config.secret,
             public,
             overlay: config.overlay,
@@ -403,6 +453,12 @@ impl<C: Clock + Clone> Plane<C> {
         };
         let (slot, index) = match packet {
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
+                // Under load, a source that used its budget for the second is not even
+                // read: a flood from one address costs what junk costs.
+                if !self.load.admit(now, from.ip()) {
+                    self.counters.handshakes_shed += 1;
+                    return;
+                }
                 // The cheap checks first: mac1, and under load the cookie (mac2). Only a
                 // handshake that passes them costs a Diffie-Hellman.
                 let mut cookie = [0u8; 64];

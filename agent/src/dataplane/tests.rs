@@ -584,24 +584,51 @@ fn forged_initiations_cost_no_diffie_hellman_without_mac1_and_cookies_under_load
     let b = lab.add("server", 3, Role::Vnf, 2);
     let to = lab.nodes[b].addr;
     let public = PublicKey::from(lab.nodes[b].plane.public_key());
-    // Wrong mac1 (the attacker does not know the key): dropped before any X25519.
+    // Wrong mac1 (the attacker does not know the key): dropped before any X25519, and
+    // past the second's handshake budget not even read.
     for i in 0..500u32 {
         let mut init = forged_init(200, PublicKey::from([9; 32]));
         init[8] ^= i as u8;
         lab.inject(endpoint(66), to, &init);
     }
-    assert_eq!(lab.counters(b).bad_mac, 500);
-    assert_eq!(lab.counters(b).rejected + lab.counters(b).unknown_peer, 0);
-    // A valid mac1 (the attacker knows the public key): past the handshake budget of
-    // the second, the sender must prove its address with a cookie first.
+    let c = lab.counters(b);
+    assert_eq!(c.bad_mac + c.handshakes_shed, 500, "{c:?}");
+    assert!(
+        c.bad_mac <= HANDSHAKES_PER_SECOND + u64::from(LOADED_PER_SOURCE),
+        "{c:?}"
+    );
+    assert_eq!(c.rejected + c.unknown_peer, 0);
+    // A valid mac1 (the attacker knows the public key), from many addresses: past the
+    // handshake budget of the second, each must prove its address with a cookie first.
+    lab.advance(Duration::from_secs(1));
     let init = forged_init(201, public);
     let n = 3 * HANDSHAKES_PER_SECOND;
-    for _ in 0..n {
-        lab.inject(endpoint(66), to, &init);
+    let source = |i: u64| {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(198, 51, (i / 250) as u8, (i % 250) as u8)),
+            4000,
+        )
+    };
+    for i in 0..n {
+        lab.inject(source(i), to, &init);
     }
     let c = lab.counters(b);
     assert!(c.cookie_replies >= n - HANDSHAKES_PER_SECOND, "{c:?}");
     assert!(c.unknown_peer <= HANDSHAKES_PER_SECOND, "{c:?}");
+    // From one address, past its budget: shed unread (no cookie either).
+    let (cookies, shed) = (c.cookie_replies, c.handshakes_shed);
+    for _ in 0..50 {
+        lab.inject(endpoint(66), to, &init);
+    }
+    let c = lab.counters(b);
+    assert!(
+        c.cookie_replies - cookies <= u64::from(LOADED_PER_SOURCE),
+        "{c:?}"
+    );
+    assert!(
+        c.handshakes_shed - shed >= 50 - u64::from(LOADED_PER_SOURCE),
+        "{c:?}"
+    );
 }
 
 #[test]

@@ -143,6 +143,16 @@ enum Gen {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// A flood of WireGuard handshake initiations at full rate: forged with a valid mac1
+    /// for the responder's public key (hex), or random datagrams without `--key`.
+    HandshakeFlood {
+        to: SocketAddr,
+        /// The responder's WireGuard public key, hex.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// A tunnel without cryptography between two TUN devices (the benchmark's floor for
     /// userspace tunnels): packets go to the peer as they are, in UDP.
     NullTunnel {
@@ -209,6 +219,18 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             payload,
             seconds,
         } => serde_json::to_string(&generators::syn_flood(to, port, payload, seconds)?)?,
+        Gen::HandshakeFlood { to, key, seconds } => {
+            let key = match key {
+                Some(h) => {
+                    let mut k = [0u8; 32];
+                    hex::decode_to_slice(h.trim(), &mut k)
+                        .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+                    Some(k)
+                }
+                None => None,
+            };
+            serde_json::to_string(&generators::handshake_flood(to, key, seconds)?)?
+        }
         Gen::NullTunnel {
             tun,
             address,

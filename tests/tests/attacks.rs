@@ -1,0 +1,393 @@
+//! The agent under attack and faults, in network namespaces: a peer restarted at the worst
+//! moment, a VNF that ignores its own revocation, Sec-EM down for a minute, a flood of
+//! forged handshakes, a compromised VNF that forges a route through the gateway. Each
+//! test tries to break one promise and asserts what the attacker gets: nothing.
+
+use std::time::{Duration, Instant};
+
+use asmn_tests::netns;
+use asmn_tests::tenant::{
+    CLIENT_VNFD, Tenant, image, metric, metrics, ping_once, ping_until_up, within,
+};
+
+/// A server that answers pings and takes UDP on 5201 from the client.
+const SERVER_VNFD: &str = "vnfd:
+  id: server
+  sec_catalog:
+    default_action: drop
+    rules:
+      - name: ping
+        protocol: icmp
+        ingress_policing_rate: 10000
+        ingress_policing_burst: 1000
+      - name: iperf
+        protocol: udp
+        port: 5201
+        sources: [client]
+        ingress_policing_rate: 0
+      - name: iperf-control
+        protocol: tcp
+        port: 5201
+        sources: [client]
+        ingress_policing_rate: 0
+";
+
+/// A tenant with an enrolled client and server (agent options appended to both
+/// configurations); their indexes.
+fn client_and_server(options: &str) -> (Tenant, usize, usize) {
+    let mut t = Tenant::new().expect("tenant");
+    let client_img = t.file("client.img", &image(1, 1 << 20)).expect("img");
+    let server_img = t.file("server.img", &image(2, 1 << 20)).expect("img");
+    t.onboard(&client_img, CLIENT_VNFD).expect("onboard client");
+    t.onboard(&server_img, SERVER_VNFD).expect("onboard server");
+    let c = t
+        .add("client-0", "client", "vnf", &client_img)
+        .expect("client");
+    let s = t
+        .add("server-0", "server", "vnf", &server_img)
+        .expect("server");
+    for i in [c, s] {
+        let cfg = &t.vnfs[i].config;
+        let mut text = std::fs::read_to_string(cfg).expect("config");
+        text.push_str(options);
+        std::fs::write(cfg, text).expect("config");
+        t.start(i).expect("start");
+    }
+    t.wait_enrolled(c, Duration::from_secs(20)).expect("client");
+    t.wait_enrolled(s, Duration::from_secs(20)).expect("server");
+    (t, c, s)
+}
+
+fn log(t: &Tenant, i: usize) -> String {
+    t.vnfs[i]
+        .agent
+        .as_ref()
+        .map(|p| p.log())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_restarted_agent_is_reachable_at_once_and_a_revoked_one_is_cut_off_while_it_runs() {
+    if !netns::can_run("the restart and revocation attack test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (mut t, c, s) = client_and_server("");
+    let (client_ip, server_ip) = (t.vnfs[c].overlay.to_string(), t.vnfs[s].overlay.to_string());
+    assert!(
+        ping_until_up(&t, c, &server_ip),
+        "no tunnel\n{}",
+        log(&t, c)
+    );
+
+    // The server's agent dies (kill -9) and comes back with a new WireGuard key.
+    if let Some(p) = t.vnfs[s].agent.take() {
+        drop(p);
+    }
+    t.start(s).expect("restart");
+    t.wait_enrolled(s, Duration::from_secs(20))
+        .expect("server again");
+    // Its peer reaches it at once, and it reaches its peer.
+    let up = within(Duration::from_secs(3), || ping_once(&t, c, &server_ip));
+    assert!(up.is_some(), "client -> restarted server\n{}", log(&t, c));
+    assert!(ping_once(&t, s, &client_ip), "restarted server -> client");
+    // The client holds one tunnel for the server (its old one was replaced, not kept).
+    let m = metrics(&t, c);
+    assert_eq!(metric(&m, "asmn_agent_peers"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "asmn_agent_tunnel_indexes"), Some(1.0), "{m}");
+
+    // The server is revoked while it keeps running, cut off from Sec-EM (so it never
+    // hears of its revocation) but not from its peer.
+    t.vnfs[s]
+        .ns
+        .run("ip", &["route", "add", "blackhole", "10.99.0.1/32"])
+        .expect("cut the server off from Sec-EM");
+    let id = t.vnfs[s].id.clone();
+    let revoked_at = Instant::now();
+    t.asmnctl(&["revoke", &id, "--reason", "attack test"])
+        .expect("revoke");
+    let gone = within(Duration::from_secs(3), || {
+        let m = metrics(&t, c);
+        metric(&m, "asmn_agent_peers") == Some(0.0)
+            && metric(&m, "asmn_agent_routes") == Some(0.0)
+            && metric(&m, "asmn_agent_tunnel_indexes") == Some(0.0)
+    });
+    let gone = gone.expect("the client dropped everything of the revoked server");
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(2) && gone < Duration::from_secs(1),
+        "took {gone:?}"
+    );
+    assert!(
+        t.vnfs[s].agent.as_mut().is_some_and(|p| p.running()),
+        "the revoked agent must still be running for this test"
+    );
+    // Nothing passes either way: the revoked server's packets reach the client as from
+    // an unknown peer, and the client asks Sec-EM, which refuses.
+    let before = metric(&metrics(&t, c), "asmn_agent_unknown_peer_total").unwrap_or(0.0);
+    assert!(!ping_once(&t, s, &client_ip), "revoked server -> client");
+    assert!(!ping_once(&t, c, &server_ip), "client -> revoked server");
+    let after = metric(&metrics(&t, c), "asmn_agent_unknown_peer_total").unwrap_or(0.0);
+    assert!(
+        after > before,
+        "the revoked server's packets: {before} -> {after}"
+    );
+    assert_eq!(metric(&metrics(&t, c), "asmn_agent_peers"), Some(0.0));
+
+    // SIGTERM stops an agent cleanly: exit 0, its TUN device gone.
+    let agent = t.vnfs[c].agent.as_mut().expect("client agent");
+    agent.terminate();
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        log(&t, c)
+    );
+    assert!(
+        t.vnfs[c].ns.run("ip", &["link", "show", "asmn0"]).is_err(),
+        "the TUN device outlived the agent"
+    );
+}
+
+/// Lost datagrams and datagrams sent, as the iperf3 server saw them.
+fn udp_loss(json: &str) -> (u64, u64) {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let sum = &v["end"]["sum"];
+    (
+        sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
+        sum["packets"].as_u64().unwrap_or(0),
+    )
+}
+
+fn last_attestation(t: &Tenant, i: usize) -> u64 {
+    let show = t
+        .asmnctl(&["--json", "instance", "show", &t.vnfs[i].id])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap_or_default();
+    v["last_attestation"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn tunnels_outlive_a_sixty_second_sec_em_outage_and_agents_re_attest_after_it() {
+    if !netns::can_run("the Sec-EM outage test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    // Re-attestation every second: a minute of outage is 60 chances to spend the chain.
+    let (mut t, c, s) = client_and_server("reattest_interval_secs = 1\n");
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let iperf = std::path::Path::new("/usr/bin/iperf3");
+    let _server = t.vnfs[s]
+        .ns
+        .spawn(
+            iperf,
+            &["-s", "-p", "5201"],
+            &t.dir.path().join("iperf-s.log"),
+        )
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    // Baseline: the same stream for 5 s with Sec-EM up.
+    let stream = |secs: &str| {
+        t.vnfs[c].ns.cmd(
+            "iperf3",
+            &[
+                "-c", &server_ip, "-p", "5201", "-u", "-b", "10M", "-t", secs, "-J",
+            ],
+        )
+    };
+    let output = |mut cmd: std::process::Command| {
+        cmd.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .expect("iperf3")
+    };
+    let (base_lost, base_sent) = udp_loss(&output(stream("5")));
+    assert!(base_sent > 1000, "baseline stream: {base_sent} datagrams");
+
+    // The stream again, for 70 s; Sec-EM is down from its 5th to its 65th second.
+    let long = stream("70");
+    let outage = std::thread::scope(|scope| {
+        let run = scope.spawn(move || output(long));
+        std::thread::sleep(Duration::from_secs(5));
+        t.sec_em.take();
+        std::thread::sleep(Duration::from_secs(60));
+        let restarted = t.start_sec_em();
+        (run.join().expect("stream"), restarted)
+    });
+    let (json, restarted) = outage;
+    restarted.expect("Sec-EM back");
+    let (lost, sent) = udp_loss(&json);
+    assert!(sent > 10_000, "outage stream: {sent} datagrams");
+    // Loss no worse than the baseline's rate, plus 0.1 point of slack for a loaded VM.
+    let (rate, base_rate) = (
+        lost as f64 / sent as f64,
+        base_lost as f64 / base_sent as f64,
+    );
+    assert!(
+        rate <= base_rate + 0.001,
+        "lost {lost} of {sent} during the outage, {base_lost} of {base_sent} before"
+    );
+    // Both agents still run and re-attest with the Sec-EM that came back.
+    let back = (last_attestation(&t, c), last_attestation(&t, s));
+    let reattested = within(Duration::from_secs(60), || {
+        last_attestation(&t, c) > back.0 && last_attestation(&t, s) > back.1
+    });
+    for i in [c, s] {
+        assert!(
+            t.vnfs[i].agent.as_mut().is_some_and(|p| p.running()),
+            "{} stopped:\n{}",
+            t.vnfs[i].name,
+            log(&t, i)
+        );
+    }
+    assert!(
+        reattested.is_some(),
+        "no re-attestation after the outage\nclient:\n{}\nserver:\n{}",
+        log(&t, c),
+        log(&t, s)
+    );
+    assert!(ping_once(&t, c, &server_ip), "tunnel after the outage");
+}
+
+/// Median RTT (ms) of `count` echoes 50 ms apart from VNF `from` to `ip`, and how many
+/// were answered.
+fn rtt(t: &Tenant, from: usize, ip: &str, count: usize) -> (f64, usize) {
+    let out = t.vnfs[from]
+        .ns
+        .cmd(
+            "ping",
+            &["-c", &count.to_string(), "-i", "0.05", "-W", "1", ip],
+        )
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut times: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(f64::INFINITY);
+    (median, times.len())
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Floods `to` from the attacker namespace for `seconds` (forged initiations with `key`,
+/// or random datagrams without) while `during` runs; the datagrams sent, the CPU seconds
+/// the agent `pid` used meanwhile, and what `during` returned.
+fn flood<R>(
+    attacker: &netns::Netns,
+    to: &str,
+    key: Option<&str>,
+    seconds: u64,
+    pid: u32,
+    during: impl FnOnce() -> R,
+) -> (u64, f64, R) {
+    let lab = netns::binary("asmn-lab").expect("asmn-lab");
+    let secs = seconds.to_string();
+    let mut args = vec!["gen", "handshake-flood", to, "--seconds", &secs];
+    if let Some(k) = key {
+        args.extend(["--key", k]);
+    }
+    let cpu0 = cpu_seconds(pid);
+    let mut cmd = attacker.cmd(lab.to_str().unwrap_or_default(), &args);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flood generator");
+    let r = during();
+    let out = child.wait_with_output().expect("flood result");
+    let cpu = cpu_seconds(pid) - cpu0;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    (v["datagrams"].as_u64().unwrap_or(0), cpu, r)
+}
+
+#[test]
+fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_tunnel() {
+    if !netns::can_run("the forged-handshake flood test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = client_and_server("");
+    let (client_ip, server_ip) = (t.vnfs[c].overlay.to_string(), t.vnfs[s].overlay.to_string());
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let show = t
+        .asmnctl(&["--json", "instance", "show", &t.vnfs[s].id])
+        .expect("instance show");
+    let rec: serde_json::Value = serde_json::from_str(&show).expect("json");
+    let key = rec["wg_public_key"]
+        .as_str()
+        .expect("the server's key")
+        .to_string();
+    let attacker = netns::Netns::new("asmnatk").expect("attacker namespace");
+    netns::attach(&t.hub, "br0", &attacker, "10.99.0.200/24").expect("attach");
+    let target = format!("{}:51820", t.vnfs[s].underlay);
+    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+
+    let (base_rtt, base_answered) = rtt(&t, c, &server_ip, 40);
+    assert_eq!(base_answered, 40, "baseline pings");
+    // Junk at full rate: the cost of a datagram that is no WireGuard message at all.
+    let (junk, junk_cpu, (junk_rtt, _)) = flood(&attacker, &target, None, 4, pid, || {
+        rtt(&t, c, &server_ip, 40)
+    });
+    // Forged initiations with a valid mac1, at full rate, with pings across the tunnel.
+    let before = metrics(&t, s);
+    let (forged, forged_cpu, (flood_rtt, answered)) =
+        flood(&attacker, &target, Some(&key), 4, pid, || {
+            rtt(&t, c, &server_ip, 40)
+        });
+    let after = metrics(&t, s);
+    let delta =
+        |name: &str| metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0);
+    let (junk_us, forged_us) = (
+        junk_cpu / junk.max(1) as f64 * 1e6,
+        forged_cpu / forged.max(1) as f64 * 1e6,
+    );
+    eprintln!(
+        "junk: {junk} datagrams, {junk_us:.2} us of agent CPU each; forged: {forged}, \
+         {forged_us:.2} us each ({:.2}x); ping {base_rtt:.3} ms, {junk_rtt:.3} ms under \
+         junk, {flood_rtt:.3} ms under forged initiations; cookie replies {}, shed {}, \
+         unknown-peer {}",
+        forged_us / junk_us.max(1e-9),
+        delta("asmn_agent_cookie_replies_total"),
+        delta("asmn_agent_handshakes_shed_total"),
+        delta("asmn_agent_unknown_peer_total"),
+    );
+    assert!(
+        junk > 10_000 && forged > 10_000,
+        "floods: {junk} and {forged} datagrams"
+    );
+    // Past the handshake budget (100 a second) the forged ones get a cookie reply or,
+    // past their source's budget, are shed unread: no Diffie-Hellman for them.
+    let cheap =
+        delta("asmn_agent_cookie_replies_total") + delta("asmn_agent_handshakes_shed_total");
+    assert!(
+        cheap >= forged as f64 * 0.99,
+        "{cheap} of {forged} forged initiations dropped before any Diffie-Hellman"
+    );
+    assert!(delta("asmn_agent_unknown_peer_total") <= 100.0 * 6.0);
+    assert!(
+        forged_us <= 2.0 * junk_us,
+        "a forged initiation costs {forged_us:.2} us, a junk datagram {junk_us:.2} us"
+    );
+    // The tunnel under the flood: nothing lost, RTT within 2x.
+    assert_eq!(answered, 40, "pings answered under the flood");
+    assert!(
+        flood_rtt <= 2.0 * base_rtt,
+        "RTT {base_rtt:.3} ms -> {flood_rtt:.3} ms under the flood"
+    );
+    // And afterwards the server still reaches the client where it really is.
+    assert!(
+        ping_once(&t, s, &client_ip),
+        "server -> client after the flood"
+    );
+}
