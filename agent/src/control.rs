@@ -212,6 +212,21 @@ impl Chain {
         self.id
     }
 
+    /// The WireGuard preshared key of the pair with `peer`: Diffie-Hellman of this
+    /// chain's exponent with the peer's published value (DESIGN.md §3.4).
+    pub fn preshared_key(
+        &self,
+        peer: &Peer,
+    ) -> Result<asmn_shared::crypto::PresharedKey, AgentError> {
+        self.dh
+            .preshared_key(
+                (&self.id, self.prover.spec().epoch),
+                (&peer.id, peer.epoch),
+                &peer.dh_public,
+            )
+            .map_err(other)
+    }
+
     /// The next reveal, its position saved first; or, if the last one got no answer,
     /// that one again.
     fn reveal(&mut self) -> Result<Reveal, AgentError> {
@@ -503,17 +518,7 @@ impl Control {
     }
 
     async fn install_direct(&self, peer: &Peer) -> Result<(), AgentError> {
-        let psk = {
-            let chain = self.chain.lock().await;
-            chain
-                .dh
-                .preshared_key(
-                    (&chain.id, chain.prover.spec().epoch),
-                    (&peer.id, peer.epoch),
-                    &peer.dh_public,
-                )
-                .map_err(other)?
-        };
+        let psk = self.chain.lock().await.preshared_key(peer)?;
         let spec = PeerSpec {
             id: peer.id,
             vnf: peer.vnf.clone(),

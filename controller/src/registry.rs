@@ -846,6 +846,21 @@ impl<S: Store> Registry<S> {
             ),
         )
         .await?;
+        // As after VerifyPeer (Fig. 2): the destination is asked to verify the gateway in
+        // turn, so that it installs the gateway's tunnel.
+        let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
+        let my_protected = self
+            .catalog(&me.vnf)
+            .await?
+            .is_some_and(|(c, _)| c.gateway.is_some());
+        let back = self.describe_record(*requester, &me, o.ip, None, my_protected)?;
+        let info: asmn_shared::wire::msg::PeerInfo = (&back).into();
+        self.store
+            .put(
+                &verify_back_key(&dst_id, requester),
+                prost::Message::encode_to_vec(&info),
+            )
+            .await?;
         Ok(out)
     }
 

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// The Internet checksum of `data` (RFC 1071), starting from `sum`.
-fn checksum(data: &[u8], mut sum: u32) -> u16 {
+/// The Internet checksum of `data`, starting from `sum`.
+pub fn checksum(data: &[u8], mut sum: u32) -> u16 {
     for pair in data.chunks(2) {
         let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
         sum = sum.wrapping_add(u32::from(word));

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attacker;
 pub mod bench;
 pub mod charts;
 pub mod eval;

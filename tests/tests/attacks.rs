@@ -391,3 +391,181 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
         "server -> client after the flood"
     );
 }
+
+/// Runs the rogue-peer attacker of VNF `i` (its bundle and image) in its namespace,
+/// through the gateway at `via`, against `to`.
+fn rogue(t: &Tenant, i: usize, image: &std::path::Path, via: &str, to: &str) -> serde_json::Value {
+    let lab = netns::binary("asmn-lab").expect("asmn-lab");
+    let v = &t.vnfs[i];
+    let bundle = t.dir.path().join(format!("{}.bundle", v.name));
+    let underlay = format!("{}:51820", v.underlay);
+    let out =
+        v.ns.run(
+            lab.to_str().unwrap_or_default(),
+            &[
+                "gen",
+                "rogue-peer",
+                "--bundle",
+                bundle.to_str().unwrap_or_default(),
+                "--image",
+                image.to_str().unwrap_or_default(),
+                "--underlay",
+                &underlay,
+                "--via",
+                via,
+                "--to",
+                to,
+                "--seconds",
+                "3",
+            ],
+        )
+        .expect("the rogue peer ran");
+    serde_json::from_slice(&out.stdout).expect("its report")
+}
+
+#[test]
+fn a_rogue_vnf_reaches_through_the_gateway_only_what_sec_em_admits_it() {
+    if !netns::can_run("the rogue-peer attack test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let mut t = Tenant::new().expect("tenant");
+    let img = |t: &Tenant, name: &str, seed: u8| {
+        t.file(&format!("{name}.img"), &image(seed, 1 << 20))
+            .expect("img")
+    };
+    let (gw_img, web_img, server_img, rogue_img) = (
+        img(&t, "gw", 3),
+        img(&t, "web", 4),
+        img(&t, "server", 5),
+        img(&t, "rogue", 6),
+    );
+    t.onboard(&gw_img, asmn_tests::tenant::GATEWAY_VNFD)
+        .expect("onboard gw");
+    // Behind the gateway: a web service that answers pings from anyone of the tenant,
+    // and a server that admits only the client.
+    t.onboard(
+        &web_img,
+        "vnfd:\n  id: web\n  sec_catalog:\n    gateway: gw\n    default_action: drop\n    rules:\n      - name: ping\n        protocol: icmp\n        ingress_policing_rate: 10000\n",
+    )
+    .expect("onboard web");
+    t.onboard(
+        &server_img,
+        &SERVER_VNFD
+            .replace("  sec_catalog:\n", "  sec_catalog:\n    gateway: gw\n")
+            .replace(
+                "      - name: ping\n        protocol: icmp\n",
+                "      - name: ping\n        protocol: icmp\n        sources: [client]\n",
+            ),
+    )
+    .expect("onboard server");
+    // The compromised VNF: its own catalog admits anyone.
+    t.onboard(&rogue_img, &CLIENT_VNFD.replace("id: client", "id: rogue"))
+        .expect("onboard rogue");
+    let g = t.add("gw-0", "gw", "gateway", &gw_img).expect("gw");
+    let w = t.add("web-0", "web", "vnf", &web_img).expect("web");
+    let s = t
+        .add("server-0", "server", "vnf", &server_img)
+        .expect("server");
+    let r0 = t.add("rogue-0", "rogue", "vnf", &rogue_img).expect("rogue");
+    let r1 = t.add("rogue-1", "rogue", "vnf", &rogue_img).expect("rogue");
+    let r2 = t.add("rogue-2", "rogue", "vnf", &rogue_img).expect("rogue");
+    // Not behind the gateway: a client that admits only the gateway and the server.
+    t.onboard(&client_img_for(&t), &CLIENT_ADMITS_SERVER_ONLY)
+        .expect("onboard client");
+    let c = t
+        .add("client-0", "client", "vnf", &client_img_for(&t))
+        .expect("client");
+    for i in [g, w, s, c] {
+        t.start(i).expect("start");
+    }
+    for i in [g, w, s, c] {
+        t.wait_enrolled(i, Duration::from_secs(20))
+            .expect("enrolled");
+    }
+    let gw_ip = t.vnfs[g].overlay.to_string();
+    let (web_ip, server_ip) = (t.vnfs[w].overlay.to_string(), t.vnfs[s].overlay.to_string());
+
+    // The attacker's tools work: through the gateway, the web service it is admitted to
+    // answers it.
+    let ok = rogue(&t, r0, &rogue_img, &gw_ip, &web_ip);
+    assert_eq!(ok["handshake"], true, "{ok}");
+    assert!(
+        ok["received"].as_u64().unwrap_or(0) > 0,
+        "admitted pair: {ok}\n{}\n{}\n{}\n{}",
+        log(&t, g),
+        log(&t, w),
+        metrics(&t, w),
+        metrics(&t, g)
+    );
+
+    // The server, which Sec-EM refuses it: nothing arrives, and the gateway counts it.
+    let before_gw = metrics(&t, g);
+    let before_server = metrics(&t, s);
+    let bad = rogue(&t, r1, &rogue_img, &gw_ip, &server_ip);
+    let after_gw = metrics(&t, g);
+    let after_server = metrics(&t, s);
+    let delta = |a: &str, b: &str, name: &str| {
+        metric(b, name).unwrap_or(0.0) - metric(a, name).unwrap_or(0.0)
+    };
+    assert_eq!(bad["handshake"], true, "{bad}");
+    let sent = bad["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 100, "forged packets sent: {bad}");
+    assert_eq!(bad["received"], 0, "{bad}");
+    assert_eq!(
+        delta(&before_server, &after_server, "asmn_agent_rx_packets_total"),
+        0.0,
+        "packets reached the server"
+    );
+    let dropped = delta(&before_gw, &after_gw, "asmn_agent_not_admitted_total");
+    assert!(
+        dropped >= sent as f64 * 0.9,
+        "the gateway counted {dropped} of {sent}"
+    );
+    assert!(
+        t.asmnctl(&["audit", "show"])
+            .unwrap_or_default()
+            .contains("peer.refused"),
+        "the refusal is audited"
+    );
+
+    // A VNF that is not behind the gateway at all: the gateway is no open relay.
+    let client_ip = t.vnfs[c].overlay.to_string();
+    let before_gw = metrics(&t, g);
+    let before_client = metrics(&t, c);
+    let relay = rogue(&t, r2, &rogue_img, &gw_ip, &client_ip);
+    let (after_gw, after_client) = (metrics(&t, g), metrics(&t, c));
+    assert_eq!(relay["handshake"], true, "{relay}");
+    assert_eq!(relay["received"], 0, "{relay}");
+    assert_eq!(
+        delta(&before_client, &after_client, "asmn_agent_rx_packets_total"),
+        0.0,
+        "packets reached the client"
+    );
+    let sent = relay["sent"].as_u64().unwrap_or(0);
+    let dropped = delta(&before_gw, &after_gw, "asmn_agent_not_admitted_total");
+    assert!(
+        sent > 100 && dropped >= sent as f64 * 0.9,
+        "the gateway counted {dropped} of {sent}"
+    );
+}
+
+/// A client that admits the gateway and the server, not the rogue.
+const CLIENT_ADMITS_SERVER_ONLY: &str = "vnfd:
+  id: client
+  sec_catalog:
+    default_action: drop
+    rules:
+      - name: peers
+        protocol: any
+        sources: [gw, server]
+        ingress_policing_rate: 0
+";
+
+fn client_img_for(t: &Tenant) -> std::path::PathBuf {
+    let p = t.dir.path().join("client.img");
+    if !p.exists() {
+        std::fs::write(&p, image(7, 1 << 20)).expect("client image");
+    }
+    p
+}

@@ -153,6 +153,26 @@ enum Gen {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// A compromised VNF (attack tests): enrolls with its genuine bundle and image, builds
+    /// a tunnel with the gateway at overlay `--via`, then sends pings and SYNs through it
+    /// to `--to`, which Sec-EM may refuse it.
+    RoguePeer {
+        #[arg(long)]
+        bundle: std::path::PathBuf,
+        #[arg(long)]
+        image: std::path::PathBuf,
+        /// This end's underlay address (ip:port).
+        #[arg(long)]
+        underlay: SocketAddr,
+        #[arg(long)]
+        via: std::net::IpAddr,
+        #[arg(long)]
+        to: Ipv4Addr,
+        #[arg(long, default_value_t = 5201)]
+        port: u16,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
     /// A tunnel without cryptography between two TUN devices (the benchmark's floor for
     /// userspace tunnels): packets go to the peer as they are, in UDP.
     NullTunnel {
@@ -219,6 +239,23 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             payload,
             seconds,
         } => serde_json::to_string(&generators::syn_flood(to, port, payload, seconds)?)?,
+        Gen::RoguePeer {
+            bundle,
+            image,
+            underlay,
+            via,
+            to,
+            port,
+            seconds,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let r = rt
+                .block_on(asmn_tests::attacker::rogue_peer(
+                    &bundle, &image, underlay, via, to, port, seconds,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            serde_json::to_string(&r)?
+        }
         Gen::HandshakeFlood { to, key, seconds } => {
             let key = match key {
                 Some(h) => {
