@@ -471,7 +471,7 @@ fn a_rogue_vnf_reaches_through_the_gateway_only_what_sec_em_admits_it() {
     let r1 = t.add("rogue-1", "rogue", "vnf", &rogue_img).expect("rogue");
     let r2 = t.add("rogue-2", "rogue", "vnf", &rogue_img).expect("rogue");
     // Not behind the gateway: a client that admits only the gateway and the server.
-    t.onboard(&client_img_for(&t), &CLIENT_ADMITS_SERVER_ONLY)
+    t.onboard(&client_img_for(&t), CLIENT_ADMITS_SERVER_ONLY)
         .expect("onboard client");
     let c = t
         .add("client-0", "client", "vnf", &client_img_for(&t))
