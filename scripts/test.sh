@@ -18,9 +18,21 @@ echo "==> cargo build --bins (the namespace tests run sec-em, asmnctl and asmn-a
 cargo build --workspace --bins --locked
 echo "==> cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+# Tests that cannot run here (outside CI: a tool missing, not root) pass as `ok` in
+# cargo's count; each notes why in this file (asmn_shared::skip), and the summary counts
+# them as skipped, not passed.
+export ASMN_SKIP_LOG
+ASMN_SKIP_LOG=$(mktemp)
+trap 'rm -f "$log" "$ASMN_SKIP_LOG"' EXIT
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+skipped=$(grep -c . "$ASMN_SKIP_LOG" || true)
+if ((skipped > 0)); then
+  echo "==> skipped at run time ($skipped notes; count, reason):"
+  sort "$ASMN_SKIP_LOG" | uniq -c | sed 's/^/    /'
+fi
 # One closing line over every test binary (cargo prints one per binary, the last often
-# being an empty doc-test run).
-awk '/^test result:/ { p += $4; f += $6; i += $8 }
-     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+# being an empty doc-test run); ignored tests and run-time skips count as skipped.
+awk -v s="$skipped" '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p - s, f, i + s }' "$log"
+exit "$status"

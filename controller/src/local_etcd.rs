@@ -144,7 +144,7 @@ impl LocalEtcd {
                     std::env::var("CI").is_err(),
                     "etcd is required under CI (apt-get install etcd-server)"
                 );
-                eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+                asmn_shared::skip::note("etcd is not installed (apt-get install etcd-server)");
                 None
             }
             Err(e) => panic!("{e}"),

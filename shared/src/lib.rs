@@ -32,5 +32,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod measure;
 pub mod policy;
+#[doc(hidden)]
+pub mod skip;
 pub mod units;
 pub mod wire;

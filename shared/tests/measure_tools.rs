@@ -27,7 +27,7 @@ fn tool_digest(tool: &str, args: &[&str], file: &Path) -> Option<String> {
         Ok(o) => panic!("{tool} failed: {}", String::from_utf8_lossy(&o.stderr)),
         Err(e) => {
             assert!(!under_ci(), "{tool} is required under CI: {e}");
-            eprintln!("skipping {tool}: {e}");
+            asmn_shared::skip::note(&format!("{tool}: {e}"));
             None
         }
     }

@@ -236,7 +236,7 @@ mod tests {
                 std::env::var("CI").is_err(),
                 "{FONT} is missing (fonts-dejavu-core)"
             );
-            eprintln!("skipped: {FONT} is missing (install fonts-dejavu-core)");
+            asmn_shared::skip::note(&format!("{FONT} is missing (install fonts-dejavu-core)"));
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -71,7 +71,7 @@ pub fn can_run(what: &str) -> bool {
         std::env::var("CI").is_err(),
         "{what} needs root and network namespaces under CI: {why}"
     );
-    eprintln!("skipped {what}: {why}");
+    asmn_shared::skip::note(&format!("{what}: {why}"));
     false
 }
 

@@ -24,7 +24,7 @@ fn tool(name: &str) -> Option<std::path::PathBuf> {
             std::env::var("CI").is_err(),
             "{name} is required under CI (scripts/deps.sh installs it)"
         );
-        eprintln!("skipped: {name} is not installed");
+        asmn_shared::skip::note(&format!("{name} is not installed"));
     }
     found
 }

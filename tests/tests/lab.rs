@@ -163,7 +163,7 @@ fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
     let _one_at_a_time = netns::serial();
     if bench::tool("wg").is_none() {
         assert!(std::env::var("CI").is_err(), "wg is required under CI");
-        eprintln!("skipped: wg (wireguard-tools) is not installed");
+        asmn_shared::skip::note("wg (wireguard-tools) is not installed");
         return;
     }
     // Five echoes from `ns` to `to`, all answered.

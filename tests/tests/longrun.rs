@@ -23,7 +23,7 @@ fn a_tunnel_passes_traffic_both_ways_across_rekeys() {
         .unwrap_or(660);
     if asmn_tests::bench::tool("wg").is_none() {
         assert!(std::env::var("CI").is_err(), "wg is required under CI");
-        eprintln!("skipped: wg (wireguard-tools) is not installed");
+        asmn_shared::skip::note("wg (wireguard-tools) is not installed");
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");

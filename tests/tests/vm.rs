@@ -59,9 +59,9 @@ fn a_baked_image_boots_and_its_agent_enrolls() {
     for t in ["debootstrap", "qemu-system-x86_64", "qemu-img", "mke2fs"] {
         if tool(t).is_none() {
             assert!(std::env::var("CI").is_err(), "{t} is missing");
-            eprintln!(
-                "skipped: {t} is missing (apt-get install debootstrap qemu-system-x86 qemu-utils)"
-            );
+            asmn_shared::skip::note(&format!(
+                "{t} is missing (apt-get install debootstrap qemu-system-x86 qemu-utils)"
+            ));
             return;
         }
     }

@@ -544,7 +544,7 @@ mod tests {
                     std::env::var("CI").is_err(),
                     "openssl is required under CI to cross-check the RFC 7919 primes"
                 );
-                eprintln!("skipped: openssl is not installed");
+                crate::skip::note("openssl is not installed");
                 return;
             };
             let pem = String::from_utf8_lossy(&out.stdout);
