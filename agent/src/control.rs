@@ -5,6 +5,7 @@
 //! Existing tunnels keep running while Sec-EM is unreachable; the agent reconnects with
 //! backoff to any listed controller and authenticates again with its next reveal.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -261,9 +262,17 @@ impl Chain {
         self.pending = None;
     }
 
-    /// Settles the pending reveal if `answer` is Sec-EM's (not a lost connection).
-    fn settle_on<T>(&mut self, answer: &Result<T, AgentError>) {
-        if !matches!(answer, Err(AgentError::Other(_))) {
+    /// Settles the pending reveal if `answer` decided it: accepted, or refused for a reason
+    /// that consumes or condemns the element. A lost answer, and Sec-EM saying it is
+    /// `Unavailable` (its store is down: nothing was recorded), leave it pending, to be
+    /// sent again.
+    fn settle_on(&mut self, answer: &Result<Body, AgentError>) {
+        let undecided = match answer {
+            Err(AgentError::Other(_)) => true,
+            Ok(Body::Refused(r)) => r.code == RefusalCode::Unavailable as i32,
+            _ => false,
+        };
+        if !undecided {
             self.settle();
         }
     }
@@ -395,6 +404,9 @@ pub struct Control {
     /// Sec-EM's descriptions of the installed peers (their keys and epochs), to re-key
     /// them when this agent's epoch rolls.
     known: std::sync::Mutex<std::collections::HashMap<InstanceKey, Peer>>,
+    /// Verifications that pushes start (verify-back, re-keys): owned here, aborted by
+    /// [`Control::shutdown`].
+    background: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -465,7 +477,24 @@ impl Control {
             role,
             enforced: std::sync::atomic::AtomicU64::new(enforced),
             known: std::sync::Mutex::new(std::collections::HashMap::new()),
+            background: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         })
+    }
+
+    /// Runs `work` in the background, owned by this control side.
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut set) = self.background.lock() {
+            // Reap what finished: the set holds only what is in flight.
+            while set.try_join_next().is_some() {}
+            set.spawn(work);
+        }
+    }
+
+    /// Aborts the background work (the daemon's shutdown path).
+    pub fn shutdown(&self) {
+        if let Ok(mut set) = self.background.lock() {
+            set.abort_all();
+        }
     }
 
     async fn conn(&self) -> quinn::Connection {
@@ -698,7 +727,7 @@ impl Control {
                     return Ok(());
                 }
                 let me = Arc::clone(self);
-                tokio::spawn(async move {
+                self.spawn(async move {
                     match me.verify(p.overlay).await {
                         Ok(peer) if peer.id == p.id => {
                             if let Err(e) = me.install(&peer).await {
@@ -724,7 +753,7 @@ impl Control {
                     && self.has_peer(id).await
                 {
                     let me = Arc::clone(self);
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         match me.verify(overlay).await {
                             Ok(peer) if peer.id == id => {
                                 if let Err(e) = me.install(&peer).await {
@@ -875,6 +904,54 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bundle() -> BootstrapBundle {
+        BootstrapBundle {
+            controllers: vec!["127.0.0.1:7443".into()],
+            server_name: "sec-em".into(),
+            ca_pem: String::new(),
+            tenant: asmn_shared::ids::TenantId::new("t1").expect("tenant"),
+            vnf: asmn_shared::ids::VnfId::new("web").expect("vnf"),
+            instance: asmn_shared::ids::InstanceName::new("web-0").expect("instance"),
+            nonce: asmn_shared::crypto::Nonce::new([5; 32]),
+            chain_length: 100,
+            role: Role::Vnf,
+            dh_group: asmn_shared::dh::Group::Ffdhe3072,
+        }
+    }
+
+    #[test]
+    fn a_reveal_without_a_decisive_answer_is_sent_again_not_replaced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut chain = Chain::new(bundle(), vec![1; 32], dir.path().to_path_buf()).expect("chain");
+        let first = chain.reveal().expect("reveal");
+        // The connection was lost, or Sec-EM's store was unavailable: the same element.
+        chain.settle_on(&Err(other("timed out")));
+        assert_eq!(chain.reveal().expect("again"), first);
+        let unavailable = Ok(Body::Refused(msg::Refusal {
+            code: RefusalCode::Unavailable as i32,
+            message: "store".into(),
+        }));
+        chain.settle_on(&unavailable);
+        assert_eq!(chain.reveal().expect("again"), first);
+        // The position on disk moved once, past that element (a restart reveals the
+        // next one: it never sends an element twice).
+        let id = chain.id();
+        let saved = load_position(dir.path(), &id)
+            .expect("read")
+            .expect("saved");
+        assert_eq!(saved.next + 1, first.index);
+        // Accepted (or refused for good): the next reveal is the next element down.
+        chain.settle_on(&Ok(Body::Ok(msg::Ack {})));
+        let second = chain.reveal().expect("next");
+        assert_eq!(second.index + 1, first.index);
+        let replayed = Ok(Body::Refused(msg::Refusal {
+            code: RefusalCode::Replayed as i32,
+            message: String::new(),
+        }));
+        chain.settle_on(&replayed);
+        assert_eq!(chain.reveal().expect("next").index + 1, second.index);
+    }
 
     #[test]
     fn a_missing_position_is_a_first_start_and_a_damaged_one_is_an_error() {

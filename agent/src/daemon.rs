@@ -209,6 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // One shutdown path: the tasks first (they hold the connection and the plane's
     // handle), then the connection, then the data plane.
     tasks.shutdown().await;
+    control.shutdown();
     endpoint.close(0u32.into(), b"agent stopping");
     let _ = tokio::time::timeout(CLOSE_WAIT, endpoint.wait_idle()).await;
     drop(handle);

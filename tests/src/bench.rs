@@ -537,6 +537,92 @@ impl DirectPair {
     }
 }
 
+/// What a flood of forged handshake initiations costs the agent it is aimed at, beside
+/// junk datagrams at the same full rate (DESIGN.md §3.5: forged packets are cheap), and
+/// the RTT through its tunnel meanwhile.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FloodResult {
+    /// Seconds each flood lasted.
+    pub seconds: u64,
+    /// Junk datagrams sent (148 bytes, no WireGuard message).
+    pub junk_datagrams: u64,
+    /// The receiving agent's CPU per junk datagram, microseconds.
+    pub junk_us: f64,
+    /// Forged initiations sent (random static keys, a valid mac1 for the receiver).
+    pub forged_datagrams: u64,
+    /// The receiving agent's CPU per forged initiation, microseconds.
+    pub forged_us: f64,
+    /// RTT through the tunnel without a flood, 64 B, median, microseconds.
+    pub rtt64_quiet_us: f64,
+    /// The same during the forged flood.
+    pub rtt64_flood_us: f64,
+}
+
+/// Measures [`FloodResult`] on ASMN's direct tunnel: the floods come from the first
+/// namespace to the second agent's socket, at the generator's full rate.
+pub fn flood(run: Run<'_>) -> anyhow::Result<FloodResult> {
+    use base64::Engine as _;
+    const SECONDS: u64 = 4;
+    let mut pair = DirectPair::new(run.work)?;
+    let pids = pair.start_agents(false)?;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(pair.public.1.trim())
+        .map(hex::encode)?;
+    let quiet = median_rtt(&pair.a, run.me, TUNNEL_B, 64).map_err(anyhow::Error::msg)?;
+    let to = format!("{VETH_B}:51820");
+    let secs = SECONDS.to_string();
+    let one = |key: Option<&str>, log: &str| -> anyhow::Result<(u64, f64, f64)> {
+        let mut args = vec!["handshake-flood", to.as_str(), "--seconds", secs.as_str()];
+        if let Some(k) = key {
+            args.extend(["--key", k]);
+        }
+        let cpu0 = cpu_seconds(pids[1]);
+        let mut generator = spawn_generator(&pair.a, run.me, &args, &run.work.join(log))
+            .map_err(anyhow::Error::msg)?;
+        let rtt = median_rtt(&pair.a, run.me, TUNNEL_B, 64).map_err(anyhow::Error::msg)?;
+        generator.wait_exit(Duration::from_secs(SECONDS + 10));
+        let cpu = cpu_seconds(pids[1]) - cpu0;
+        let v = last_json(&generator.log()).map_err(anyhow::Error::msg)?;
+        let sent = v["datagrams"].as_u64().unwrap_or(0);
+        Ok((sent, cpu / sent.max(1) as f64 * 1e6, rtt))
+    };
+    let (junk_datagrams, junk_us, _) = one(None, "flood-junk.log")?;
+    let (forged_datagrams, forged_us, flood_rtt) = one(Some(&key), "flood-forged.log")?;
+    pair.stop_agents();
+    Ok(FloodResult {
+        seconds: SECONDS,
+        junk_datagrams,
+        junk_us,
+        forged_datagrams,
+        forged_us,
+        rtt64_quiet_us: quiet,
+        rtt64_flood_us: flood_rtt,
+    })
+}
+
+/// The flood figures as Markdown.
+pub fn flood_markdown(f: &FloodResult) -> String {
+    format!(
+        "\nForged-handshake flood at full rate on ASMN's direct tunnel, {} s each, against junk \
+         datagrams at the same rate:\n\n\
+         | flood | datagrams | agent CPU per datagram (us) | RTT 64 B through the tunnel (us, median) |\n\
+         |---|---:|---:|---:|\n\
+         | none | 0 | - | {:.0} |\n\
+         | junk (no WireGuard message) | {} | {:.2} | - |\n\
+         | forged initiations (valid mac1) | {} | {:.2} | {:.0} |\n\n\
+         - a forged initiation costs {:.2}x a junk datagram; the RTT under the flood is {:.2}x the quiet one\n",
+        f.seconds,
+        f.rtt64_quiet_us,
+        f.junk_datagrams,
+        f.junk_us,
+        f.forged_datagrams,
+        f.forged_us,
+        f.rtt64_flood_us,
+        f.forged_us / f.junk_us.max(1e-9),
+        f.rtt64_flood_us / f.rtt64_quiet_us.max(1e-9),
+    )
+}
+
 /// The overlay address of the second end of the null tunnels.
 pub const NULL_B: &str = "10.84.0.2";
 

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use asmn_tests::bench::cpu_seconds;
 use asmn_tests::netns;
 use asmn_tests::tenant::{
     CLIENT_VNFD, Tenant, image, metric, metrics, ping_once, ping_until_up, within,
@@ -268,17 +269,6 @@ fn rtt(t: &Tenant, from: usize, ip: &str, count: usize) -> (f64, usize) {
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::INFINITY);
     (median, times.len())
-}
-
-/// CPU seconds (user + system) used so far by process `pid`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Floods `to` from the attacker namespace for `seconds` (forged initiations with `key`,

@@ -82,6 +82,9 @@ enum BenchPath {
     Busy,
     /// Null tunnels without cryptography, blocking and busy-polling: the floor.
     Floor,
+    /// A full-rate flood of forged handshake initiations against a direct tunnel, beside
+    /// junk datagrams: the agent's CPU per datagram, and the RTT meanwhile.
+    Flood,
 }
 
 #[derive(Subcommand, Debug)]
@@ -716,8 +719,19 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
     )?;
 
     print!("{}", asmn_tests::bench::markdown(&results));
+    let flood = if want(BenchPath::Flood) {
+        eprintln!("forged-handshake flood ...");
+        let f = asmn_tests::bench::flood(run)?;
+        print!("{}", asmn_tests::bench::flood_markdown(&f));
+        Some(f)
+    } else {
+        None
+    };
     if json {
-        println!("{}", serde_json::to_string(&results)?);
+        println!(
+            "{}",
+            serde_json::json!({ "paths": results, "flood": flood })
+        );
     }
     Ok(())
 }
