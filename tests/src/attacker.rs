@@ -1,5 +1,6 @@
-//! Attacker tools for the namespace tests, built from the libraries the agent uses (its
-//! control client, boringtun) rather than mocks.
+//! Attacker and fault tools for the namespace tests, built from the libraries the agent
+//! and Sec-EM use (the agent's control client, boringtun, Sec-EM's transport) rather
+//! than mocks.
 //!
 //! [`rogue_peer`] is a compromised VNF: it holds a legitimately enrolled identity (its
 //! bundle, its genuine image), builds a real WireGuard tunnel with its gateway, and then
@@ -175,4 +176,64 @@ pub async fn rogue_peer(
     }
     conn.close(0u32.into(), b"done");
     Ok(result)
+}
+
+/// A Sec-EM stand-in for fault tests: on `listen`, with the tenant's server certificate
+/// from `pki` (so agents connect to it as to Sec-EM), it answers every request with
+/// `Unavailable` (what Sec-EM says when its store is down) for `seconds`. How many
+/// requests it answered.
+pub async fn unavailable_sec_em(
+    pki: &Path,
+    listen: SocketAddr,
+    seconds: u64,
+) -> Result<u64, String> {
+    use asmn_controller::transport;
+    use asmn_shared::wire;
+    let read =
+        |name: &str| std::fs::read_to_string(pki.join(name)).map_err(|e| format!("{name}: {e}"));
+    let endpoint = transport::server(
+        listen,
+        &read("ca.pem")?,
+        &read("server.pem")?,
+        &read("server.key")?,
+    )
+    .map_err(err)?;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let serve = {
+        let endpoint = endpoint.clone();
+        let answered = std::sync::Arc::clone(&answered);
+        async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Some(incoming) = endpoint.accept().await {
+                let answered = std::sync::Arc::clone(&answered);
+                conns.spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let Ok(bytes) =
+                            recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await
+                        else {
+                            continue;
+                        };
+                        let id = transport::decode_one_frame(&bytes).map_or(0, |e| e.request_id);
+                        let reply = msg::Envelope {
+                            request_id: id,
+                            body: Some(Body::Refused(msg::Refusal {
+                                code: msg::RefusalCode::Unavailable as i32,
+                                message: "the store is unavailable (fault test)".into(),
+                            })),
+                        };
+                        if let Ok(frame) = wire::encode_frame(&reply) {
+                            let _ = send.write_all(&frame).await;
+                            let _ = send.finish();
+                            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(seconds), serve).await;
+    endpoint.close(0u32.into(), b"fault over");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(answered.load(std::sync::atomic::Ordering::Relaxed))
 }

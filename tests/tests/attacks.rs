@@ -559,3 +559,113 @@ fn client_img_for(t: &Tenant) -> std::path::PathBuf {
     }
     p
 }
+
+#[test]
+fn a_sec_em_answering_unavailable_stops_no_agent_and_spends_no_chain() {
+    if !netns::can_run("the Unavailable fault test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (mut t, c, s) = client_and_server("reattest_interval_secs = 1\n");
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    // Sec-EM stops cleanly (its connections closed, so the agents reconnect at once) and
+    // a stand-in on its address answers every request `Unavailable` for 10 s, as Sec-EM
+    // does when its store is down.
+    let index_before = (chain_index(&t, c), chain_index(&t, s));
+    let sec_em = t.sec_em.as_mut().expect("Sec-EM");
+    sec_em.terminate();
+    assert_eq!(
+        sec_em.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        sec_em.log()
+    );
+    t.sec_em.take();
+    let lab = netns::binary("asmn-lab").expect("asmn-lab");
+    let pki = t.dir.path().join("pki");
+    let mut stand_in = t
+        .hub
+        .spawn(
+            &lab,
+            &[
+                "gen",
+                "unavailable-sec-em",
+                "--pki",
+                pki.to_str().unwrap_or_default(),
+                "--listen",
+                "10.99.0.1:7443",
+                "--seconds",
+                "10",
+            ],
+            &t.dir.path().join("stand-in.log"),
+        )
+        .expect("the stand-in");
+    // Meanwhile the tunnel carries traffic.
+    let during = (0..8).filter(|_| ping_once(&t, c, &server_ip)).count();
+    assert_eq!(
+        stand_in.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        stand_in.log()
+    );
+    let answered = serde_json::from_str::<serde_json::Value>(stand_in.log().trim())
+        .ok()
+        .and_then(|v| v["answered"].as_u64())
+        .unwrap_or(0);
+    // Sec-EM is back: the agents re-attest with the element they could not get recorded.
+    t.start_sec_em().expect("Sec-EM back");
+    let back = (last_attestation(&t, c), last_attestation(&t, s));
+    // The first re-attestation each, and no more (the index is read right after).
+    let reattested = within(Duration::from_secs(60), || {
+        last_attestation(&t, c) > back.0 && last_attestation(&t, s) > back.1
+    });
+    let index_after = (chain_index(&t, c), chain_index(&t, s));
+    for i in [c, s] {
+        assert!(
+            t.vnfs[i].agent.as_mut().is_some_and(|p| p.running()),
+            "{} stopped:\n{}",
+            t.vnfs[i].name,
+            log(&t, i)
+        );
+    }
+    assert!(
+        answered >= 6,
+        "the agents never met the stand-in ({answered} answers)"
+    );
+    assert!(
+        during >= 7,
+        "{during} of 8 pings answered while Sec-EM was unavailable"
+    );
+    assert!(
+        reattested.is_some(),
+        "no re-attestation after Sec-EM came back\nclient:\n{}\nserver:\n{}",
+        log(&t, c),
+        log(&t, s)
+    );
+    // Each agent spent at most: a tick before Sec-EM went, the element in flight then,
+    // its re-enrollment, and a tick since (one a second): not one per `Unavailable`
+    // answer (at least three each).
+    for (before, after) in [
+        (index_before.0, index_after.0),
+        (index_before.1, index_after.1),
+    ] {
+        assert!(
+            before.saturating_sub(after) <= 4,
+            "the chain went from index {before} to {after} over {answered} Unavailable answers"
+        );
+    }
+    assert!(
+        !log(&t, c).contains("SkipTooFar") && !log(&t, s).contains("SkipTooFar"),
+        "an element was spent on an unrecorded reveal"
+    );
+}
+
+/// The last chain index Sec-EM accepted from VNF `i` (indexes go down).
+fn chain_index(t: &Tenant, i: usize) -> u32 {
+    let show = t
+        .asmnctl(&["--json", "instance", "show", &t.vnfs[i].id])
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap_or_default();
+    v["chain"]["last_index"].as_u64().unwrap_or(0) as u32
+}

@@ -176,6 +176,16 @@ enum Gen {
         #[arg(long, default_value_t = 3)]
         seconds: u64,
     },
+    /// A Sec-EM stand-in (fault tests): answers every request `Unavailable` for `--seconds`
+    /// on `--listen`, with the server certificate of the PKI directory `--pki`.
+    UnavailableSecEm {
+        #[arg(long)]
+        pki: std::path::PathBuf,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// A tunnel without cryptography between two TUN devices (the benchmark's floor for
     /// userspace tunnels): packets go to the peer as they are, in UDP.
     NullTunnel {
@@ -258,6 +268,19 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
                 ))
                 .map_err(|e| anyhow::anyhow!(e))?;
             serde_json::to_string(&r)?
+        }
+        Gen::UnavailableSecEm {
+            pki,
+            listen,
+            seconds,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let n = rt
+                .block_on(asmn_tests::attacker::unavailable_sec_em(
+                    &pki, listen, seconds,
+                ))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            serde_json::json!({ "answered": n }).to_string()
         }
         Gen::HandshakeFlood { to, key, seconds } => {
             let key = match key {
