@@ -100,10 +100,12 @@ impl Peer {
 
     /// The tunnel to send with: the previous one while the current has no session yet.
     pub fn sending(&mut self) -> &mut Tunn {
-        if !self.current_ready()
-            && let Some(prev) = self.previous.as_mut()
-        {
-            return &mut prev.tunnel.tunn;
+        // `stats()` reads the clock and locks every session's counters: ask it only
+        // during a rotation, not for every packet.
+        if self.previous.is_some() && !self.current_ready() {
+            if let Some(prev) = self.previous.as_mut() {
+                return &mut prev.tunnel.tunn;
+            }
         }
         &mut self.current.tunn
     }
