@@ -102,10 +102,11 @@ impl Peer {
     pub fn sending(&mut self) -> &mut Tunn {
         // `stats()` reads the clock and locks every session's counters: ask it only
         // during a rotation, not for every packet.
-        if self.previous.is_some() && !self.current_ready() {
-            if let Some(prev) = self.previous.as_mut() {
-                return &mut prev.tunnel.tunn;
-            }
+        if self.previous.is_some()
+            && !self.current_ready()
+            && let Some(prev) = self.previous.as_mut()
+        {
+            return &mut prev.tunnel.tunn;
         }
         &mut self.current.tunn
     }
