@@ -560,11 +560,17 @@ impl Control {
         let outcome = self
             .on_plane(move |p, now, out| p.install(now, spec, &psk, out))
             .await?;
-        if outcome == Installed::KeyConflict {
-            return Err(other(format!(
-                "{}: another peer holds its WireGuard key",
-                peer.overlay
-            )));
+        match outcome {
+            Installed::KeyConflict => {
+                return Err(other(format!(
+                    "{}: another peer holds its WireGuard key",
+                    peer.overlay
+                )));
+            }
+            Installed::Revoked => {
+                return Err(other(format!("{}: the instance was revoked", peer.overlay)));
+            }
+            _ => {}
         }
         if let Ok(mut k) = self.known.lock() {
             k.insert(peer.id, peer.clone());

@@ -68,13 +68,18 @@ pub const HANDSHAKES_PER_SECOND: u64 = 100;
 pub const LOADED_PER_SOURCE: u32 = 4;
 /// Under load, source addresses tracked per second; beyond, handshakes from new addresses
 /// share one budget of [`LOADED_PER_SOURCE`] (a flood from spoofed addresses cannot grow
-/// memory).
-pub const LOADED_SOURCES: usize = 4096;
+/// memory: about 3 MiB at most).
+pub const LOADED_SOURCES: usize = 65_536;
+/// On a gateway: pairs one source may have waiting for Sec-EM's admission at once (one
+/// peer spraying destinations cannot fill the queue for everyone).
+pub const PAIRS_PER_SOURCE: usize = 16;
+/// Revoked instances remembered, so that an answer from Sec-EM already on its way cannot
+/// bring one back (the oldest are forgotten first; revocation is final at Sec-EM too).
+pub const REVOKED_KEPT: usize = 65_536;
 /// Persistent keepalive of every tunnel, in seconds.
 pub const KEEPALIVE: u16 = 25;
 
-/// WireGuard message types (the first byte of a datagram).
-const COOKIE_REPLY: u8 = 3;
+/// WireGuard's message type of data (the first byte of a datagram).
 const DATA: u8 = 4;
 /// A data message's header before the ciphertext (type, receiver, counter).
 const DATA_HEADER: usize = 16;
@@ -152,6 +157,9 @@ pub enum Installed {
     Replaced,
     /// Refused: another installed instance holds this WireGuard key.
     KeyConflict,
+    /// Refused: the instance was revoked (an answer that was on its way when the
+    /// revocation came).
+    Revoked,
 }
 
 /// One installed peer, for metrics.
@@ -240,6 +248,13 @@ pub struct Plane<C: Clock + Clone> {
     protected: HashMap<VnfId, PolicyEngine<C>>,
     /// mac1 and cookies for every handshake, before any Diffie-Hellman.
     limiter: Arc<RateLimiter>,
+    /// The key of mac1 (BLAKE2s of the label and our public key), checked first.
+    mac1_key: [u8; 32],
+    /// Instances revoked, newest last.
+    revoked: (
+        std::collections::HashSet<InstanceKey>,
+        VecDeque<InstanceKey>,
+    ),
     /// Handshake messages seen in the current second, and under load, per source.
     load: HandshakeLoad,
     counters: PlaneCounters,
@@ -352,6 +367,15 @@ impl<C: Clock + Clone> Plane<C> {
         let public = x25519::PublicKey::from(&config.secret);
         Plane {
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND)),
+            mac1_key: {
+                use blake2::Digest;
+                blake2::Blake2s256::new()
+                    .chain_update(b"mac1----")
+                    .chain_update(public.as_bytes())
+                    .finalize()
+                    .into()
+            },
+            revoked: Default::default(),
             load: HandshakeLoad::default(),
             secret: config.secret,
             public,
@@ -368,6 +392,22 @@ impl<C: Clock + Clone> Plane<C> {
             asks: VecDeque::new(),
             scratch: vec![0; 65_536],
         }
+    }
+
+    /// Whether a handshake message carries a valid mac1 for our key (constant time).
+    fn valid_mac1(&self, datagram: &[u8]) -> bool {
+        use blake2::digest::Mac;
+        let Some(split) = datagram.len().checked_sub(32) else {
+            return false;
+        };
+        let (msg, macs) = datagram.split_at(split);
+        let Ok(mut mac) =
+            blake2::Blake2sMac::<blake2::digest::consts::U16>::new_from_slice(&self.mac1_key)
+        else {
+            return false;
+        };
+        mac.update(msg);
+        mac.verify_slice(&macs[..16]).is_ok()
     }
 
     /// This agent's WireGuard public key.
@@ -453,8 +493,14 @@ impl<C: Clock + Clone> Plane<C> {
         };
         let (slot, index) = match packet {
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
-                // Under load, a source that used its budget for the second is not even
-                // read: a flood from one address costs what junk costs.
+                // mac1 first (one keyed BLAKE2s): a sender that does not know our public
+                // key costs nothing more, and does not count towards the load.
+                if !self.valid_mac1(datagram) {
+                    self.counters.bad_mac += 1;
+                    return;
+                }
+                // Under load, a source that used its budget for the second is not read
+                // further: a flood from one address costs about what junk costs.
                 if !self.load.admit(now, from.ip()) {
                     self.counters.handshakes_shed += 1;
                     return;
@@ -555,7 +601,11 @@ impl<C: Clock + Clone> Plane<C> {
                 if !net.push(from, p) {
                     self.counters.outbox_full += 1;
                 }
-                if kind_out != Some(COOKIE_REPLY) {
+                // Only a handshake response proves the peer now (we answer it with a
+                // keepalive): an initiation can be a replay that a new tunnel (after a
+                // PSK rotation) has no timestamp to refuse. A peer that roamed and
+                // initiates moves with its first data packet.
+                if kind_out == Some(DATA) {
                     peer.spec.endpoint = from;
                 }
                 // As the initiator our session is up now: what waited goes. (As the
@@ -600,6 +650,10 @@ impl<C: Clock + Clone> Plane<C> {
             peer.queued = false;
         }
         let (peer_overlay, peer_role) = (peer.spec.overlay, peer.spec.role);
+        let Some(dst) = Tunn::dst_address(&space[..len]) else {
+            self.counters.malformed += 1;
+            return;
+        };
         // Cryptokey routing.
         let source = if src == peer_overlay {
             Source::Direct(slot)
@@ -607,8 +661,12 @@ impl<C: Clock + Clone> Plane<C> {
             && self.role != Role::Gateway
             && in_net(src, self.overlay_net)
         {
-            // Relayed by our gateway: only from an address Sec-EM verified for us as
-            // reached through this very gateway.
+            // Relayed by our gateway: only for us, and only from an address Sec-EM
+            // verified for us as reached through this very gateway.
+            if dst != self.overlay {
+                self.counters.no_route += 1;
+                return;
+            }
             match self.routes.get(&src) {
                 Some(Route::Via { gateway, vnf, .. }) if *gateway == slot => {
                     Source::Relayed(vnf.clone())
@@ -619,16 +677,12 @@ impl<C: Clock + Clone> Plane<C> {
                 }
                 None => {
                     let packet = space[..len].to_vec();
-                    self.wait(now, WaitKey::From(src), &packet, Ask::Verify(src));
+                    self.wait(now, WaitKey::From(src, slot), &packet, Ask::Verify(src));
                     return;
                 }
             }
         } else {
             self.counters.spoofed += 1;
-            return;
-        };
-        let Some(dst) = Tunn::dst_address(&space[..len]) else {
-            self.counters.malformed += 1;
             return;
         };
         if dst == self.overlay {
@@ -683,12 +737,23 @@ impl<C: Clock + Clone> Plane<C> {
         net: &mut Sends,
     ) {
         if !self.routes.admitted(src, dst) {
-            self.wait(
-                now,
-                WaitKey::Pair(src, dst),
-                packet,
-                Ask::Admit { src, dst },
-            );
+            // Only tenant addresses are asked about, and a source has only so many pairs
+            // waiting (a peer spraying destinations cannot fill the queue for others).
+            let key = WaitKey::Pair(src, dst);
+            if !in_net(dst, self.overlay_net) {
+                self.counters.no_route += 1;
+                return;
+            }
+            if !self.waiting.contains(&key)
+                && self
+                    .waiting
+                    .count_where(|k| matches!(k, WaitKey::Pair(s, _) if *s == src))
+                    >= PAIRS_PER_SOURCE
+            {
+                self.counters.not_admitted += 1;
+                return;
+            }
+            self.wait(now, key, packet, Ask::Admit { src, dst });
             return;
         }
         self.forward_admitted(from_slot, dst, packet, net);
@@ -710,7 +775,9 @@ impl<C: Clock + Clone> Plane<C> {
             self.counters.no_route += 1;
             return;
         };
-        if to_peer.spec.protected {
+        // Protected: Sec-EM said so when it described the peer, or its catalog (which
+        // names this gateway) has reached us since.
+        if to_peer.spec.protected || self.protected.contains_key(&to_peer.spec.vnf) {
             let decision = match self.protected.get_mut(&to_peer.spec.vnf) {
                 // A VNF this gateway protects, without its catalog yet: nothing passes.
                 None => Decision::DropNotListed,
@@ -790,6 +857,10 @@ impl<C: Clock + Clone> Plane<C> {
         psk: &PresharedKey,
         out: &mut Outbox,
     ) -> Installed {
+        if self.revoked.0.contains(&spec.id) {
+            tracing::warn!(peer = %spec.overlay, "refused: the instance was revoked");
+            return Installed::Revoked;
+        }
         if let Some(s) = self.peers.slot_of_key(&spec.wg_public)
             && self.peers.get(s).is_some_and(|p| p.spec.id != spec.id)
         {
@@ -957,6 +1028,9 @@ impl<C: Clock + Clone> Plane<C> {
         gateway: IpAddr,
         out: &mut Outbox,
     ) -> bool {
+        if self.revoked.0.contains(&id) {
+            return false;
+        }
         let Some(Route::Direct(gw)) = self.routes.get(&gateway).cloned() else {
             return false;
         };
@@ -976,10 +1050,16 @@ impl<C: Clock + Clone> Plane<C> {
             },
         );
         self.waiting.forget_refusal(&WaitKey::To(overlay));
-        self.waiting.forget_refusal(&WaitKey::From(overlay));
+        self.waiting.forget_refusal(&WaitKey::From(overlay, gw));
         self.release_to(overlay, out);
         let source = Source::Relayed(vnf);
-        for p in self.waiting.take(&WaitKey::From(overlay)) {
+        let released = self.waiting.take(&WaitKey::From(overlay, gw));
+        // What another gateway relayed "from" this address was a forgery.
+        let forged = self
+            .waiting
+            .drop_where(|k| matches!(k, WaitKey::From(ip, _) if *ip == overlay));
+        self.counters.spoofed += forged as u64;
+        for p in released {
             if self.deliver(&source, &p) {
                 match out.tun.space() {
                     Some(space) if p.len() <= space.len() => {
@@ -1025,7 +1105,9 @@ impl<C: Clock + Clone> Plane<C> {
     /// asking again.
     pub fn refuse(&mut self, now: Instant, overlay: IpAddr) {
         let n = self.waiting.refuse(WaitKey::To(overlay), now)
-            + self.waiting.refuse(WaitKey::From(overlay), now);
+            + self
+                .waiting
+                .drop_where(|k| matches!(k, WaitKey::From(ip, _) if *ip == overlay));
         self.counters.queue_dropped += n as u64;
     }
 
@@ -1040,6 +1122,15 @@ impl<C: Clock + Clone> Plane<C> {
     /// a gateway, the routes through it), the pairs admitted with it, and what waited for
     /// it. Whether anything of it was installed.
     pub fn remove(&mut self, id: &InstanceKey) -> bool {
+        // Remembered: an answer from Sec-EM already on its way must not bring it back.
+        if self.revoked.0.insert(*id) {
+            self.revoked.1.push_back(*id);
+            if self.revoked.1.len() > REVOKED_KEPT
+                && let Some(old) = self.revoked.1.pop_front()
+            {
+                self.revoked.0.remove(&old);
+            }
+        }
         let mut gone = Vec::new();
         if let Some(slot) = self.peers.slot_of(id)
             && let Some(peer) = self.peers.remove(slot)
@@ -1051,7 +1142,7 @@ impl<C: Clock + Clone> Plane<C> {
         }
         gone.extend(self.routes.remove_instance(id));
         let dropped = self.waiting.drop_where(|k| match k {
-            WaitKey::To(ip) | WaitKey::From(ip) => gone.contains(ip),
+            WaitKey::To(ip) | WaitKey::From(ip, _) => gone.contains(ip),
             WaitKey::Pair(a, b) => gone.contains(a) || gone.contains(b),
         });
         self.counters.queue_dropped += dropped as u64;

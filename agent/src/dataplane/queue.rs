@@ -19,8 +19,9 @@ pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 pub enum WaitKey {
     /// A tunnel (or a route through a gateway) to this overlay address.
     To(IpAddr),
-    /// A verified route from this overlay address, which a gateway relays to us.
-    From(IpAddr),
+    /// A verified route from this overlay address, which the gateway in this slot
+    /// relayed to us (released only if Sec-EM says it is reached through that gateway).
+    From(IpAddr, u32),
     /// On a gateway: Sec-EM's admission of the pair (source, destination).
     Pair(IpAddr, IpAddr),
 }
@@ -143,6 +144,16 @@ impl WaitQueue {
         self.refused.remove(key);
     }
 
+    /// Whether `key` waits.
+    pub fn contains(&self, key: &WaitKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// How many waiting keys `f` selects.
+    pub fn count_where(&self, f: impl Fn(&WaitKey) -> bool) -> usize {
+        self.map.keys().filter(|k| f(k)).count()
+    }
+
     /// Keys waiting.
     #[cfg(test)]
     pub fn keys(&self) -> usize {
@@ -176,7 +187,7 @@ mod tests {
             assert_eq!(q.push(WaitKey::To(ip(i)), t0, b"b"), Queued::First);
         }
         assert_eq!(q.keys(), QUEUE_KEYS);
-        assert_eq!(q.push(WaitKey::From(ip(1)), t0, b"c"), Queued::Dropped);
+        assert_eq!(q.push(WaitKey::From(ip(1), 0), t0, b"c"), Queued::Dropped);
         // A key already waiting still takes packets while the table is full.
         assert_eq!(q.push(WaitKey::To(ip(2)), t0, b"b"), Queued::Behind);
         assert_eq!(q.take(&WaitKey::To(ip(2))).len(), 2);
