@@ -722,22 +722,33 @@ impl<S: Store> Registry<S> {
             format!("{} may reach {} ({overlay})", me.vnf, peer.vnf),
         )
         .await?;
-        // The paper's Fig. 2: the peer is asked to verify the requester in turn. Through the
-        // store, so that the replica the peer is connected to pushes it.
+        // The paper's Fig. 2: the peer is asked to verify the requester in turn.
+        self.ask_to_verify_back(&peer_id, requester, &me).await?;
+        Ok(out)
+    }
+
+    /// Asks `peer` to verify `requester` (described as `me`) in turn: through the store,
+    /// so that the replica the peer is connected to pushes it.
+    async fn ask_to_verify_back(
+        &self,
+        peer: &InstanceKey,
+        requester: &InstanceKey,
+        me: &InstanceRecord,
+    ) -> Result<(), RegistryError> {
         let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
-        let my_protected = self
+        let protected = self
             .catalog(&me.vnf)
             .await?
             .is_some_and(|(c, _)| c.gateway.is_some());
-        let back = self.describe_record(*requester, &me, o.ip, None, my_protected)?;
+        let back = self.describe_record(*requester, me, o.ip, None, protected)?;
         let info: asmn_shared::wire::msg::PeerInfo = (&back).into();
         self.store
             .put(
-                &verify_back_key(&peer_id, requester),
+                &verify_back_key(peer, requester),
                 prost::Message::encode_to_vec(&info),
             )
             .await?;
-        Ok(out)
+        Ok(())
     }
 
     /// The enrolled instance at `overlay` in `tenant`, or a refusal naming it.
@@ -848,19 +859,7 @@ impl<S: Store> Registry<S> {
         .await?;
         // As after VerifyPeer (Fig. 2): the destination is asked to verify the gateway in
         // turn, so that it installs the gateway's tunnel.
-        let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
-        let my_protected = self
-            .catalog(&me.vnf)
-            .await?
-            .is_some_and(|(c, _)| c.gateway.is_some());
-        let back = self.describe_record(*requester, &me, o.ip, None, my_protected)?;
-        let info: asmn_shared::wire::msg::PeerInfo = (&back).into();
-        self.store
-            .put(
-                &verify_back_key(&dst_id, requester),
-                prost::Message::encode_to_vec(&info),
-            )
-            .await?;
+        self.ask_to_verify_back(&dst_id, requester, &me).await?;
         Ok(out)
     }
 

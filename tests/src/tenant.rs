@@ -292,6 +292,31 @@ impl Tenant {
         Ok(())
     }
 
+    /// A tenant with an enrolled client (`CLIENT_VNFD`) and server (`server_vnfd`), with
+    /// `options` appended to both agents' configurations; their indexes.
+    pub fn client_and_server(
+        server_vnfd: &str,
+        options: &str,
+    ) -> Result<(Tenant, usize, usize), String> {
+        let mut t = Tenant::new()?;
+        let client_img = t.file("client.img", &image(1, 1 << 20))?;
+        let server_img = t.file("server.img", &image(2, 1 << 20))?;
+        t.onboard(&client_img, CLIENT_VNFD)?;
+        t.onboard(&server_img, server_vnfd)?;
+        let c = t.add("client-0", "client", "vnf", &client_img)?;
+        let s = t.add("server-0", "server", "vnf", &server_img)?;
+        for i in [c, s] {
+            let cfg = t.vnfs[i].config.clone();
+            let mut text = std::fs::read_to_string(&cfg).map_err(|e| e.to_string())?;
+            text.push_str(options);
+            std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
+            t.start(i)?;
+        }
+        t.wait_enrolled(c, Duration::from_secs(20))?;
+        t.wait_enrolled(s, Duration::from_secs(20))?;
+        Ok((t, c, s))
+    }
+
     /// Waits until VNF `i`'s agent logged its enrollment.
     pub fn wait_enrolled(&mut self, i: usize, limit: Duration) -> Result<(), String> {
         let v = &mut self.vnfs[i];

@@ -36,27 +36,7 @@ const SERVER_VNFD: &str = "vnfd:
 /// A tenant with an enrolled client and server (agent options appended to both
 /// configurations); their indexes.
 fn client_and_server(options: &str) -> (Tenant, usize, usize) {
-    let mut t = Tenant::new().expect("tenant");
-    let client_img = t.file("client.img", &image(1, 1 << 20)).expect("img");
-    let server_img = t.file("server.img", &image(2, 1 << 20)).expect("img");
-    t.onboard(&client_img, CLIENT_VNFD).expect("onboard client");
-    t.onboard(&server_img, SERVER_VNFD).expect("onboard server");
-    let c = t
-        .add("client-0", "client", "vnf", &client_img)
-        .expect("client");
-    let s = t
-        .add("server-0", "server", "vnf", &server_img)
-        .expect("server");
-    for i in [c, s] {
-        let cfg = &t.vnfs[i].config;
-        let mut text = std::fs::read_to_string(cfg).expect("config");
-        text.push_str(options);
-        std::fs::write(cfg, text).expect("config");
-        t.start(i).expect("start");
-    }
-    t.wait_enrolled(c, Duration::from_secs(20)).expect("client");
-    t.wait_enrolled(s, Duration::from_secs(20)).expect("server");
-    (t, c, s)
+    Tenant::client_and_server(SERVER_VNFD, options).expect("client and server")
 }
 
 fn log(t: &Tenant, i: usize) -> String {
@@ -159,12 +139,17 @@ fn udp_loss(json: &str) -> (u64, u64) {
     )
 }
 
-fn last_attestation(t: &Tenant, i: usize) -> u64 {
+/// VNF `i`'s instance record as Sec-EM shows it (`asmnctl instance show`).
+fn record(t: &Tenant, i: usize) -> serde_json::Value {
     let show = t
         .asmnctl(&["--json", "instance", "show", &t.vnfs[i].id])
         .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&show).unwrap_or_default();
-    v["last_attestation"].as_u64().unwrap_or(0)
+    serde_json::from_str(&show).unwrap_or_default()
+}
+
+/// When Sec-EM last accepted a reveal from VNF `i` (seconds).
+fn last_attestation(t: &Tenant, i: usize) -> u64 {
+    record(t, i)["last_attestation"].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -663,9 +648,5 @@ fn a_sec_em_answering_unavailable_stops_no_agent_and_spends_no_chain() {
 
 /// The last chain index Sec-EM accepted from VNF `i` (indexes go down).
 fn chain_index(t: &Tenant, i: usize) -> u32 {
-    let show = t
-        .asmnctl(&["--json", "instance", "show", &t.vnfs[i].id])
-        .unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&show).unwrap_or_default();
-    v["chain"]["last_index"].as_u64().unwrap_or(0) as u32
+    record(t, i)["chain"]["last_index"].as_u64().unwrap_or(0) as u32
 }

@@ -34,23 +34,7 @@ const PATTERN: &str = "a5c3e1f00dbeef42cafe";
 
 /// A tenant with an enrolled client and server; their indexes.
 fn client_and_server() -> (Tenant, usize, usize) {
-    let mut t = Tenant::new().expect("tenant");
-    let client_img = t.file("client.img", &image(1, 1 << 20)).expect("img");
-    let server_img = t.file("server.img", &image(2, 1 << 20)).expect("img");
-    t.onboard(&client_img, CLIENT_VNFD).expect("onboard client");
-    t.onboard(&server_img, SERVER_VNFD).expect("onboard server");
-    let c = t
-        .add("client-0", "client", "vnf", &client_img)
-        .expect("client");
-    let s = t
-        .add("server-0", "server", "vnf", &server_img)
-        .expect("server");
-    for i in [c, s] {
-        t.start(i).expect("start");
-    }
-    t.wait_enrolled(c, Duration::from_secs(20)).expect("client");
-    t.wait_enrolled(s, Duration::from_secs(20)).expect("server");
-    (t, c, s)
+    Tenant::client_and_server(SERVER_VNFD, "").expect("client and server")
 }
 
 fn stdout(o: std::process::Output) -> String {

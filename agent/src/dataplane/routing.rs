@@ -61,10 +61,16 @@ impl Routes {
     /// Drops every route through `slot`, and every admission of an address that was
     /// routed through it; the addresses that lost their route.
     pub fn remove_slot(&mut self, slot: Slot) -> Vec<IpAddr> {
+        self.remove_where(|r| r.slot() == slot)
+    }
+
+    /// Drops the routes `pred` selects and the admissions of their addresses; the
+    /// addresses that lost their route.
+    fn remove_where(&mut self, pred: impl Fn(&Route) -> bool) -> Vec<IpAddr> {
         let gone: Vec<IpAddr> = self
             .routes
             .iter()
-            .filter(|(_, r)| r.slot() == slot)
+            .filter(|(_, r)| pred(r))
             .map(|(ip, _)| *ip)
             .collect();
         for ip in &gone {
@@ -78,18 +84,7 @@ impl Routes {
     /// Drops the route through a gateway to instance `id`, and its admissions; the
     /// addresses that lost their route.
     pub fn remove_instance(&mut self, id: &InstanceKey) -> Vec<IpAddr> {
-        let gone: Vec<IpAddr> = self
-            .routes
-            .iter()
-            .filter(|(_, r)| matches!(r, Route::Via { id: i, .. } if i == id))
-            .map(|(ip, _)| *ip)
-            .collect();
-        for ip in &gone {
-            self.routes.remove(ip);
-        }
-        self.admitted
-            .retain(|(a, b)| !gone.contains(a) && !gone.contains(b));
-        gone
+        self.remove_where(|r| matches!(r, Route::Via { id: i, .. } if i == id))
     }
 
     /// Whether instance `id` is routed through a gateway.
