@@ -627,16 +627,8 @@ impl<S: Store> Registry<S> {
                 "the requester is not enrolled",
             ));
         }
-        let peer_id = match self
-            .store
-            .get(&overlay_index_key(&me.tenant, &overlay))
-            .await?
-        {
-            Some(v) => String::from_utf8(v.value)
-                .ok()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| InstanceKey::from_slice(&b))
-                .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into()))?,
+        let peer_id = match self.instance_at(&me.tenant, &overlay).await? {
+            Some(id) => id,
             None => {
                 return Err(self
                     .refuse_peer(
@@ -751,6 +743,23 @@ impl<S: Store> Registry<S> {
         Ok(())
     }
 
+    /// The instance that holds `overlay` in `tenant` (the overlay index), if any.
+    async fn instance_at(
+        &self,
+        tenant: &TenantId,
+        overlay: &IpAddr,
+    ) -> Result<Option<InstanceKey>, RegistryError> {
+        match self.store.get(&overlay_index_key(tenant, overlay)).await? {
+            Some(v) => String::from_utf8(v.value)
+                .ok()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| InstanceKey::from_slice(&b))
+                .map(Some)
+                .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into())),
+            None => Ok(None),
+        }
+    }
+
     /// The enrolled instance at `overlay` in `tenant`, or a refusal naming it.
     async fn enrolled_at(
         &self,
@@ -760,12 +769,8 @@ impl<S: Store> Registry<S> {
         overlay: IpAddr,
     ) -> Result<(InstanceKey, InstanceRecord), RegistryError> {
         let unknown = format!("no enrolled instance at {overlay}");
-        let id = match self.store.get(&overlay_index_key(tenant, &overlay)).await? {
-            Some(v) => String::from_utf8(v.value)
-                .ok()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| InstanceKey::from_slice(&b))
-                .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into()))?,
+        let id = match self.instance_at(tenant, &overlay).await? {
+            Some(id) => id,
             None => {
                 return Err(self
                     .refuse_peer(now, requester, RefusalCode::PeerUnknown, unknown)
