@@ -19,16 +19,11 @@ use asmn_shared::ids::{InstanceKey, Role};
 use asmn_shared::measure::{Algorithm, MeasureOptions, measure_path};
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
 use asmn_shared::wire::{self, BootstrapBundle, Enroll, Enrolled, Peer};
-use quinn::crypto::rustls::QuicClientConfig;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::dataplane::{Ask, Installed, PeerSpec};
 use crate::io::PlaneHandle;
 
-/// ALPN of the control protocol.
-const ALPN: &[u8] = b"asmn/1";
 /// Longest wait for one answer from Sec-EM.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Elements left in a chain when the agent renews it.
@@ -297,61 +292,20 @@ impl Chain {
 
 /// A QUIC client endpoint that trusts only the controller CA of the bundle.
 pub fn client(ca_pem: &str) -> Result<quinn::Endpoint, AgentError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(c.map_err(|e| other(format!("bundle CA: {e}")))?)
-            .map_err(|e| other(format!("bundle CA: {e}")))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
-    crypto.enable_early_data = false;
-    let quic = QuicClientConfig::try_from(crypto).map_err(other)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(15)));
-    config.transport_config(Arc::new(transport));
-    let mut endpoint =
-        quinn::Endpoint::client("0.0.0.0:0".parse().map_err(other)?).map_err(other)?;
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    asmn_channel::tls::client(ca_pem, None).map_err(|e| other(format!("bundle CA: {e}")))
 }
 
-/// One request, one answer.
+/// One request, one answer (a refusal is an answer: the caller decides what it means).
 pub async fn ask(conn: &quinn::Connection, body: Body) -> Result<Body, AgentError> {
     let env = msg::Envelope {
         request_id: 1,
         body: Some(body),
     };
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(other)?;
-        send.write_all(&wire::encode_frame(&env).map_err(other)?)
-            .await
-            .map_err(other)?;
-        send.finish().map_err(other)?;
-        let bytes = recv
-            .read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME)
-            .await
-            .map_err(other)?;
-        let mut d = wire::FrameDecoder::new();
-        d.push(&bytes).map_err(other)?;
-        let frame = d
-            .next_frame()
-            .map_err(other)?
-            .ok_or_else(|| other("Sec-EM sent an incomplete answer"))?;
-        let reply = wire::decode_envelope(&frame).map_err(other)?;
-        reply
-            .body
-            .ok_or_else(|| other("Sec-EM sent an empty answer"))
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    asmn_channel::call::request(conn, &env, REQUEST_TIMEOUT)
         .await
-        .map_err(|_| other("Sec-EM did not answer in time"))?
+        .map_err(other)?
+        .body
+        .ok_or_else(|| other("Sec-EM sent an empty answer"))
 }
 
 fn refused(r: &msg::Refusal) -> AgentError {
@@ -366,28 +320,15 @@ pub async fn connect(
     endpoint: &quinn::Endpoint,
     bundle: &BootstrapBundle,
 ) -> Result<quinn::Connection, AgentError> {
-    let mut last = String::from("no controller listed");
-    for c in &bundle.controllers {
-        let addr = match tokio::net::lookup_host(c.as_str()).await {
-            Ok(mut a) => match a.next() {
-                Some(a) => a,
-                None => continue,
-            },
-            Err(e) => {
-                last = format!("{c}: {e}");
-                continue;
-            }
-        };
-        match endpoint.connect(addr, &bundle.server_name) {
-            Ok(connecting) => match tokio::time::timeout(REQUEST_TIMEOUT, connecting).await {
-                Ok(Ok(conn)) => return Ok(conn),
-                Ok(Err(e)) => last = format!("{c}: {e}"),
-                Err(_) => last = format!("{c}: timed out"),
-            },
-            Err(e) => last = format!("{c}: {e}"),
-        }
-    }
-    Err(other(format!("cannot reach Sec-EM: {last}")))
+    asmn_channel::call::connect(
+        endpoint,
+        &bundle.controllers,
+        &bundle.server_name,
+        REQUEST_TIMEOUT,
+    )
+    .await
+    .map(|(c, _)| c)
+    .map_err(other)
 }
 
 /// The agent's control side once the plane exists.

@@ -2,9 +2,7 @@
 //! per-rule policy counters, per-peer bytes and handshakes, the catalog in force.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::dataplane::PlaneStats;
@@ -201,48 +199,22 @@ pub fn render(stats: &PlaneStats) -> String {
     out
 }
 
-/// Serves `/metrics` and `/health` on `listener` until the task is dropped.
+/// Serves `/metrics` and `/health` on `listener` until the task is dropped
+/// (`asmn_channel::http`: at most 64 connections at once, 5 s deadlines).
 pub async fn serve(listener: TcpListener, plane: PlaneHandle) {
-    while let Ok((mut sock, _)) = listener.accept().await {
-        let plane = plane.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read = async {
-                while n < buf.len() {
-                    let k = sock.read(&mut buf[n..]).await.ok()?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+    asmn_channel::http::serve(
+        listener,
+        asmn_channel::http::MAX_CONNECTIONS,
+        move |path: String| {
+            let plane = plane.clone();
+            async move {
+                match path.as_str() {
+                    "/metrics" => asmn_channel::http::Response::ok(render(&plane.stats().await)),
+                    "/health" => asmn_channel::http::Response::ok("ok\n".into()),
+                    _ => asmn_channel::http::Response::not_found(),
                 }
-                Some(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") {
-                ("200 OK", render(&plane.stats().await))
-            } else if head.starts_with("GET /health ") {
-                ("200 OK", "ok\n".to_string())
-            } else {
-                (
-                    "404 Not Found",
-                    "not found: try /metrics or /health\n".to_string(),
-                )
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+        },
+    )
+    .await
 }

@@ -7,10 +7,19 @@
 //! next one (group commit: one store write for many decisions under load). Each record
 //! carries the hash of the one before it, so a changed, reordered or deleted record breaks
 //! the chain and [`verify`] finds where.
+//!
+//! The chain alone is no proof against whoever can write the store: they could rewrite
+//! from record k on with recomputed hashes, or cut the newest records. So each record also
+//! carries an HMAC-SHA256 of its hash under the [`AuditKey`], a key in Sec-EM's
+//! configuration directory that the store never holds: a rewritten record does not verify.
+//! A cut at the end leaves a valid log; it is found against a [`Checkpoint`] the operator
+//! exported earlier (`asmnctl audit checkpoint --out FILE`, then `asmnctl audit verify
+//! --checkpoint FILE`).
 
 use asmn_shared::crypto::{Digest, Sha256};
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::{Mutex, Semaphore, oneshot};
 
 use crate::store::{Cas, Expect, PREFIX, Store, StoreError};
 
@@ -19,7 +28,7 @@ pub fn prefix() -> String {
     format!("{PREFIX}audit/")
 }
 
-fn key(seq: u64) -> String {
+fn block_key(seq: u64) -> String {
     format!("{}{seq:020}", prefix())
 }
 
@@ -40,6 +49,90 @@ pub struct AuditRecord {
     pub prev: String,
     /// SHA-256 over this record's other fields (hex).
     pub hash: String,
+    /// HMAC-SHA256 of `hash` under the audit key (hex).
+    pub mac: String,
+}
+
+/// The key that authenticates audit records: 32 random bytes in a file beside
+/// `sec-em.toml` (hex), never in the store. Every replica sharing a store has the same.
+#[derive(Clone, zeroize::ZeroizeOnDrop)]
+pub struct AuditKey([u8; 32]);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(<redacted>)")
+    }
+}
+
+impl AuditKey {
+    /// A key from its bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// A fresh key from the operating system's random source.
+    pub fn generate() -> Result<Self, String> {
+        use rand::TryRngCore;
+        let mut b = [0u8; 32];
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut b)
+            .map_err(|e| format!("the system's random source failed: {e}"))?;
+        Ok(Self(b))
+    }
+
+    /// The key as the file holds it (64 hex digits and a newline).
+    pub fn to_file_text(&self) -> String {
+        format!("{}\n", hex::encode(self.0))
+    }
+
+    /// Parses the file's text.
+    pub fn from_file_text(text: &str) -> Result<Self, String> {
+        let bytes = hex::decode(text.trim()).map_err(|_| "not hex".to_string())?;
+        let b: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "must be 32 bytes (64 hex digits)".to_string())?;
+        Ok(Self(b))
+    }
+
+    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> String {
+        let Ok(mut m) = Hmac::<Sha256>::new_from_slice(&self.0) else {
+            return String::new();
+        };
+        m.update(label);
+        for p in parts {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        hex::encode(m.finalize().into_bytes())
+    }
+
+    fn record_mac(&self, hash: &str) -> String {
+        self.mac(b"asmn/v1/audit-record", &[hash.as_bytes()])
+    }
+
+    fn checkpoint_mac(&self, seq: u64, hash: &str) -> String {
+        self.mac(
+            b"asmn/v1/audit-checkpoint",
+            &[&seq.to_be_bytes(), hash.as_bytes()],
+        )
+    }
+
+    fn verifies(&self, expected: &str, got: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        expected.len() == got.len() && bool::from(expected.as_bytes().ct_eq(got.as_bytes()))
+    }
+}
+
+/// The head of the log at one moment, authenticated: what an operator keeps outside
+/// Sec-EM to detect a later cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last record's position (0 for an empty log).
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+    /// HMAC of (seq, hash) under the audit key.
+    pub mac: String,
 }
 
 impl AuditRecord {
@@ -67,6 +160,10 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 /// bounded by the callers, a record is well under 2 KiB).
 const BLOCK: usize = 256;
 
+/// Decisions waiting to be written at most (more wait for a place: back-pressure, not
+/// memory).
+const PENDING_MAX: usize = 4 * BLOCK;
+
 /// A decision waiting to be written, and where to send its outcome.
 struct Pending {
     time: u64,
@@ -78,10 +175,11 @@ struct Pending {
 
 /// Appends to the log. Keeps the head it last saw; a conflict means another writer
 /// appended, and it moves on past that block.
-#[derive(Default)]
 pub struct AuditLog {
+    key: AuditKey,
     head: Mutex<Option<(u64, String)>>,
     pending: std::sync::Mutex<Vec<Pending>>,
+    places: Semaphore,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -110,22 +208,43 @@ pub enum AuditError {
     /// A record's hash or link is wrong (changed).
     #[error("audit record {0} was altered: its hash chain does not hold")]
     Altered(u64),
+    /// A record's MAC does not verify under the audit key (rewritten by someone without
+    /// the key, or the key is not the one that wrote it).
+    #[error(
+        "audit record {0} is not authenticated by the audit key: rewritten, or a different key"
+    )]
+    Forged(u64),
+    /// The log ends before a checkpoint's record, or differs from it there.
+    #[error("the log was cut or rewritten: {0}")]
+    Truncated(String),
+    /// The checkpoint itself does not verify under the audit key.
+    #[error("the checkpoint is not authenticated by this audit key")]
+    BadCheckpoint,
 }
 
 impl AuditLog {
-    /// An appender that will find the head in the store on first use.
-    pub fn new() -> Self {
-        Self::default()
+    /// An appender with `key` that will find the head in the store on first use.
+    pub fn new(key: AuditKey) -> Self {
+        Self {
+            key,
+            head: Mutex::new(None),
+            pending: std::sync::Mutex::new(Vec::new()),
+            places: Semaphore::new(PENDING_MAX),
+        }
+    }
+
+    /// The key records are authenticated with.
+    pub fn key(&self) -> &AuditKey {
+        &self.key
     }
 
     async fn find_head<S: Store>(store: &S) -> Result<(u64, String), AuditError> {
-        let listing = store.list(&prefix()).await?;
-        match listing.entries.last() {
+        match store.last(&prefix()).await? {
             None => Ok((0, GENESIS.to_string())),
             Some((k, v)) => {
-                let block = decode(k, &v.value)?;
+                let block = decode(&k, &v.value)?;
                 let last = block.last().ok_or(AuditError::Unreadable {
-                    seq: first_seq(k),
+                    seq: first_seq(&k),
                     reason: "an empty block".into(),
                 })?;
                 Ok((last.seq, last.hash.clone()))
@@ -143,6 +262,10 @@ impl AuditLog {
         detail: String,
     ) -> Result<AuditRecord, AuditError> {
         let (done, mut outcome) = oneshot::channel();
+        // A place in the queue first: under a storm of decisions, callers wait here.
+        let _place = self.places.acquire().await.map_err(|_| {
+            AuditError::Store(StoreError::Unavailable("the audit log is closed".into()))
+        })?;
         if let Ok(mut p) = self.pending.lock() {
             p.push(Pending {
                 time,
@@ -169,7 +292,7 @@ impl AuditLog {
             if batch.is_empty() {
                 break;
             }
-            let result = Self::write_block(store, &mut head, &batch).await;
+            let result = Self::write_block(store, &self.key, &mut head, &batch).await;
             for (i, p) in batch.into_iter().enumerate() {
                 let r = match &result {
                     Ok(records) => Ok(records[i].clone()),
@@ -188,6 +311,7 @@ impl AuditLog {
 
     async fn write_block<S: Store>(
         store: &S,
+        key: &AuditKey,
         head: &mut Option<(u64, String)>,
         batch: &[Pending],
     ) -> Result<Vec<AuditRecord>, AuditError> {
@@ -208,8 +332,10 @@ impl AuditLog {
                     detail: p.detail.clone(),
                     prev: link,
                     hash: String::new(),
+                    mac: String::new(),
                 };
                 rec.hash = rec.compute_hash();
+                rec.mac = key.record_mac(&rec.hash);
                 link = rec.hash.clone();
                 records.push(rec);
             }
@@ -218,7 +344,7 @@ impl AuditLog {
                 reason: e.to_string(),
             })?;
             match store
-                .compare_and_swap(&key(seq + 1), Expect::Absent, bytes)
+                .compare_and_swap(&block_key(seq + 1), Expect::Absent, bytes)
                 .await?
             {
                 Cas::Swapped { .. } => {
@@ -226,7 +352,7 @@ impl AuditLog {
                     return Ok(records);
                 }
                 Cas::Conflict { current } => {
-                    let k = key(seq + 1);
+                    let k = block_key(seq + 1);
                     let other = decode(&k, &current.map(|v| v.value).unwrap_or_default())?;
                     let last = other.last().ok_or(AuditError::Unreadable {
                         seq: seq + 1,
@@ -257,34 +383,158 @@ fn decode(key: &str, value: &[u8]) -> Result<Vec<AuditRecord>, AuditError> {
     })
 }
 
-/// Reads the whole log and checks its chain; returns the records.
-pub async fn verify<S: Store>(store: &S) -> Result<Vec<AuditRecord>, AuditError> {
-    let listing = store.list(&prefix()).await?;
-    let mut out: Vec<AuditRecord> = Vec::with_capacity(listing.entries.len());
+/// Blocks read per page while verifying (each at most 256 records).
+const VERIFY_PAGE: usize = 16;
+
+/// Checks the whole log, a page at a time (memory stays bounded however long it is): the
+/// chain links, every hash, every MAC under `key`, and, with `checkpoint`, that the log
+/// still reaches the checkpoint's record unchanged. Returns the head.
+pub async fn verify<S: Store>(
+    store: &S,
+    key: &AuditKey,
+    checkpoint: Option<&Checkpoint>,
+) -> Result<Checkpoint, AuditError> {
+    if let Some(c) = checkpoint
+        && !key.verifies(&key.checkpoint_mac(c.seq, &c.hash), &c.mac)
+    {
+        return Err(AuditError::BadCheckpoint);
+    }
+    let mut seen = 0u64;
     let mut prev = GENESIS.to_string();
-    for (k, v) in &listing.entries {
-        let expected_seq = out.len() as u64 + 1;
-        if first_seq(k) != expected_seq || *k != key(expected_seq) {
-            return Err(AuditError::Missing(expected_seq));
-        }
-        let block = decode(k, &v.value)?;
-        if block.is_empty() {
-            return Err(AuditError::Unreadable {
-                seq: expected_seq,
-                reason: "an empty block".into(),
-            });
-        }
-        for rec in block {
-            let expected_seq = out.len() as u64 + 1;
-            if rec.seq != expected_seq {
+    let mut after = String::new();
+    loop {
+        let page = store.list_page(&prefix(), &after, VERIFY_PAGE).await?;
+        for (k, v) in &page.entries {
+            let expected_seq = seen + 1;
+            if first_seq(k) != expected_seq || *k != block_key(expected_seq) {
                 return Err(AuditError::Missing(expected_seq));
             }
-            if rec.prev != prev || rec.hash != rec.compute_hash() {
-                return Err(AuditError::Altered(rec.seq));
+            let block = decode(k, &v.value)?;
+            if block.is_empty() {
+                return Err(AuditError::Unreadable {
+                    seq: expected_seq,
+                    reason: "an empty block".into(),
+                });
             }
-            prev = rec.hash.clone();
-            out.push(rec);
+            for rec in block {
+                let expected_seq = seen + 1;
+                if rec.seq != expected_seq {
+                    return Err(AuditError::Missing(expected_seq));
+                }
+                if rec.prev != prev || rec.hash != rec.compute_hash() {
+                    return Err(AuditError::Altered(rec.seq));
+                }
+                if !key.verifies(&key.record_mac(&rec.hash), &rec.mac) {
+                    return Err(AuditError::Forged(rec.seq));
+                }
+                if let Some(c) = checkpoint
+                    && c.seq == rec.seq
+                    && c.hash != rec.hash
+                {
+                    return Err(AuditError::Truncated(format!(
+                        "record {} differs from the checkpoint's",
+                        c.seq
+                    )));
+                }
+                prev = rec.hash;
+                seen = rec.seq;
+            }
+        }
+        match page.entries.last() {
+            Some((k, _)) if page.entries.len() == VERIFY_PAGE => after = k.clone(),
+            _ => break,
+        }
+    }
+    if let Some(c) = checkpoint
+        && c.seq > seen
+    {
+        return Err(AuditError::Truncated(format!(
+            "the log ends at record {seen}, but the checkpoint names record {}",
+            c.seq
+        )));
+    }
+    Ok(Checkpoint {
+        seq: seen,
+        mac: key.checkpoint_mac(seen, &prev),
+        hash: prev,
+    })
+}
+
+/// One page of the log for `audit show`: records from `since` on (at least 1), as many as
+/// fit in `budget` bytes of JSON (at least one), each checked against its MAC and the
+/// links within the page. Returns them and the `since` of the next page, if any.
+pub async fn page<S: Store>(
+    store: &S,
+    key: &AuditKey,
+    since: u64,
+    budget: usize,
+    filter: impl Fn(&AuditRecord) -> bool,
+) -> Result<(Vec<AuditRecord>, Option<u64>), AuditError> {
+    let since = since.max(1);
+    let mut after = block_before(since);
+    let mut out = Vec::new();
+    let mut used = 2usize;
+    let mut prev: Option<String> = None;
+    loop {
+        let page = store.list_page(&prefix(), &after, VERIFY_PAGE).await?;
+        for (k, v) in &page.entries {
+            for rec in decode(k, &v.value)? {
+                if rec.seq < since {
+                    prev = Some(rec.hash.clone());
+                    continue;
+                }
+                if rec.hash != rec.compute_hash() || prev.as_ref().is_some_and(|p| *p != rec.prev) {
+                    return Err(AuditError::Altered(rec.seq));
+                }
+                if !key.verifies(&key.record_mac(&rec.hash), &rec.mac) {
+                    return Err(AuditError::Forged(rec.seq));
+                }
+                prev = Some(rec.hash.clone());
+                if !filter(&rec) {
+                    continue;
+                }
+                let size = serde_json::to_vec(&rec).map_or(usize::MAX, |v| v.len() + 1);
+                if !out.is_empty() && used + size > budget {
+                    return Ok((out, Some(rec.seq)));
+                }
+                used += size;
+                out.push(rec);
+            }
+        }
+        match page.entries.last() {
+            Some((k, _)) if page.entries.len() == VERIFY_PAGE => after = k.clone(),
+            _ => return Ok((out, None)),
+        }
+    }
+}
+
+/// Every record from `since` on, checked as [`page`] does (for tests and small logs: it
+/// holds them all in memory).
+pub async fn records<S: Store>(
+    store: &S,
+    key: &AuditKey,
+    since: u64,
+) -> Result<Vec<AuditRecord>, AuditError> {
+    let mut out = Vec::new();
+    let mut from = since;
+    // Bounded: each page holds at least one record.
+    for _ in 0..u32::MAX {
+        let (mut recs, next) = page(store, key, from, usize::MAX, |_| true).await?;
+        out.append(&mut recs);
+        match next {
+            Some(n) => from = n,
+            None => break,
         }
     }
     Ok(out)
+}
+
+/// A key before the block that holds record `since` and after every earlier block but
+/// one: blocks hold at most [`BLOCK`] records, so that block starts after
+/// `since - BLOCK`. Empty: from the start.
+fn block_before(since: u64) -> String {
+    match since.saturating_sub(BLOCK as u64) {
+        0 => String::new(),
+        from => block_key(from),
+    }
 }

@@ -32,6 +32,9 @@ pub struct Config {
     pub cert: PathBuf,
     /// Server key (PEM file, mode 0600).
     pub key: PathBuf,
+    /// The audit key (64 hex digits, mode 0600): authenticates audit records; never in
+    /// the store. Replicas sharing a store share it.
+    pub audit_key: PathBuf,
     /// The tenant overlay network.
     pub overlay_net: Ipv4Addr,
     /// Its prefix length.
@@ -42,6 +45,48 @@ pub struct Config {
     pub dh_group: Group,
     /// Re-attestation interval, seconds.
     pub reattest_interval_secs: u32,
+    /// What peers may make Sec-EM hold (`[limits]`).
+    pub limits: Limits,
+}
+
+/// The bounds on what peers, authenticated or not, may make Sec-EM hold (`[limits]` of
+/// `sec-em.toml`; every field has a default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// QUIC connections open at once (handshakes included); more are refused.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: usize,
+    /// Above this many open connections, a new one must first prove its address (QUIC
+    /// Retry), so a spoofed flood cannot make Sec-EM hold handshake state.
+    pub retry_above: usize,
+    /// Seconds a connection without the admin certificate has to enroll; then it is
+    /// closed.
+    pub enroll_deadline: std::time::Duration,
+    /// Seconds to receive, decide and answer one request.
+    pub request_deadline: std::time::Duration,
+    /// Peer verifications an enrolled agent may ask per second (twice that in a burst).
+    pub verify_peer_per_sec: u32,
+    /// Refusals of one kind about one known instance audited per minute; the rest are
+    /// counted and folded into the next record.
+    pub audit_refusals_per_min: u32,
+    /// The QUIC transport: streams before and after a peer proves itself, idle timeout.
+    pub transport: asmn_channel::tls::ServerLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_connections_per_source: 256,
+            retry_above: 1_024,
+            enroll_deadline: std::time::Duration::from_secs(10),
+            request_deadline: std::time::Duration::from_secs(10),
+            verify_peer_per_sec: 100,
+            audit_refusals_per_min: 6,
+            transport: asmn_channel::tls::ServerLimits::default(),
+        }
+    }
 }
 
 /// A configuration error: the file, the field and the reason.
@@ -64,8 +109,25 @@ struct Raw {
     store: String,
     #[serde(default)]
     metrics_addr: Option<String>,
+    audit_key: PathBuf,
     tls: RawTls,
     tenant: RawTenant,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    retry_above: Option<usize>,
+    enroll_deadline_secs: Option<u64>,
+    request_deadline_secs: Option<u64>,
+    verify_peer_per_sec: Option<u32>,
+    audit_refusals_per_min: Option<u32>,
+    unauthenticated_streams: Option<u32>,
+    idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -200,7 +262,9 @@ impl Config {
                 "must be 1 to 86400 seconds".into(),
             ));
         }
+        let limits = limits(&raw.limits).map_err(|(f, r)| err(&format!("limits.{f}"), r))?;
         Ok(Config {
+            limits,
             listen,
             server_name: raw.server_name,
             store,
@@ -208,6 +272,7 @@ impl Config {
             ca: base.join(raw.tls.ca),
             cert: base.join(raw.tls.cert),
             key: base.join(raw.tls.key),
+            audit_key: base.join(raw.audit_key),
             overlay_net,
             overlay_prefix,
             chain_length: raw.tenant.chain_length,
@@ -215,6 +280,94 @@ impl Config {
             reattest_interval_secs: raw.tenant.reattest_interval_secs,
         })
     }
+}
+
+fn limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
+    fn within<T: PartialOrd + Copy + std::fmt::Display>(
+        field: &'static str,
+        v: Option<T>,
+        default: T,
+        lo: T,
+        hi: T,
+    ) -> Result<T, (&'static str, String)> {
+        let v = v.unwrap_or(default);
+        if v < lo || v > hi {
+            return Err((field, format!("{v} is outside {lo} to {hi}")));
+        }
+        Ok(v)
+    }
+    let d = Limits::default();
+    let secs = std::time::Duration::from_secs;
+    let max_connections = within(
+        "max_connections",
+        raw.max_connections,
+        d.max_connections,
+        1,
+        1 << 20,
+    )?;
+    let out = Limits {
+        max_connections,
+        max_connections_per_source: within(
+            "max_connections_per_source",
+            raw.max_connections_per_source,
+            d.max_connections_per_source.min(max_connections),
+            1,
+            max_connections,
+        )?,
+        retry_above: within(
+            "retry_above",
+            raw.retry_above,
+            d.retry_above.min(max_connections),
+            0,
+            max_connections,
+        )?,
+        enroll_deadline: secs(within(
+            "enroll_deadline_secs",
+            raw.enroll_deadline_secs,
+            d.enroll_deadline.as_secs(),
+            1,
+            300,
+        )?),
+        request_deadline: secs(within(
+            "request_deadline_secs",
+            raw.request_deadline_secs,
+            d.request_deadline.as_secs(),
+            1,
+            300,
+        )?),
+        verify_peer_per_sec: within(
+            "verify_peer_per_sec",
+            raw.verify_peer_per_sec,
+            d.verify_peer_per_sec,
+            1,
+            100_000,
+        )?,
+        audit_refusals_per_min: within(
+            "audit_refusals_per_min",
+            raw.audit_refusals_per_min,
+            d.audit_refusals_per_min,
+            1,
+            60_000,
+        )?,
+        transport: asmn_channel::tls::ServerLimits {
+            initial_streams: within(
+                "unauthenticated_streams",
+                raw.unauthenticated_streams,
+                d.transport.initial_streams,
+                1,
+                16,
+            )?,
+            open_streams: d.transport.open_streams,
+            idle_timeout: secs(within(
+                "idle_timeout_secs",
+                raw.idle_timeout_secs,
+                d.transport.idle_timeout.as_secs(),
+                5,
+                3_600,
+            )?),
+        },
+    };
+    Ok(out)
 }
 
 /// The configuration `sec-em init` writes.
@@ -232,6 +385,9 @@ server_name = "{server_name}"
 store = "embedded:{state_file}"
 # Prometheus metrics over HTTP; remove to disable.
 metrics_addr = "{metrics_addr}"
+# Authenticates the audit log's records (an HMAC key the store never holds). Keep a
+# copy: without it the log cannot be verified. Replicas sharing a store share it.
+audit_key = "audit.key"
 
 [tls]
 ca = "ca.pem"
@@ -245,6 +401,24 @@ overlay = "10.77.0.0/16"
 chain_length = 100000
 dh_group = "ffdhe3072"
 reattest_interval_secs = 30
+
+# What peers may make Sec-EM hold. Anyone who reaches the port can open connections
+# (agents enroll without a certificate), so every one is bounded. The defaults:
+[limits]
+max_connections = 16384
+max_connections_per_source = 256
+# Above this many connections, new ones must prove their address first (QUIC Retry).
+retry_above = 1024
+# A connection without the admin certificate must enroll within this; it may hold
+# unauthenticated_streams requests at once until it does.
+enroll_deadline_secs = 10
+unauthenticated_streams = 2
+request_deadline_secs = 10
+idle_timeout_secs = 60
+verify_peer_per_sec = 100
+# Refusals about one known instance written to the audit log per minute and kind (the
+# rest are counted, and the count goes into the next record).
+audit_refusals_per_min = 6
 "#
     )
 }
@@ -268,6 +442,11 @@ mod tests {
         );
         assert_eq!((c.overlay_prefix, c.chain_length), (16, 100_000));
         assert_eq!(c.key, PathBuf::from("/etc/asmn/server.key"));
+        assert_eq!(
+            c.limits,
+            Limits::default(),
+            "the file spells out the defaults"
+        );
     }
 
     #[test]
@@ -320,6 +499,21 @@ mod tests {
                 "tenant.reattest_interval_secs",
             ),
             ("[tls]", "[tlz]", "syntax"),
+            (
+                "max_connections_per_source = 256",
+                "max_connections_per_source = 0",
+                "limits.max_connections_per_source",
+            ),
+            (
+                "unauthenticated_streams = 2",
+                "unauthenticated_streams = 100",
+                "limits.unauthenticated_streams",
+            ),
+            (
+                "request_deadline_secs = 10",
+                "request_deadline_secs = 0",
+                "limits.request_deadline_secs",
+            ),
         ];
         for (from, to, field) in cases {
             let text = good.replace(from, to);

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crate::config::{Config, StoreUrl};
 use crate::registry::{Registry, RegistryConfig};
+use crate::service;
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::etcd::EtcdStore;
-use crate::{service, transport};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,15 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     /// The QUIC endpoint could not start.
     #[error("starting the QUIC endpoint: {0}")]
-    Transport(#[from] transport::TransportError),
+    Transport(#[from] asmn_channel::tls::TlsError),
+    /// The audit key file is not a key.
+    #[error("the audit key {path}: {reason}")]
+    AuditKey {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// How long open connections get to finish when the daemon stops.
@@ -70,10 +78,18 @@ async fn serve_with<S: Store>(
 ) -> Result<(), DaemonError> {
     let metrics = crate::metrics::Metrics::new();
     let store = crate::metrics::MeteredStore::new(raw_store, Arc::clone(&metrics));
-    let endpoint = transport::server(config.listen, ca, cert, key)?;
+    let audit_key =
+        crate::audit::AuditKey::from_file_text(&read(&config.audit_key)?).map_err(|reason| {
+            DaemonError::AuditKey {
+                path: config.audit_key.display().to_string(),
+                reason,
+            }
+        })?;
+    let endpoint =
+        asmn_channel::tls::server(config.listen, ca, cert, key, &config.limits.transport)?;
     let local = endpoint
         .local_addr()
-        .map_err(|e| transport::TransportError::Connection(e.to_string()))?;
+        .map_err(|e| asmn_channel::tls::TlsError::Socket(e.to_string()))?;
     let advertise = if config.listen.ip().is_unspecified() {
         format!("{}:{}", config.server_name, local.port())
     } else {
@@ -90,6 +106,8 @@ async fn serve_with<S: Store>(
             reattest_interval_secs: config.reattest_interval_secs,
             overlay_net: config.overlay_net,
             overlay_prefix: config.overlay_prefix,
+            audit_key,
+            audit_refusals_per_min: config.limits.audit_refusals_per_min,
         },
     ));
     tracing::info!(listen = %local, server_name = %config.server_name, "sec-em serving");
@@ -122,6 +140,7 @@ async fn serve_with<S: Store>(
         registry,
         hub,
         Some(metrics),
+        config.limits.clone(),
     ));
     shutdown.await;
     tracing::info!("shutting down: closing connections");

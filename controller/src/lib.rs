@@ -5,7 +5,8 @@
 //! [`registry`] (on-boarding, instantiation, enrollment, re-attestation and renewal, peer
 //! verification, quarantine and revocation as decisions over the store), the pushes to
 //! connected agents ([`push`]), the controller's [`pki`], its validated [`config`], its
-//! [`metrics`], and the daemon ([`daemon`], [`service`], [`transport`]). Binaries:
+//! [`metrics`], and the daemon ([`daemon`], [`service`]; the QUIC and TLS set-up is the
+//! `asmn-channel` crate's, shared with the agent). Binaries:
 //! `sec-em` (init, check-config, serve), `asmnctl` (the operator CLI) and `sec-em-load`
 //! (the load benchmark). [`local_etcd`] starts throw-away etcd clusters for tests and the
 //! benchmark. The protocol logic lives in `asmn-shared`.
@@ -22,4 +23,3 @@ pub mod push;
 pub mod registry;
 pub mod service;
 pub mod store;
-pub mod transport;

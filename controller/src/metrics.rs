@@ -10,7 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::store::{AbortOnDrop, Cas, Expect, Listing, RawWatch, Store, StoreError, Versioned};
@@ -37,6 +36,13 @@ pub struct Metrics {
     pub catalog_ack_seconds: Histogram,
     /// Store operations, by operation, seconds.
     pub store_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// QUIC connections open (handshaking ones included).
+    pub connections: Gauge,
+    /// What the listener did to bound unauthenticated peers, by event: `refused_total`,
+    /// `refused_source` (a cap), `retry` (address validation asked), `handshake_failed`,
+    /// `enroll_deadline` (closed before enrolling), `request_deadline`,
+    /// `audit_suppressed` (a refusal about a known instance not audited one by one).
+    pub guard_events: Family<Labels, Counter>,
     pushed: Mutex<HashMap<(String, u64), Instant>>,
 }
 
@@ -80,7 +86,21 @@ impl Metrics {
             "Store operation latency, by operation",
             store_seconds.clone(),
         );
+        let connections = Gauge::default();
+        let guard_events = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections",
+            "QUIC connections open, handshakes included",
+            connections.clone(),
+        );
+        registry.register(
+            "guard_events",
+            "Connections and requests refused, closed or throttled to bound unauthenticated peers, by event",
+            guard_events.clone(),
+        );
         Arc::new(Self {
+            connections,
+            guard_events,
             registry,
             enrollments,
             refusals,
@@ -96,6 +116,13 @@ impl Metrics {
     pub fn refused(&self, reason: &str) {
         self.refusals
             .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Counts a guard event (see [`Metrics::guard_events`]).
+    pub fn guard(&self, event: &str) {
+        self.guard_events
+            .get_or_create(&vec![("event".to_string(), event.to_string())])
             .inc();
     }
 
@@ -190,64 +217,53 @@ impl<S: Store> Store for MeteredStore<S> {
         self.observe("list", t);
         r
     }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Listing, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.list_page(prefix, after, limit).await;
+        self.observe("list", t);
+        r
+    }
+    async fn last(&self, prefix: &str) -> Result<Option<(String, Versioned)>, StoreError> {
+        let t = Instant::now();
+        let r = self.inner.last(prefix).await;
+        self.observe("get", t);
+        r
+    }
     async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
         self.inner.watch_raw(prefix, from).await
     }
 }
 
-/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until dropped.
-/// Requests are read up to 8 KiB with a 5 s deadline; anything else gets 404.
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until dropped
+/// (`asmn_channel::http`: at most 64 connections at once, 5 s deadlines).
 pub fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     agents: impl Fn() -> usize + Send + Sync + 'static,
 ) -> AbortOnDrop {
     let agents = Arc::new(agents);
-    AbortOnDrop(tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
+    AbortOnDrop(tokio::spawn(asmn_channel::http::serve(
+        listener,
+        asmn_channel::http::MAX_CONNECTIONS,
+        move |path: String| {
             let (metrics, agents) = (Arc::clone(&metrics), Arc::clone(&agents));
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                let read = async {
-                    while n < buf.len() {
-                        let k = sock.read(&mut buf[n..]).await.ok()?;
-                        if k == 0 {
-                            break;
-                        }
-                        n += k;
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
+            async move {
+                match path.as_str() {
+                    "/metrics" => {
+                        metrics
+                            .connected_agents
+                            .set(i64::try_from(agents()).unwrap_or(i64::MAX));
+                        asmn_channel::http::Response::ok(metrics.render())
                     }
-                    Some(())
-                };
-                if tokio::time::timeout(Duration::from_secs(5), read)
-                    .await
-                    .is_err()
-                {
-                    return;
+                    "/health" => asmn_channel::http::Response::ok("ok\n".into()),
+                    _ => asmn_channel::http::Response::not_found(),
                 }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if head.starts_with("GET /metrics ") {
-                    metrics
-                        .connected_agents
-                        .set(i64::try_from(agents()).unwrap_or(i64::MAX));
-                    ("200 OK", metrics.render())
-                } else if head.starts_with("GET /health ") {
-                    ("200 OK", "ok\n".to_string())
-                } else {
-                    (
-                        "404 Not Found",
-                        "not found: try /metrics or /health\n".to_string(),
-                    )
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
-    }))
+            }
+        },
+    )))
 }

@@ -113,14 +113,24 @@ pub const FILES: [(&str, bool); 6] = [
     ("admin.key", true),
 ];
 
-/// Writes the PKI into `dir` (keys with mode 0600), refusing to replace existing files
-/// unless `force`.
-pub fn write(dir: &Path, pki: &Pki, force: bool) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    if !force && let Some(existing) = FILES.iter().map(|(f, _)| dir.join(f)).find(|p| p.exists()) {
+/// Writes the PKI into `dir` (keys with mode 0600), the CA key into `ca_dir` (an offline
+/// directory: `sec-em serve` never reads it), refusing to replace existing files unless
+/// `force`.
+pub fn write(dir: &Path, ca_dir: &Path, pki: &Pki, force: bool) -> Result<(), PkiError> {
+    for d in [dir, ca_dir] {
+        fs::create_dir_all(d).map_err(|source| PkiError::Io {
+            path: d.to_path_buf(),
+            source,
+        })?;
+    }
+    let place = |name: &str| {
+        if name == "ca.key" {
+            ca_dir.join(name)
+        } else {
+            dir.join(name)
+        }
+    };
+    if !force && let Some(existing) = FILES.iter().map(|(f, _)| place(f)).find(|p| p.exists()) {
         return Err(PkiError::Exists(existing));
     }
     let contents = [
@@ -132,7 +142,7 @@ pub fn write(dir: &Path, pki: &Pki, force: bool) -> Result<(), PkiError> {
         &pki.admin_key,
     ];
     for ((name, secret), text) in FILES.iter().zip(contents) {
-        write_file(&dir.join(name), text.as_bytes(), *secret)?;
+        write_file(&place(name), text.as_bytes(), *secret)?;
     }
     Ok(())
 }
@@ -159,6 +169,42 @@ pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), PkiErro
     f.sync_all().map_err(io)
 }
 
+/// The serial number of a DER certificate, as lower-case hex without leading zeros (what
+/// `asmnctl admin revoke` takes), if it parses.
+pub fn serial_of(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    crate::registry::normalize_serial(&hex::encode(parsed.raw_serial()))
+}
+
+/// The serial of the first certificate of a PEM text.
+pub fn serial_of_pem(pem: &str) -> Option<String> {
+    let der = asmn_channel::tls::certs(pem).ok()?.into_iter().next()?;
+    serial_of(&der)
+}
+
+/// Issues another admin client certificate named `name`, signed by the CA (PEM
+/// certificate and key, as `sec-em init` wrote them), valid from January 1 of `year` for
+/// 10 years. Returns the certificate, its key and its serial.
+pub fn issue_admin(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    name: &str,
+    year: i32,
+) -> Result<(String, String, String), PkiError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = named(name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = date_time_ymd(year, 1, 1);
+    params.not_after = date_time_ymd(year + 10, 1, 1);
+    let cert = params.signed_by(&key, &issuer)?;
+    let serial = serial_of(cert.der()).unwrap_or_default();
+    Ok((cert.pem(), key.serialize_pem(), serial))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -172,7 +218,7 @@ mod tests {
         assert!(
             pki.ca_cert.contains("BEGIN CERTIFICATE") && pki.server_key.contains("PRIVATE KEY")
         );
-        write(dir.path(), &pki, false).expect("write");
+        write(dir.path(), dir.path(), &pki, false).expect("write");
         for (name, secret) in FILES {
             let mode = fs::metadata(dir.path().join(name))
                 .expect("meta")
@@ -183,18 +229,34 @@ mod tests {
         }
         let again = generate(&["sec-em".into()], 2026).expect("pki");
         assert!(matches!(
-            write(dir.path(), &again, false),
+            write(dir.path(), dir.path(), &again, false),
             Err(PkiError::Exists(_))
         ));
         assert_eq!(
             fs::read_to_string(dir.path().join("ca.pem")).expect("ca"),
             pki.ca_cert
         );
-        write(dir.path(), &again, true).expect("force");
+        write(dir.path(), dir.path(), &again, true).expect("force");
         assert_eq!(
             fs::read_to_string(dir.path().join("ca.pem")).expect("ca"),
             again.ca_cert
         );
         assert!(!format!("{again:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn the_ca_key_can_live_offline_and_issue_admins_there() {
+        let online = tempfile::tempdir().expect("tmp");
+        let offline = tempfile::tempdir().expect("tmp");
+        let pki = generate(&["sec-em".into()], 2026).expect("pki");
+        write(online.path(), offline.path(), &pki, false).expect("write");
+        assert!(!online.path().join("ca.key").exists());
+        assert!(offline.path().join("ca.key").exists());
+        assert!(online.path().join("server.key").exists());
+        let ca_key = fs::read_to_string(offline.path().join("ca.key")).expect("key");
+        let (cert, key, serial) = issue_admin(&pki.ca_cert, &ca_key, "ops-2", 2026).expect("issue");
+        assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
+        assert_eq!(serial_of_pem(&cert), Some(serial.clone()));
+        assert_ne!(serial_of_pem(&pki.admin_cert), Some(serial));
     }
 }

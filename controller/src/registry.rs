@@ -42,6 +42,77 @@ pub struct RegistryConfig {
     pub overlay_net: Ipv4Addr,
     /// Its prefix length.
     pub overlay_prefix: u8,
+    /// The key audit records are authenticated with (never in the store).
+    pub audit_key: crate::audit::AuditKey,
+    /// Refusals of one kind about one known instance audited per minute.
+    pub audit_refusals_per_min: u32,
+}
+
+/// An enrolled agent's budget of peer verifications (one per connection).
+pub type VerifyPeerLimiter = governor::DefaultDirectRateLimiter;
+
+/// A budget of `per_sec` peer verifications a second, with bursts of twice that.
+pub fn verify_peer_limiter(per_sec: u32) -> VerifyPeerLimiter {
+    let rate = std::num::NonZeroU32::new(per_sec.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst =
+        rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(std::num::NonZeroU32::MIN));
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
+/// Which refusals about known instances are audited: at most `per_min` per (instance,
+/// kind) and minute; the rest are counted and the count goes into the next record, so an
+/// attacker who knows an instance's ID cannot grow the log without bound.
+#[derive(Debug)]
+struct RefusalAudit {
+    per_min: u32,
+    seen: std::sync::Mutex<std::collections::HashMap<(InstanceKey, &'static str), RefusalWindow>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RefusalWindow {
+    minute: u64,
+    written: u32,
+    skipped: u64,
+}
+
+/// Instances whose refusals are tracked at once; beyond it, windows of past minutes go.
+const REFUSAL_TRACKED: usize = 65_536;
+
+impl RefusalAudit {
+    /// `Some(skipped before)` when this refusal is to be written, `None` when counted only.
+    fn admit(&self, now: u64, id: InstanceKey, kind: &'static str) -> Option<u64> {
+        let minute = now / 60;
+        let Ok(mut seen) = self.seen.lock() else {
+            return Some(0);
+        };
+        if seen.len() >= REFUSAL_TRACKED && !seen.contains_key(&(id, kind)) {
+            seen.retain(|_, w| w.minute == minute);
+            if seen.len() >= REFUSAL_TRACKED {
+                // Every tracked instance was refused this minute: audit this one, as
+                // before tracking.
+                return Some(0);
+            }
+        }
+        let w = seen.entry((id, kind)).or_insert(RefusalWindow {
+            minute,
+            written: 0,
+            skipped: 0,
+        });
+        if w.minute != minute {
+            w.minute = minute;
+            w.written = 0;
+        }
+        if w.written < self.per_min {
+            w.written += 1;
+            Some(std::mem::take(&mut w.skipped))
+        } else {
+            w.skipped += 1;
+            self.suppressed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 /// An on-boarded VNF.
@@ -278,6 +349,29 @@ fn catalog_admits(catalog: &SecCatalog, vnf: &VnfId) -> bool {
             .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(vnf)))
 }
 
+fn admin_revoked_key(serial: &str) -> String {
+    format!("{PREFIX}admin-revoked/{serial}")
+}
+
+/// A certificate serial as lower-case hex without leading zeros or separators, if it is
+/// one (1 to 20 bytes).
+pub fn normalize_serial(serial: &str) -> Option<String> {
+    let digits: String = serial
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if digits.is_empty() || digits.len() > 40 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = digits.trim_start_matches('0');
+    Some(if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    })
+}
+
 /// A record kept changing under us for every retry.
 fn contended(what: &str) -> RegistryError {
     RegistryError::Store(StoreError::Unavailable(format!("{what} contended; retry")))
@@ -297,6 +391,7 @@ pub struct Registry<S: Store> {
     store: Arc<S>,
     config: RegistryConfig,
     audit: AuditLog,
+    refusals: RefusalAudit,
     /// Serializes this replica's overlay allocations (the counter is a hot key: without
     /// it, concurrent creations mostly lose their compare-and-swap to each other).
     allocating: tokio::sync::Mutex<()>,
@@ -316,8 +411,13 @@ impl<S: Store> Registry<S> {
     pub fn with_shared_store(store: Arc<S>, config: RegistryConfig) -> Self {
         Self {
             store,
+            audit: AuditLog::new(config.audit_key.clone()),
+            refusals: RefusalAudit {
+                per_min: config.audit_refusals_per_min.max(1),
+                seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+                suppressed: std::sync::atomic::AtomicU64::new(0),
+            },
             config,
-            audit: AuditLog::new(),
             allocating: tokio::sync::Mutex::new(()),
         }
     }
@@ -343,6 +443,42 @@ impl<S: Store> Registry<S> {
             .append(&self.store, now, kind, id.map(|i| i.to_hex()), detail)
             .await?;
         Ok(())
+    }
+
+    /// Audits a refusal about known instance `id`, within the per-minute budget (see
+    /// [`RefusalAudit`]); a refusal over budget is counted only.
+    async fn audit_refusal(
+        &self,
+        now: u64,
+        kind: &'static str,
+        id: &InstanceKey,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        match self.refusals.admit(now, *id, kind) {
+            None => Ok(()),
+            Some(0) => self.audit(now, kind, Some(id), detail).await,
+            Some(n) => {
+                self.audit(
+                    now,
+                    kind,
+                    Some(id),
+                    format!("{detail} (and {n} like refusals not recorded one by one)"),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Refusals about known instances counted but not audited one by one, so far.
+    pub fn audit_suppressed(&self) -> u64 {
+        self.refusals
+            .suppressed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The audit key (to verify the log and sign checkpoints).
+    pub fn audit_key(&self) -> &crate::audit::AuditKey {
+        self.audit.key()
     }
 
     /// Registers a VNF with its golden digests (SHA-256 required).
@@ -394,6 +530,23 @@ impl<S: Store> Registry<S> {
         catalog
             .validate()
             .map_err(|(f, r)| refuse(RefusalCode::InvalidCatalog, format!("{f}: {r}")))?;
+        // Agents receive the catalog as one push: one that cannot be framed would never
+        // reach them. Refuse it now, before anything is committed.
+        catalog.version = u64::MAX;
+        let push = asmn_shared::wire::msg::Envelope {
+            request_id: u64::MAX,
+            body: Some(asmn_shared::wire::msg::Body::CatalogPush((&catalog).into())),
+        };
+        if let Err(e) = asmn_shared::wire::encode_frame(&push) {
+            return Err(refuse(
+                RefusalCode::TooLarge,
+                format!(
+                    "the catalog of {} would not fit in one push to its agents ({e}); \
+                     merge rules or split the VNF",
+                    catalog.vnf
+                ),
+            ));
+        }
         let key = catalog_key(&catalog.vnf);
         for _ in 0..CAS_RETRIES {
             let (expect, version) = match self.catalog(&catalog.vnf).await? {
@@ -877,7 +1030,7 @@ impl<S: Store> Registry<S> {
         why: String,
     ) -> RegistryError {
         match self
-            .audit(now, "peer.refused", Some(requester), why.clone())
+            .audit_refusal(now, "peer.refused", requester, why.clone())
             .await
         {
             Ok(()) => refuse(code, why),
@@ -988,6 +1141,83 @@ impl<S: Store> Registry<S> {
         Ok(records)
     }
 
+    /// One page of instance records (sorted by ID) after `after` (hex ID; empty for the
+    /// first page), at most `limit`, with their acknowledged catalog versions; and the
+    /// `after` of the next page, if there is one.
+    pub async fn instances_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<InstanceRecord>, Option<String>), RegistryError> {
+        let prefix = format!("{PREFIX}instances/");
+        let after = if after.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}{after}")
+        };
+        let limit = limit.clamp(1, 1_000);
+        let listing = self.store.list_page(&prefix, &after, limit).await?;
+        let mut out = Vec::with_capacity(listing.entries.len());
+        for (_, v) in &listing.entries {
+            let mut rec: InstanceRecord = parse(&v.value)?;
+            if let Some(id) = hex::decode(&rec.id)
+                .ok()
+                .and_then(|b| InstanceKey::from_slice(&b))
+                && let Some(a) = self.store.get(&ack_key(&id)).await?
+            {
+                let ack: CatalogAckRecord = parse(&a.value)?;
+                rec.enforced_catalog = Some(ack.version);
+                rec.catalog_latency_ms = ack.latency_ms;
+            }
+            out.push(rec);
+        }
+        let next = (listing.entries.len() == limit)
+            .then(|| out.last().map(|r| r.id.clone()))
+            .flatten();
+        Ok((out, next))
+    }
+
+    /// Puts an admin certificate's serial (hex) on the deny-list: every later admin
+    /// request presenting it is refused, on every replica sharing the store.
+    pub async fn revoke_admin(&self, now: u64, serial: &str) -> Result<(), RegistryError> {
+        let serial = normalize_serial(serial).ok_or_else(|| {
+            refuse(
+                RefusalCode::InvalidRequest,
+                "a serial is 1 to 40 hex digits",
+            )
+        })?;
+        self.store
+            .put(&admin_revoked_key(&serial), json(&now)?)
+            .await?;
+        self.audit(
+            now,
+            "admin.revoked",
+            None,
+            format!("admin certificate serial {serial} revoked"),
+        )
+        .await
+    }
+
+    /// Whether the admin certificate with `serial` is on the deny-list. A store failure is
+    /// an error (the caller refuses: fail closed).
+    pub async fn admin_revoked(&self, serial: &str) -> Result<bool, RegistryError> {
+        let Some(serial) = normalize_serial(serial) else {
+            return Ok(true);
+        };
+        Ok(self.store.get(&admin_revoked_key(&serial)).await?.is_some())
+    }
+
+    /// The revoked admin serials.
+    pub async fn revoked_admins(&self) -> Result<Vec<String>, RegistryError> {
+        let prefix = admin_revoked_key("");
+        let listing = self.store.list(&prefix).await?;
+        Ok(listing
+            .entries
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
     /// Quarantines `id` (a refused instance) unless it is revoked already.
     async fn quarantine(
         &self,
@@ -1021,8 +1251,8 @@ impl<S: Store> Registry<S> {
         let id = req.id;
         for _ in 0..CAS_RETRIES {
             let Some((mut rec, rev)) = self.instance(&id).await? else {
-                self.audit(now, "enroll.refused", Some(&id), "unknown instance".into())
-                    .await?;
+                // Nothing known to audit: anyone can send this (a random ID) as often as
+                // they like. It is counted in the metrics and logged at a bounded rate.
                 return Err(refuse(
                     RefusalCode::UnknownInstance,
                     "no such instance: it was never created, or its bundle is wrong",
@@ -1035,7 +1265,7 @@ impl<S: Store> Registry<S> {
                 || rec.instance != req.instance
                 || rec.role != req.role
             {
-                self.audit(now, "enroll.refused", Some(&id), "identity mismatch".into())
+                self.audit_refusal(now, "enroll.refused", &id, "identity mismatch".into())
                     .await?;
                 return Err(refuse(
                     RefusalCode::UnknownInstance,
@@ -1044,7 +1274,7 @@ impl<S: Store> Registry<S> {
             }
             match &rec.state {
                 InstanceState::Revoked(r) => {
-                    self.audit(now, "enroll.refused", Some(&id), format!("revoked: {r}"))
+                    self.audit_refusal(now, "enroll.refused", &id, format!("revoked: {r}"))
                         .await?;
                     return Err(refuse(
                         RefusalCode::Revoked,
@@ -1052,13 +1282,8 @@ impl<S: Store> Registry<S> {
                     ));
                 }
                 InstanceState::Quarantined(r) => {
-                    self.audit(
-                        now,
-                        "enroll.refused",
-                        Some(&id),
-                        format!("quarantined: {r}"),
-                    )
-                    .await?;
+                    self.audit_refusal(now, "enroll.refused", &id, format!("quarantined: {r}"))
+                        .await?;
                     return Err(refuse(
                         RefusalCode::Quarantined,
                         format!("instance quarantined: {r}"),
@@ -1145,7 +1370,7 @@ impl<S: Store> Registry<S> {
             // ID is known to its peers, and one of them could otherwise cut it off.
             self.quarantine(now, id, &e.to_string()).await?;
         } else {
-            self.audit(now, "reveal.refused", Some(id), e.to_string())
+            self.audit_refusal(now, "reveal.refused", id, e.to_string())
                 .await?;
         }
         Ok(refuse(code, e.to_string()))
@@ -1212,10 +1437,10 @@ impl<S: Store> Registry<S> {
                     ));
                 }
                 AttestationMode::Continuity if changed && req.renewal.is_none() => {
-                    self.audit(
+                    self.audit_refusal(
                         now,
                         "reattest.refused",
-                        Some(id),
+                        id,
                         "continuity mode: target changed without a renewal".into(),
                     )
                     .await?;
@@ -1246,7 +1471,7 @@ impl<S: Store> Registry<S> {
                             return Err(self.refuse_reveal(now, id, e).await?);
                         }
                         Err(e) => {
-                            self.audit(now, "renewal.refused", Some(id), e.to_string())
+                            self.audit_refusal(now, "renewal.refused", id, e.to_string())
                                 .await?;
                             return Err(refuse(RefusalCode::BadRenewal, e.to_string()));
                         }

@@ -15,9 +15,9 @@ use asmn_shared::wire::msg::{self, Body, RefusalCode};
 use asmn_shared::wire::{self, Enroll};
 use rand::{RngCore, TryRngCore};
 
+use crate::config::Limits;
 use crate::registry::{Registry, RegistryError};
 use crate::store::Store;
-use crate::transport;
 
 /// Seconds since the Unix epoch (the daemon's clock; the registry takes it as input).
 pub fn now() -> u64 {
@@ -61,6 +61,15 @@ pub struct Session {
     pub pusher: std::sync::Mutex<Option<crate::store::AbortOnDrop>>,
     /// Where to count.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The admin certificate's serial (hex), checked against the deny-list on every
+    /// admin request.
+    pub admin_serial: Option<String>,
+    /// The agent's budget of peer verifications.
+    pub verify_budget: Option<crate::registry::VerifyPeerLimiter>,
+    /// Where refusals of unauthenticated requests are logged at a bounded rate.
+    pub logs: Option<Arc<LogLimiter>>,
+    /// The limits in force (the connection is opened up when its agent enrolls).
+    pub limits: Option<Arc<Limits>>,
 }
 
 impl Session {
@@ -75,8 +84,45 @@ pub async fn handle<S: Store>(
     session: &Session,
     env: msg::Envelope,
 ) -> msg::Envelope {
-    let admin = session.admin;
     let request_id = env.request_id;
+    let operator_request = matches!(
+        env.body,
+        Some(
+            Body::Onboard(_)
+                | Body::CreateInstance(_)
+                | Body::Revoke(_)
+                | Body::ApplyCatalog(_)
+                | Body::Query(_)
+                | Body::ShowCatalog(_)
+                | Body::RevokeAdmin(_)
+        )
+    );
+    // The deny-list is read on every operator request (fail closed on a store error).
+    let admin = if session.admin && operator_request {
+        match &session.admin_serial {
+            None => false,
+            Some(serial) => match registry.admin_revoked(serial).await {
+                Ok(false) => true,
+                Ok(true) => {
+                    return msg::Envelope {
+                        request_id,
+                        body: Some(refusal(
+                            RefusalCode::NotAuthorized,
+                            format!("admin certificate {serial} is revoked"),
+                        )),
+                    };
+                }
+                Err(e) => {
+                    return msg::Envelope {
+                        request_id,
+                        body: Some(from_error(e)),
+                    };
+                }
+            },
+        }
+    } else {
+        false
+    };
     let started = std::time::Instant::now();
     let is_reveal = matches!(env.body, Some(Body::Enroll(_)) | Some(Body::Reattest(_)));
     let ack_latency = match (&session.metrics, &env.body) {
@@ -94,6 +140,9 @@ pub async fn handle<S: Store>(
                     }
                     if let Ok(mut g) = session.agent_vnf.lock() {
                         *g = Some(req.vnf.clone());
+                    }
+                    if let (Some((conn, _)), Some(limits)) = (&session.push, &session.limits) {
+                        asmn_channel::tls::open_up(conn, &limits.transport);
                     }
                     if let Some((conn, hub)) = &session.push {
                         let mut first = vec![Body::CatalogPush((&enrolled.catalog).into())];
@@ -120,7 +169,19 @@ pub async fn handle<S: Store>(
                     }
                     Body::Enrolled((&enrolled).into())
                 }
-                Err(e) => from_error(e),
+                Err(e) => {
+                    if session.agent().is_none()
+                        && let Some(skipped) = session.logs.as_ref().and_then(|l| l.allow("enroll"))
+                    {
+                        tracing::info!(
+                            instance = %req.id,
+                            error = %e,
+                            skipped,
+                            "enrollment refused (logged at most once a second)"
+                        );
+                    }
+                    from_error(e)
+                }
             },
         },
         Some(Body::VerifyPeer(m)) => match (session.agent(), m.overlay.parse::<std::net::IpAddr>())
@@ -133,6 +194,17 @@ pub async fn handle<S: Store>(
                 RefusalCode::MalformedMessage,
                 "verify_peer.overlay is not an IP address",
             ),
+            (Some(_), Ok(_))
+                if session
+                    .verify_budget
+                    .as_ref()
+                    .is_some_and(|b| b.check().is_err()) =>
+            {
+                refusal(
+                    RefusalCode::RateLimited,
+                    "too many peer verifications from this agent; retry in a second",
+                )
+            }
             (Some(me), Ok(ip)) if m.source.is_empty() => {
                 match registry.verify_peer(now(), &me, ip).await {
                     // The peer is asked to verify back by the push follower (see `push`).
@@ -203,6 +275,12 @@ pub async fn handle<S: Store>(
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
         Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
         Some(Body::Query(m)) if admin => query(registry, m).await,
+        Some(Body::RevokeAdmin(m)) if admin => {
+            match registry.revoke_admin(now(), &m.serial).await {
+                Ok(()) => Body::Ok(msg::Ack {}),
+                Err(e) => from_error(e),
+            }
+        }
         Some(Body::ApplyCatalog(m)) if admin => match m
             .catalog
             .as_ref()
@@ -242,6 +320,7 @@ pub async fn handle<S: Store>(
         | Some(Body::ApplyCatalog(_))
         | Some(Body::Query(_))
         | Some(Body::ShowCatalog(_))
+        | Some(Body::RevokeAdmin(_))
             if !admin =>
         {
             refusal(
@@ -401,12 +480,30 @@ async fn revoke<S: Store>(registry: &Registry<S>, m: msg::RevokeRequest) -> Body
     }
 }
 
+/// Most bytes of JSON in one listing page: a frame with room for the envelope.
+const PAGE_BUDGET: usize = wire::MAX_FRAME - 1024;
+
 async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
-    let result = match m.what.as_str() {
-        "instances" => registry
-            .instances()
-            .await
-            .map(|v| serde_json::to_string(&v)),
+    let page = |json: String, next: Option<String>| {
+        Body::QueryResult(msg::QueryResult {
+            json,
+            next: next.unwrap_or_default(),
+        })
+    };
+    let to_json =
+        |v: &serde_json::Value| serde_json::to_string(v).unwrap_or_else(|_| "null".to_string());
+    match m.what.as_str() {
+        "instances" => {
+            // Records are under 1 KiB: 48 fit a frame with room to spare.
+            let limit = if m.limit == 0 { 48 } else { m.limit.min(48) };
+            match registry.instances_page(&m.after, limit as usize).await {
+                Ok((records, next)) => match serde_json::to_string(&records) {
+                    Ok(json) => page(json, next),
+                    Err(e) => refusal(RefusalCode::Unavailable, e.to_string()),
+                },
+                Err(e) => from_error(e),
+            }
+        }
         "instance" => {
             let Some(id) = hex::decode(&m.argument)
                 .ok()
@@ -418,83 +515,352 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
                 );
             };
             match registry.instance_view(&id).await {
-                Ok(Some(rec)) => Ok(serde_json::to_string(&rec)),
-                Ok(None) => return refusal(RefusalCode::UnknownInstance, "no such instance"),
-                Err(e) => Err(e),
+                Ok(Some(rec)) => match serde_json::to_string(&rec) {
+                    Ok(json) => page(json, None),
+                    Err(e) => refusal(RefusalCode::Unavailable, e.to_string()),
+                },
+                Ok(None) => refusal(RefusalCode::UnknownInstance, "no such instance"),
+                Err(e) => from_error(e),
             }
         }
-        "audit" => crate::audit::verify(registry.store())
-            .await
-            .map(|v| serde_json::to_string(&v))
-            .map_err(RegistryError::from),
-        "audit-verify" => match crate::audit::verify(registry.store()).await {
-            Ok(v) => Ok(serde_json::to_string(
-                &serde_json::json!({"ok": true, "records": v.len()}),
-            )),
-            Err(crate::audit::AuditError::Store(e)) => Err(RegistryError::Store(e)),
-            Err(e) => Ok(serde_json::to_string(
-                &serde_json::json!({"ok": false, "error": e.to_string()}),
-            )),
-        },
-        other => {
-            return refusal(
-                RefusalCode::InvalidRequest,
-                format!("unknown query {other:?}: instances, instance, audit, audit-verify"),
-            );
+        "audit" => {
+            // `after`: the first record to show (empty: from 1); `argument`: only records
+            // of this instance (hex ID) or of this kind, when given.
+            let since = if m.after.is_empty() {
+                1
+            } else {
+                match m.after.parse::<u64>() {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return refusal(
+                            RefusalCode::InvalidRequest,
+                            "audit: `after` is a record number",
+                        );
+                    }
+                }
+            };
+            let filter = m.argument.clone();
+            let budget = if m.limit == 0 {
+                PAGE_BUDGET
+            } else {
+                (m.limit as usize).saturating_mul(512).min(PAGE_BUDGET)
+            };
+            let keep = |r: &crate::audit::AuditRecord| {
+                filter.is_empty() || r.kind == filter || r.instance.as_deref() == Some(&filter)
+            };
+            match crate::audit::page(registry.store(), registry.audit_key(), since, budget, keep)
+                .await
+            {
+                Ok((records, next)) => match serde_json::to_string(&records) {
+                    Ok(json) => page(json, next.map(|n| n.to_string())),
+                    Err(e) => refusal(RefusalCode::Unavailable, e.to_string()),
+                },
+                Err(crate::audit::AuditError::Store(e)) => from_error(RegistryError::Store(e)),
+                Err(e) => refusal(
+                    RefusalCode::Unavailable,
+                    format!("the audit log does not verify: {e}"),
+                ),
+            }
         }
-    };
-    match result {
-        Ok(Ok(json)) => Body::QueryResult(msg::QueryResult { json }),
-        Ok(Err(e)) => refusal(RefusalCode::Unavailable, e.to_string()),
-        Err(e) => from_error(e),
+        "audit-verify" | "audit-checkpoint" => {
+            let checkpoint = if m.argument.is_empty() {
+                None
+            } else {
+                match serde_json::from_str::<crate::audit::Checkpoint>(&m.argument) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        return refusal(
+                            RefusalCode::InvalidRequest,
+                            format!("the checkpoint is not valid JSON: {e}"),
+                        );
+                    }
+                }
+            };
+            match crate::audit::verify(registry.store(), registry.audit_key(), checkpoint.as_ref())
+                .await
+            {
+                Ok(head) if m.what == "audit-checkpoint" => match serde_json::to_string(&head) {
+                    Ok(json) => page(json, None),
+                    Err(e) => refusal(RefusalCode::Unavailable, e.to_string()),
+                },
+                Ok(head) => page(
+                    to_json(&serde_json::json!({"ok": true, "records": head.seq})),
+                    None,
+                ),
+                Err(crate::audit::AuditError::Store(e)) => from_error(RegistryError::Store(e)),
+                Err(e) => page(
+                    to_json(&serde_json::json!({"ok": false, "error": e.to_string()})),
+                    None,
+                ),
+            }
+        }
+        "admin-revoked" => match registry.revoked_admins().await {
+            Ok(v) => page(to_json(&serde_json::json!(v)), None),
+            Err(e) => from_error(e),
+        },
+        other => refusal(
+            RefusalCode::InvalidRequest,
+            format!(
+                "unknown query {other:?}: instances, instance, audit, audit-verify, audit-checkpoint, admin-revoked"
+            ),
+        ),
     }
 }
 
-/// Serves connections on `endpoint` until it is closed: every connection and stream in
-/// its own task, each request bounded by the frame cap. Enrolled agents get pushes from
+/// Open connections, in total and per source address.
+#[derive(Debug, Default)]
+struct Admission {
+    per_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// One admitted connection; dropping it gives its place back.
+struct Admitted {
+    admission: Arc<Admission>,
+    ip: std::net::IpAddr,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl Admission {
+    /// Admits a connection from `ip` unless a cap is reached (then the metric's event).
+    fn admit(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        limits: &Limits,
+        metrics: &Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Admitted, &'static str> {
+        use std::sync::atomic::Ordering;
+        let mut per = self.per_source.lock().map_err(|_| "refused_total")?;
+        if self.total.load(Ordering::Relaxed) >= limits.max_connections {
+            return Err("refused_total");
+        }
+        let n = per.entry(ip).or_insert(0);
+        if *n >= limits.max_connections_per_source {
+            return Err("refused_source");
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = metrics {
+            m.connections.inc();
+        }
+        Ok(Admitted {
+            admission: Arc::clone(self),
+            ip,
+            metrics: metrics.clone(),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut per) = self.admission.per_source.lock()
+            && let Some(n) = per.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+        self.admission
+            .total
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.connections.dec();
+        }
+    }
+}
+
+/// Logs at most one line per second per kind of event, with the number not logged since.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    last: std::sync::Mutex<std::collections::HashMap<&'static str, (std::time::Instant, u64)>>,
+}
+
+impl LogLimiter {
+    /// Whether to log an event of `kind` now, and how many were skipped before it.
+    pub fn allow(&self, kind: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut g = self.last.lock().ok()?;
+        let e = g
+            .entry(kind)
+            .or_insert((now - std::time::Duration::from_secs(2), 0));
+        if now.duration_since(e.0) >= std::time::Duration::from_secs(1) {
+            let skipped = e.1;
+            *e = (now, 0);
+            Some(skipped)
+        } else {
+            e.1 += 1;
+            None
+        }
+    }
+}
+
+fn guard(metrics: &Option<Arc<crate::metrics::Metrics>>, event: &str) {
+    if let Some(m) = metrics {
+        m.guard(event);
+    }
+}
+
+/// Serves connections on `endpoint` until it is closed, within `limits`: caps on
+/// connections (total and per source), address validation above `retry_above`, a
+/// deadline to enroll for connections without the admin certificate (which get few
+/// streams until then), a deadline on every request. Enrolled agents get pushes from
 /// `hub`.
 pub async fn serve<S: Store>(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry<S>>,
     hub: Arc<crate::push::PushHub>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    limits: Limits,
 ) {
+    let admission = Arc::new(Admission::default());
+    let logs = Arc::new(LogLimiter::default());
+    let limits = Arc::new(limits);
     while let Some(incoming) = endpoint.accept().await {
-        let (registry, hub, metrics) = (Arc::clone(&registry), Arc::clone(&hub), metrics.clone());
+        let source = incoming.remote_address();
+        if admission.total() >= limits.retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            guard(&metrics, "retry");
+            let _ = incoming.retry();
+            continue;
+        }
+        let admitted = match admission.admit(source.ip(), &limits, &metrics) {
+            Ok(a) => a,
+            Err(event) => {
+                guard(&metrics, event);
+                if let Some(skipped) = logs.allow(event) {
+                    tracing::warn!(%source, event, skipped, "connection refused: cap reached");
+                }
+                incoming.refuse();
+                continue;
+            }
+        };
+        let (registry, hub, metrics, limits, logs) = (
+            Arc::clone(&registry),
+            Arc::clone(&hub),
+            metrics.clone(),
+            Arc::clone(&limits),
+            Arc::clone(&logs),
+        );
         tokio::spawn(async move {
-            let Ok(conn) = incoming.await else { return };
-            let session = Arc::new(Session {
-                admin: transport::is_admin(&conn),
-                agent: std::sync::Mutex::new(None),
-                agent_vnf: std::sync::Mutex::new(None),
-                push: Some((conn.clone(), hub)),
-                pusher: std::sync::Mutex::new(None),
-                metrics,
-            });
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let (registry, session) = (Arc::clone(&registry), Arc::clone(&session));
-                tokio::spawn(async move {
-                    let reply = match recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await {
+            let _admitted = admitted;
+            let conn = match tokio::time::timeout(limits.enroll_deadline, incoming).await {
+                Ok(Ok(c)) => c,
+                _ => {
+                    guard(&metrics, "handshake_failed");
+                    return;
+                }
+            };
+            serve_connection(conn, registry, hub, metrics, limits, logs).await;
+        });
+    }
+}
+
+async fn serve_connection<S: Store>(
+    conn: quinn::Connection,
+    registry: Arc<Registry<S>>,
+    hub: Arc<crate::push::PushHub>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    limits: Arc<Limits>,
+    logs: Arc<LogLimiter>,
+) {
+    let admin = asmn_channel::tls::peer_certificate(&conn);
+    if admin.is_some() {
+        asmn_channel::tls::open_up(&conn, &limits.transport);
+    }
+    let session = Arc::new(Session {
+        admin: admin.is_some(),
+        admin_serial: admin.as_ref().and_then(|c| crate::pki::serial_of(c)),
+        agent: std::sync::Mutex::new(None),
+        agent_vnf: std::sync::Mutex::new(None),
+        push: Some((conn.clone(), hub)),
+        pusher: std::sync::Mutex::new(None),
+        metrics: metrics.clone(),
+        verify_budget: Some(crate::registry::verify_peer_limiter(
+            limits.verify_peer_per_sec,
+        )),
+        logs: Some(logs),
+        limits: Some(Arc::clone(&limits)),
+    });
+    let deadline = tokio::time::sleep(limits.enroll_deadline);
+    tokio::pin!(deadline);
+    let mut enrolled = session.admin;
+    loop {
+        let stream = tokio::select! {
+            s = conn.accept_bi() => s,
+            () = &mut deadline, if !enrolled => {
+                if session.agent().is_some() {
+                    enrolled = true;
+                    continue;
+                }
+                guard(&metrics, "enroll_deadline");
+                conn.close(0u32.into(), b"enroll within the deadline");
+                return;
+            }
+        };
+        let Ok((mut send, mut recv)) = stream else {
+            return;
+        };
+        let (registry, session, limits) = (
+            Arc::clone(&registry),
+            Arc::clone(&session),
+            Arc::clone(&limits),
+        );
+        tokio::spawn(async move {
+            let work = async {
+                match recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await {
+                    Err(e) => msg::Envelope {
+                        request_id: 0,
+                        body: Some(refusal(
+                            RefusalCode::MalformedMessage,
+                            format!("request too large or cut: {e}"),
+                        )),
+                    },
+                    Ok(bytes) => match asmn_channel::call::decode_one_frame(&bytes) {
                         Err(e) => msg::Envelope {
                             request_id: 0,
-                            body: Some(refusal(
-                                RefusalCode::MalformedMessage,
-                                format!("request too large or cut: {e}"),
-                            )),
+                            body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
                         },
-                        Ok(bytes) => match transport::decode_one_frame(&bytes) {
-                            Err(e) => msg::Envelope {
-                                request_id: 0,
-                                body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
-                            },
-                            Ok(env) => handle(&registry, &session, env).await,
-                        },
-                    };
-                    if let Ok(frame) = wire::encode_frame(&reply) {
-                        let _ = send.write_all(&frame).await;
-                        let _ = send.finish();
-                    }
-                });
+                        Ok(env) => handle(&registry, &session, env).await,
+                    },
+                }
+            };
+            let Ok(reply) = tokio::time::timeout(limits.request_deadline, work).await else {
+                guard(&session.metrics, "request_deadline");
+                let _ = send.reset(1u32.into());
+                return;
+            };
+            let frame = match wire::encode_frame(&reply) {
+                Ok(f) => f,
+                // Never a silent drop: the caller learns that the answer was too large.
+                Err(e) => match wire::encode_frame(&msg::Envelope {
+                    request_id: reply.request_id,
+                    body: Some(refusal(
+                        RefusalCode::TooLarge,
+                        format!(
+                            "the answer does not fit in one frame ({e}); ask for a smaller page"
+                        ),
+                    )),
+                }) {
+                    Ok(f) => f,
+                    Err(_) => return,
+                },
+            };
+            let write = async {
+                let _ = send.write_all(&frame).await;
+                let _ = send.finish();
+            };
+            if tokio::time::timeout(limits.request_deadline, write)
+                .await
+                .is_err()
+            {
+                let _ = send.reset(1u32.into());
             }
         });
     }

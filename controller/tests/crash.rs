@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use asmn_controller::transport;
 use asmn_shared::wire::BootstrapBundle;
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
 
@@ -77,7 +76,10 @@ async fn ask(c: &quinn::Connection, body: Body) -> Option<Body> {
         request_id: 1,
         body: Some(body),
     };
-    transport::request(c, &env).await.ok().and_then(|e| e.body)
+    asmn_channel::call::request(c, &env, Duration::from_secs(30))
+        .await
+        .ok()
+        .and_then(|e| e.body)
 }
 
 fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
@@ -132,7 +134,7 @@ async fn crash_run(etcd_url: Option<String>) {
     std::fs::write(&cfg, text).expect("cfg");
     let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);
     let admin = Client {
-        endpoint: transport::client(
+        endpoint: asmn_channel::tls::client(
             &read("ca.pem"),
             Some((&read("admin.pem"), &read("admin.key"))),
         )
@@ -140,7 +142,7 @@ async fn crash_run(etcd_url: Option<String>) {
         addr: listen.parse().expect("addr"),
     };
     let agents = Client {
-        endpoint: transport::client(&read("ca.pem"), None).expect("client"),
+        endpoint: asmn_channel::tls::client(&read("ca.pem"), None).expect("client"),
         addr: admin.addr,
     };
 
@@ -246,6 +248,7 @@ async fn crash_run(etcd_url: Option<String>) {
             Body::Query(msg::QueryRequest {
                 what: "instance".into(),
                 argument: id.clone(),
+                ..Default::default()
             }),
         )
         .await;
@@ -273,6 +276,7 @@ async fn crash_run(etcd_url: Option<String>) {
         Body::Query(msg::QueryRequest {
             what: "audit-verify".into(),
             argument: String::new(),
+            ..Default::default()
         }),
     )
     .await;

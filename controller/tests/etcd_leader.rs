@@ -37,6 +37,8 @@ fn config() -> RegistryConfig {
         reattest_interval_secs: 30,
         overlay_net: "10.77.0.0".parse().expect("net"),
         overlay_prefix: 16,
+        audit_key: asmn_controller::audit::AuditKey::new([7; 32]),
+        audit_refusals_per_min: 6,
     }
 }
 
@@ -201,7 +203,11 @@ async fn killing_the_etcd_leader_under_load_loses_nothing_and_pauses_writes_unde
             rec.chain.last_index
         );
     }
-    asmn_controller::audit::verify(&check)
-        .await
-        .expect("the audit chain holds");
+    asmn_controller::audit::verify(
+        &check,
+        &asmn_controller::audit::AuditKey::new([7; 32]),
+        None,
+    )
+    .await
+    .expect("the audit chain holds");
 }

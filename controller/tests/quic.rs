@@ -9,7 +9,7 @@ mod common;
 use asmn_controller::registry::{Registry, RegistryConfig};
 use asmn_controller::store::Store;
 use asmn_controller::store::embedded::EmbeddedStore;
-use asmn_controller::{pki, service, transport};
+use asmn_controller::{pki, service};
 use asmn_shared::chain::ChainProver;
 use asmn_shared::dh::Group;
 use asmn_shared::measure::{Algorithm, measure_bytes};
@@ -45,6 +45,16 @@ fn serve_on<S: Store>(
     store: Arc<S>,
     pki: &pki::Pki,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    serve_with(store, pki, asmn_controller::config::Limits::default(), None)
+}
+
+/// [`serve_on`] within `limits`, counting in `metrics`.
+fn serve_with<S: Store>(
+    store: Arc<S>,
+    pki: &pki::Pki,
+    limits: asmn_controller::config::Limits,
+    metrics: Option<Arc<asmn_controller::metrics::Metrics>>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let registry = Arc::new(Registry::with_shared_store(
         store,
         RegistryConfig {
@@ -56,13 +66,16 @@ fn serve_on<S: Store>(
             reattest_interval_secs: 30,
             overlay_net: "10.77.0.0".parse().expect("net"),
             overlay_prefix: 16,
+            audit_key: asmn_controller::audit::AuditKey::new([7; 32]),
+            audit_refusals_per_min: limits.audit_refusals_per_min,
         },
     ));
-    let endpoint = transport::server(
+    let endpoint = asmn_channel::tls::server(
         "127.0.0.1:0".parse().expect("addr"),
         &pki.ca_cert,
         &pki.server_cert,
         &pki.server_key,
+        &limits.transport,
     )
     .expect("server");
     let addr = endpoint.local_addr().expect("addr");
@@ -70,7 +83,7 @@ fn serve_on<S: Store>(
     let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub), None);
     let server = tokio::spawn(async move {
         let _follower = follower;
-        service::serve(endpoint, registry, hub, None).await
+        service::serve(endpoint, registry, hub, metrics, limits).await
     });
     (addr, server)
 }
@@ -81,7 +94,7 @@ async fn connect(lab: &Lab, admin: bool) -> quinn::Connection {
 
 async fn connect_to(pki: &pki::Pki, addr: std::net::SocketAddr, admin: bool) -> quinn::Connection {
     let identity = admin.then_some((pki.admin_cert.as_str(), pki.admin_key.as_str()));
-    let ep = transport::client(&pki.ca_cert, identity).expect("client");
+    let ep = asmn_channel::tls::client(&pki.ca_cert, identity).expect("client");
     ep.connect(addr, "sec-em")
         .expect("connect")
         .await
@@ -93,7 +106,9 @@ async fn ask(c: &quinn::Connection, body: Body) -> Body {
         request_id: 7,
         body: Some(body),
     };
-    let reply = transport::request(c, &env).await.expect("request");
+    let reply = asmn_channel::call::request(c, &env, std::time::Duration::from_secs(30))
+        .await
+        .expect("request");
     assert_eq!(reply.request_id, 7);
     reply.body.expect("body")
 }
@@ -209,7 +224,7 @@ async fn corrupted_requests_are_refused_without_changing_state() {
             s.write_all(&bytes).await.expect("write");
             s.finish().expect("finish");
             let back = r.read_to_end(1 << 20).await.expect("reply");
-            transport::decode_one_frame(&back)
+            asmn_channel::call::decode_one_frame(&back)
                 .expect("a framed reply")
                 .body
                 .expect("body")
@@ -217,7 +232,7 @@ async fn corrupted_requests_are_refused_without_changing_state() {
     };
     // Each corruption goes to a fresh instance, so its effect is seen alone.
     type Mutation = Box<dyn Fn(&[u8]) -> Vec<u8>>;
-    let probe = transport::encode_payload(&msg::Envelope {
+    let probe = asmn_channel::call::encode_payload(&msg::Envelope {
         request_id: 0,
         body: Some(Body::Enroll(enroll_request(&create(&admin, "probe").await))),
     });
@@ -269,7 +284,7 @@ async fn corrupted_requests_are_refused_without_changing_state() {
     let (mut refused_clean, mut fakes, mut valid) = (0, 0, 0);
     for (i, (what, mutate)) in mutations.iter().enumerate() {
         let bundle = create(&admin, &format!("web-{i}")).await;
-        let payload = transport::encode_payload(&msg::Envelope {
+        let payload = asmn_channel::call::encode_payload(&msg::Envelope {
             request_id: 0,
             body: Some(Body::Enroll(enroll_request(&bundle))),
         });
@@ -618,6 +633,7 @@ async fn verify_back_push_catalog_ack_and_reattestation() {
         Body::Query(msg::QueryRequest {
             what: "instance".into(),
             argument: b.instance_key().to_hex(),
+            ..Default::default()
         }),
     )
     .await

@@ -147,7 +147,7 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
 
     let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).expect(n);
     let (ca, cert, key) = (read("ca.pem"), read("admin.pem"), read("admin.key"));
-    let ep = asmn_controller::transport::client(&ca, Some((&cert, &key))).expect("client");
+    let ep = asmn_channel::tls::client(&ca, Some((&cert, &key))).expect("client");
     let addr: std::net::SocketAddr = listen.parse().expect("addr");
     // Poll until the daemon answers (bounded).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -170,7 +170,7 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
             role: 1,
         })),
     };
-    let reply = asmn_controller::transport::request(&conn, &env)
+    let reply = asmn_channel::call::request(&conn, &env, std::time::Duration::from_secs(30))
         .await
         .expect("reply");
     assert!(

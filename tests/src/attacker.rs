@@ -187,15 +187,15 @@ pub async fn unavailable_sec_em(
     listen: SocketAddr,
     seconds: u64,
 ) -> Result<u64, String> {
-    use asmn_controller::transport;
     use asmn_shared::wire;
     let read =
         |name: &str| std::fs::read_to_string(pki.join(name)).map_err(|e| format!("{name}: {e}"));
-    let endpoint = transport::server(
+    let endpoint = asmn_channel::tls::server(
         listen,
         &read("ca.pem")?,
         &read("server.pem")?,
         &read("server.key")?,
+        &asmn_channel::tls::ServerLimits::default(),
     )
     .map_err(err)?;
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -214,7 +214,8 @@ pub async fn unavailable_sec_em(
                         else {
                             continue;
                         };
-                        let id = transport::decode_one_frame(&bytes).map_or(0, |e| e.request_id);
+                        let id = asmn_channel::call::decode_one_frame(&bytes)
+                            .map_or(0, |e| e.request_id);
                         let reply = msg::Envelope {
                             request_id: id,
                             body: Some(Body::Refused(msg::Refusal {

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use asmn_controller::{pki, transport};
+use asmn_controller::pki;
 use asmn_shared::catalog::parse_vnfd;
 use asmn_shared::measure::{self, MeasureOptions};
-use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::msg::{self, Body};
 use clap::{Parser, Subcommand};
 use prost::Message;
 
@@ -28,6 +28,13 @@ struct Cli {
     /// Directory with ca.pem, admin.pem and admin.key (made by `sec-em init`).
     #[arg(long, global = true, default_value = "/etc/asmn")]
     pki: PathBuf,
+    /// The admin client certificate to present (default: PKI/admin.pem); from
+    /// `sec-em issue-admin` for operators of their own.
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Its key (default: PKI/admin.key).
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -68,6 +75,23 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Admin client certificates.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Revoke an admin certificate by its serial (hex, as `sec-em init` and
+    /// `sec-em issue-admin` print it): every later request presenting it is refused.
+    Revoke {
+        /// The certificate's serial.
+        serial: String,
+    },
+    /// List the revoked serials.
+    Revoked,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,10 +158,33 @@ enum CatalogCommand {
 
 #[derive(Subcommand, Debug)]
 enum AuditCommand {
-    /// Print the audit log.
-    Show,
-    /// Check the log's hash chain: exit 1 if a record was changed or deleted.
-    Verify,
+    /// Print the audit log, a page at a time from Sec-EM (any length).
+    Show {
+        /// The first record to print.
+        #[arg(long, default_value_t = 1)]
+        since: u64,
+        /// Only records of this instance (64 hex digits) or of this kind
+        /// (such as enroll.refused).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Print at most this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Check every record's hash, link and MAC (audit key): exit 1 if a record was
+    /// changed, deleted or forged; with --checkpoint, also if the log was cut after it.
+    Verify {
+        /// A checkpoint written earlier by `asmnctl audit checkpoint`.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Verify the log and write its head, authenticated, to FILE: keep it outside Sec-EM
+    /// and its store to detect a later cut (`audit verify --checkpoint FILE`).
+    Checkpoint {
+        /// Where to write the checkpoint (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// An error with the exit code it maps to.
@@ -163,59 +210,87 @@ fn read(path: &Path) -> Result<String, Failure> {
 
 async fn call(cli: &Cli, body: Body) -> Result<Body, Failure> {
     let ca = read(&cli.pki.join("ca.pem"))?;
-    let cert = read(&cli.pki.join("admin.pem"))?;
-    let key = read(&cli.pki.join("admin.key"))?;
-    let ep = transport::client(&ca, Some((&cert, &key)))?;
-    let conn = tokio::time::timeout(
-        std::time::Duration::from_secs(cli.timeout.max(1)),
-        ep.connect(cli.controller, &cli.server_name)
-            .map_err(unreachable_err)?,
-    )
-    .await
-    .map_err(|_| {
-        Failure(
-            3,
-            format!("cannot reach Sec-EM at {}: timed out", cli.controller),
-        )
-    })?
-    .map_err(unreachable_err)?;
-    let reply = transport::request(
-        &conn,
-        &msg::Envelope {
-            request_id: 1,
-            body: Some(body),
-        },
+    let cert = read(
+        &cli.cert
+            .clone()
+            .unwrap_or_else(|| cli.pki.join("admin.pem")),
+    )?;
+    let key = read(&cli.key.clone().unwrap_or_else(|| cli.pki.join("admin.key")))?;
+    let ep = asmn_channel::tls::client(&ca, Some((&cert, &key)))?;
+    let timeout = std::time::Duration::from_secs(cli.timeout.max(1));
+    let (conn, _) = asmn_channel::call::connect(
+        &ep,
+        &[cli.controller.to_string()],
+        &cli.server_name,
+        timeout,
     )
     .await
     .map_err(unreachable_err)?;
+    let reply =
+        asmn_channel::call::call(&conn, body, timeout.max(std::time::Duration::from_secs(30)))
+            .await;
     conn.close(0u32.into(), b"done");
-    match reply.body {
-        Some(Body::Refused(r)) => {
-            let code =
-                RefusalCode::try_from(r.code).map_or("unknown".to_string(), |c| format!("{c:?}"));
-            Err(Failure(
-                1,
-                format!("Sec-EM refused ({code}): {}", r.message),
-            ))
+    match reply {
+        Ok(b) => Ok(b),
+        Err(asmn_channel::call::CallError::Refused { code, message }) => {
+            Err(Failure(1, format!("Sec-EM refused ({code:?}): {message}")))
         }
-        Some(b) => Ok(b),
-        None => Err(Failure(1, "Sec-EM sent an empty answer".into())),
+        Err(e @ asmn_channel::call::CallError::Protocol(_)) => Err(Failure(1, e.to_string())),
+        Err(e) => Err(unreachable_err(e)),
     }
 }
 
-async fn query(cli: &Cli, what: &str, argument: &str) -> Result<serde_json::Value, Failure> {
+/// One page of a query: the JSON and the `after` of the next page, if any.
+async fn query_page(
+    cli: &Cli,
+    what: &str,
+    argument: &str,
+    after: &str,
+) -> Result<(serde_json::Value, Option<String>), Failure> {
     match call(
         cli,
         Body::Query(msg::QueryRequest {
             what: what.into(),
             argument: argument.into(),
+            after: after.into(),
+            limit: 0,
         }),
     )
     .await?
     {
-        Body::QueryResult(r) => Ok(serde_json::from_str(&r.json)?),
+        Body::QueryResult(r) => Ok((
+            serde_json::from_str(&r.json)?,
+            (!r.next.is_empty()).then_some(r.next),
+        )),
         other => Err(Failure(1, format!("unexpected answer: {other:?}"))),
     }
+}
+
+async fn query(cli: &Cli, what: &str, argument: &str) -> Result<serde_json::Value, Failure> {
+    Ok(query_page(cli, what, argument, "").await?.0)
+}
+
+/// Every page of a listing, handed to `each` in order; at most `pages` pages.
+async fn query_all(
+    cli: &Cli,
+    what: &str,
+    argument: &str,
+    first: String,
+    mut each: impl FnMut(serde_json::Value) -> bool,
+) -> Result<(), Failure> {
+    let mut after = first;
+    // Bounded: a listing of 10 million pages is not one an operator asked for.
+    for _ in 0..10_000_000u64 {
+        let (v, next) = query_page(cli, what, argument, &after).await?;
+        if !each(v) {
+            return Ok(());
+        }
+        match next {
+            Some(n) if n != after => after = n,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 fn short(id: &str) -> &str {
@@ -340,7 +415,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Instance {
             command: InstanceCommand::List,
         } => {
-            let v = query(cli, "instances", "").await?;
+            let mut all = Vec::new();
+            query_all(cli, "instances", "", String::new(), |v| {
+                all.extend(v.as_array().cloned().unwrap_or_default());
+                true
+            })
+            .await?;
+            let v = serde_json::Value::Array(all);
             if cli.json {
                 println!("{v}");
             } else {
@@ -444,36 +525,65 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Audit {
-            command: AuditCommand::Show,
+            command:
+                AuditCommand::Show {
+                    since,
+                    filter,
+                    limit,
+                },
         } => {
-            let v = query(cli, "audit", "").await?;
-            if cli.json {
-                println!("{v}");
-            } else {
-                for r in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:>6}  {:>10}  {:<22} {:<12}  {}",
-                        r["seq"],
-                        r["time"],
-                        r["kind"].as_str().unwrap_or("?"),
-                        r["instance"].as_str().map(short).unwrap_or("-"),
-                        r["detail"].as_str().unwrap_or("")
-                    );
-                }
-            }
+            let mut left = limit.unwrap_or(u64::MAX);
+            let json = cli.json;
+            query_all(
+                cli,
+                "audit",
+                filter.as_deref().unwrap_or(""),
+                since.to_string(),
+                |v| {
+                    for r in v.as_array().into_iter().flatten() {
+                        if left == 0 {
+                            return false;
+                        }
+                        left -= 1;
+                        if json {
+                            println!("{r}");
+                        } else {
+                            println!(
+                                "{:>6}  {:>10}  {:<22} {:<12}  {}",
+                                r["seq"],
+                                r["time"],
+                                r["kind"].as_str().unwrap_or("?"),
+                                r["instance"].as_str().map(short).unwrap_or("-"),
+                                r["detail"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                    left > 0
+                },
+            )
+            .await?;
         }
         Command::Audit {
-            command: AuditCommand::Verify,
+            command: AuditCommand::Verify { checkpoint },
         } => {
-            let v = query(cli, "audit-verify", "").await?;
+            let argument = match checkpoint {
+                None => String::new(),
+                Some(p) => read(p)?,
+            };
+            let v = query(cli, "audit-verify", &argument).await?;
             if cli.json {
                 println!("{v}");
             }
             if v["ok"] == true {
                 if !cli.json {
                     println!(
-                        "audit log intact: {} records, hash chain holds",
-                        v["records"]
+                        "audit log intact: {} records; hashes, links and MACs hold{}",
+                        v["records"],
+                        if checkpoint.is_some() {
+                            "; it reaches the checkpoint unchanged"
+                        } else {
+                            ""
+                        }
                     );
                 }
             } else {
@@ -484,6 +594,51 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                         v["error"].as_str().unwrap_or("?")
                     ),
                 ));
+            }
+        }
+        Command::Audit {
+            command: AuditCommand::Checkpoint { out },
+        } => {
+            let v = query(cli, "audit-checkpoint", "").await?;
+            if v.get("seq").is_none() {
+                return Err(Failure(
+                    1,
+                    format!(
+                        "audit log NOT intact: {}",
+                        v["error"].as_str().unwrap_or("?")
+                    ),
+                ));
+            }
+            let text = serde_json::to_string_pretty(&v)?;
+            pki::write_file(out, text.as_bytes(), false)?;
+            println!(
+                "checkpoint at record {} written to {}: keep it away from Sec-EM",
+                v["seq"],
+                out.display()
+            );
+        }
+        Command::Admin {
+            command: AdminCommand::Revoke { serial },
+        } => {
+            call(
+                cli,
+                Body::RevokeAdmin(msg::RevokeAdminRequest {
+                    serial: serial.clone(),
+                }),
+            )
+            .await?;
+            println!("admin certificate {serial} revoked");
+        }
+        Command::Admin {
+            command: AdminCommand::Revoked,
+        } => {
+            let v = query(cli, "admin-revoked", "").await?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                for s in v.as_array().into_iter().flatten() {
+                    println!("{}", s.as_str().unwrap_or("?"));
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use asmn_controller::local_etcd::LocalEtcd;
-use asmn_controller::{config, pki, transport};
+use asmn_controller::{config, pki};
 use asmn_shared::chain::{ChainProver, ChainSpec, seed};
 use asmn_shared::dh::DhKeyPair;
 use asmn_shared::ids::InstanceKey;
@@ -149,9 +149,7 @@ async fn ask(c: &quinn::Connection, body: Body) -> anyhow::Result<Body> {
         request_id: 1,
         body: Some(body),
     };
-    let reply = tokio::time::timeout(Duration::from_secs(30), transport::request(c, &env))
-        .await
-        .context("no answer within 30 s")??;
+    let reply = asmn_channel::call::request(c, &env, Duration::from_secs(30)).await?;
     reply.body.context("empty answer")
 }
 
@@ -176,7 +174,13 @@ fn sec_em_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// the PKI.
 fn prepare(dir: &Path, store: &str) -> anyhow::Result<(PathBuf, u16, pki::Pki)> {
     let pki = pki::generate(&["sec-em".to_string()], 2026)?;
-    pki::write(dir, &pki, false)?;
+    pki::write(dir, dir, &pki, false)?;
+    let audit_key = asmn_controller::audit::AuditKey::generate().map_err(anyhow::Error::msg)?;
+    pki::write_file(
+        &dir.join("audit.key"),
+        audit_key.to_file_text().as_bytes(),
+        true,
+    )?;
     let port = free_port(true)?;
     let metrics = free_port(false)?;
     let mut text = config::initial(
@@ -453,7 +457,8 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let pid = daemon.0.id();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
 
-    let admin_ep = transport::client(&pki.ca_cert, Some((&pki.admin_cert, &pki.admin_key)))?;
+    let admin_ep =
+        asmn_channel::tls::client(&pki.ca_cert, Some((&pki.admin_cert, &pki.admin_key)))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let admin = loop {
         match tokio::time::timeout(
@@ -484,7 +489,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let agents = create(&admin, "agent", args.agents).await?;
     let mut endpoints = Vec::new();
     for _ in 0..ENDPOINTS {
-        endpoints.push(transport::client(&pki.ca_cert, None)?);
+        endpoints.push(asmn_channel::tls::client(&pki.ca_cert, None)?);
     }
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
 

@@ -38,10 +38,32 @@ enum Command {
         /// Where `sec-em serve` exports Prometheus metrics (HTTP).
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: SocketAddr,
+        /// Where to write the CA key (`ca.key`): by default DIR. Point it at an offline
+        /// directory (removable media) to keep it off the Sec-EM host: `sec-em serve`
+        /// never reads it; only `sec-em issue-admin` does.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         /// Replace existing keys and configuration (agents pinning the old CA will be
         /// refused).
         #[arg(long)]
         force: bool,
+    },
+    /// Issue another admin client certificate for asmnctl, signed with the CA key (which
+    /// may be offline). Each operator gets their own, so one can be revoked
+    /// (`asmnctl admin revoke SERIAL`) without touching the others.
+    IssueAdmin {
+        /// The directory holding ca.pem (as written by `sec-em init`).
+        #[arg(long, default_value = "/etc/asmn")]
+        dir: PathBuf,
+        /// The directory holding ca.key (`--ca-dir` of `sec-em init`; default DIR).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// A name for the certificate's holder (its common name).
+        #[arg(long)]
+        name: String,
+        /// Where to write NAME.pem and NAME.key (mode 0600).
+        #[arg(long)]
+        out_dir: PathBuf,
     },
     /// Serve agents and operators over QUIC until SIGTERM or SIGINT.
     Serve {
@@ -76,8 +98,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_names,
             listen,
             metrics_addr,
+            ca_dir,
             force,
         } => {
+            let ca_dir = ca_dir.unwrap_or_else(|| dir.clone());
             let cfg_path = dir.join("sec-em.toml");
             if !force && cfg_path.exists() {
                 anyhow::bail!(
@@ -86,7 +110,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let pki = pki::generate(&server_names, current_year() - 1)?;
-            pki::write(&dir, &pki, force)?;
+            pki::write(&dir, &ca_dir, &pki, force)?;
+            let audit_key =
+                asmn_controller::audit::AuditKey::generate().map_err(anyhow::Error::msg)?;
+            pki::write_file(
+                &dir.join("audit.key"),
+                audit_key.to_file_text().as_bytes(),
+                true,
+            )?;
             let server_name = server_names.first().map_or("sec-em", String::as_str);
             let text = config::initial(listen, server_name, "sec-em.redb", metrics_addr);
             pki::write_file(&cfg_path, text.as_bytes(), true)?;
@@ -101,7 +132,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server_names.join(", ")
             );
             println!(
-                "  admin.pem   the admin client certificate for asmnctl (keys: *.key, mode 0600)"
+                "  admin.pem   the admin client certificate for asmnctl (keys: *.key, mode 0600), serial {}",
+                pki::serial_of_pem(&pki.admin_cert).unwrap_or_default()
+            );
+            println!(
+                "  audit.key   authenticates the audit log: back it up, never put it in the store"
+            );
+            println!(
+                "  ca.key      the CA key, in {}{}",
+                ca_dir.display(),
+                if ca_dir == dir {
+                    " (move it offline: `sec-em serve` never needs it)"
+                } else {
+                    ""
+                }
             );
             println!(
                 "  sec-em.toml the configuration; check it with: sec-em check-config --config {}",
@@ -128,6 +172,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = config::Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async { asmn_controller::daemon::run(cfg, shutdown_signal()).await })?;
+            Ok(())
+        }
+        Command::IssueAdmin {
+            dir,
+            ca_dir,
+            name,
+            out_dir,
+        } => {
+            let ca_dir = ca_dir.unwrap_or_else(|| dir.clone());
+            let read = |p: PathBuf| {
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+            };
+            let ca_cert = read(dir.join("ca.pem"))?;
+            let ca_key = read(ca_dir.join("ca.key"))?;
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                anyhow::bail!("--name must be 1 to 64 letters, digits, '-', '_' or '.'");
+            }
+            let (cert, key, serial) =
+                pki::issue_admin(&ca_cert, &ca_key, &name, current_year() - 1)?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            let (cert_path, key_path) = (
+                out_dir.join(format!("{name}.pem")),
+                out_dir.join(format!("{name}.key")),
+            );
+            for p in [&cert_path, &key_path] {
+                if p.exists() {
+                    anyhow::bail!("{} already exists", p.display());
+                }
+            }
+            pki::write_file(&cert_path, cert.as_bytes(), false)?;
+            pki::write_file(&key_path, key.as_bytes(), true)?;
+            println!(
+                "issued admin certificate {} (serial {serial}) and its key {}",
+                cert_path.display(),
+                key_path.display()
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {

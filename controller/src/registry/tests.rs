@@ -24,6 +24,8 @@ fn config() -> RegistryConfig {
         reattest_interval_secs: 30,
         overlay_net: Ipv4Addr::new(10, 77, 0, 0),
         overlay_prefix: 16,
+        audit_key: audit::AuditKey::new([7; 32]),
+        audit_refusals_per_min: 6,
     }
 }
 
@@ -107,7 +109,10 @@ async fn state<S: Store>(r: &Registry<S>, id: &InstanceKey) -> InstanceState {
 }
 
 async fn kinds<S: Store>(r: &Registry<S>) -> Vec<String> {
-    audit::verify(r.store())
+    audit::verify(r.store(), r.audit_key(), None)
+        .await
+        .expect("audit chain holds");
+    audit::records(r.store(), r.audit_key(), 1)
         .await
         .expect("audit chain holds")
         .into_iter()
@@ -498,40 +503,199 @@ async fn two_replicas_on_one_etcd_accept_a_reveal_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_or_deleted_audit_record_is_detected() {
-    let (_d, s) = embedded();
-    let r = onboarded(s).await;
-    let a = agent(create(&r, "web-0", 1).await, IMAGE);
-    r.enroll(10, &a.request).await.expect("enroll");
-    let records = audit::verify(r.store()).await.expect("holds");
-    assert!(records.len() >= 3);
+/// Every kind of tampering with the audit log, by someone who can write the store but
+/// does not hold the audit key: a changed record, a rewrite from record k with the hashes
+/// recomputed, a deleted record, the newest records cut (found against a checkpoint), a
+/// forged checkpoint.
+async fn audit_tampering_is_detected<S: Store>(r: Registry<S>) {
+    for i in 0..4u8 {
+        let a = agent(create(&r, &format!("web-{i}"), 60 + i).await, IMAGE);
+        r.enroll(10, &a.request).await.expect("enroll");
+    }
+    let key = r.audit_key().clone();
+    let head = audit::verify(r.store(), &key, None).await.expect("holds");
+    assert!(head.seq >= 8, "{head:?}");
+    let checkpoint = head.clone();
+    audit::verify(r.store(), &key, Some(&checkpoint))
+        .await
+        .expect("the log reaches its own checkpoint");
+    let records = audit::records(r.store(), &key, 1).await.expect("records");
+    assert_eq!(records.len() as u64, head.seq);
+    let block = |seq: u64| format!("{}{seq:020}", audit::prefix());
+    let put = |seq: u64, recs: Vec<audit::AuditRecord>| {
+        let store = r.store();
+        async move {
+            store
+                .put(&block(seq), serde_json::to_vec(&recs).expect("json"))
+                .await
+                .expect("put");
+        }
+    };
     // Appended one at a time: each record is its own block.
-    let key = format!("{}{:020}", audit::prefix(), 2);
+    let original = records.clone();
+
+    // 1. A changed record.
     let mut rec = records[1].clone();
     rec.detail.push_str(" (edited)");
-    r.store()
-        .put(&key, serde_json::to_vec(&vec![rec]).expect("json"))
-        .await
-        .expect("put");
-    assert!(matches!(
-        audit::verify(r.store()).await,
+    put(2, vec![rec]).await;
+    assert_eq!(
+        audit::verify(r.store(), &key, None).await,
         Err(audit::AuditError::Altered(2))
-    ));
-    // Restore it, then delete one.
-    r.store()
-        .put(
-            &key,
-            serde_json::to_vec(&vec![records[1].clone()]).expect("json"),
-        )
+    );
+    put(2, vec![original[1].clone()]).await;
+
+    // 2. Rewritten from record 3 on, hashes and links recomputed: the chain holds, the
+    // MACs do not.
+    let mut prev = original[1].hash.clone();
+    for rec in &original[2..] {
+        let mut forged = rec.clone();
+        forged.detail = "nothing happened".into();
+        forged.prev = prev.clone();
+        forged.hash = forged_hash(&forged);
+        prev = forged.hash.clone();
+        put(forged.seq, vec![forged]).await;
+    }
+    assert_eq!(
+        audit::verify(r.store(), &key, None).await,
+        Err(audit::AuditError::Forged(3))
+    );
+    for rec in &original[2..] {
+        put(rec.seq, vec![rec.clone()]).await;
+    }
+    audit::verify(r.store(), &key, Some(&checkpoint))
         .await
-        .expect("put");
-    audit::verify(r.store()).await.expect("restored");
-    r.store().delete(&key).await.expect("delete");
-    assert!(matches!(
-        audit::verify(r.store()).await,
+        .expect("restored");
+
+    // 3. A deleted record in the middle.
+    r.store().delete(&block(2)).await.expect("delete");
+    assert_eq!(
+        audit::verify(r.store(), &key, None).await,
         Err(audit::AuditError::Missing(2))
+    );
+    put(2, vec![original[1].clone()]).await;
+
+    // 4. The newest two records cut: a valid log on its own, a cut against the
+    // checkpoint.
+    let last = head.seq;
+    for seq in [last, last - 1] {
+        r.store().delete(&block(seq)).await.expect("delete");
+    }
+    let shorter = audit::verify(r.store(), &key, None)
+        .await
+        .expect("valid alone");
+    assert_eq!(shorter.seq, last - 2);
+    assert!(matches!(
+        audit::verify(r.store(), &key, Some(&checkpoint)).await,
+        Err(audit::AuditError::Truncated(_))
     ));
+
+    // 5. A checkpoint not made with the key is refused; so is the right log checked with
+    // another key.
+    let mut forged = checkpoint.clone();
+    forged.seq = last - 2;
+    forged.hash = shorter.hash.clone();
+    assert_eq!(
+        audit::verify(r.store(), &key, Some(&forged)).await,
+        Err(audit::AuditError::BadCheckpoint)
+    );
+    assert_eq!(
+        audit::verify(r.store(), &audit::AuditKey::new([8; 32]), None).await,
+        Err(audit::AuditError::Forged(1))
+    );
+}
+
+/// What someone without the key can compute: the record's SHA-256 (the same fields as
+/// `AuditRecord::compute_hash`, which is private to the log).
+fn forged_hash(rec: &audit::AuditRecord) -> String {
+    use asmn_shared::crypto::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for field in [
+        "asmn/v1/audit".as_bytes(),
+        &rec.seq.to_be_bytes(),
+        &rec.time.to_be_bytes(),
+        rec.kind.as_bytes(),
+        rec.instance.as_deref().unwrap_or("").as_bytes(),
+        rec.detail.as_bytes(),
+        rec.prev.as_bytes(),
+    ] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field);
+    }
+    hex::encode(h.finalize())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tampering_is_detected_on_the_embedded_store() {
+    let (_d, s) = embedded();
+    audit_tampering_is_detected(onboarded(s).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tampering_is_detected_on_etcd() {
+    let Some(server) = EtcdServer::start().await else {
+        return;
+    };
+    let s = EtcdStore::connect(&server.url).await.expect("connect");
+    audit_tampering_is_detected(onboarded(s).await).await;
+}
+
+/// Refusals about unknown instances (anyone can send them, with random IDs) are not
+/// audited; refusals about a known instance are, within a per-minute budget, and the
+/// ones over it are counted into the next record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_enrollments_do_not_grow_the_audit_log_without_bound() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let before = audit::verify(r.store(), r.audit_key(), None)
+        .await
+        .expect("holds")
+        .seq;
+    let mut a = agent(create(&r, "web-x", 99).await, IMAGE);
+    let before = before + 1; // instance.created
+    for i in 0..200u8 {
+        a.request.id = InstanceKey::from_bytes([i; 32]);
+        assert_eq!(
+            code(r.enroll(10, &a.request).await.expect_err("unknown")),
+            RefusalCode::UnknownInstance
+        );
+    }
+    assert_eq!(
+        audit::verify(r.store(), r.audit_key(), None)
+            .await
+            .expect("holds")
+            .seq,
+        before,
+        "refusals of unknown instances are not audited"
+    );
+    // A known instance, replayed 100 times within a minute: 6 records (the budget), and
+    // the 94 others counted into the first record of the next minute.
+    let a = agent(create(&r, "web-9", 9).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let base = audit::verify(r.store(), r.audit_key(), None)
+        .await
+        .expect("holds")
+        .seq;
+    for _ in 0..100 {
+        assert_eq!(
+            code(r.enroll(20, &a.request).await.expect_err("replay")),
+            RefusalCode::Replayed
+        );
+    }
+    let grown = audit::verify(r.store(), r.audit_key(), None)
+        .await
+        .expect("holds")
+        .seq
+        - base;
+    assert_eq!(grown, 6);
+    assert_eq!(r.audit_suppressed(), 94);
+    r.enroll(80, &a.request)
+        .await
+        .expect_err("replay, next minute");
+    let last = audit::records(r.store(), r.audit_key(), base + 7)
+        .await
+        .expect("records");
+    assert_eq!(last.len(), 1);
+    assert!(last[0].detail.contains("94 like refusals"), "{:?}", last[0]);
 }
 
 async fn enrolled<S: Store>(

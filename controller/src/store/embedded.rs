@@ -336,6 +336,48 @@ impl Store for EmbeddedStore {
         Ok(Listing { entries, revision })
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Listing, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let kv = txn.open_table(KV).map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        let revision = meta.get(REVISION).map_err(db_err)?.map_or(0, |g| g.value());
+        let start = String::from_utf8(super::page_start(prefix, after))
+            .map_err(|_| StoreError::Invalid("page start is not UTF-8".into()))?;
+        let mut entries = Vec::new();
+        for item in kv.range(start.as_str()..).map_err(db_err)? {
+            if entries.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(db_err)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            entries.push((key.to_string(), decode(v.value())?));
+        }
+        Ok(Listing { entries, revision })
+    }
+
+    async fn last(&self, prefix: &str) -> Result<Option<(String, Versioned)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let kv = txn.open_table(KV).map_err(db_err)?;
+        let end = String::from_utf8(super::prefix_end(prefix))
+            .map_err(|_| StoreError::Invalid("prefix end is not UTF-8".into()))?;
+        let mut range = kv.range(prefix..end.as_str()).map_err(db_err)?;
+        match range.next_back() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, v) = item.map_err(db_err)?;
+                Ok(Some((k.value().to_string(), decode(v.value())?)))
+            }
+        }
+    }
+
     async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
         let (replay, mut live) = {
             let hub = self.hub.lock().map_err(|_| db_err("watch lock poisoned"))?;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -80,6 +80,12 @@ impl std::fmt::Debug for EtcdStore {
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+fn key_of(kv: &etcd_client::KeyValue) -> Result<String, StoreError> {
+    kv.key_str()
+        .map(str::to_string)
+        .map_err(|_| StoreError::Database("a key is not UTF-8".into()))
 }
 
 fn rev(r: i64) -> u64 {
@@ -347,6 +353,67 @@ impl Store for EtcdStore {
             entries,
             revision: header_revision(resp.header()),
         })
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Listing, StoreError> {
+        let start = super::page_start(prefix, after);
+        let end = super::prefix_end(prefix);
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let resp = self
+            .call_within(LIST_TIMEOUT, false, |mut c| {
+                let (start, end) = (start.clone(), end.clone());
+                async move {
+                    c.get(
+                        start,
+                        Some(
+                            GetOptions::new()
+                                .with_range(end)
+                                .with_limit(limit)
+                                .with_sort(SortTarget::Key, SortOrder::Ascend),
+                        ),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        let mut entries = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            entries.push((key_of(kv)?, versioned(kv)));
+        }
+        Ok(Listing {
+            entries,
+            revision: header_revision(resp.header()),
+        })
+    }
+
+    async fn last(&self, prefix: &str) -> Result<Option<(String, Versioned)>, StoreError> {
+        let end = super::prefix_end(prefix);
+        let resp = self
+            .call_within(REQUEST_TIMEOUT, false, |mut c| {
+                let end = end.clone();
+                async move {
+                    c.get(
+                        prefix,
+                        Some(
+                            GetOptions::new()
+                                .with_range(end)
+                                .with_limit(1)
+                                .with_sort(SortTarget::Key, SortOrder::Descend),
+                        ),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some((key_of(kv)?, versioned(kv)))),
+        }
     }
 
     async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {

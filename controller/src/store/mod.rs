@@ -183,6 +183,21 @@ pub trait Store: Send + Sync + 'static {
     /// Every entry under `prefix`.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Listing, StoreError>> + Send;
 
+    /// At most `limit` entries under `prefix` whose keys sort after `after` (from the
+    /// first when `after` is empty), sorted by key: one page of a listing.
+    fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Listing, StoreError>> + Send;
+
+    /// The entry with the greatest key under `prefix`, if any.
+    fn last(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Option<(String, Versioned)>, StoreError>> + Send;
+
     /// Changes under `prefix` with revision `from` and later. Fails with
     /// [`StoreError::Compacted`] when the store no longer keeps `from`.
     fn watch_raw(
@@ -200,6 +215,30 @@ pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
         )));
     }
     Ok(())
+}
+
+/// The first key after every key that starts with `prefix` (the end of its range).
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: no end (the whole key space after it).
+    vec![0]
+}
+
+/// Where a page starts: just after `after` when it lies under `prefix`, else at `prefix`.
+pub(crate) fn page_start(prefix: &str, after: &str) -> Vec<u8> {
+    if after.is_empty() || after < prefix {
+        prefix.as_bytes().to_vec()
+    } else {
+        let mut k = after.as_bytes().to_vec();
+        k.push(0);
+        k
+    }
 }
 
 pub(crate) fn check_value(value: &[u8]) -> Result<(), StoreError> {
@@ -300,6 +339,17 @@ impl<S: Store> Store for Arc<S> {
     }
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
         (**self).list(prefix).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Listing, StoreError> {
+        (**self).list_page(prefix, after, limit).await
+    }
+    async fn last(&self, prefix: &str) -> Result<Option<(String, Versioned)>, StoreError> {
+        (**self).last(prefix).await
     }
     async fn watch_raw(&self, prefix: &str, from: u64) -> Result<RawWatch, StoreError> {
         (**self).watch_raw(prefix, from).await

@@ -198,8 +198,52 @@ async fn watching<S: Store>(s: Arc<S>) {
     }
 }
 
+async fn paging<S: Store>(s: &S) {
+    let pp = format!("{P}page/");
+    assert_eq!(s.last(&pp).await.expect("last"), None);
+    for i in 0..25u32 {
+        s.put(&format!("{pp}{i:03}"), i.to_be_bytes().to_vec())
+            .await
+            .expect("put");
+    }
+    // Keys just outside the prefix, on both sides, are never listed.
+    s.put(&format!("{P}pagd"), b"before".to_vec())
+        .await
+        .expect("put");
+    s.put(&format!("{P}page0"), b"after".to_vec())
+        .await
+        .expect("put");
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    for _ in 0..10 {
+        let page = s.list_page(&pp, &after, 10).await.expect("page");
+        assert!(page.entries.len() <= 10);
+        seen.extend(page.entries.iter().map(|(k, _)| k.clone()));
+        match page.entries.last() {
+            Some((k, _)) if page.entries.len() == 10 => after = k.clone(),
+            _ => break,
+        }
+    }
+    let expected: Vec<String> = (0..25u32).map(|i| format!("{pp}{i:03}")).collect();
+    assert_eq!(seen, expected);
+    let (k, v) = s.last(&pp).await.expect("last").expect("present");
+    assert_eq!(
+        (k, v.value),
+        (format!("{pp}024"), 24u32.to_be_bytes().to_vec())
+    );
+    // A page that starts after the last key is empty.
+    assert!(
+        s.list_page(&pp, &format!("{pp}024"), 10)
+            .await
+            .expect("page")
+            .entries
+            .is_empty()
+    );
+}
+
 async fn suite<S: Store>(s: Arc<S>) {
     basics(&*s).await;
+    paging(&*s).await;
     compare_and_swap(&*s).await;
     racing_swaps(Arc::clone(&s)).await;
     listing(&*s).await;

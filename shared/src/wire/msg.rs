@@ -15,7 +15,7 @@ pub struct Envelope {
     pub request_id: u64,
     #[prost(
         oneof = "Body",
-        tags = "10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 40, 41, 42, 43, 44, 45, 46, 47, 48"
+        tags = "10, 11, 12, 13, 14, 20, 21, 22, 23, 24, 25, 26, 27, 28, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49"
     )]
     pub body: Option<Body>,
 }
@@ -71,6 +71,8 @@ pub enum Body {
     QueryResult(QueryResult),
     #[prost(message, tag = "48")]
     ShowCatalog(ShowCatalogRequest),
+    #[prost(message, tag = "49")]
+    RevokeAdmin(RevokeAdminRequest),
 }
 
 /// A chain element revealed for (epoch, index).
@@ -346,6 +348,11 @@ pub enum RefusalCode {
     Quarantined = 14,
     InvalidRequest = 15,
     AlreadyExists = 16,
+    /// Too many requests of this kind from this peer: retry later.
+    RateLimited = 17,
+    /// The answer (or what the request would make Sec-EM push) does not fit in a frame:
+    /// ask for a smaller page.
+    TooLarge = 18,
 }
 
 /// A refused request, with a typed reason and a human message.
@@ -469,18 +476,37 @@ pub struct RevokeRequest {
     pub reason: String,
 }
 
+/// Puts an admin certificate's serial on Sec-EM's deny-list.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RevokeAdminRequest {
+    /// The serial, hex (colons allowed).
+    #[prost(string, tag = "1")]
+    pub serial: String,
+}
+
 /// Operator queries whose answers are JSON documents (instance list and details, audit).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueryRequest {
-    /// "instances", "instance", "audit", "audit-verify".
+    /// "instances", "instance", "audit", "audit-verify", "audit-checkpoint",
+    /// "admin-revoked".
     #[prost(string, tag = "1")]
     pub what: String,
     #[prost(string, tag = "2")]
     pub argument: String,
+    /// For listings: where the page starts (the `next` of the page before; empty for the
+    /// first page).
+    #[prost(string, tag = "3")]
+    pub after: String,
+    /// For listings: most entries in the page (0: as many as fit in a frame).
+    #[prost(uint32, tag = "4")]
+    pub limit: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueryResult {
     #[prost(string, tag = "1")]
     pub json: String,
+    /// For listings: the `after` of the next page; empty when this page is the last.
+    #[prost(string, tag = "2")]
+    pub next: String,
 }

@@ -78,6 +78,7 @@ fn oversized_frames_are_refused_before_allocation() {
     assert!(d.push(&[0xff, 0xff]).is_err());
     let big = msg::QueryResult {
         json: "x".repeat(MAX_FRAME + 1),
+        next: String::new(),
     };
     assert!(matches!(
         encode_frame(&big),

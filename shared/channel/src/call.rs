@@ -1,0 +1,158 @@
+//! The one client of the control channel: one request per bidirectional stream.
+//!
+//! The client writes one frame (a `wire::msg::Envelope`, at most `wire::MAX_FRAME` bytes),
+//! finishes its side, and reads one frame back. Sec-EM's refusals come back as
+//! [`CallError::Refused`] with their code, so callers match on a type, not a string.
+
+use std::time::Duration;
+
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
+use asmn_shared::wire::{self, FRAME_HEADER, MAX_FRAME};
+use prost::Message;
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Sec-EM answered with a refusal.
+    #[error("Sec-EM refused ({code:?}): {message}")]
+    Refused {
+        /// The refusal's code.
+        code: RefusalCode,
+        /// Sec-EM's explanation.
+        message: String,
+    },
+    /// No connection, or the connection broke.
+    #[error("cannot reach Sec-EM: {0}")]
+    Unreachable(String),
+    /// No answer in time.
+    #[error("Sec-EM did not answer in time: {0}")]
+    Timeout(String),
+    /// The answer is not a frame of the protocol (or a frame could not be made).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl CallError {
+    /// The refusal code, when Sec-EM refused.
+    pub fn refusal(&self) -> Option<RefusalCode> {
+        match self {
+            CallError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn unreachable(e: impl std::fmt::Display) -> CallError {
+    CallError::Unreachable(e.to_string())
+}
+
+fn protocol(e: impl std::fmt::Display) -> CallError {
+    CallError::Protocol(e.to_string())
+}
+
+/// Connects to the first of `controllers` (`host:port`) that answers within `timeout`
+/// each, verifying `server_name`; returns the connection and the index of the one used.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    controllers: &[String],
+    server_name: &str,
+    timeout: Duration,
+) -> Result<(quinn::Connection, usize), CallError> {
+    let mut last = String::from("no controller listed");
+    let mut timed_out = false;
+    for (i, c) in controllers.iter().enumerate() {
+        let addr = match tokio::time::timeout(timeout, tokio::net::lookup_host(c.as_str())).await {
+            Ok(Ok(mut a)) => match a.next() {
+                Some(a) => a,
+                None => {
+                    last = format!("{c}: no address");
+                    continue;
+                }
+            },
+            Ok(Err(e)) => {
+                last = format!("{c}: {e}");
+                continue;
+            }
+            Err(_) => {
+                last = format!("{c}: name lookup timed out");
+                continue;
+            }
+        };
+        match endpoint.connect(addr, server_name) {
+            Ok(connecting) => match tokio::time::timeout(timeout, connecting).await {
+                Ok(Ok(conn)) => return Ok((conn, i)),
+                Ok(Err(e)) => last = format!("{c}: {e}"),
+                Err(_) => {
+                    timed_out = true;
+                    last = format!("{c}: no handshake within {timeout:?}");
+                }
+            },
+            Err(e) => last = format!("{c}: {e}"),
+        }
+    }
+    Err(if timed_out && controllers.len() == 1 {
+        CallError::Timeout(last)
+    } else {
+        CallError::Unreachable(last)
+    })
+}
+
+/// Sends `env` on a new stream of `c` and reads the answer envelope (refusals included),
+/// within `timeout`.
+pub async fn request(
+    c: &quinn::Connection,
+    env: &msg::Envelope,
+    timeout: Duration,
+) -> Result<msg::Envelope, CallError> {
+    let frame = wire::encode_frame(env).map_err(protocol)?;
+    let exchange = async {
+        let (mut send, mut recv) = c.open_bi().await.map_err(unreachable)?;
+        send.write_all(&frame).await.map_err(unreachable)?;
+        send.finish().map_err(unreachable)?;
+        let bytes = recv
+            .read_to_end(FRAME_HEADER + MAX_FRAME)
+            .await
+            .map_err(|e| match e {
+                quinn::ReadToEndError::TooLong => protocol("the answer is larger than a frame"),
+                quinn::ReadToEndError::Read(e) => unreachable(e),
+            })?;
+        decode_one_frame(&bytes).map_err(protocol)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| CallError::Timeout(format!("no answer within {timeout:?}")))?
+}
+
+/// Sends `body` and returns the answer's body; a refusal is [`CallError::Refused`].
+pub async fn call(c: &quinn::Connection, body: Body, timeout: Duration) -> Result<Body, CallError> {
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(body),
+    };
+    match request(c, &env, timeout).await?.body {
+        None => Err(protocol("Sec-EM sent an empty answer")),
+        Some(Body::Refused(r)) => Err(CallError::Refused {
+            code: RefusalCode::try_from(r.code).unwrap_or(RefusalCode::Unspecified),
+            message: r.message,
+        }),
+        Some(b) => Ok(b),
+    }
+}
+
+/// Decodes exactly one frame (and nothing after it).
+pub fn decode_one_frame(bytes: &[u8]) -> Result<msg::Envelope, wire::WireError> {
+    let mut d = wire::FrameDecoder::new();
+    d.push(bytes)?;
+    let frame = d
+        .next_frame()?
+        .ok_or(wire::WireError::Unexpected("an incomplete frame"))?;
+    if d.pending() != 0 {
+        return Err(wire::WireError::Unexpected("bytes after the frame"));
+    }
+    wire::decode_envelope(&frame)
+}
+
+/// Encodes an envelope without the frame (for tests that corrupt it).
+pub fn encode_payload(env: &msg::Envelope) -> Vec<u8> {
+    env.encode_to_vec()
+}
