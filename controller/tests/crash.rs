@@ -83,7 +83,7 @@ async fn ask(c: &quinn::Connection, body: Body) -> Option<Body> {
 }
 
 fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
-    common::enroll_with_prover(bundle, IMAGE).0
+    common::enroll_with_prover_of(bundle, IMAGE).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

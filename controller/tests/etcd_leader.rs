@@ -82,7 +82,7 @@ async fn killing_the_etcd_leader_under_load_loses_nothing_and_pauses_writes_unde
             )
             .await
             .expect("create");
-        let (req, prover) = common::enroll_with_prover(&bundle, IMAGE);
+        let (req, prover) = common::enroll_with_prover_of(&bundle, IMAGE);
         let req = Enroll::try_from(&req).expect("enroll");
         registry.enroll(3, &req).await.expect("enrolled");
         agents.push((req.id, prover));

@@ -453,6 +453,20 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let bytes =
                 std::fs::read(file).map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
             let catalog = asmn_shared::catalog::parse_catalog(&file.display().to_string(), &bytes)?;
+            // Agents receive a catalog in one frame: say so here, before sending anything.
+            let push = msg::Envelope {
+                request_id: u64::MAX,
+                body: Some(Body::CatalogPush((&catalog).into())),
+            };
+            if let Err(e) = asmn_shared::wire::encode_frame(&push) {
+                return Err(Failure(
+                    2,
+                    format!(
+                        "{}: this catalog cannot be pushed to agents in one frame ({e}); merge rules or shorten source lists",
+                        file.display()
+                    ),
+                ));
+            }
             let t = std::time::Instant::now();
             let applied = call(
                 cli,

@@ -911,3 +911,51 @@ async fn a_gateway_relays_only_pairs_that_both_catalogs_admit() {
         RefusalCode::PeerUnknown
     );
 }
+
+/// A catalog whose push to its agents would not fit in one frame is refused at apply,
+/// before anything is committed: the version in force and the audit log stay as they
+/// were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_too_large_to_push_is_refused_before_it_is_committed() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let vnf = VnfId::new("web-server").expect("vnf");
+    let (before, _) = r.catalog(&vnf).await.expect("get").expect("catalog");
+    let head = audit::verify(r.store(), r.audit_key(), None)
+        .await
+        .expect("holds");
+    let mut big = before.clone();
+    let template = big.rules[0].clone();
+    big.rules = (0..400)
+        .map(|i| {
+            let mut rule = template.clone();
+            rule.name = format!("rule-{i:04}");
+            rule.sources = Some(
+                (0..4)
+                    .map(|k| {
+                        VnfId::new(format!("a-long-source-vnf-name-number-{k:02}-{i:04}"))
+                            .expect("id")
+                    })
+                    .collect(),
+            );
+            rule
+        })
+        .collect();
+    let e = r.apply_catalog(5, big).await.expect_err("too large");
+    assert_eq!(code(e), RefusalCode::TooLarge);
+    let (after, _) = r.catalog(&vnf).await.expect("get").expect("catalog");
+    assert_eq!(after, before);
+    assert_eq!(
+        audit::verify(r.store(), r.audit_key(), None)
+            .await
+            .expect("holds"),
+        head
+    );
+    // A small one goes through, as the next version.
+    let mut fits = before.clone();
+    fits.rules.truncate(1);
+    assert_eq!(
+        r.apply_catalog(6, fits).await.expect("fits"),
+        before.version + 1
+    );
+}

@@ -3,15 +3,22 @@
 
 #![allow(dead_code)]
 
+use std::sync::Arc;
+
+use asmn_controller::registry::{Registry, RegistryConfig};
+use asmn_controller::store::Store;
+use asmn_controller::store::embedded::EmbeddedStore;
+use asmn_controller::{pki, service};
 use asmn_shared::chain::{ChainProver, ChainSpec, seed};
 use asmn_shared::dh::DhKeyPair;
+use asmn_shared::dh::Group;
 use asmn_shared::measure::{Algorithm, measure_bytes};
-use asmn_shared::wire::msg::{self, Body};
+use asmn_shared::wire::msg::{self, Body, RefusalCode};
 use asmn_shared::wire::{BootstrapBundle, Enroll};
 
 /// The enrollment an agent with `bundle`, measuring `image`, sends first, and its prover
 /// for the reveals after it.
-pub fn enroll_with_prover(
+pub fn enroll_with_prover_of(
     bundle: &BootstrapBundle,
     image: &[u8],
 ) -> (msg::EnrollRequest, ChainProver) {
@@ -57,4 +64,187 @@ pub fn onboard_body(image: &[u8], vnfd_yaml: String) -> Body {
 /// (SIGKILL, by PID) on drop. `None` outside CI when etcd is not installed.
 pub async fn etcd_cluster(members: usize) -> Option<asmn_controller::local_etcd::LocalEtcd> {
     asmn_controller::local_etcd::LocalEtcd::for_tests(members).await
+}
+
+// ---- A Sec-EM on loopback, and its clients ----------------------------------------
+
+pub const IMAGE: &[u8] = b"the golden VNF image";
+
+pub struct Lab {
+    pub _dir: tempfile::TempDir,
+    pub pki: pki::Pki,
+    pub addr: std::net::SocketAddr,
+    pub store: Arc<EmbeddedStore>,
+    pub _server: tokio::task::JoinHandle<()>,
+}
+
+pub async fn lab() -> Lab {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = pki::generate(&["sec-em".into()], 2025).expect("pki");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"));
+    let (addr, server) = serve_on(Arc::clone(&store), &pki);
+    Lab {
+        _dir: dir,
+        pki,
+        addr,
+        store,
+        _server: server,
+    }
+}
+
+/// A Sec-EM (registry, push follower, QUIC service) over `store` on a loopback port.
+pub fn serve_on<S: Store>(
+    store: Arc<S>,
+    pki: &pki::Pki,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    serve_with(store, pki, asmn_controller::config::Limits::default(), None)
+}
+
+/// [`serve_on`] within `limits`, counting in `metrics`.
+pub fn serve_with<S: Store>(
+    store: Arc<S>,
+    pki: &pki::Pki,
+    limits: asmn_controller::config::Limits,
+    metrics: Option<Arc<asmn_controller::metrics::Metrics>>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let registry = Arc::new(Registry::with_shared_store(
+        store,
+        RegistryConfig {
+            controllers: vec!["127.0.0.1:7443".into()],
+            server_name: "sec-em".into(),
+            ca_pem: pki.ca_cert.clone(),
+            chain_length: 100,
+            dh_group: Group::Ffdhe3072,
+            reattest_interval_secs: 30,
+            overlay_net: "10.77.0.0".parse().expect("net"),
+            overlay_prefix: 16,
+            audit_key: asmn_controller::audit::AuditKey::new([7; 32]),
+            audit_refusals_per_min: limits.audit_refusals_per_min,
+        },
+    ));
+    let endpoint = asmn_channel::tls::server(
+        "127.0.0.1:0".parse().expect("addr"),
+        &pki.ca_cert,
+        &pki.server_cert,
+        &pki.server_key,
+        &limits.transport,
+    )
+    .expect("server");
+    let addr = endpoint.local_addr().expect("addr");
+    let hub = asmn_controller::push::PushHub::new();
+    let follower = asmn_controller::push::follow(registry.store_arc(), Arc::clone(&hub), None);
+    let server = tokio::spawn(async move {
+        let _follower = follower;
+        service::serve(endpoint, registry, hub, metrics, limits).await
+    });
+    (addr, server)
+}
+
+pub async fn connect(lab: &Lab, admin: bool) -> quinn::Connection {
+    connect_to(&lab.pki, lab.addr, admin).await
+}
+
+pub async fn connect_to(
+    pki: &pki::Pki,
+    addr: std::net::SocketAddr,
+    admin: bool,
+) -> quinn::Connection {
+    let identity = admin.then_some((pki.admin_cert.as_str(), pki.admin_key.as_str()));
+    let ep = asmn_channel::tls::client(&pki.ca_cert, identity).expect("client");
+    ep.connect(addr, "sec-em")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+pub async fn ask(c: &quinn::Connection, body: Body) -> Body {
+    let env = msg::Envelope {
+        request_id: 7,
+        body: Some(body),
+    };
+    let reply = asmn_channel::call::request(c, &env, std::time::Duration::from_secs(30))
+        .await
+        .expect("request");
+    assert_eq!(reply.request_id, 7);
+    reply.body.expect("body")
+}
+
+pub fn refused(b: &Body) -> RefusalCode {
+    match b {
+        Body::Refused(r) => RefusalCode::try_from(r.code).expect("code"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+pub fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
+    enroll_with_prover(bundle).0
+}
+
+pub fn enroll_with_prover(bundle: &BootstrapBundle) -> (msg::EnrollRequest, ChainProver) {
+    enroll_with_prover_of(bundle, IMAGE)
+}
+
+pub async fn create(admin: &quinn::Connection, name: &str) -> BootstrapBundle {
+    let body = ask(
+        admin,
+        Body::CreateInstance(msg::CreateInstanceRequest {
+            tenant: "t1".into(),
+            vnf: "web-server".into(),
+            instance: name.into(),
+            role: 1,
+        }),
+    )
+    .await;
+    let Body::InstanceCreated(b) = body else {
+        panic!("bundle: {body:?}")
+    };
+    BootstrapBundle::try_from(&b).expect("bundle")
+}
+
+/// The push stream of an enrolled agent's connection.
+pub struct Pushes {
+    stream: quinn::RecvStream,
+    decoder: asmn_shared::wire::FrameDecoder,
+}
+
+impl Pushes {
+    pub async fn open(conn: &quinn::Connection) -> Pushes {
+        let stream = tokio::time::timeout(std::time::Duration::from_secs(5), conn.accept_uni())
+            .await
+            .expect("a push stream within 5 s")
+            .expect("push stream");
+        Pushes {
+            stream,
+            decoder: asmn_shared::wire::FrameDecoder::new(),
+        }
+    }
+
+    pub async fn next(&mut self) -> Body {
+        self.within(std::time::Duration::from_secs(5))
+            .await
+            .expect("a push within 5 s")
+    }
+
+    /// The next push, if one comes within `wait`.
+    pub async fn within(&mut self, wait: std::time::Duration) -> Option<Body> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let Some(f) = self.decoder.next_frame().expect("frame") {
+                return Some(
+                    asmn_shared::wire::decode_envelope(&f)
+                        .expect("envelope")
+                        .body
+                        .expect("body"),
+                );
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(left, self.stream.read(&mut buf))
+                .await
+                .ok()?
+                .expect("read")
+                .expect("stream open");
+            self.decoder.push(&buf[..n]).expect("push");
+        }
+    }
 }
