@@ -11,8 +11,47 @@ use serde::Deserialize;
 pub enum StoreUrl {
     /// The embedded redb file.
     Embedded(PathBuf),
-    /// An etcd cluster (`etcd://host:port,...`).
-    Etcd(String),
+    /// An etcd cluster: `etcds://host:port,...` (TLS, client certificate), or plaintext
+    /// `etcd://` when the configuration allows it explicitly.
+    Etcd(String, EtcdFiles),
+}
+
+/// Where the credentials for etcd are (`[etcd]` of `sec-em.toml`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdFiles {
+    /// The CA that signed the etcd members' certificates (PEM).
+    pub ca: Option<PathBuf>,
+    /// Sec-EM's client certificate for etcd (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM, mode 0600).
+    pub key: Option<PathBuf>,
+    /// An etcd user, when etcd's authentication is enabled.
+    pub user: Option<String>,
+    /// A file holding that user's password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl EtcdFiles {
+    /// Reads the files into connection options.
+    pub fn load(&self) -> Result<crate::store::etcd::EtcdOptions, String> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))
+        };
+        let tls = match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Some(crate::store::etcd::EtcdTls {
+                ca_pem: read(ca)?,
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            }),
+            _ => None,
+        };
+        let user = match (&self.user, &self.password_file) {
+            (Some(u), Some(p)) => Some((u.clone(), read(p)?.trim_end().to_string())),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            _ => None,
+        };
+        Ok(crate::store::etcd::EtcdOptions { tls, user })
+    }
 }
 
 /// The validated configuration of `sec-em serve`.
@@ -114,6 +153,20 @@ struct Raw {
     tenant: RawTenant,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    etcd: RawEtcd,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -203,18 +256,62 @@ impl Config {
                 return Err(err("store", "embedded: needs a file path".into()));
             }
             StoreUrl::Embedded(base.join(rest))
-        } else if raw.store.starts_with("etcd://") {
+        } else if raw.store.starts_with("etcd://") || raw.store.starts_with("etcds://") {
             crate::store::etcd::parse_url(&raw.store).map_err(|e| err("store", e.to_string()))?;
-            StoreUrl::Etcd(raw.store.clone())
+            let e = &raw.etcd;
+            let files = EtcdFiles {
+                ca: e.ca.as_ref().map(|p| base.join(p)),
+                cert: e.cert.as_ref().map(|p| base.join(p)),
+                key: e.key.as_ref().map(|p| base.join(p)),
+                user: e.user.clone(),
+                password_file: e.password_file.as_ref().map(|p| base.join(p)),
+            };
+            let tls_files = [&files.ca, &files.cert, &files.key];
+            if crate::store::etcd::is_tls(&raw.store) {
+                if tls_files.iter().any(|f| f.is_none()) {
+                    return Err(err(
+                        "etcd",
+                        "etcds:// needs ca, cert and key in [etcd] (the CA of the etcd members, \
+                         Sec-EM's client certificate and key)"
+                            .into(),
+                    ));
+                }
+            } else {
+                if !e.allow_plaintext {
+                    return Err(err(
+                        "store",
+                        "etcd:// is plaintext and unauthenticated, and the store holds the keys \
+                         of trust: use etcds:// with [etcd] ca, cert and key (or set \
+                         allow_plaintext = true in [etcd], for loopback tests only)"
+                            .into(),
+                    ));
+                }
+                if tls_files.iter().any(|f| f.is_some()) {
+                    return Err(err(
+                        "etcd",
+                        "ca, cert and key are for etcds://, not a plaintext etcd:// URL".into(),
+                    ));
+                }
+            }
+            if e.password_file.is_some() && e.user.is_none() {
+                return Err(err("etcd.password_file", "needs etcd.user".into()));
+            }
+            StoreUrl::Etcd(raw.store.clone(), files)
         } else {
             return Err(err(
                 "store",
                 format!(
-                    "{:?}: use embedded:PATH or etcd://host:port[,host:port...]",
+                    "{:?}: use embedded:PATH or etcds://host:port[,host:port...]",
                     raw.store
                 ),
             ));
         };
+        if raw.etcd.allow_plaintext && !matches!(store, StoreUrl::Etcd(..)) {
+            return Err(err(
+                "etcd.allow_plaintext",
+                "only for an etcd:// store".into(),
+            ));
+        }
         let metrics_addr = raw
             .metrics_addr
             .map(|m| {
@@ -381,7 +478,9 @@ pub fn initial(
         r#"# Sec-EM configuration, written by `sec-em init`. Paths are relative to this file.
 listen = "{listen}"
 server_name = "{server_name}"
-# embedded:PATH (one crash-safe file) or etcd://host:port[,host:port...] (replicas).
+# embedded:PATH (one crash-safe file) or etcds://host:port[,host:port...] (replicas on
+# an etcd cluster over TLS; then [etcd] ca, cert and key, and optionally user and
+# password_file).
 store = "embedded:{state_file}"
 # Prometheus metrics over HTTP; remove to disable.
 metrics_addr = "{metrics_addr}"
@@ -472,6 +571,16 @@ mod tests {
                 "store = \"embedded:s.redb\"",
                 "store = \"etcd://\"",
                 "store",
+            ),
+            (
+                "store = \"embedded:s.redb\"",
+                "store = \"etcd://127.0.0.1:2379\"",
+                "store",
+            ),
+            (
+                "store = \"embedded:s.redb\"",
+                "store = \"etcds://127.0.0.1:2379\"",
+                "etcd",
             ),
             (
                 "overlay = \"10.77.0.0/16\"",

@@ -60,9 +60,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tracing::info!(path = %path.display(), "store: embedded");
             serve_with(config, store, &ca, &cert, &key, shutdown).await
         }
-        StoreUrl::Etcd(url) => {
-            let store = EtcdStore::connect(&url).await?;
-            tracing::info!(%url, "store: etcd");
+        StoreUrl::Etcd(url, files) => {
+            let options = files.load().map_err(|reason| DaemonError::Read {
+                path: "[etcd]".into(),
+                source: std::io::Error::other(reason),
+            })?;
+            let store = EtcdStore::connect_with(&url, &options).await?;
+            tracing::info!(%url, tls = options.tls.is_some(), "store: etcd");
             serve_with(config, store, &ca, &cert, &key, shutdown).await
         }
     }

@@ -1,6 +1,9 @@
 //! A throw-away etcd cluster on loopback, for tests and the load benchmark: one or more
 //! members of the installed `etcd` (Debian's `etcd-server` 3.4), each on free ports with a
-//! temporary data directory, killed (SIGKILL, by PID) and removed on drop.
+//! temporary data directory, killed (SIGKILL, by PID) and removed on drop. With
+//! [`LocalEtcd::start_tls`] the members speak TLS to clients and to each other and require
+//! client certificates (`--client-cert-auth`, `--peer-client-cert-auth`), from a CA made
+//! for the cluster.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -8,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::store::Store;
-use crate::store::etcd::EtcdStore;
+use crate::store::etcd::{EtcdOptions, EtcdStore, EtcdTls};
 
 /// Why a local cluster could not start.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,101 @@ pub enum LocalEtcdError {
     /// The cluster did not answer in time.
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
+    /// The cluster's certificates could not be made.
+    #[error("etcd certificates: {0}")]
+    Pki(String),
+}
+
+/// The PKI of a TLS cluster: files in its directory, and the client's PEM texts.
+struct LocalTls {
+    ca: PathBuf,
+    member_cert: PathBuf,
+    member_key: PathBuf,
+    client: EtcdTls,
+    /// A client certificate from another CA (for tests that must be refused).
+    foreign: EtcdTls,
+}
+
+fn cluster_pki(dir: &Path) -> Result<LocalTls, LocalEtcdError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let e = |e: rcgen::Error| LocalEtcdError::Pki(e.to_string());
+    let ca = |name: &str| -> Result<(CertificateParams, KeyPair, String), LocalEtcdError> {
+        let key = KeyPair::generate().map_err(e)?;
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let pem = p.self_signed(&key).map_err(e)?.pem();
+        Ok((p, key, pem))
+    };
+    let leaf = |issuer: &Issuer<'_, &KeyPair>,
+                names: Vec<String>,
+                cn: &str,
+                usages: Vec<ExtendedKeyUsagePurpose>|
+     -> Result<(String, String), LocalEtcdError> {
+        let key = KeyPair::generate().map_err(e)?;
+        let mut p = CertificateParams::new(names).map_err(e)?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = usages;
+        Ok((
+            p.signed_by(&key, issuer).map_err(e)?.pem(),
+            key.serialize_pem(),
+        ))
+    };
+    let (ca_params, ca_key, ca_pem) = ca("asmn test etcd CA")?;
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let both = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let (member_pem, member_key) = leaf(
+        &issuer,
+        vec!["127.0.0.1".into(), "localhost".into()],
+        "etcd-member",
+        both,
+    )?;
+    let (client_pem, client_key) = leaf(
+        &issuer,
+        Vec::new(),
+        "sec-em",
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    )?;
+    let (other_params, other_key, _) = ca("a foreign CA")?;
+    let other = Issuer::from_params(&other_params, &other_key);
+    let (foreign_pem, foreign_key) = leaf(
+        &other,
+        Vec::new(),
+        "sec-em",
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    )?;
+    let write = |name: &str, text: &str| -> Result<PathBuf, LocalEtcdError> {
+        let path = dir.join(name);
+        crate::pki::write_file(&path, text.as_bytes(), name.ends_with(".key"))
+            .map_err(|e| LocalEtcdError::Pki(e.to_string()))?;
+        Ok(path)
+    };
+    Ok(LocalTls {
+        ca: write("etcd-ca.pem", &ca_pem)?,
+        member_cert: write("etcd-member.pem", &member_pem)?,
+        member_key: write("etcd-member.key", &member_key)?,
+        client: EtcdTls {
+            ca_pem: ca_pem.clone(),
+            cert_pem: client_pem,
+            key_pem: client_key,
+        },
+        foreign: EtcdTls {
+            ca_pem,
+            cert_pem: foreign_pem,
+            key_pem: foreign_key,
+        },
+    })
 }
 
 struct Member {
@@ -40,6 +138,7 @@ pub struct LocalEtcd {
     dir: tempfile::TempDir,
     token: String,
     members: Vec<Member>,
+    tls: Option<LocalTls>,
 }
 
 impl std::fmt::Debug for LocalEtcd {
@@ -70,10 +169,25 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl LocalEtcd {
-    /// Starts a cluster of `members` (1 or more) and waits up to 30 s until it answers.
+    /// Starts a plaintext cluster of `members` (1 or more) and waits up to 30 s until it
+    /// answers.
     pub async fn start(members: usize) -> Result<LocalEtcd, LocalEtcdError> {
+        Self::start_with(members, false).await
+    }
+
+    /// Starts a cluster of `members` that speaks TLS and requires client certificates.
+    pub async fn start_tls(members: usize) -> Result<LocalEtcd, LocalEtcdError> {
+        Self::start_with(members, true).await
+    }
+
+    async fn start_with(members: usize, tls: bool) -> Result<LocalEtcd, LocalEtcdError> {
         let bin = binary().ok_or(LocalEtcdError::NotInstalled)?;
         let dir = tempfile::tempdir().map_err(LocalEtcdError::Dir)?;
+        let tls = if tls {
+            Some(cluster_pki(dir.path())?)
+        } else {
+            None
+        };
         let tag = format!("asmn{}", std::process::id());
         let mut list = Vec::new();
         for i in 0..members.max(1) {
@@ -89,6 +203,7 @@ impl LocalEtcd {
             dir,
             token: tag,
             members: list,
+            tls,
         };
         for i in 0..cluster.members.len() {
             cluster.spawn(i)?;
@@ -97,27 +212,50 @@ impl LocalEtcd {
         Ok(cluster)
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn spawn(&mut self, i: usize) -> Result<(), LocalEtcdError> {
+        let scheme = self.scheme();
         let initial: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .map(|m| format!("{}={scheme}://127.0.0.1:{}", m.name, m.peer))
             .collect();
         let m = &self.members[i];
         let data: &Path = self.dir.path();
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(t) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&t.member_cert)
+                .arg("--key-file")
+                .arg(&t.member_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth")
+                .arg("--peer-cert-file")
+                .arg(&t.member_cert)
+                .arg("--peer-key-file")
+                .arg(&t.member_key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--peer-client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(data.join(&m.name))
             .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.client))
             .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.peer))
             .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg(format!("{scheme}://127.0.0.1:{}", m.peer))
             .arg("--initial-cluster")
             .arg(initial.join(","))
             .arg("--initial-cluster-token")
@@ -137,7 +275,16 @@ impl LocalEtcd {
     /// For tests: a cluster of `members`, or `None` when etcd is not installed, which is
     /// allowed outside CI only (under `CI` it panics, so a missing etcd fails loudly).
     pub async fn for_tests(members: usize) -> Option<LocalEtcd> {
-        match LocalEtcd::start(members).await {
+        Self::for_tests_with(members, false).await
+    }
+
+    /// [`LocalEtcd::for_tests`] with TLS and client certificates.
+    pub async fn for_tests_tls(members: usize) -> Option<LocalEtcd> {
+        Self::for_tests_with(members, true).await
+    }
+
+    async fn for_tests_with(members: usize, tls: bool) -> Option<LocalEtcd> {
+        match LocalEtcd::start_with(members, tls).await {
             Ok(c) => Some(c),
             Err(LocalEtcdError::NotInstalled) => {
                 assert!(
@@ -155,7 +302,7 @@ impl LocalEtcd {
     pub async fn wait_ready(&self, limit: Duration) -> Result<(), LocalEtcdError> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(s) = EtcdStore::connect(&self.url()).await
+            if let Ok(s) = EtcdStore::connect_with(&self.url(), &self.options()).await
                 && s.put("/asmn/v1/probe", b"1".to_vec()).await.is_ok()
             {
                 return Ok(());
@@ -167,14 +314,77 @@ impl LocalEtcd {
         }
     }
 
-    /// `etcd://127.0.0.1:PORT[,...]`: every member's client address.
+    /// `etcd://127.0.0.1:PORT[,...]` (`etcds://` with TLS): every member's client
+    /// address.
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self
             .members
             .iter()
             .map(|m| format!("127.0.0.1:{}", m.client))
             .collect();
-        format!("etcd://{}", addrs.join(","))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", addrs.join(","))
+    }
+
+    /// How a client connects: with the cluster's CA and a client certificate under TLS.
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            tls: self.tls.as_ref().map(|t| t.client.clone()),
+            user: None,
+        }
+    }
+
+    /// Options with a client certificate from another CA (under TLS), which etcd must
+    /// refuse; without a certificate at all when `none`.
+    pub fn bad_options(&self, none: bool) -> Option<EtcdOptions> {
+        let t = self.tls.as_ref()?;
+        let mut tls = t.foreign.clone();
+        if none {
+            tls = EtcdTls {
+                ca_pem: t.client.ca_pem.clone(),
+                cert_pem: String::new(),
+                key_pem: String::new(),
+            };
+        }
+        Some(EtcdOptions {
+            tls: Some(tls),
+            user: None,
+        })
+    }
+
+    /// `sec-em.toml` text (as `config::initial` writes it) with its store replaced by this
+    /// cluster, and the `[etcd]` section it needs (client files written beside the
+    /// cluster's data).
+    pub fn configure(&self, text: &str) -> Result<String, LocalEtcdError> {
+        let mut out = text.replace(
+            "store = \"embedded:sec-em.redb\"",
+            &format!("store = \"{}\"", self.url()),
+        );
+        out = out.replace(
+            "store = \"embedded:state.redb\"",
+            &format!("store = \"{}\"", self.url()),
+        );
+        match &self.tls {
+            None => out.push_str("\n[etcd]\nallow_plaintext = true\n"),
+            Some(t) => {
+                let dir = self.dir.path();
+                let write = |name: &str, text: &str| -> Result<PathBuf, LocalEtcdError> {
+                    let path = dir.join(name);
+                    crate::pki::write_file(&path, text.as_bytes(), name.ends_with(".key"))
+                        .map_err(|e| LocalEtcdError::Pki(e.to_string()))?;
+                    Ok(path)
+                };
+                let cert = write("sec-em-client.pem", &t.client.cert_pem)?;
+                let key = write("sec-em-client.key", &t.client.key_pem)?;
+                out.push_str(&format!(
+                    "\n[etcd]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                    t.ca.display().to_string(),
+                    cert.display().to_string(),
+                    key.display().to_string()
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Members in the cluster.
@@ -209,9 +419,23 @@ impl LocalEtcd {
     /// The index of the member that is leader now, asked of each running member.
     pub async fn leader(&self) -> Option<usize> {
         for m in self.members.iter().filter(|m| m.child.is_some()) {
+            let mut options = etcd_client::ConnectOptions::new();
+            if let Some(t) = &self.tls {
+                options = options.with_tls(
+                    etcd_client::TlsOptions::new()
+                        .ca_certificate(etcd_client::Certificate::from_pem(&t.client.ca_pem))
+                        .identity(etcd_client::Identity::from_pem(
+                            &t.client.cert_pem,
+                            &t.client.key_pem,
+                        )),
+                );
+            }
             let Ok(mut c) = tokio::time::timeout(
                 Duration::from_secs(2),
-                etcd_client::Client::connect([format!("http://127.0.0.1:{}", m.client)], None),
+                etcd_client::Client::connect(
+                    [format!("{}://127.0.0.1:{}", self.scheme(), m.client)],
+                    Some(options),
+                ),
             )
             .await
             else {

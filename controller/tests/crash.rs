@@ -93,15 +93,15 @@ async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_etcd_loses_no_acknowledged_reveal() {
-    let Some(etcd) = common::etcd_cluster(1).await else {
+    let Some(etcd) = asmn_controller::local_etcd::LocalEtcd::for_tests_tls(1).await else {
         return;
     };
-    crash_run(Some(etcd.url())).await;
+    crash_run(Some(&etcd)).await;
     drop(etcd);
 }
 
-/// The crash run, on the embedded store or on the etcd at `etcd_url`.
-async fn crash_run(etcd_url: Option<String>) {
+/// The crash run, on the embedded store or on `etcd` (over TLS).
+async fn crash_run(etcd: Option<&asmn_controller::local_etcd::LocalEtcd>) {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let listen = format!("127.0.0.1:{}", free_udp());
@@ -124,12 +124,9 @@ async fn crash_run(etcd_url: Option<String>) {
     let mut text = std::fs::read_to_string(&cfg)
         .expect("cfg")
         .replace("chain_length = 100000", "chain_length = 64");
-    if let Some(url) = &etcd_url {
-        text = text.replace(
-            "store = \"embedded:sec-em.redb\"",
-            &format!("store = \"{url}\""),
-        );
-        assert!(text.contains(url.as_str()), "store line replaced");
+    if let Some(etcd) = etcd {
+        text = etcd.configure(&text).expect("etcd settings");
+        assert!(text.contains(&etcd.url()), "store line replaced");
     }
     std::fs::write(&cfg, text).expect("cfg");
     let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);

@@ -38,7 +38,8 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     agents: usize,
     /// Store: `embedded` (a redb file), `etcd` (a local one-member etcd started for the
-    /// run; needs the etcd binary) or `etcd://host:port[,...]` (an existing cluster).
+    /// run, plaintext on loopback; needs the etcd binary) or `etcds` (the same over TLS
+    /// with client certificates).
     #[arg(long, default_value = "embedded")]
     store: String,
     /// Catalog applies and revocations measured.
@@ -172,7 +173,7 @@ fn sec_em_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Writes a PKI and configuration into `dir`; returns the config path, the QUIC port and
 /// the PKI.
-fn prepare(dir: &Path, store: &str) -> anyhow::Result<(PathBuf, u16, pki::Pki)> {
+fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16, pki::Pki)> {
     let pki = pki::generate(&["sec-em".to_string()], 2026)?;
     pki::write(dir, dir, &pki, false)?;
     let audit_key = asmn_controller::audit::AuditKey::generate().map_err(anyhow::Error::msg)?;
@@ -190,11 +191,8 @@ fn prepare(dir: &Path, store: &str) -> anyhow::Result<(PathBuf, u16, pki::Pki)> 
         format!("127.0.0.1:{metrics}").parse()?,
     )
     .replace("chain_length = 100000", &format!("chain_length = {CHAIN}"));
-    if store != "embedded" {
-        text = text.replace(
-            "store = \"embedded:state.redb\"",
-            &format!("store = \"{store}\""),
-        );
+    if let Some(etcd) = etcd {
+        text = etcd.configure(&text)?;
     }
     let path = dir.join("sec-em.toml");
     std::fs::write(&path, text)?;
@@ -427,19 +425,13 @@ async fn wait_for(
 async fn run(args: Args) -> anyhow::Result<Report> {
     let sec_em = sec_em_binary(args.sec_em.clone())?;
     let dir = tempfile::tempdir()?;
-    let _etcd;
-    let store = match args.store.as_str() {
-        "embedded" => "embedded".to_string(),
-        "etcd" => {
-            let e = LocalEtcd::start(1).await?;
-            let url = e.url();
-            _etcd = e;
-            url
-        }
-        url if url.starts_with("etcd://") => url.to_string(),
-        other => bail!("--store {other:?}: use embedded, etcd or etcd://host:port[,...]"),
+    let etcd = match args.store.as_str() {
+        "embedded" => None,
+        "etcd" => Some(LocalEtcd::start(1).await?),
+        "etcds" => Some(LocalEtcd::start_tls(1).await?),
+        other => bail!("--store {other:?}: use embedded, etcd or etcds"),
     };
-    let (cfg, port, pki) = prepare(dir.path(), &store)?;
+    let (cfg, port, pki) = prepare(dir.path(), etcd.as_ref())?;
     let log = match &args.sec_em_log {
         Some(p) => Stdio::from(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -499,11 +491,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         enroll_all(&endpoints, addr, agents, 0, args.concurrency, &seen_tx).await?;
     enroll_lat.sort();
     let mut report = Report {
-        store: if args.store == "embedded" {
-            "embedded".into()
-        } else {
-            "etcd".into()
-        },
+        store: args.store.clone(),
         agents: args.agents,
         enroll_seconds: enroll_time.as_secs_f64(),
         enrollments_per_second: args.agents as f64 / enroll_time.as_secs_f64(),

@@ -99,18 +99,64 @@ fn versioned(kv: &etcd_client::KeyValue) -> Versioned {
     }
 }
 
-/// Parses `etcd://host:port[,host:port...]` into endpoint URLs.
+/// How Sec-EM authenticates to etcd and etcd to Sec-EM.
+#[derive(Clone, Default)]
+pub struct EtcdOptions {
+    /// TLS with client certificates (`etcds://`).
+    pub tls: Option<EtcdTls>,
+    /// An etcd user and its password, when etcd's authentication is enabled.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+/// The PEM texts of TLS to etcd: the CA that signed the members' certificates, and this
+/// client's certificate and key (etcd runs with `--client-cert-auth`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA certificate(s).
+    pub ca_pem: String,
+    /// The client certificate (empty: none, which etcd refuses; for tests).
+    pub cert_pem: String,
+    /// The client key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls(<CA, certificate, redacted key>)")
+    }
+}
+
+/// Whether `url` is `etcds://` (TLS).
+pub fn is_tls(url: &str) -> bool {
+    url.starts_with("etcds://")
+}
+
+/// Parses `etcd://host:port[,host:port...]` (plaintext) or `etcds://...` (TLS) into
+/// endpoint URLs.
 pub fn parse_url(url: &str) -> Result<Vec<String>, StoreError> {
-    let rest = url.strip_prefix("etcd://").ok_or_else(|| {
-        StoreError::Invalid(format!(
-            "store URL {url:?} must look like etcd://host:port[,host:port...]"
-        ))
-    })?;
+    let (scheme, rest) = match (url.strip_prefix("etcds://"), url.strip_prefix("etcd://")) {
+        (Some(rest), _) => ("https", rest),
+        (None, Some(rest)) => ("http", rest),
+        (None, None) => {
+            return Err(StoreError::Invalid(format!(
+                "store URL {url:?} must look like etcds://host:port[,host:port...] (or etcd:// for plaintext)"
+            )));
+        }
+    };
     let endpoints: Vec<String> = rest
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|hp| format!("http://{hp}"))
+        .map(|hp| format!("{scheme}://{hp}"))
         .collect();
     if endpoints.is_empty() || rest.split(',').any(|hp| !hp.trim().contains(':')) {
         return Err(StoreError::Invalid(format!(
@@ -123,11 +169,42 @@ pub fn parse_url(url: &str) -> Result<Vec<String>, StoreError> {
 impl EtcdStore {
     /// Connects to the cluster at `etcd://host:port[,host:port...]`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, &EtcdOptions::default()).await
+    }
+
+    /// Connects to the cluster at `url` with `settings`: `etcds://` needs TLS settings,
+    /// `etcd://` refuses them (no silent downgrade either way).
+    pub async fn connect_with(url: &str, settings: &EtcdOptions) -> Result<Self, StoreError> {
         let endpoints = parse_url(url)?;
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
-        let options = options.with_require_leader(true);
+            .with_timeout(Duration::from_secs(5))
+            .with_require_leader(true);
+        match (is_tls(url), &settings.tls) {
+            (true, None) => {
+                return Err(StoreError::Invalid(
+                    "etcds:// needs the CA, a client certificate and its key".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(StoreError::Invalid(
+                    "TLS settings for a plaintext etcd:// URL: use etcds://".into(),
+                ));
+            }
+            (true, Some(t)) => {
+                let mut tls = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
+                // Without a client certificate only in tests that must be refused.
+                if !t.cert_pem.is_empty() {
+                    tls = tls.identity(etcd_client::Identity::from_pem(&t.cert_pem, &t.key_pem));
+                }
+                options = options.with_tls(tls);
+            }
+            (false, None) => {}
+        }
+        if let Some((user, password)) = &settings.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let mut clients = Vec::with_capacity(endpoints.len());
         for e in &endpoints {
             // Lazy: a member that is down now is tried when its turn comes.
