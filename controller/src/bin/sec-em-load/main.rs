@@ -21,6 +21,8 @@ use asmn_shared::wire::{self, BootstrapBundle, Enroll};
 use clap::Parser;
 use tokio::sync::{Semaphore, mpsc};
 
+mod attack;
+
 /// Load benchmark of Sec-EM: N simulated agents on loopback.
 ///
 /// Starts `sec-em serve` (found beside this binary, or --sec-em) with a fresh PKI in a
@@ -66,12 +68,29 @@ struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// After the first re-attestation round (the baseline), attack Sec-EM from other
+    /// loopback addresses without credentials: hold --attack-connections connections with
+    /// their streams open, send --attack-enrollments refused enrollments, and re-attest
+    /// every agent in rounds meanwhile. Reports reveal latency beside the baseline,
+    /// Sec-EM's peak memory, the store's growth, and refusals.
+    #[arg(long)]
+    attack: bool,
+    /// Connections the attacker holds open.
+    #[arg(long, default_value_t = 2000)]
+    attack_connections: usize,
+    /// Refused enrollments the attacker sends.
+    #[arg(long, default_value_t = 100_000)]
+    attack_enrollments: u64,
 }
 
 /// Chain length of the benchmark's instances (short: the benchmark reveals few).
 const CHAIN: u32 = 256;
-/// Client QUIC endpoints (UDP sockets) the agents are spread over.
+/// Client QUIC endpoints (UDP sockets) the agents are spread over, at least; each has its
+/// own loopback address (127.0.1.x), as agents in VMs do, and holds at most
+/// [`PER_ENDPOINT`] agents (Sec-EM caps connections per source address).
 const ENDPOINTS: usize = 8;
+/// Agents per client endpoint at most.
+const PER_ENDPOINT: usize = 200;
 const VNFD: &str = r#"vnfd:
   id: load-vnf
   sec_catalog:
@@ -171,9 +190,9 @@ fn sec_em_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Writes a PKI and configuration into `dir`; returns the config path, the QUIC port and
-/// the PKI.
-fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16, pki::Pki)> {
+/// Writes a PKI and configuration into `dir`; returns the config path, the QUIC port, the
+/// metrics port and the PKI.
+fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16, u16, pki::Pki)> {
     let pki = pki::generate(&["sec-em".to_string()], 2026)?;
     pki::write(dir, dir, &pki, false)?;
     let audit_key = asmn_controller::audit::AuditKey::generate().map_err(anyhow::Error::msg)?;
@@ -197,7 +216,7 @@ fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16
     let path = dir.join("sec-em.toml");
     std::fs::write(&path, text)?;
     config::Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((path, port, pki))
+    Ok((path, port, metrics, pki))
 }
 
 /// An agent's state before it connects: bundle, enrollment request, prover.
@@ -389,6 +408,224 @@ struct Report {
     idle_enroll_seconds: f64,
     sec_em_rss_mib_before_idle: f64,
     sec_em_rss_mib_with_idle: f64,
+    attack: Option<AttackReport>,
+}
+
+/// What `--attack` measured, beside the baseline of the same run.
+#[derive(serde::Serialize, Debug, Default)]
+struct AttackReport {
+    connections_planned: usize,
+    enrollments_planned: u64,
+    seconds: f64,
+    attacker_connections_admitted: u64,
+    attacker_connections_refused: u64,
+    attacker_holding_max: u64,
+    refused_enrollments: u64,
+    accepted_enrollments: u64,
+    reattest_rounds: usize,
+    agents_refused: usize,
+    reveal_ms_p50_without: f64,
+    reveal_ms_p99_without: f64,
+    reveal_ms_p50_with: f64,
+    reveal_ms_p99_with: f64,
+    reveal_p99_ratio: f64,
+    sec_em_rss_mib_before: f64,
+    sec_em_rss_mib_max: f64,
+    store_bytes_growth: Option<u64>,
+    audit_records_growth: u64,
+    guard_events: std::collections::BTreeMap<String, u64>,
+}
+
+/// One re-attestation of every connected agent, all at once: the latency of each. A
+/// refusal fails the run.
+async fn reattest_round(connected: &mut [Connected]) -> anyhow::Result<Vec<Duration>> {
+    let mut tasks = Vec::new();
+    for c in connected.iter_mut() {
+        let reveal = c.prover.reveal().context("chain exhausted")?;
+        let (conn, golden) = (c.conn.clone(), c.golden.clone());
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = ask(
+                &conn,
+                Body::Reattest(msg::ReattestRequest {
+                    reveal: Some((&reveal).into()),
+                    measurement: golden,
+                    renewal: None,
+                    dh_public: vec![],
+                }),
+            )
+            .await?;
+            let Body::Reattested(_) = r else {
+                bail!("re-attestation refused: {r:?}")
+            };
+            Ok(t.elapsed())
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.push(t.await??);
+    }
+    Ok(lat)
+}
+
+/// The head of the audit log (its last record's number).
+async fn audit_head(admin: &quinn::Connection) -> anyhow::Result<u64> {
+    let r = ask(
+        admin,
+        Body::Query(msg::QueryRequest {
+            what: "audit-checkpoint".into(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    let Body::QueryResult(q) = r else {
+        bail!("audit checkpoint refused: {r:?}")
+    };
+    let v: serde_json::Value = serde_json::from_str(&q.json)?;
+    v["seq"].as_u64().context("no seq in the checkpoint")
+}
+
+/// The bytes of every file under `dir` (the embedded store and its journal).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Sec-EM's guard events, from its metrics endpoint.
+async fn guard_events(metrics_port: u16) -> std::collections::BTreeMap<String, u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)),
+    )
+    .await
+    else {
+        return out;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let mut text = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut text)).await;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("asmn_guard_events_total{event=\"")
+            && let Some((event, value)) = rest.split_once("\"} ")
+            && let Ok(v) = value.trim().parse()
+        {
+            out.insert(event.to_string(), v);
+        }
+    }
+    out
+}
+
+/// Phase 2b: re-attestation rounds while the attacker works, beside `baseline`.
+#[allow(clippy::too_many_arguments)]
+async fn under_attack(
+    args: &Args,
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    enroll: msg::EnrollRequest,
+    admin: &quinn::Connection,
+    connected: &mut [Connected],
+    pid: u32,
+    dir: &Path,
+    metrics_port: u16,
+    baseline: &[Duration],
+) -> anyhow::Result<AttackReport> {
+    let mut r = AttackReport {
+        connections_planned: args.attack_connections,
+        enrollments_planned: args.attack_enrollments,
+        reveal_ms_p50_without: ms(percentile(baseline, 0.5)),
+        reveal_ms_p99_without: ms(percentile(baseline, 0.99)),
+        sec_em_rss_mib_before: rss_mib(pid),
+        ..AttackReport::default()
+    };
+    let store_before = (args.store == "embedded").then(|| dir_bytes(dir));
+    let audit_before = audit_head(admin).await?;
+    eprintln!(
+        "attacking: {} held connections, {} refused enrollments",
+        args.attack_connections, args.attack_enrollments
+    );
+    let started = Instant::now();
+    let attack = attack::start(
+        addr,
+        ca_pem.to_string(),
+        enroll,
+        attack::Plan {
+            connections: args.attack_connections,
+            enrollments: args.attack_enrollments,
+            senders: 64,
+        },
+    )?;
+    let tally = Arc::clone(&attack.tally);
+    let mut rss_max = r.sec_em_rss_mib_before;
+    let mut holding_max = 0;
+    // Let the held connections build up (bounded), then re-attest in rounds until the
+    // enrollments are spent (bounded by 300 s).
+    let ramp = Instant::now();
+    while ramp.elapsed() < Duration::from_secs(15) {
+        holding_max = holding_max.max(tally.holding.load(std::sync::atomic::Ordering::Relaxed));
+        rss_max = rss_max.max(rss_mib(pid));
+        if holding_max as usize >= args.attack_connections {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut lat = Vec::new();
+    let spent = |t: &attack::Tally| {
+        t.enrollments_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + t.enrollments_accepted
+                .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut rounds = 0;
+    while rounds < 200 && started.elapsed() < Duration::from_secs(300) {
+        match reattest_round(connected).await {
+            Ok(mut l) => lat.append(&mut l),
+            Err(e) => {
+                r.agents_refused += 1;
+                eprintln!("under attack: {e:#}");
+            }
+        }
+        rounds += 1;
+        holding_max = holding_max.max(tally.holding.load(std::sync::atomic::Ordering::Relaxed));
+        rss_max = rss_max.max(rss_mib(pid));
+        if spent(&tally) >= args.attack_enrollments && rounds >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    r.seconds = started.elapsed().as_secs_f64();
+    r.guard_events = guard_events(metrics_port).await;
+    drop(attack);
+    let t = &tally;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    r.attacker_connections_admitted = load(&t.admitted);
+    r.attacker_connections_refused = load(&t.refused);
+    r.attacker_holding_max = holding_max;
+    r.refused_enrollments = load(&t.enrollments_refused);
+    r.accepted_enrollments = load(&t.enrollments_accepted);
+    r.reattest_rounds = rounds;
+    lat.sort();
+    r.reveal_ms_p50_with = ms(percentile(&lat, 0.5));
+    r.reveal_ms_p99_with = ms(percentile(&lat, 0.99));
+    r.reveal_p99_ratio = r.reveal_ms_p99_with / r.reveal_ms_p99_without.max(1e-9);
+    r.sec_em_rss_mib_max = rss_max;
+    r.store_bytes_growth = store_before.map(|b| dir_bytes(dir).saturating_sub(b));
+    r.audit_records_growth = audit_head(admin).await?.saturating_sub(audit_before);
+    if r.agents_refused > 0 {
+        bail!(
+            "{} re-attestation rounds had a refused agent under attack",
+            r.agents_refused
+        );
+    }
+    Ok(r)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -431,7 +668,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         "etcds" => Some(LocalEtcd::start_tls(1).await?),
         other => bail!("--store {other:?}: use embedded, etcd or etcds"),
     };
-    let (cfg, port, pki) = prepare(dir.path(), etcd.as_ref())?;
+    let (cfg, port, metrics_port, pki) = prepare(dir.path(), etcd.as_ref())?;
     let log = match &args.sec_em_log {
         Some(p) => Stdio::from(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -480,9 +717,13 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     eprintln!("creating {} instances", args.agents);
     let agents = create(&admin, "agent", args.agents).await?;
     let mut endpoints = Vec::new();
-    for _ in 0..ENDPOINTS {
-        endpoints.push(asmn_channel::tls::client(&pki.ca_cert, None)?);
+    let spread = ENDPOINTS.max((args.agents + args.idle).div_ceil(PER_ENDPOINT));
+    for i in 0..spread {
+        let bind = std::net::SocketAddr::from(([127, 1, (i / 250) as u8, (i % 250 + 1) as u8], 0));
+        endpoints.push(asmn_channel::tls::client_on(bind, &pki.ca_cert, None)?);
     }
+    // A well-formed enrollment for the attacker to send with random instance keys.
+    let attacker_enroll = agents.first().map(|a| a.enroll.clone());
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
 
     // 1. Every agent enrolls at once.
@@ -511,35 +752,32 @@ async fn run(args: Args) -> anyhow::Result<Report> {
 
     // 2. One re-attestation round, all at once.
     eprintln!("re-attesting");
-    let mut tasks = Vec::new();
-    for c in connected.iter_mut() {
-        let reveal = c.prover.reveal().context("chain exhausted")?;
-        let (conn, golden) = (c.conn.clone(), c.golden.clone());
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            let r = ask(
-                &conn,
-                Body::Reattest(msg::ReattestRequest {
-                    reveal: Some((&reveal).into()),
-                    measurement: golden,
-                    renewal: None,
-                    dh_public: vec![],
-                }),
-            )
-            .await?;
-            let Body::Reattested(_) = r else {
-                bail!("re-attestation refused: {r:?}")
-            };
-            Ok(t.elapsed())
-        }));
-    }
-    let mut reveal_lat = Vec::new();
-    for t in tasks {
-        reveal_lat.push(t.await??);
-    }
+    let mut reveal_lat = reattest_round(&mut connected).await?;
     reveal_lat.sort();
     report.reveal_latency_ms_p50 = ms(percentile(&reveal_lat, 0.5));
     report.reveal_latency_ms_p99 = ms(percentile(&reveal_lat, 0.99));
+
+    // 2b. The same under attack.
+    if args.attack {
+        let Some(enroll) = attacker_enroll.clone() else {
+            bail!("--attack needs at least one agent");
+        };
+        report.attack = Some(
+            under_attack(
+                &args,
+                addr,
+                &pki.ca_cert,
+                enroll,
+                &admin,
+                &mut connected,
+                pid,
+                dir.path(),
+                metrics_port,
+                &reveal_lat,
+            )
+            .await?,
+        );
+    }
 
     // 3. Catalog apply until every agent acknowledged.
     let mut per_agent = Vec::new();
@@ -722,6 +960,9 @@ fn print(r: &Report) {
         "  sec-em memory    {:.1} MiB RSS with {} agents",
         r.sec_em_rss_mib_before_idle, r.agents
     );
+    if let Some(a) = &r.attack {
+        print_attack(a);
+    }
     if r.idle_agents > 0 {
         println!(
             "  idle             {} more agents enrolled in {:.2} s; {} connected after holding; sec-em {:.1} MiB RSS",
@@ -731,6 +972,57 @@ fn print(r: &Report) {
             r.sec_em_rss_mib_with_idle
         );
     }
+}
+
+fn print_attack(a: &AttackReport) {
+    println!(
+        "  under attack     {:.0} s: {} connections held at most ({} admitted, {} refused), {} refused enrollments ({} accepted)",
+        a.seconds,
+        a.attacker_holding_max,
+        a.attacker_connections_admitted,
+        a.attacker_connections_refused,
+        a.refused_enrollments,
+        a.accepted_enrollments
+    );
+    println!(
+        "                   {:<28} {:>12} {:>12} {:>8}",
+        "", "attack off", "attack on", "ratio"
+    );
+    println!(
+        "                   {:<28} {:>12.1} {:>12.1} {:>7.2}x",
+        "reveal p50 (ms)",
+        a.reveal_ms_p50_without,
+        a.reveal_ms_p50_with,
+        a.reveal_ms_p50_with / a.reveal_ms_p50_without.max(1e-9)
+    );
+    println!(
+        "                   {:<28} {:>12.1} {:>12.1} {:>7.2}x",
+        "reveal p99 (ms)", a.reveal_ms_p99_without, a.reveal_ms_p99_with, a.reveal_p99_ratio
+    );
+    println!(
+        "                   {:<28} {:>12.1} {:>12.1}",
+        "sec-em RSS (MiB, max)", a.sec_em_rss_mib_before, a.sec_em_rss_mib_max
+    );
+    println!(
+        "                   store growth {} ; audit records +{}; agents refused {} over {} rounds",
+        a.store_bytes_growth
+            .map_or("n/a (etcd)".to_string(), |b| format!(
+                "{:.2} MiB",
+                b as f64 / 1048576.0
+            )),
+        a.audit_records_growth,
+        a.agents_refused,
+        a.reattest_rounds
+    );
+    let events: Vec<String> = a
+        .guard_events
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "                   sec-em guard events: {}",
+        events.join(", ")
+    );
 }
 
 fn main() -> ExitCode {
