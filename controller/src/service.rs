@@ -4,13 +4,11 @@
 //! reveals. Every malformed or unexpected message is answered with a typed refusal and
 //! changes nothing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use asmn_shared::catalog::parse_vnfd;
 use asmn_shared::crypto::Nonce;
-use asmn_shared::ids::{InstanceName, TenantId, VnfId};
-use asmn_shared::measure::{Algorithm, DigestValue};
+use asmn_shared::ids::{InstanceName, VnfId};
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
 use asmn_shared::wire::{self, Enroll};
 use rand::{RngCore, TryRngCore};
@@ -184,16 +182,12 @@ pub async fn handle<S: Store>(
                 }
             },
         },
-        Some(Body::VerifyPeer(m)) => match (session.agent(), m.overlay.parse::<std::net::IpAddr>())
-        {
+        Some(Body::VerifyPeer(m)) => match (session.agent(), wire::VerifyPeer::try_from(&m)) {
             (None, _) => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
-            (_, Err(_)) => refusal(
-                RefusalCode::MalformedMessage,
-                "verify_peer.overlay is not an IP address",
-            ),
+            (_, Err(e)) => refusal(RefusalCode::MalformedMessage, e.to_string()),
             (Some(_), Ok(_))
                 if session
                     .verify_budget
@@ -205,23 +199,17 @@ pub async fn handle<S: Store>(
                     "too many peer verifications from this agent; retry in a second",
                 )
             }
-            (Some(me), Ok(ip)) if m.source.is_empty() => {
-                match registry.verify_peer(now(), &me, ip).await {
+            (Some(me), Ok(v)) => {
+                let answer = match v.source {
                     // The peer is asked to verify back by the push follower (see `push`).
+                    None => registry.verify_peer(now(), &me, v.overlay).await,
+                    Some(source) => registry.verify_pair(now(), &me, source, v.overlay).await,
+                };
+                match answer {
                     Ok(peer) => Body::Peer((&peer).into()),
                     Err(e) => from_error(e),
                 }
             }
-            (Some(me), Ok(ip)) => match m.source.parse::<std::net::IpAddr>() {
-                Err(_) => refusal(
-                    RefusalCode::MalformedMessage,
-                    "verify_peer.source is not an IP address",
-                ),
-                Ok(source) => match registry.verify_pair(now(), &me, source, ip).await {
-                    Ok(peer) => Body::Peer((&peer).into()),
-                    Err(e) => from_error(e),
-                },
-            },
         },
         Some(Body::CatalogAck(m)) => match session.agent() {
             None => refusal(
@@ -252,25 +240,20 @@ pub async fn handle<S: Store>(
             ),
             Some(me) => reattest(registry, &me, &m).await,
         },
-        Some(Body::PublishKeys(m)) => {
-            match (session.agent(), <[u8; 32]>::try_from(&m.wg_public_key[..])) {
-                (None, _) => refusal(
-                    RefusalCode::NotAuthorized,
-                    "enroll on this connection first",
-                ),
-                (_, Err(_)) => refusal(
-                    RefusalCode::MalformedMessage,
-                    "publish_keys.wg_public_key must be 32 bytes",
-                ),
-                (Some(me), Ok(wg)) => match registry
-                    .publish_keys(now(), &me, wg, &m.dh_public, m.epoch)
-                    .await
-                {
-                    Ok(()) => Body::Ok(msg::Ack {}),
-                    Err(e) => from_error(e),
-                },
-            }
-        }
+        Some(Body::PublishKeys(m)) => match (session.agent(), wire::PublishKeys::try_from(&m)) {
+            (None, _) => refusal(
+                RefusalCode::NotAuthorized,
+                "enroll on this connection first",
+            ),
+            (_, Err(e)) => refusal(RefusalCode::MalformedMessage, e.to_string()),
+            (Some(me), Ok(k)) => match registry
+                .publish_keys(now(), &me, k.wg_public_key, &k.dh_public, k.epoch)
+                .await
+            {
+                Ok(()) => Body::Ok(msg::Ack {}),
+                Err(e) => from_error(e),
+            },
+        },
         Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
         Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
         Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
@@ -399,22 +382,10 @@ async fn onboard<S: Store>(registry: &Registry<S>, m: msg::OnboardRequest) -> Bo
         Ok(v) => v,
         Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
     };
-    let mut golden = BTreeMap::new();
-    for d in &m.digests {
-        let Ok(alg) = d.algorithm.parse::<Algorithm>() else {
-            return refusal(
-                RefusalCode::InvalidRequest,
-                format!("unknown digest algorithm {:?}", d.algorithm),
-            );
-        };
-        if d.value.len() != alg.output_len() {
-            return refusal(
-                RefusalCode::InvalidRequest,
-                format!("{alg} digest of {} bytes", d.value.len()),
-            );
-        }
-        golden.insert(alg, DigestValue(d.value.clone()));
-    }
+    let golden = match wire::digests(&m.digests) {
+        Ok(g) => g,
+        Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
+    };
     match registry.onboard(now(), vnfd, golden, m.image_bytes).await {
         Ok(()) => Body::Ok(msg::Ack {}),
         Err(e) => from_error(e),
@@ -422,29 +393,22 @@ async fn onboard<S: Store>(registry: &Registry<S>, m: msg::OnboardRequest) -> Bo
 }
 
 async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanceRequest) -> Body {
-    let names = (
-        m.tenant.parse::<TenantId>(),
-        m.vnf.parse::<VnfId>(),
-        if m.instance.is_empty() {
+    let req = match wire::CreateInstance::try_from(&m) {
+        Ok(r) => r,
+        Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
+    };
+    let instance = match req.instance {
+        Some(i) => i,
+        None => {
             let mut b = [0u8; 4];
             rand::rng().fill_bytes(&mut b);
-            format!("{}-{}", m.vnf, hex::encode(b))
-        } else {
-            m.instance.clone()
-        }
-        .parse::<InstanceName>(),
-    );
-    let (tenant, vnf, instance) = match names {
-        (Ok(t), Ok(v), Ok(i)) => (t, v, i),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            return refusal(RefusalCode::InvalidRequest, e.to_string());
+            match format!("{}-{}", req.vnf, hex::encode(b)).parse::<InstanceName>() {
+                Ok(i) => i,
+                Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
+            }
         }
     };
-    let role = match msg::RoleMsg::try_from(m.role) {
-        Ok(msg::RoleMsg::Gateway) => asmn_shared::ids::Role::Gateway,
-        Ok(msg::RoleMsg::Vnf) | Ok(msg::RoleMsg::Unspecified) => asmn_shared::ids::Role::Vnf,
-        Err(_) => return refusal(RefusalCode::InvalidRequest, "unknown role"),
-    };
+    let (tenant, vnf, role) = (req.tenant, req.vnf, req.role);
     // The instance's secret: 256 bits from the operating system's CSPRNG.
     let mut nonce = [0u8; 32];
     if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
@@ -466,13 +430,9 @@ async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanc
 }
 
 async fn revoke<S: Store>(registry: &Registry<S>, m: msg::RevokeRequest) -> Body {
-    let Some(id) = asmn_shared::ids::InstanceKey::from_slice(&m.instance_key) else {
-        return refusal(RefusalCode::InvalidRequest, "instance_key must be 32 bytes");
-    };
-    let reason = if m.reason.is_empty() {
-        "revoked by the operator".to_string()
-    } else {
-        m.reason.chars().take(256).collect()
+    let (id, reason) = match wire::Revoke::try_from(&m) {
+        Ok(r) => (r.id, r.reason),
+        Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
     };
     match registry.revoke(now(), &id, &reason).await {
         Ok(()) => Body::Ok(msg::Ack {}),
@@ -719,6 +679,7 @@ pub async fn serve<S: Store>(
 ) {
     let admission = Arc::new(Admission::default());
     let logs = Arc::new(LogLimiter::default());
+    let strangers = Arc::new(tokio::sync::Semaphore::new(STRANGER_LANE));
     let limits = Arc::new(limits);
     while let Some(incoming) = endpoint.accept().await {
         let source = incoming.remote_address();
@@ -741,12 +702,13 @@ pub async fn serve<S: Store>(
                 continue;
             }
         };
-        let (registry, hub, metrics, limits, logs) = (
+        let (registry, hub, metrics, limits, logs, strangers) = (
             Arc::clone(&registry),
             Arc::clone(&hub),
             metrics.clone(),
             Arc::clone(&limits),
             Arc::clone(&logs),
+            Arc::clone(&strangers),
         );
         tokio::spawn(async move {
             let _admitted = admitted;
@@ -757,10 +719,15 @@ pub async fn serve<S: Store>(
                     return;
                 }
             };
-            serve_connection(conn, registry, hub, metrics, limits, logs).await;
+            serve_connection(conn, registry, hub, metrics, limits, logs, strangers).await;
         });
     }
 }
+
+/// Requests of peers that have not proved themselves (no admin certificate, not enrolled)
+/// handled at once, across all connections: however many strangers ask, they queue among
+/// themselves and never take more than this share of Sec-EM.
+const STRANGER_LANE: usize = 16;
 
 async fn serve_connection<S: Store>(
     conn: quinn::Connection,
@@ -769,6 +736,7 @@ async fn serve_connection<S: Store>(
     metrics: Option<Arc<crate::metrics::Metrics>>,
     limits: Arc<Limits>,
     logs: Arc<LogLimiter>,
+    strangers: Arc<tokio::sync::Semaphore>,
 ) {
     let admin = asmn_channel::tls::peer_certificate(&conn);
     if admin.is_some() {
@@ -807,14 +775,24 @@ async fn serve_connection<S: Store>(
         let Ok((mut send, mut recv)) = stream else {
             return;
         };
-        let (registry, session, limits) = (
+        let (registry, session, limits, strangers) = (
             Arc::clone(&registry),
             Arc::clone(&session),
             Arc::clone(&limits),
+            Arc::clone(&strangers),
         );
         tokio::spawn(async move {
             let work = async {
-                match recv.read_to_end(wire::FRAME_HEADER + wire::MAX_FRAME).await {
+                // A stranger's request is read only up to what an enrollment needs, then
+                // handled in the strangers' lane (taken after the read: a stranger that
+                // never finishes its request holds no place in it).
+                let proved = session.admin || session.agent().is_some();
+                let cap = if proved {
+                    wire::FRAME_HEADER + wire::MAX_FRAME
+                } else {
+                    asmn_channel::tls::STRANGER_REQUEST
+                };
+                match recv.read_to_end(cap).await {
                     Err(e) => msg::Envelope {
                         request_id: 0,
                         body: Some(refusal(
@@ -827,7 +805,14 @@ async fn serve_connection<S: Store>(
                             request_id: 0,
                             body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
                         },
-                        Ok(env) => handle(&registry, &session, env).await,
+                        Ok(env) => {
+                            let _lane = if proved {
+                                None
+                            } else {
+                                strangers.acquire().await.ok()
+                            };
+                            handle(&registry, &session, env).await
+                        }
                     },
                 }
             };

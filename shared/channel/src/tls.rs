@@ -6,9 +6,10 @@
 //! reveals.
 //!
 //! Sec-EM's endpoint is sized for peers it does not know yet: a connection starts with
-//! [`ServerLimits::initial_streams`] streams and a receive window of that many frames, and
-//! only [`open_up`] (after an admin certificate or an enrollment) gives it more. A
-//! stream's receive window is one frame, the most a request may be.
+//! [`ServerLimits::initial_streams`] streams and a receive window of that many
+//! [`STRANGER_REQUEST`]s (what an enrollment needs), and only [`open_up`] (after an admin
+//! certificate or an enrollment) gives it more. A stream's receive window is one frame,
+//! the most a request may be.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,6 +77,10 @@ pub fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 /// The largest request or answer on one stream: one frame.
 pub const STREAM_WINDOW: u32 = (FRAME_HEADER + MAX_FRAME) as u32;
 
+/// The largest request of a peer that has not proved itself: an enrollment (a reveal, a
+/// D-H value of at most 1 KiB, names) is under 2 KiB.
+pub const STRANGER_REQUEST: usize = 4096;
+
 /// What a connection may hold before it has proved anything, and after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
@@ -132,7 +137,7 @@ pub fn server(
     transport.max_concurrent_uni_streams(0u32.into());
     transport.stream_receive_window(STREAM_WINDOW.into());
     transport.receive_window(VarInt::from_u32(
-        STREAM_WINDOW.saturating_mul(limits.initial_streams.max(1)),
+        (STRANGER_REQUEST as u32).saturating_mul(limits.initial_streams.max(1)),
     ));
     // What Sec-EM buffers towards one peer that does not read: four frames.
     transport.send_window(u64::from(STREAM_WINDOW) * 4);

@@ -730,3 +730,140 @@ impl TryFrom<&msg::Refusal> for Refused {
 
 #[cfg(test)]
 mod tests;
+
+// ---- Validated requests: every field checked once, here, not by each handler --------
+
+/// A validated peer verification: the peer's overlay address, and for a gateway asking
+/// on behalf of one of its VNFs, that VNF's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyPeer {
+    /// The peer asked about.
+    pub overlay: IpAddr,
+    /// The source a gateway asks for (`None`: the requester asks for itself).
+    pub source: Option<IpAddr>,
+}
+
+impl TryFrom<&msg::VerifyPeerRequest> for VerifyPeer {
+    type Error = WireError;
+    fn try_from(m: &msg::VerifyPeerRequest) -> Result<Self, WireError> {
+        let ip = |field: &'static str, s: &str| {
+            s.parse::<IpAddr>()
+                .map_err(|_| invalid(field, "not an IP address"))
+        };
+        Ok(VerifyPeer {
+            overlay: ip("verify_peer.overlay", &m.overlay)?,
+            source: if m.source.is_empty() {
+                None
+            } else {
+                Some(ip("verify_peer.source", &m.source)?)
+            },
+        })
+    }
+}
+
+/// A validated announcement of an agent's new keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishKeys {
+    /// The WireGuard static public key.
+    pub wg_public_key: [u8; 32],
+    /// The D-H public value (checked against the tenant's group by Sec-EM).
+    pub dh_public: Vec<u8>,
+    /// The epoch the keys belong to.
+    pub epoch: u32,
+}
+
+impl TryFrom<&msg::PublishKeys> for PublishKeys {
+    type Error = WireError;
+    fn try_from(m: &msg::PublishKeys) -> Result<Self, WireError> {
+        Ok(PublishKeys {
+            wg_public_key: wg_key("publish_keys.wg_public_key", &m.wg_public_key)?,
+            dh_public: m.dh_public.clone(),
+            epoch: m.epoch,
+        })
+    }
+}
+
+/// A validated instance creation (the operator's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateInstance {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The on-boarded VNF.
+    pub vnf: VnfId,
+    /// The name asked for (`None`: Sec-EM picks one).
+    pub instance: Option<InstanceName>,
+    /// The role (a VNF when unspecified).
+    pub role: Role,
+}
+
+impl TryFrom<&msg::CreateInstanceRequest> for CreateInstance {
+    type Error = WireError;
+    fn try_from(m: &msg::CreateInstanceRequest) -> Result<Self, WireError> {
+        Ok(CreateInstance {
+            tenant: name("create_instance.tenant", &m.tenant)?,
+            vnf: name("create_instance.vnf", &m.vnf)?,
+            instance: if m.instance.is_empty() {
+                None
+            } else {
+                Some(name("create_instance.instance", &m.instance)?)
+            },
+            role: match msg::RoleMsg::try_from(m.role) {
+                Ok(msg::RoleMsg::Gateway) => Role::Gateway,
+                Ok(msg::RoleMsg::Vnf | msg::RoleMsg::Unspecified) => Role::Vnf,
+                Err(_) => return Err(invalid("create_instance.role", "unknown role")),
+            },
+        })
+    }
+}
+
+/// A validated revocation (the operator's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoke {
+    /// The instance.
+    pub id: InstanceKey,
+    /// Why (at most 256 characters; a default when none is given).
+    pub reason: String,
+}
+
+impl TryFrom<&msg::RevokeRequest> for Revoke {
+    type Error = WireError;
+    fn try_from(m: &msg::RevokeRequest) -> Result<Self, WireError> {
+        Ok(Revoke {
+            id: key("revoke.instance_key", &m.instance_key)?,
+            reason: if m.reason.is_empty() {
+                "revoked by the operator".to_string()
+            } else {
+                m.reason.chars().take(256).collect()
+            },
+        })
+    }
+}
+
+/// Validated golden digests of an on-boarding: known algorithms, each of its length.
+pub fn digests(
+    list: &[msg::DigestMsg],
+) -> Result<
+    std::collections::BTreeMap<crate::measure::Algorithm, crate::measure::DigestValue>,
+    WireError,
+> {
+    let mut out = std::collections::BTreeMap::new();
+    for d in list {
+        let alg = d
+            .algorithm
+            .parse::<crate::measure::Algorithm>()
+            .map_err(|_| {
+                invalid(
+                    "onboard.digests",
+                    format!("unknown algorithm {:?}", d.algorithm),
+                )
+            })?;
+        if d.value.len() != alg.output_len() {
+            return Err(invalid(
+                "onboard.digests",
+                format!("{alg} digest of {} bytes", d.value.len()),
+            ));
+        }
+        out.insert(alg, crate::measure::DigestValue(d.value.clone()));
+    }
+    Ok(out)
+}

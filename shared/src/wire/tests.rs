@@ -236,3 +236,90 @@ proptest! {
         prop_assert_eq!(back, c);
     }
 }
+
+#[test]
+fn operator_and_agent_requests_are_validated_once_in_the_wire_layer() {
+    let ok = msg::VerifyPeerRequest {
+        overlay: "10.77.0.2".into(),
+        source: String::new(),
+    };
+    assert_eq!(
+        VerifyPeer::try_from(&ok).expect("valid"),
+        VerifyPeer {
+            overlay: "10.77.0.2".parse().expect("ip"),
+            source: None
+        }
+    );
+    for (overlay, source) in [("10.77.0.2/16", ""), ("x", ""), ("10.77.0.2", "nope")] {
+        let m = msg::VerifyPeerRequest {
+            overlay: overlay.into(),
+            source: source.into(),
+        };
+        assert!(VerifyPeer::try_from(&m).is_err(), "{overlay} {source}");
+    }
+    let keys = msg::PublishKeys {
+        wg_public_key: vec![1; 31],
+        dh_public: vec![2; 384],
+        epoch: 1,
+    };
+    assert!(PublishKeys::try_from(&keys).is_err());
+    let create = msg::CreateInstanceRequest {
+        tenant: "t1".into(),
+        vnf: "web".into(),
+        instance: String::new(),
+        role: 0,
+    };
+    let c = CreateInstance::try_from(&create).expect("valid");
+    assert_eq!((c.instance, c.role), (None, Role::Vnf));
+    for bad in [
+        msg::CreateInstanceRequest {
+            tenant: String::new(),
+            ..create.clone()
+        },
+        msg::CreateInstanceRequest {
+            vnf: "Not A Name".into(),
+            ..create.clone()
+        },
+        msg::CreateInstanceRequest {
+            role: 99,
+            ..create.clone()
+        },
+    ] {
+        assert!(CreateInstance::try_from(&bad).is_err(), "{bad:?}");
+    }
+    let revoke = msg::RevokeRequest {
+        instance_key: vec![7; 32],
+        reason: "x".repeat(1000),
+    };
+    assert_eq!(Revoke::try_from(&revoke).expect("valid").reason.len(), 256);
+    assert!(
+        Revoke::try_from(&msg::RevokeRequest {
+            instance_key: vec![7; 31],
+            reason: String::new()
+        })
+        .is_err()
+    );
+    assert!(
+        digests(&[msg::DigestMsg {
+            algorithm: "sha256".into(),
+            value: vec![0; 31],
+        }])
+        .is_err()
+    );
+    assert!(
+        digests(&[msg::DigestMsg {
+            algorithm: "whirlpool".into(),
+            value: vec![0; 64],
+        }])
+        .is_err()
+    );
+    assert_eq!(
+        digests(&[msg::DigestMsg {
+            algorithm: "sha256".into(),
+            value: vec![0; 32],
+        }])
+        .expect("valid")
+        .len(),
+        1
+    );
+}

@@ -81,6 +81,13 @@ struct Args {
     /// Refused enrollments the attacker sends.
     #[arg(long, default_value_t = 100_000)]
     attack_enrollments: u64,
+    /// Re-attestation rounds of the baseline (without the attacker), and the fewest under
+    /// attack; rounds start this many milliseconds apart.
+    #[arg(long, default_value_t = 10)]
+    attack_rounds: usize,
+    /// Milliseconds between the starts of re-attestation rounds, with and without attack.
+    #[arg(long, default_value_t = 1000)]
+    round_ms: u64,
 }
 
 /// Chain length of the benchmark's instances (short: the benchmark reveals few).
@@ -422,6 +429,7 @@ struct AttackReport {
     attacker_holding_max: u64,
     refused_enrollments: u64,
     accepted_enrollments: u64,
+    baseline_rounds: usize,
     reattest_rounds: usize,
     agents_refused: usize,
     reveal_ms_p50_without: f64,
@@ -431,8 +439,12 @@ struct AttackReport {
     reveal_p99_ratio: f64,
     sec_em_rss_mib_before: f64,
     sec_em_rss_mib_max: f64,
+    store_bytes_growth_without: Option<u64>,
     store_bytes_growth: Option<u64>,
+    store_bytes_growth_attributable: Option<i64>,
+    audit_records_growth_without: u64,
     audit_records_growth: u64,
+    audit_records_not_reattestations: u64,
     guard_events: std::collections::BTreeMap<String, u64>,
 }
 
@@ -524,7 +536,69 @@ async fn guard_events(metrics_port: u16) -> std::collections::BTreeMap<String, u
     out
 }
 
-/// Phase 2b: re-attestation rounds while the attacker works, beside `baseline`.
+/// Re-attestation rounds `round` apart until `done` says so after at least `min` rounds
+/// (bounded by 400 rounds and 300 s); latencies, the rounds, and refused rounds.
+async fn paced_rounds(
+    connected: &mut [Connected],
+    min: usize,
+    round: Duration,
+    mut tick: impl FnMut() -> bool,
+) -> (Vec<Duration>, usize, usize) {
+    let (mut lat, mut rounds, mut refused) = (Vec::new(), 0, 0);
+    let started = Instant::now();
+    while rounds < 400 && started.elapsed() < Duration::from_secs(300) {
+        let t = Instant::now();
+        match reattest_round(connected).await {
+            Ok(mut l) => lat.append(&mut l),
+            Err(e) => {
+                refused += 1;
+                eprintln!("re-attestation round: {e:#}");
+            }
+        }
+        rounds += 1;
+        let done = tick();
+        if rounds >= min && done {
+            break;
+        }
+        tokio::time::sleep(round.saturating_sub(t.elapsed())).await;
+    }
+    lat.sort();
+    (lat, rounds, refused)
+}
+
+/// Audit records after `after` whose kind is not a re-attestation (what the attacker
+/// could have added), read in pages.
+async fn audit_others(admin: &quinn::Connection, after: u64) -> anyhow::Result<u64> {
+    let mut next = (after + 1).to_string();
+    let mut others = 0;
+    for _ in 0..100_000 {
+        let r = ask(
+            admin,
+            Body::Query(msg::QueryRequest {
+                what: "audit".into(),
+                after: next.clone(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let Body::QueryResult(q) = r else {
+            bail!("audit page refused: {r:?}")
+        };
+        let page: Vec<serde_json::Value> = serde_json::from_str(&q.json)?;
+        others += page
+            .iter()
+            .filter(|v| !v["kind"].as_str().unwrap_or("").starts_with("reattest."))
+            .count() as u64;
+        if q.next.is_empty() {
+            break;
+        }
+        next = q.next;
+    }
+    Ok(others)
+}
+
+/// Phase 2b: re-attestation rounds without the attacker (the baseline), then while it
+/// works, side by side.
 #[allow(clippy::too_many_arguments)]
 async fn under_attack(
     args: &Args,
@@ -536,18 +610,30 @@ async fn under_attack(
     pid: u32,
     dir: &Path,
     metrics_port: u16,
-    baseline: &[Duration],
 ) -> anyhow::Result<AttackReport> {
+    let round = Duration::from_millis(args.round_ms.max(1));
+    let min = args.attack_rounds.max(1);
+    let embedded = args.store == "embedded";
     let mut r = AttackReport {
         connections_planned: args.attack_connections,
         enrollments_planned: args.attack_enrollments,
-        reveal_ms_p50_without: ms(percentile(baseline, 0.5)),
-        reveal_ms_p99_without: ms(percentile(baseline, 0.99)),
-        sec_em_rss_mib_before: rss_mib(pid),
         ..AttackReport::default()
     };
-    let store_before = (args.store == "embedded").then(|| dir_bytes(dir));
-    let audit_before = audit_head(admin).await?;
+
+    // The baseline: the same rounds, nobody attacking.
+    eprintln!("baseline: {min} re-attestation rounds");
+    let store0 = embedded.then(|| dir_bytes(dir));
+    let audit0 = audit_head(admin).await?;
+    let (base, base_rounds, base_refused) = paced_rounds(connected, min, round, || true).await;
+    let store1 = embedded.then(|| dir_bytes(dir));
+    let audit1 = audit_head(admin).await?;
+    r.baseline_rounds = base_rounds;
+    r.reveal_ms_p50_without = ms(percentile(&base, 0.5));
+    r.reveal_ms_p99_without = ms(percentile(&base, 0.99));
+    r.store_bytes_growth_without = store0.zip(store1).map(|(a, b)| b.saturating_sub(a));
+    r.audit_records_growth_without = audit1.saturating_sub(audit0);
+    r.sec_em_rss_mib_before = rss_mib(pid);
+
     eprintln!(
         "attacking: {} held connections, {} refused enrollments",
         args.attack_connections, args.attack_enrollments
@@ -564,64 +650,54 @@ async fn under_attack(
         },
     )?;
     let tally = Arc::clone(&attack.tally);
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let mut rss_max = r.sec_em_rss_mib_before;
     let mut holding_max = 0;
-    // Let the held connections build up (bounded), then re-attest in rounds until the
-    // enrollments are spent (bounded by 300 s).
-    let ramp = Instant::now();
-    while ramp.elapsed() < Duration::from_secs(15) {
-        holding_max = holding_max.max(tally.holding.load(std::sync::atomic::Ordering::Relaxed));
+    // Let the held connections build up (at most 15 s).
+    while started.elapsed() < Duration::from_secs(15) {
+        holding_max = holding_max.max(load(&tally.holding));
         rss_max = rss_max.max(rss_mib(pid));
         if holding_max as usize >= args.attack_connections {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let mut lat = Vec::new();
-    let spent = |t: &attack::Tally| {
-        t.enrollments_refused
-            .load(std::sync::atomic::Ordering::Relaxed)
-            + t.enrollments_accepted
-                .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let mut rounds = 0;
-    while rounds < 200 && started.elapsed() < Duration::from_secs(300) {
-        match reattest_round(connected).await {
-            Ok(mut l) => lat.append(&mut l),
-            Err(e) => {
-                r.agents_refused += 1;
-                eprintln!("under attack: {e:#}");
-            }
-        }
-        rounds += 1;
-        holding_max = holding_max.max(tally.holding.load(std::sync::atomic::Ordering::Relaxed));
+    let (with, rounds, refused) = paced_rounds(connected, min, round, || {
+        holding_max = holding_max.max(load(&tally.holding));
         rss_max = rss_max.max(rss_mib(pid));
-        if spent(&tally) >= args.attack_enrollments && rounds >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        load(&tally.enrollments_refused) + load(&tally.enrollments_accepted)
+            >= args.attack_enrollments
+    })
+    .await;
     r.seconds = started.elapsed().as_secs_f64();
     r.guard_events = guard_events(metrics_port).await;
     drop(attack);
-    let t = &tally;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    r.attacker_connections_admitted = load(&t.admitted);
-    r.attacker_connections_refused = load(&t.refused);
+    let store2 = embedded.then(|| dir_bytes(dir));
+    let audit2 = audit_head(admin).await?;
+    r.attacker_connections_admitted = load(&tally.admitted);
+    r.attacker_connections_refused = load(&tally.refused);
     r.attacker_holding_max = holding_max;
-    r.refused_enrollments = load(&t.enrollments_refused);
-    r.accepted_enrollments = load(&t.enrollments_accepted);
+    r.refused_enrollments = load(&tally.enrollments_refused);
+    r.accepted_enrollments = load(&tally.enrollments_accepted);
     r.reattest_rounds = rounds;
-    lat.sort();
-    r.reveal_ms_p50_with = ms(percentile(&lat, 0.5));
-    r.reveal_ms_p99_with = ms(percentile(&lat, 0.99));
+    r.agents_refused = base_refused + refused;
+    r.reveal_ms_p50_with = ms(percentile(&with, 0.5));
+    r.reveal_ms_p99_with = ms(percentile(&with, 0.99));
     r.reveal_p99_ratio = r.reveal_ms_p99_with / r.reveal_ms_p99_without.max(1e-9);
     r.sec_em_rss_mib_max = rss_max;
-    r.store_bytes_growth = store_before.map(|b| dir_bytes(dir).saturating_sub(b));
-    r.audit_records_growth = audit_head(admin).await?.saturating_sub(audit_before);
+    r.store_bytes_growth = store1.zip(store2).map(|(a, b)| b.saturating_sub(a));
+    // What the rounds alone would have written, at the baseline's rate per round.
+    r.store_bytes_growth_attributable =
+        r.store_bytes_growth
+            .zip(r.store_bytes_growth_without)
+            .map(|(with, without)| {
+                with as i64 - (without as f64 * rounds as f64 / base_rounds.max(1) as f64) as i64
+            });
+    r.audit_records_growth = audit2.saturating_sub(audit1);
+    r.audit_records_not_reattestations = audit_others(admin, audit1).await?;
     if r.agents_refused > 0 {
         bail!(
-            "{} re-attestation rounds had a refused agent under attack",
+            "{} re-attestation rounds had a refused agent",
             r.agents_refused
         );
     }
@@ -773,7 +849,6 @@ async fn run(args: Args) -> anyhow::Result<Report> {
                 pid,
                 dir.path(),
                 metrics_port,
-                &reveal_lat,
             )
             .await?,
         );
@@ -985,34 +1060,56 @@ fn print_attack(a: &AttackReport) {
         a.accepted_enrollments
     );
     println!(
-        "                   {:<28} {:>12} {:>12} {:>8}",
+        "                   {:<30} {:>12} {:>12} {:>8}",
         "", "attack off", "attack on", "ratio"
     );
-    println!(
-        "                   {:<28} {:>12.1} {:>12.1} {:>7.2}x",
+    let row = |name: &str, off: f64, on: f64| {
+        println!(
+            "                   {name:<30} {off:>12.1} {on:>12.1} {:>7.2}x",
+            on / off.max(1e-9)
+        );
+    };
+    row(
+        "re-attestation rounds",
+        a.baseline_rounds as f64,
+        a.reattest_rounds as f64,
+    );
+    row(
         "reveal p50 (ms)",
         a.reveal_ms_p50_without,
         a.reveal_ms_p50_with,
-        a.reveal_ms_p50_with / a.reveal_ms_p50_without.max(1e-9)
     );
-    println!(
-        "                   {:<28} {:>12.1} {:>12.1} {:>7.2}x",
-        "reveal p99 (ms)", a.reveal_ms_p99_without, a.reveal_ms_p99_with, a.reveal_p99_ratio
+    row(
+        "reveal p99 (ms)",
+        a.reveal_ms_p99_without,
+        a.reveal_ms_p99_with,
     );
-    println!(
-        "                   {:<28} {:>12.1} {:>12.1}",
-        "sec-em RSS (MiB, max)", a.sec_em_rss_mib_before, a.sec_em_rss_mib_max
+    row(
+        "sec-em RSS (MiB, max)",
+        a.sec_em_rss_mib_before,
+        a.sec_em_rss_mib_max,
     );
+    row(
+        "audit records added",
+        a.audit_records_growth_without as f64,
+        a.audit_records_growth as f64,
+    );
+    if let (Some(off), Some(on)) = (a.store_bytes_growth_without, a.store_bytes_growth) {
+        row(
+            "store growth (MiB)",
+            off as f64 / 1048576.0,
+            on as f64 / 1048576.0,
+        );
+    }
     println!(
-        "                   store growth {} ; audit records +{}; agents refused {} over {} rounds",
-        a.store_bytes_growth
+        "                   beyond the re-attestations: {} audit records, store {}; agents refused: {}",
+        a.audit_records_not_reattestations,
+        a.store_bytes_growth_attributable
             .map_or("n/a (etcd)".to_string(), |b| format!(
-                "{:.2} MiB",
+                "{:+.2} MiB",
                 b as f64 / 1048576.0
             )),
-        a.audit_records_growth,
-        a.agents_refused,
-        a.reattest_rounds
+        a.agents_refused
     );
     let events: Vec<String> = a
         .guard_events
