@@ -579,7 +579,20 @@ impl Control {
     async fn answer(&self, a: Ask) {
         match a {
             Ask::Verify(ip) => {
-                let r = match self.verify(ip).await {
+                let mut verified = self.verify(ip).await;
+                // Sec-EM's budget of verifications for this agent is spent for now: ask
+                // again once it has refilled rather than refuse the peer for 5 s.
+                if matches!(
+                    verified,
+                    Err(AgentError::Refused {
+                        code: RefusalCode::RateLimited,
+                        ..
+                    })
+                ) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    verified = self.verify(ip).await;
+                }
+                let r = match verified {
                     Ok(peer) => self.install(&peer).await,
                     Err(e) => Err(e),
                 };

@@ -96,6 +96,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections open at once from one source address.
     pub max_connections_per_source: usize,
+    /// New connections per second from one source address (twice that in a burst),
+    /// counted once the address is proved; more are refused.
+    pub connections_per_source_per_sec: u32,
     /// Above this many open connections, a new one must first prove its address (QUIC
     /// Retry), so a spoofed flood cannot make Sec-EM hold handshake state.
     pub retry_above: usize,
@@ -106,6 +109,10 @@ pub struct Limits {
     pub request_deadline: std::time::Duration,
     /// Peer verifications an enrolled agent may ask per second (twice that in a burst).
     pub verify_peer_per_sec: u32,
+    /// Requests per second (twice that in a burst) served to connections that have not
+    /// proved themselves, per source address; the rest wait their turn (a VM enrolls
+    /// once; only someone trying many identities asks more).
+    pub stranger_requests_per_source_per_sec: u32,
     /// Refusals of one kind about one known instance audited per minute; the rest are
     /// counted and folded into the next record.
     pub audit_refusals_per_min: u32,
@@ -118,10 +125,12 @@ impl Default for Limits {
         Self {
             max_connections: 16_384,
             max_connections_per_source: 256,
+            connections_per_source_per_sec: 10,
             retry_above: 1_024,
             enroll_deadline: std::time::Duration::from_secs(10),
             request_deadline: std::time::Duration::from_secs(10),
             verify_peer_per_sec: 100,
+            stranger_requests_per_source_per_sec: 50,
             audit_refusals_per_min: 6,
             transport: asmn_channel::tls::ServerLimits::default(),
         }
@@ -174,10 +183,12 @@ struct RawEtcd {
 struct RawLimits {
     max_connections: Option<usize>,
     max_connections_per_source: Option<usize>,
+    connections_per_source_per_sec: Option<u32>,
     retry_above: Option<usize>,
     enroll_deadline_secs: Option<u64>,
     request_deadline_secs: Option<u64>,
     verify_peer_per_sec: Option<u32>,
+    stranger_requests_per_source_per_sec: Option<u32>,
     audit_refusals_per_min: Option<u32>,
     unauthenticated_streams: Option<u32>,
     idle_timeout_secs: Option<u64>,
@@ -411,6 +422,13 @@ fn limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
             1,
             max_connections,
         )?,
+        connections_per_source_per_sec: within(
+            "connections_per_source_per_sec",
+            raw.connections_per_source_per_sec,
+            d.connections_per_source_per_sec,
+            1,
+            1_000_000,
+        )?,
         retry_above: within(
             "retry_above",
             raw.retry_above,
@@ -438,6 +456,13 @@ fn limits(raw: &RawLimits) -> Result<Limits, (&'static str, String)> {
             d.verify_peer_per_sec,
             1,
             100_000,
+        )?,
+        stranger_requests_per_source_per_sec: within(
+            "stranger_requests_per_source_per_sec",
+            raw.stranger_requests_per_source_per_sec,
+            d.stranger_requests_per_source_per_sec,
+            1,
+            1_000_000,
         )?,
         audit_refusals_per_min: within(
             "audit_refusals_per_min",
@@ -506,6 +531,9 @@ reattest_interval_secs = 30
 [limits]
 max_connections = 16384
 max_connections_per_source = 256
+# New connections a second from one address (counted once it is proved; a VM connects
+# once, and again after an outage).
+connections_per_source_per_sec = 10
 # Above this many connections, new ones must prove their address first (QUIC Retry).
 retry_above = 1024
 # A connection without the admin certificate must enroll within this; it may hold
@@ -515,6 +543,9 @@ unauthenticated_streams = 2
 request_deadline_secs = 10
 idle_timeout_secs = 60
 verify_peer_per_sec = 100
+# Requests served per second to connections not enrolled yet, per source address (the
+# rest wait their turn): a VM enrolls once; only someone trying identities asks more.
+stranger_requests_per_source_per_sec = 50
 # Refusals about one known instance written to the audit log per minute and kind (the
 # rest are counted, and the count goes into the next record).
 audit_refusals_per_min = 6

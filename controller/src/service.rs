@@ -679,7 +679,22 @@ pub async fn serve<S: Store>(
 ) {
     let admission = Arc::new(Admission::default());
     let logs = Arc::new(LogLimiter::default());
-    let strangers = Arc::new(tokio::sync::Semaphore::new(STRANGER_LANE));
+    let strangers = Arc::new(Strangers::new(&limits));
+    let _housekeeping = {
+        let strangers = Arc::clone(&strangers);
+        crate::store::AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                // Sources whose budget is full again are forgotten: the map holds only
+                // sources that asked lately.
+                strangers.per_source.retain_recent();
+                strangers.per_source.shrink_to_fit();
+                strangers.new_connections.retain_recent();
+                strangers.new_connections.shrink_to_fit();
+            }
+        }))
+    };
     let limits = Arc::new(limits);
     while let Some(incoming) = endpoint.accept().await {
         let source = incoming.remote_address();
@@ -689,6 +704,18 @@ pub async fn serve<S: Store>(
         {
             guard(&metrics, "retry");
             let _ = incoming.retry();
+            continue;
+        }
+        // New connections per source address, counted only once the address is proved
+        // (a spoofed source cannot spend a real one's budget).
+        if incoming.remote_address_validated()
+            && strangers.new_connections.check_key(&source.ip()).is_err()
+        {
+            guard(&metrics, "refused_rate");
+            if let Some(skipped) = logs.allow("refused_rate") {
+                tracing::warn!(%source, skipped, "connection refused: too many new connections from this address");
+            }
+            incoming.refuse();
             continue;
         }
         let admitted = match admission.admit(source.ip(), &limits, &metrics) {
@@ -729,6 +756,54 @@ pub async fn serve<S: Store>(
 /// themselves and never take more than this share of Sec-EM.
 const STRANGER_LANE: usize = 16;
 
+/// What strangers' requests may take: a lane of [`STRANGER_LANE`] across all of them, and
+/// a budget per source address.
+struct Strangers {
+    lane: tokio::sync::Semaphore,
+    per_source: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    new_connections: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+}
+
+impl Strangers {
+    fn new(limits: &Limits) -> Self {
+        let quota = |per_sec: u32| {
+            let rate = std::num::NonZeroU32::new(per_sec).unwrap_or(std::num::NonZeroU32::MIN);
+            let burst = rate.saturating_mul(std::num::NonZeroU32::MIN.saturating_add(1));
+            governor::Quota::per_second(rate).allow_burst(burst)
+        };
+        Self {
+            lane: tokio::sync::Semaphore::new(STRANGER_LANE),
+            per_source: governor::RateLimiter::keyed(quota(
+                limits.stranger_requests_per_source_per_sec,
+            )),
+            new_connections: governor::RateLimiter::keyed(quota(
+                limits.connections_per_source_per_sec,
+            )),
+        }
+    }
+
+    /// Waits until `source` may be served (its budget) and a place in the lane is free.
+    async fn admit(
+        &self,
+        source: std::net::IpAddr,
+        metrics: &Option<Arc<crate::metrics::Metrics>>,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use governor::clock::{Clock, DefaultClock};
+        let clock = DefaultClock::default();
+        // Bounded: each wait is what the budget says; the request deadline ends it anyway.
+        for _ in 0..1_000 {
+            match self.per_source.check_key(&source) {
+                Ok(()) => break,
+                Err(not_until) => {
+                    guard(metrics, "stranger_throttled");
+                    tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
+                }
+            }
+        }
+        self.lane.acquire().await.ok()
+    }
+}
+
 async fn serve_connection<S: Store>(
     conn: quinn::Connection,
     registry: Arc<Registry<S>>,
@@ -736,8 +811,9 @@ async fn serve_connection<S: Store>(
     metrics: Option<Arc<crate::metrics::Metrics>>,
     limits: Arc<Limits>,
     logs: Arc<LogLimiter>,
-    strangers: Arc<tokio::sync::Semaphore>,
+    strangers: Arc<Strangers>,
 ) {
+    let source = conn.remote_address().ip();
     let admin = asmn_channel::tls::peer_certificate(&conn);
     if admin.is_some() {
         asmn_channel::tls::open_up(&conn, &limits.transport);
@@ -756,7 +832,13 @@ async fn serve_connection<S: Store>(
         logs: Some(logs),
         limits: Some(Arc::clone(&limits)),
     });
-    let deadline = tokio::time::sleep(limits.enroll_deadline);
+    // Jittered (half to all of the configured time): strangers that connected together
+    // are not all closed, and do not all come back, at the same moment.
+    let deadline = tokio::time::sleep(
+        limits
+            .enroll_deadline
+            .mul_f64(rand::random_range(0.5..=1.0)),
+    );
     tokio::pin!(deadline);
     let mut enrolled = session.admin;
     loop {
@@ -809,7 +891,7 @@ async fn serve_connection<S: Store>(
                             let _lane = if proved {
                                 None
                             } else {
-                                strangers.acquire().await.ok()
+                                strangers.admit(source, &session.metrics).await
                             };
                             handle(&registry, &session, env).await
                         }

@@ -410,6 +410,109 @@ fn asmnctl_end_to_end() {
     );
     let o = asmnctl(d, &listen, &["audit", "show"]);
     assert!(text(&o).contains("instance.revoked"), "{}", text(&o));
+    let o = asmnctl(
+        d,
+        &listen,
+        &["audit", "show", "--since", "2", "--limit", "1"],
+    );
+    let lines: Vec<String> = text(&o).lines().map(str::to_string).collect();
+    assert!(
+        lines.len() == 1 && lines[0].trim_start().starts_with("2 "),
+        "{lines:?}"
+    );
+
+    // A second operator's admin certificate works until the first revokes its serial.
+    let ops = d.join("ops");
+    let o = sec_em(&[
+        "issue-admin",
+        "--dir",
+        d.to_str().expect("utf-8"),
+        "--name",
+        "ops-2",
+        "--out-dir",
+        ops.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let serial = text(&o)
+        .split("(serial ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("serial printed")
+        .to_string();
+    let (cert, key) = (
+        ops.join("ops-2.pem").display().to_string(),
+        ops.join("ops-2.key").display().to_string(),
+    );
+    let as_ops = |args: &[&str]| {
+        let mut all = vec!["--cert", cert.as_str(), "--key", key.as_str()];
+        all.extend_from_slice(args);
+        asmnctl(d, &listen, &all)
+    };
+    assert!(as_ops(&["instance", "list"]).status.success());
+    let o = asmnctl(d, &listen, &["admin", "revoke", &serial]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = as_ops(&["instance", "list"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("revoked"), "{}", text(&o));
+    let o = asmnctl(d, &listen, &["admin", "revoked"]);
+    assert!(text(&o).contains(&serial), "{}", text(&o));
+
+    // A checkpoint, then the newest records cut while Sec-EM is stopped: the log alone
+    // still verifies, the checkpoint finds the cut.
+    let checkpoint = d.join("head.json");
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "audit",
+            "checkpoint",
+            "--out",
+            checkpoint.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "audit",
+            "verify",
+            "--checkpoint",
+            checkpoint.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        rt.block_on(async {
+            use asmn_controller::store::Store;
+            let store =
+                asmn_controller::store::embedded::EmbeddedStore::open(&d.join("sec-em.redb"))
+                    .expect("open");
+            let (key, _) = store
+                .last(&asmn_controller::audit::prefix())
+                .await
+                .expect("last")
+                .expect("a block");
+            store.delete(&key).await.expect("delete");
+        });
+    }
+    let mut daemon = start_daemon(d);
+    wait_up(d, &listen);
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "audit",
+            "verify",
+            "--checkpoint",
+            checkpoint.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("cut"), "{}", text(&o));
 
     // Tamper with the audit log while Sec-EM is stopped; the next verify fails.
     let _ = daemon.0.kill();

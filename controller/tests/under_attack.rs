@@ -543,3 +543,49 @@ async fn listings_come_in_pages_that_fit_a_frame() {
     }
     assert_eq!(seqs, (100..=last).collect::<Vec<u64>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_trying_identities_is_slowed_and_others_are_not() {
+    let g = guarded(Limits {
+        stranger_requests_per_source_per_sec: 5,
+        enroll_deadline: Duration::from_secs(60),
+        ..Limits::default()
+    });
+    let admin = dial(&g, "127.0.0.1", admin_identity(&g))
+        .await
+        .expect("admin");
+    onboard(&admin).await;
+    let bundle = create(&admin, "web-a").await;
+    let template = enroll_request(&bundle);
+    // 30 enrollments with made-up identities from one address: 10 at once (the burst),
+    // then 5 a second.
+    let attacker = dial(&g, "127.0.0.2", None).await.expect("attacker");
+    let flood = {
+        let attacker = attacker.clone();
+        let template = template.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            for i in 0..30u8 {
+                let mut req = template.clone();
+                req.instance_key = vec![i; 32];
+                assert_eq!(
+                    refused(&ask(&attacker, Body::Enroll(req)).await),
+                    RefusalCode::UnknownInstance
+                );
+            }
+            started.elapsed()
+        })
+    };
+    // Meanwhile an agent from its own address enrolls at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    let (_agent, _) = enroll(&g, &bundle).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the agent waited {:?}",
+        t.elapsed()
+    );
+    let took = flood.await.expect("flood");
+    assert!(took >= Duration::from_secs(3), "30 requests in {took:?}");
+    assert!(guard_events(&g.metrics, "stranger_throttled") >= 10);
+}

@@ -1,7 +1,8 @@
 //! The attacker of `sec-em-load --attack`: someone on loopback without credentials who
 //! holds many connections with streams open and sends refused enrollments as fast as
 //! Sec-EM answers them. It runs on its own runtime thread, from its own source addresses
-//! (127.0.2.x for held connections, 127.0.3.x for enrollments), until told to stop.
+//! (16 of 127.0.2.x for held connections, `sources` of 127.0.3.x and up for
+//! enrollments), until told to stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct Plan {
     pub enrollments: u64,
     /// Connections the enrollments are sent over.
     pub senders: usize,
+    /// Source addresses the enrollments come from (127.0.3.x).
+    pub sources: usize,
 }
 
 /// A running attack; dropping it stops it.
@@ -96,7 +99,15 @@ async fn run(
 ) {
     let endpoint = |net: u8, i: usize| {
         asmn_channel::tls::client_on(
-            SocketAddr::from(([127, net, (i / 250) as u8, (i % 250 + 1) as u8], 0)),
+            SocketAddr::from((
+                [
+                    127,
+                    net + (i / 62_500) as u8,
+                    (i / 250 % 250) as u8,
+                    (i % 250 + 1) as u8,
+                ],
+                0,
+            )),
             &ca_pem,
             None,
         )
@@ -111,7 +122,7 @@ async fn run(
         }
     }
     let mut senders = Vec::new();
-    for i in 0..8 {
+    for i in 0..plan.sources.clamp(1, 10_000) {
         match endpoint(3, i) {
             Ok(e) => senders.push(e),
             Err(e) => eprintln!("attacker: endpoint: {e}"),
