@@ -125,7 +125,7 @@ impl Default for Limits {
         Self {
             max_connections: 16_384,
             max_connections_per_source: 256,
-            connections_per_source_per_sec: 10,
+            connections_per_source_per_sec: 5,
             retry_above: 1_024,
             enroll_deadline: std::time::Duration::from_secs(10),
             request_deadline: std::time::Duration::from_secs(10),
@@ -533,7 +533,7 @@ max_connections = 16384
 max_connections_per_source = 256
 # New connections a second from one address (counted once it is proved; a VM connects
 # once, and again after an outage).
-connections_per_source_per_sec = 10
+connections_per_source_per_sec = 5
 # Above this many connections, new ones must prove their address first (QUIC Retry).
 retry_above = 1024
 # A connection without the admin certificate must enroll within this; it may hold

@@ -129,6 +129,23 @@ pub async fn handle<S: Store>(
     };
     let body = match env.body {
         None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
+        // An identity Sec-EM does not know is refused before anything costly: the D-H
+        // value's subgroup check is a 3,072-bit Jacobi symbol, and anyone can send
+        // enrollments with made-up identities.
+        Some(Body::Enroll(m)) if unknown_identity(registry, &m.instance_key).await => {
+            if session.agent().is_none()
+                && let Some(skipped) = session.logs.as_ref().and_then(|l| l.allow("enroll"))
+            {
+                tracing::info!(
+                    skipped,
+                    "enrollment of an unknown instance refused (logged at most once a second)"
+                );
+            }
+            refusal(
+                RefusalCode::UnknownInstance,
+                "no such instance: it was never created, or its bundle is wrong",
+            )
+        }
         Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
             Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
             Ok(req) => match registry.enroll(now(), &req).await {
@@ -335,6 +352,15 @@ pub async fn handle<S: Store>(
     msg::Envelope {
         request_id,
         body: Some(body),
+    }
+}
+
+/// Whether `key` is a well-formed instance key that Sec-EM has no record of (a store
+/// error counts as known: the full path then answers it).
+async fn unknown_identity<S: Store>(registry: &Registry<S>, key: &[u8]) -> bool {
+    match asmn_shared::ids::InstanceKey::from_slice(key) {
+        None => false,
+        Some(id) => matches!(registry.instance(&id).await, Ok(None)),
     }
 }
 
@@ -713,9 +739,11 @@ pub async fn serve<S: Store>(
         {
             guard(&metrics, "refused_rate");
             if let Some(skipped) = logs.allow("refused_rate") {
-                tracing::warn!(%source, skipped, "connection refused: too many new connections from this address");
+                tracing::warn!(%source, skipped, "connection ignored: too many new connections from this address");
             }
-            incoming.refuse();
+            // Not even a refusal: answering costs Sec-EM a packet and tells the sender
+            // to try again at once; silence makes it wait for its own timeout.
+            incoming.ignore();
             continue;
         }
         let admitted = match admission.admit(source.ip(), &limits, &metrics) {
@@ -788,8 +816,9 @@ impl Strangers {
         source: std::net::IpAddr,
         metrics: &Option<Arc<crate::metrics::Metrics>>,
     ) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        use governor::clock::{Clock, DefaultClock};
-        let clock = DefaultClock::default();
+        use governor::clock::Clock;
+        // The limiter's own clock (making one calibrates it: far too slow per request).
+        let clock = self.per_source.clock();
         // Bounded: each wait is what the budget says; the request deadline ends it anyway.
         for _ in 0..1_000 {
             match self.per_source.check_key(&source) {

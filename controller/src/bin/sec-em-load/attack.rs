@@ -1,8 +1,8 @@
 //! The attacker of `sec-em-load --attack`: someone on loopback without credentials who
 //! holds many connections with streams open and sends refused enrollments as fast as
 //! Sec-EM answers them. It runs on its own runtime thread, from its own source addresses
-//! (16 of 127.0.2.x for held connections, `sources` of 127.0.3.x and up for
-//! enrollments), until told to stop.
+//! (`hold_sources` of 127.0.2.x for held connections, `sources` of 127.0.3.x and up
+//! for enrollments), until told to stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,8 +36,10 @@ pub struct Plan {
     pub enrollments: u64,
     /// Connections the enrollments are sent over.
     pub senders: usize,
-    /// Source addresses the enrollments come from (127.0.3.x).
+    /// Source addresses the enrollments come from (127.0.3.x and up).
     pub sources: usize,
+    /// Source addresses the held connections come from (127.0.2.x).
+    pub hold_sources: usize,
 }
 
 /// A running attack; dropping it stops it.
@@ -112,10 +114,8 @@ async fn run(
             None,
         )
     };
-    // Sixteen source addresses for the held connections: 125 each for 2,000, under the
-    // default per-source cap, so every one of them costs Sec-EM what it can.
     let mut holders = Vec::new();
-    for i in 0..16 {
+    for i in 0..plan.hold_sources.clamp(1, 62_500) {
         match endpoint(2, i) {
             Ok(e) => holders.push(e),
             Err(e) => eprintln!("attacker: endpoint: {e}"),

@@ -85,6 +85,10 @@ struct Args {
     /// address a budget of requests before it enrolls).
     #[arg(long, default_value_t = 8)]
     attack_sources: usize,
+    /// Source addresses the attacker's held connections come from (Sec-EM caps
+    /// connections and the rate of new ones per address).
+    #[arg(long, default_value_t = 16)]
+    attack_hold_sources: usize,
     /// Re-attestation rounds of the baseline (without the attacker), and the fewest under
     /// attack; rounds start this many milliseconds apart.
     #[arg(long, default_value_t = 10)]
@@ -664,6 +668,7 @@ async fn under_attack(
             enrollments: args.attack_enrollments,
             senders: 64.max(args.attack_sources),
             sources: args.attack_sources,
+            hold_sources: args.attack_hold_sources,
         },
     )?;
     let tally = Arc::clone(&attack.tally);
