@@ -323,6 +323,12 @@ impl AuditLog {
         for _ in 0..10_000 {
             let mut records = Vec::with_capacity(batch.len());
             let mut link = prev.clone();
+            if seq.checked_add(batch.len() as u64 + 1).is_none() {
+                return Err(AuditError::Unreadable {
+                    seq,
+                    reason: "the log's head is at the end of the sequence space".into(),
+                });
+            }
             for (i, p) in batch.iter().enumerate() {
                 let mut rec = AuditRecord {
                     seq: seq + 1 + i as u64,
@@ -410,10 +416,12 @@ pub async fn verify<S: Store>(
                 return Err(AuditError::Missing(expected_seq));
             }
             let block = decode(k, &v.value)?;
-            if block.is_empty() {
+            if block.is_empty() || block.len() > BLOCK {
+                // The appender never writes either; a merged block would also hide its
+                // records from paging, which relies on the bound.
                 return Err(AuditError::Unreadable {
                     seq: expected_seq,
-                    reason: "an empty block".into(),
+                    reason: format!("a block of {} records (1 to {BLOCK})", block.len()),
                 });
             }
             for rec in block {

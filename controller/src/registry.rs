@@ -372,6 +372,33 @@ pub fn normalize_serial(serial: &str) -> Option<String> {
     })
 }
 
+/// Refuses a catalog whose push (or enrollment answer) would not fit in one frame.
+fn pushable(catalog: &SecCatalog) -> Result<(), RegistryError> {
+    let mut c = catalog.clone();
+    c.version = u64::MAX;
+    let push = asmn_shared::wire::msg::Envelope {
+        request_id: u64::MAX,
+        body: Some(asmn_shared::wire::msg::Body::CatalogPush((&c).into())),
+    };
+    let encoded = prost::Message::encoded_len(&push);
+    let most = asmn_shared::wire::MAX_FRAME - PUSH_MARGIN;
+    if encoded > most {
+        return Err(refuse(
+            RefusalCode::TooLarge,
+            format!(
+                "the catalog of {} would not fit in one push to its agents ({encoded} bytes \
+                 encoded, at most {most}); merge rules or split the VNF",
+                c.vnf
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Room left in a frame beside a catalog: the enrollment answer carries the catalog with
+/// the overlay address, epoch and interval.
+pub const PUSH_MARGIN: usize = 512;
+
 /// A record kept changing under us for every retry.
 fn contended(what: &str) -> RegistryError {
     RegistryError::Store(StoreError::Unavailable(format!("{what} contended; retry")))
@@ -497,6 +524,11 @@ impl<S: Store> Registry<S> {
         }
         let vnf = vnfd.vnf.clone();
         let catalog = vnfd.catalog.clone();
+        // Checked before anything is written.
+        catalog
+            .validate()
+            .map_err(|(f, r)| refuse(RefusalCode::InvalidCatalog, format!("{f}: {r}")))?;
+        pushable(&catalog)?;
         let rec = VnfRecord {
             vnfd,
             golden,
@@ -532,21 +564,7 @@ impl<S: Store> Registry<S> {
             .map_err(|(f, r)| refuse(RefusalCode::InvalidCatalog, format!("{f}: {r}")))?;
         // Agents receive the catalog as one push: one that cannot be framed would never
         // reach them. Refuse it now, before anything is committed.
-        catalog.version = u64::MAX;
-        let push = asmn_shared::wire::msg::Envelope {
-            request_id: u64::MAX,
-            body: Some(asmn_shared::wire::msg::Body::CatalogPush((&catalog).into())),
-        };
-        if let Err(e) = asmn_shared::wire::encode_frame(&push) {
-            return Err(refuse(
-                RefusalCode::TooLarge,
-                format!(
-                    "the catalog of {} would not fit in one push to its agents ({e}); \
-                     merge rules or split the VNF",
-                    catalog.vnf
-                ),
-            ));
-        }
+        pushable(&catalog)?;
         let key = catalog_key(&catalog.vnf);
         for _ in 0..CAS_RETRIES {
             let (expect, version) = match self.catalog(&catalog.vnf).await? {

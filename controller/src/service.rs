@@ -102,6 +102,15 @@ pub async fn handle<S: Store>(
             Some(serial) => match registry.admin_revoked(serial).await {
                 Ok(false) => true,
                 Ok(true) => {
+                    // Revoked while connected: this answer is the last (the connection
+                    // is closed once it had time to arrive).
+                    if let Some((conn, _)) = &session.push {
+                        let conn = conn.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                            conn.close(0u32.into(), b"admin certificate revoked");
+                        });
+                    }
                     return msg::Envelope {
                         request_id,
                         body: Some(refusal(
@@ -124,7 +133,9 @@ pub async fn handle<S: Store>(
     let started = std::time::Instant::now();
     let is_reveal = matches!(env.body, Some(Body::Enroll(_)) | Some(Body::Reattest(_)));
     let ack_latency = match (&session.metrics, &env.body) {
-        (Some(m), Some(Body::CatalogAck(a))) => m.catalog_acked(&a.vnf, a.version),
+        (Some(m), Some(Body::CatalogAck(a))) if session.agent().is_some() => {
+            m.catalog_acked(&a.vnf, a.version)
+        }
         _ => None,
     };
     let body = match env.body {
@@ -480,13 +491,28 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
         |v: &serde_json::Value| serde_json::to_string(v).unwrap_or_else(|_| "null".to_string());
     match m.what.as_str() {
         "instances" => {
-            // Records are under 1 KiB: 48 fit a frame with room to spare.
-            let limit = if m.limit == 0 { 48 } else { m.limit.min(48) };
+            // As many whole records as fit in a frame (a record carries its D-H value: 1
+            // to 2.5 KiB of JSON depending on the group), at most `limit`.
+            let limit = if m.limit == 0 { 64 } else { m.limit.min(64) };
             match registry.instances_page(&m.after, limit as usize).await {
-                Ok((records, next)) => match serde_json::to_string(&records) {
-                    Ok(json) => page(json, next),
-                    Err(e) => refusal(RefusalCode::Unavailable, e.to_string()),
-                },
+                Ok((records, mut next)) => {
+                    let mut json = String::from("[");
+                    for (i, rec) in records.iter().enumerate() {
+                        let Ok(one) = serde_json::to_string(rec) else {
+                            return refusal(RefusalCode::Unavailable, "a record did not encode");
+                        };
+                        if i > 0 && json.len() + one.len() + 2 > PAGE_BUDGET {
+                            next = records.get(i - 1).map(|r| r.id.clone());
+                            break;
+                        }
+                        if i > 0 {
+                            json.push(',');
+                        }
+                        json.push_str(&one);
+                    }
+                    json.push(']');
+                    page(json, next)
+                }
                 Err(e) => from_error(e),
             }
         }
@@ -639,6 +665,12 @@ impl Admission {
     fn total(&self) -> usize {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    fn count(&self, ip: std::net::IpAddr) -> usize {
+        self.per_source
+            .lock()
+            .map_or(0, |per| per.get(&ip).copied().unwrap_or(0))
+    }
 }
 
 impl Drop for Admitted {
@@ -724,9 +756,13 @@ pub async fn serve<S: Store>(
     let limits = Arc::new(limits);
     while let Some(incoming) = endpoint.accept().await {
         let source = incoming.remote_address();
-        if admission.total() >= limits.retry_above
-            && !incoming.remote_address_validated()
+        // Above the threshold every new connection proves its address first; so does one
+        // from a source that holds half its places already (a spoofed source address
+        // could otherwise fill a real one's places with handshakes that never finish).
+        if !incoming.remote_address_validated()
             && incoming.may_retry()
+            && (admission.total() >= limits.retry_above
+                || admission.count(source.ip()) * 2 >= limits.max_connections_per_source)
         {
             guard(&metrics, "retry");
             let _ = incoming.retry();
@@ -843,13 +879,21 @@ async fn serve_connection<S: Store>(
     strangers: Arc<Strangers>,
 ) {
     let source = conn.remote_address().ip();
-    let admin = asmn_channel::tls::peer_certificate(&conn);
-    if admin.is_some() {
+    // An admin certificate on the deny-list (or one whose serial cannot be read, or a
+    // deny-list that cannot be read) earns nothing: the connection is a stranger's.
+    let admin_serial = asmn_channel::tls::peer_certificate(&conn)
+        .as_ref()
+        .and_then(|c| crate::pki::serial_of(c));
+    let admin = match &admin_serial {
+        Some(serial) => matches!(registry.admin_revoked(serial).await, Ok(false)),
+        None => false,
+    };
+    if admin {
         asmn_channel::tls::open_up(&conn, &limits.transport);
     }
     let session = Arc::new(Session {
-        admin: admin.is_some(),
-        admin_serial: admin.as_ref().and_then(|c| crate::pki::serial_of(c)),
+        admin,
+        admin_serial,
         agent: std::sync::Mutex::new(None),
         agent_vnf: std::sync::Mutex::new(None),
         push: Some((conn.clone(), hub)),
@@ -870,7 +914,10 @@ async fn serve_connection<S: Store>(
     );
     tokio::pin!(deadline);
     let mut enrolled = session.admin;
+    // The connection's requests: it keeps its place under the caps until they are done.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
             () = &mut deadline, if !enrolled => {
@@ -880,10 +927,14 @@ async fn serve_connection<S: Store>(
                 }
                 guard(&metrics, "enroll_deadline");
                 conn.close(0u32.into(), b"enroll within the deadline");
+                while tasks.join_next().await.is_some() {}
                 return;
             }
         };
         let Ok((mut send, mut recv)) = stream else {
+            // Bounded: each task ends within the request deadline, a decision, and the
+            // write deadline.
+            while tasks.join_next().await.is_some() {}
             return;
         };
         let (registry, session, limits, strangers) = (
@@ -892,8 +943,11 @@ async fn serve_connection<S: Store>(
             Arc::clone(&limits),
             Arc::clone(&strangers),
         );
-        tokio::spawn(async move {
-            let work = async {
+        tasks.spawn(async move {
+            // The deadline covers what a peer controls: sending its request, and waiting
+            // for its turn. The decision itself is not cancelled half-way (a commit
+            // without its audit record, or a group of others' audit records dropped).
+            let received = async {
                 // A stranger's request is read only up to what an enrollment needs, then
                 // handled in the strangers' lane (taken after the read: a stranger that
                 // never finishes its request holds no place in it).
@@ -904,33 +958,37 @@ async fn serve_connection<S: Store>(
                     asmn_channel::tls::STRANGER_REQUEST
                 };
                 match recv.read_to_end(cap).await {
-                    Err(e) => msg::Envelope {
+                    Err(e) => Err(msg::Envelope {
                         request_id: 0,
                         body: Some(refusal(
                             RefusalCode::MalformedMessage,
                             format!("request too large or cut: {e}"),
                         )),
-                    },
+                    }),
                     Ok(bytes) => match asmn_channel::call::decode_one_frame(&bytes) {
-                        Err(e) => msg::Envelope {
+                        Err(e) => Err(msg::Envelope {
                             request_id: 0,
                             body: Some(refusal(RefusalCode::MalformedMessage, e.to_string())),
-                        },
+                        }),
                         Ok(env) => {
-                            let _lane = if proved {
+                            let lane = if proved {
                                 None
                             } else {
                                 strangers.admit(source, &session.metrics).await
                             };
-                            handle(&registry, &session, env).await
+                            Ok((env, lane))
                         }
                     },
                 }
             };
-            let Ok(reply) = tokio::time::timeout(limits.request_deadline, work).await else {
-                guard(&session.metrics, "request_deadline");
-                let _ = send.reset(1u32.into());
-                return;
+            let reply = match tokio::time::timeout(limits.request_deadline, received).await {
+                Err(_) => {
+                    guard(&session.metrics, "request_deadline");
+                    let _ = send.reset(1u32.into());
+                    return;
+                }
+                Ok(Err(refused)) => refused,
+                Ok(Ok((env, _lane))) => handle(&registry, &session, env).await,
             };
             let frame = match wire::encode_frame(&reply) {
                 Ok(f) => f,

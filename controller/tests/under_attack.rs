@@ -465,9 +465,15 @@ async fn listings_come_in_pages_that_fit_a_frame() {
         .await
         .expect("admin");
     onboard(&admin).await;
+    // 130 instances, 70 of them enrolled: an enrolled record carries its keys and is
+    // twice the size.
     let n = 130;
+    let mut held = Vec::new();
     for i in 0..n {
-        create(&admin, &format!("web-{i:03}")).await;
+        let b = create(&admin, &format!("web-{i:03}")).await;
+        if i < 70 {
+            held.push(enroll(&g, &b).await.0);
+        }
     }
     let mut ids = Vec::new();
     let mut after = String::new();
@@ -487,7 +493,12 @@ async fn listings_come_in_pages_that_fit_a_frame() {
         };
         pages += 1;
         let page: Vec<serde_json::Value> = serde_json::from_str(&r.json).expect("json");
-        assert!(!page.is_empty() && page.len() <= 48);
+        assert!(
+            !page.is_empty() && page.len() <= 64,
+            "{} records",
+            page.len()
+        );
+        assert!(r.json.len() < asmn_shared::wire::MAX_FRAME);
         ids.extend(
             page.iter()
                 .map(|v| v["id"].as_str().expect("id").to_string()),
@@ -517,31 +528,55 @@ async fn listings_come_in_pages_that_fit_a_frame() {
     let head: serde_json::Value = serde_json::from_str(&head.json).expect("json");
     let last = head["seq"].as_u64().expect("seq");
     assert!(last > 130, "{head}");
-    let mut seqs = Vec::new();
-    let mut after = "100".to_string();
-    for _ in 0..20 {
-        let Body::QueryResult(r) = ask(
-            &admin,
-            Body::Query(msg::QueryRequest {
-                what: "audit".into(),
-                argument: "instance.created".into(),
-                after: after.clone(),
-                limit: 10,
-            }),
-        )
-        .await
-        else {
-            panic!("a page")
-        };
-        let page: Vec<serde_json::Value> = serde_json::from_str(&r.json).expect("json");
-        seqs.extend(page.iter().map(|v| v["seq"].as_u64().expect("seq")));
-        assert!(page.iter().all(|v| v["kind"] == "instance.created"));
-        if r.next.is_empty() {
-            break;
+    // Every record from 100 on, in pages, filtered by kind or not.
+    let read = |filter: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut after = "100".to_string();
+            for _ in 0..100 {
+                let Body::QueryResult(r) = ask(
+                    &admin,
+                    Body::Query(msg::QueryRequest {
+                        what: "audit".into(),
+                        argument: filter.into(),
+                        after: after.clone(),
+                        limit: 10,
+                    }),
+                )
+                .await
+                else {
+                    panic!("a page")
+                };
+                let page: Vec<serde_json::Value> = serde_json::from_str(&r.json).expect("json");
+                assert!(!page.is_empty() || r.next.is_empty());
+                out.extend(page.iter().map(|v| {
+                    (
+                        v["seq"].as_u64().expect("seq"),
+                        v["kind"].as_str().expect("kind").to_string(),
+                    )
+                }));
+                if r.next.is_empty() {
+                    break;
+                }
+                after = r.next;
+            }
+            out
         }
-        after = r.next;
-    }
-    assert_eq!(seqs, (100..=last).collect::<Vec<u64>>());
+    };
+    let all = read("").await;
+    assert_eq!(
+        all.iter().map(|(s, _)| *s).collect::<Vec<u64>>(),
+        (100..=last).collect::<Vec<u64>>(),
+        "every record once, in order"
+    );
+    let created: Vec<_> = all
+        .into_iter()
+        .filter(|(_, k)| k == "instance.created")
+        .collect();
+    assert!(created.len() > 20);
+    assert_eq!(read("instance.created").await, created);
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,4 +623,114 @@ async fn a_source_trying_identities_is_slowed_and_others_are_not() {
     let took = flood.await.expect("flood");
     assert!(took >= Duration::from_secs(3), "30 requests in {took:?}");
     assert!(guard_events(&g.metrics, "stranger_throttled") >= 10);
+}
+
+/// Forwards datagrams from a client to Sec-EM as if they came from `spoofed` (a socket
+/// bound there), and drops Sec-EM's answers: handshakes from a source address that never
+/// finish, as an attacker forging that address would make. Returns the address clients
+/// connect to.
+async fn spoofing_relay(
+    target: SocketAddr,
+    spoofed: &str,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let inbound = tokio::net::UdpSocket::bind("127.0.0.6:0")
+        .await
+        .expect("bind");
+    let outbound = tokio::net::UdpSocket::bind(format!("{spoofed}:0"))
+        .await
+        .expect("bind spoofed");
+    let addr = inbound.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let (mut buf, mut sink) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        // Bounded by the test: aborted when it ends.
+        loop {
+            tokio::select! {
+                r = inbound.recv_from(&mut buf) => {
+                    let Ok((n, _)) = r else { return };
+                    let _ = outbound.send_to(&buf[..n], target).await;
+                }
+                r = outbound.recv_from(&mut sink) => {
+                    if r.is_err() { return; }
+                    // Sec-EM's answer to the forged source: dropped.
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_handshakes_cannot_take_a_real_sources_places() {
+    let g = guarded(Limits {
+        max_connections_per_source: 4,
+        enroll_deadline: Duration::from_secs(30),
+        ..Limits::default()
+    });
+    let (relay, task) = spoofing_relay(g.addr, "127.0.0.5").await;
+    // Eight handshakes "from" 127.0.0.5 that will never finish.
+    let ep =
+        asmn_channel::tls::client_on("127.0.0.7:0".parse().expect("bind"), &g.pki.ca_cert, None)
+            .expect("client");
+    let mut pending = Vec::new();
+    for _ in 0..8 {
+        let connecting = ep.connect(relay, "sec-em").expect("connect");
+        pending.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(20), connecting).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The real 127.0.0.5 still gets in: unproven handshakes take at most half of its
+    // places, and beyond that Sec-EM asks for proof the forger cannot give.
+    let real = dial(&g, "127.0.0.5", admin_identity(&g))
+        .await
+        .expect("the real source connects");
+    assert!(answers(&real).await);
+    assert!(guard_events(&g.metrics, "retry") >= 1);
+    assert_eq!(guard_events(&g.metrics, "refused_source"), 0);
+    task.abort();
+    for p in pending {
+        p.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_admin_certificate_earns_a_strangers_treatment() {
+    let g = guarded(Limits {
+        enroll_deadline: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let admin = dial(&g, "127.0.0.1", admin_identity(&g))
+        .await
+        .expect("admin");
+    let (cert2, key2, serial2) =
+        asmn_controller::pki::issue_admin(&g.pki.ca_cert, &g.pki.ca_key, "ops-2", 2025)
+            .expect("issue");
+    let before = dial(&g, "127.0.0.1", Some((&cert2, &key2)))
+        .await
+        .expect("connects");
+    assert!(matches!(
+        ask(
+            &admin,
+            Body::RevokeAdmin(msg::RevokeAdminRequest { serial: serial2 })
+        )
+        .await,
+        Body::Ok(_)
+    ));
+    // Its open connection: refused, then closed.
+    assert_eq!(
+        refused(&ask(&before, operator_verbs().remove(4)).await),
+        RefusalCode::NotAuthorized
+    );
+    tokio::time::timeout(Duration::from_secs(5), before.closed())
+        .await
+        .expect("closed after the refusal");
+    // A new one is a stranger's: closed at the enrollment deadline like any other.
+    let after = dial(&g, "127.0.0.1", Some((&cert2, &key2)))
+        .await
+        .expect("connects (TLS is fine)");
+    let reason = tokio::time::timeout(Duration::from_secs(5), after.closed())
+        .await
+        .expect("closed at the enrollment deadline");
+    assert!(reason.to_string().contains("enroll"), "{reason}");
+    assert!(answers(&admin).await, "the other admin is unaffected");
 }

@@ -226,9 +226,12 @@ async fn call(cli: &Cli, body: Body) -> Result<Body, Failure> {
     )
     .await
     .map_err(unreachable_err)?;
-    let reply =
-        asmn_channel::call::call(&conn, body, timeout.max(std::time::Duration::from_secs(30)))
-            .await;
+    // Verifying the audit log reads all of it: allow it minutes, not seconds.
+    let answer_within = match &body {
+        Body::Query(q) if q.what.starts_with("audit-") => std::time::Duration::from_secs(600),
+        _ => timeout.max(std::time::Duration::from_secs(30)),
+    };
+    let reply = asmn_channel::call::call(&conn, body, answer_within).await;
     conn.close(0u32.into(), b"done");
     match reply {
         Ok(b) => Ok(b),
@@ -458,11 +461,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 request_id: u64::MAX,
                 body: Some(Body::CatalogPush((&catalog).into())),
             };
-            if let Err(e) = asmn_shared::wire::encode_frame(&push) {
+            let encoded = push.encoded_len();
+            let most = asmn_shared::wire::MAX_FRAME - asmn_controller::registry::PUSH_MARGIN;
+            if encoded > most {
                 return Err(Failure(
                     2,
                     format!(
-                        "{}: this catalog cannot be pushed to agents in one frame ({e}); merge rules or shorten source lists",
+                        "{}: this catalog cannot be pushed to agents in one frame ({encoded} bytes encoded, at most {most}); merge rules or shorten source lists",
                         file.display()
                     ),
                 ));

@@ -959,3 +959,31 @@ async fn a_catalog_too_large_to_push_is_refused_before_it_is_committed() {
         before.version + 1
     );
 }
+
+/// The appender writes blocks of at most 256 records, and paging relies on it: a block
+/// merged beyond that (by someone who can write the store) is refused by verify, though
+/// every record in it is authentic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_block_larger_than_the_appender_writes_is_refused() {
+    let (_d, s) = embedded();
+    let key = audit::AuditKey::new([9; 32]);
+    let log = AuditLog::new(key.clone());
+    for i in 0..300u64 {
+        log.append(&s, i, "test.kind", None, format!("record {i}"))
+            .await
+            .expect("append");
+    }
+    assert_eq!(audit::verify(&s, &key, None).await.expect("holds").seq, 300);
+    let recs = audit::records(&s, &key, 1).await.expect("records");
+    let block = |seq: u64| format!("{}{seq:020}", audit::prefix());
+    s.put(&block(1), serde_json::to_vec(&recs).expect("json"))
+        .await
+        .expect("merge");
+    for seq in 2..=300 {
+        s.delete(&block(seq)).await.expect("delete");
+    }
+    assert!(matches!(
+        audit::verify(&s, &key, None).await,
+        Err(audit::AuditError::Unreadable { seq: 1, .. })
+    ));
+}
