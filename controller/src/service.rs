@@ -334,10 +334,20 @@ pub async fn handle<S: Store>(
         | Some(Body::RevokeAdmin(_))
             if !admin =>
         {
-            refusal(
-                RefusalCode::NotAuthorized,
-                "operator requests need the admin client certificate (asmnctl --cert/--key)",
-            )
+            match &session.admin_serial {
+                // A certificate of our CA that earned nothing when the connection opened.
+                Some(serial) => refusal(
+                    RefusalCode::NotAuthorized,
+                    format!(
+                        "admin certificate {serial} is revoked (or the deny-list could not be \
+                         read when this connection opened; connect again)"
+                    ),
+                ),
+                None => refusal(
+                    RefusalCode::NotAuthorized,
+                    "operator requests need the admin client certificate (asmnctl --cert/--key)",
+                ),
+            }
         }
         Some(_) => refusal(
             RefusalCode::InvalidRequest,
