@@ -136,7 +136,9 @@ pub struct Checkpoint {
 }
 
 impl AuditRecord {
-    fn compute_hash(&self) -> String {
+    /// SHA-256 over the record's fields but its hash and MAC (what anyone can compute;
+    /// the MAC is what needs the key).
+    pub fn compute_hash(&self) -> String {
         let mut h = Sha256::new();
         for field in [
             "asmn/v1/audit".as_bytes(),

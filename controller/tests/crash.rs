@@ -2,7 +2,9 @@
 //! acknowledged reveal is in the store and no chain element is ever accepted twice.
 //! Embedded store: 20 kill points over 1,000 enrollments.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::{Daemon, free_udp};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -13,22 +15,6 @@ use asmn_shared::wire::msg::{self, Body, RefusalCode};
 const IMAGE: &[u8] = b"crash-test image";
 const ROUNDS: usize = 20;
 const PER_ROUND: usize = 50;
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port()
-}
 
 fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

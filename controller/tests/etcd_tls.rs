@@ -4,7 +4,7 @@
 //! from another CA, and in plaintext; Sec-EM, configured with `etcds://` as an operator
 //! would, serves agents on it and keeps serving when a member dies.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -13,25 +13,8 @@ use asmn_controller::local_etcd::LocalEtcd;
 use asmn_controller::store::Store;
 use asmn_controller::store::etcd::EtcdStore;
 use asmn_shared::wire::BootstrapBundle;
-use asmn_shared::wire::msg::{self, Body};
-use common::{IMAGE, ask, enroll_request};
-
-/// `sec-em serve`, killed (by PID) on drop.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port()
-}
+use asmn_shared::wire::msg::Body;
+use common::{Daemon, IMAGE, ask, create, enroll_request, free_udp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sec_em_serves_on_a_three_member_etcd_over_tls_that_refuses_clients_without_certificates() {
@@ -144,25 +127,6 @@ async fn sec_em_serves_on_a_three_member_etcd_over_tls_that_refuses_clients_with
         .await,
         Body::Ok(_)
     ));
-    let create = |name: &'static str| {
-        let admin = admin.clone();
-        async move {
-            let body = ask(
-                &admin,
-                Body::CreateInstance(msg::CreateInstanceRequest {
-                    tenant: "t1".into(),
-                    vnf: "web-server".into(),
-                    instance: name.into(),
-                    role: 1,
-                }),
-            )
-            .await;
-            let Body::InstanceCreated(b) = body else {
-                panic!("bundle: {body:?}")
-            };
-            BootstrapBundle::try_from(&b).expect("bundle")
-        }
-    };
     let agent_ep = asmn_channel::tls::client(&read("ca.pem"), None).expect("client");
     let enroll = |bundle: BootstrapBundle| {
         let (agent_ep, listen) = (agent_ep.clone(), listen.clone());
@@ -174,7 +138,7 @@ async fn sec_em_serves_on_a_three_member_etcd_over_tls_that_refuses_clients_with
             ask(&c, Body::Enroll(enroll_request(&bundle))).await
         }
     };
-    let a = create("web-a").await;
+    let a = create(&admin, "web-a").await;
     assert!(matches!(enroll(a).await, Body::Enrolled(_)));
     // What Sec-EM wrote is in etcd, read back over TLS.
     let listing = store.list("/asmn/v1/instances/").await.expect("list");
@@ -195,7 +159,7 @@ async fn sec_em_serves_on_a_three_member_etcd_over_tls_that_refuses_clients_with
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let b = create("web-b").await;
+    let b = create(&admin, "web-b").await;
     let Body::Enrolled(e) = enroll(b).await else {
         panic!("enrolls with two members of three")
     };

@@ -320,20 +320,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let kv = txn.open_table(KV).map_err(db_err)?;
-        let meta = txn.open_table(META).map_err(db_err)?;
-        let revision = meta.get(REVISION).map_err(db_err)?.map_or(0, |g| g.value());
-        let mut entries = Vec::new();
-        for item in kv.range(prefix..).map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            let key = k.value();
-            if !key.starts_with(prefix) {
-                break;
-            }
-            entries.push((key.to_string(), decode(v.value())?));
-        }
-        Ok(Listing { entries, revision })
+        self.list_page(prefix, "", usize::MAX).await
     }
 
     async fn list_page(

@@ -248,3 +248,21 @@ impl Pushes {
         }
     }
 }
+
+/// A process this test started (`sec-em serve`), killed by PID and reaped on drop.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free UDP port on loopback (for Sec-EM's QUIC endpoint).
+pub fn free_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port()
+}
