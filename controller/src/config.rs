@@ -127,7 +127,7 @@ impl Default for Limits {
             max_connections_per_source: 256,
             connections_per_source_per_sec: 5,
             retry_above: 1_024,
-            enroll_deadline: std::time::Duration::from_secs(10),
+            enroll_deadline: std::time::Duration::from_secs(20),
             request_deadline: std::time::Duration::from_secs(10),
             verify_peer_per_sec: 100,
             stranger_requests_per_source_per_sec: 50,
@@ -538,7 +538,7 @@ connections_per_source_per_sec = 5
 retry_above = 1024
 # A connection without the admin certificate must enroll within this; it may hold
 # unauthenticated_streams requests at once until it does.
-enroll_deadline_secs = 10
+enroll_deadline_secs = 20
 unauthenticated_streams = 2
 request_deadline_secs = 10
 idle_timeout_secs = 60

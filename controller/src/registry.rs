@@ -56,7 +56,12 @@ pub fn verify_peer_limiter(per_sec: u32) -> VerifyPeerLimiter {
     let rate = std::num::NonZeroU32::new(per_sec.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
     let burst =
         rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(std::num::NonZeroU32::MIN));
-    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+    // One clock for all: making a clock calibrates it, far too slow for every connection.
+    static CLOCK: std::sync::OnceLock<governor::clock::DefaultClock> = std::sync::OnceLock::new();
+    governor::RateLimiter::direct_with_clock(
+        governor::Quota::per_second(rate).allow_burst(burst),
+        CLOCK.get_or_init(Default::default).clone(),
+    )
 }
 
 /// Which refusals about known instances are audited: at most `per_min` per (instance,

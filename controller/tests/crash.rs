@@ -116,7 +116,7 @@ async fn crash_run(etcd: Option<&asmn_controller::local_etcd::LocalEtcd>) {
             "stranger_requests_per_source_per_sec = 50",
             "stranger_requests_per_source_per_sec = 100000",
         )
-        .replace("enroll_deadline_secs = 10", "enroll_deadline_secs = 300");
+        .replace("enroll_deadline_secs = 20", "enroll_deadline_secs = 300");
     assert!(
         text.contains("enroll_deadline_secs = 300"),
         "limits replaced"
