@@ -144,14 +144,7 @@ pub async fn handle<S: Store>(
         // value's subgroup check is a 3,072-bit Jacobi symbol, and anyone can send
         // enrollments with made-up identities.
         Some(Body::Enroll(m)) if unknown_identity(registry, &m.instance_key).await => {
-            if session.agent().is_none()
-                && let Some(skipped) = session.logs.as_ref().and_then(|l| l.allow("enroll"))
-            {
-                tracing::info!(
-                    skipped,
-                    "enrollment of an unknown instance refused (logged at most once a second)"
-                );
-            }
+            log_refused_enrollment(session, "an unknown instance");
             refusal(
                 RefusalCode::UnknownInstance,
                 "no such instance: it was never created, or its bundle is wrong",
@@ -196,16 +189,7 @@ pub async fn handle<S: Store>(
                     Body::Enrolled((&enrolled).into())
                 }
                 Err(e) => {
-                    if session.agent().is_none()
-                        && let Some(skipped) = session.logs.as_ref().and_then(|l| l.allow("enroll"))
-                    {
-                        tracing::info!(
-                            instance = %req.id,
-                            error = %e,
-                            skipped,
-                            "enrollment refused (logged at most once a second)"
-                        );
-                    }
+                    log_refused_enrollment(session, &format!("{}: {e}", req.id));
                     from_error(e)
                 }
             },
@@ -376,12 +360,32 @@ pub async fn handle<S: Store>(
     }
 }
 
+/// Logs a refused enrollment of a connection not enrolled yet, at most once a second.
+fn log_refused_enrollment(session: &Session, what: &str) {
+    if session.agent().is_none()
+        && let Some(skipped) = session.logs.as_ref().and_then(|l| l.allow("enroll"))
+    {
+        tracing::info!(
+            what,
+            skipped,
+            "enrollment refused (logged at most once a second)"
+        );
+    }
+}
+
 /// Whether `key` is a well-formed instance key that Sec-EM has no record of (a store
 /// error counts as known: the full path then answers it).
 async fn unknown_identity<S: Store>(registry: &Registry<S>, key: &[u8]) -> bool {
     match asmn_shared::ids::InstanceKey::from_slice(key) {
         None => false,
-        Some(id) => matches!(registry.instance(&id).await, Ok(None)),
+        // Existence only: the record is parsed once, by the decision, for a known one.
+        Some(id) => matches!(
+            registry
+                .store()
+                .get(&crate::registry::instance_key(&id))
+                .await,
+            Ok(None)
+        ),
     }
 }
 

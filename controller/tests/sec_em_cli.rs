@@ -459,28 +459,11 @@ fn asmnctl_end_to_end() {
 
     // A checkpoint, then the newest records cut while Sec-EM is stopped: the log alone
     // still verifies, the checkpoint finds the cut.
-    let checkpoint = d.join("head.json");
-    let o = asmnctl(
-        d,
-        &listen,
-        &[
-            "audit",
-            "checkpoint",
-            "--out",
-            checkpoint.to_str().expect("utf-8"),
-        ],
-    );
+    let checkpoint = d.join("head.json").display().to_string();
+    let audit = |verb: &str, flag: &str| asmnctl(d, &listen, &["audit", verb, flag, &checkpoint]);
+    let o = audit("checkpoint", "--out");
     assert!(o.status.success(), "{}", text(&o));
-    let o = asmnctl(
-        d,
-        &listen,
-        &[
-            "audit",
-            "verify",
-            "--checkpoint",
-            checkpoint.to_str().expect("utf-8"),
-        ],
-    );
+    let o = audit("verify", "--checkpoint");
     assert!(o.status.success(), "{}", text(&o));
     let _ = daemon.0.kill();
     let _ = daemon.0.wait();
@@ -501,16 +484,7 @@ fn asmnctl_end_to_end() {
     }
     let mut daemon = start_daemon(d);
     wait_up(d, &listen);
-    let o = asmnctl(
-        d,
-        &listen,
-        &[
-            "audit",
-            "verify",
-            "--checkpoint",
-            checkpoint.to_str().expect("utf-8"),
-        ],
-    );
+    let o = audit("verify", "--checkpoint");
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("cut"), "{}", text(&o));
 
