@@ -10,6 +10,8 @@
 //! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
 //! reattest_interval_secs = 30        # default: what Sec-EM says
 //! polling = "adaptive"               # or "busy": no sleep while packets flow (a whole core)
+//! failover_ms = 600                  # a silent Sec-EM is dead after this; the next listed
+//!                                    # replica is tried (keep-alives every third of it)
 //! ```
 //!
 //! The role (`vnf` or `gateway`) and everything about the tenant come from the bundle.
@@ -40,6 +42,9 @@ pub struct Config {
     pub reattest_interval_secs: Option<u32>,
     /// How the data plane waits for packets.
     pub polling: Polling,
+    /// How fast a silent controller is declared dead and another one tried
+    /// (`failover_ms`, default 600; keep-alives every third of it).
+    pub liveness: asmn_channel::tls::Liveness,
 }
 
 /// A configuration that could not be loaded.
@@ -68,6 +73,8 @@ struct Raw {
     reattest_interval_secs: Option<u32>,
     #[serde(default)]
     polling: Polling,
+    #[serde(default)]
+    failover_ms: Option<u64>,
 }
 
 /// Longest TUN name Linux accepts (IFNAMSIZ - 1).
@@ -131,6 +138,19 @@ impl Config {
                 "field `reattest_interval_secs`: {secs} is outside 1..=86400"
             )));
         }
+        let liveness = match raw.failover_ms {
+            None => asmn_channel::tls::Liveness::FAILOVER,
+            Some(ms) if (300..=600_000).contains(&ms) => asmn_channel::tls::Liveness {
+                keep_alive: std::time::Duration::from_millis(ms / 3),
+                dead_after: std::time::Duration::from_millis(ms),
+            },
+            Some(ms) => {
+                return Err(err(format!(
+                    "field `failover_ms`: {ms} is outside 300..=600000 (how long a silent Sec-EM \
+                     is waited for before another listed one is tried)"
+                )));
+            }
+        };
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(Config {
             bundle: abs(raw.bundle),
@@ -143,6 +163,7 @@ impl Config {
             metrics_addr,
             reattest_interval_secs: raw.reattest_interval_secs,
             polling: raw.polling,
+            liveness,
         })
     }
 }

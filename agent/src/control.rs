@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::dataplane::{Ask, Installed, PeerSpec};
 use crate::io::PlaneHandle;
+use crate::metrics::ControlStatus;
 
 /// Longest wait for one answer from Sec-EM.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -290,9 +291,14 @@ impl Chain {
     }
 }
 
-/// A QUIC client endpoint that trusts only the controller CA of the bundle.
-pub fn client(ca_pem: &str) -> Result<quinn::Endpoint, AgentError> {
-    asmn_channel::tls::client(ca_pem, None).map_err(|e| other(format!("bundle CA: {e}")))
+/// A QUIC client endpoint that trusts only the controller CA of the bundle, declaring a
+/// silent controller dead as `liveness` says.
+pub fn client(
+    ca_pem: &str,
+    liveness: asmn_channel::tls::Liveness,
+) -> Result<quinn::Endpoint, AgentError> {
+    asmn_channel::tls::client_with(SocketAddr::from(([0, 0, 0, 0], 0)), ca_pem, None, liveness)
+        .map_err(|e| other(format!("bundle CA: {e}")))
 }
 
 /// One request, one answer (a refusal is an answer: the caller decides what it means).
@@ -315,19 +321,30 @@ fn refused(r: &msg::Refusal) -> AgentError {
     }
 }
 
-/// Connects to the first controller of the bundle that answers.
+/// Where an instance starts in its bundle's list of controllers: spread by its key, so
+/// the agents of a tenant share the replicas instead of all crowding the first.
+pub fn preferred(bundle: &BootstrapBundle) -> usize {
+    let n = bundle.controllers.len().max(1);
+    let key = bundle.instance_key();
+    let b = key.as_bytes();
+    (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize) % n
+}
+
+/// Connects to a controller of the bundle, from index `first` on (the next ones are tried
+/// as well when it does not answer at once); the connection and the index it reached.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     bundle: &BootstrapBundle,
-) -> Result<quinn::Connection, AgentError> {
-    asmn_channel::call::connect(
+    first: usize,
+) -> Result<(quinn::Connection, usize), AgentError> {
+    asmn_channel::call::connect_from(
         endpoint,
         &bundle.controllers,
         &bundle.server_name,
+        first,
         REQUEST_TIMEOUT,
     )
     .await
-    .map(|(c, _)| c)
     .map_err(other)
 }
 
@@ -348,6 +365,12 @@ pub struct Control {
     /// Verifications that pushes start (verify-back, re-keys): owned here, aborted by
     /// [`Control::shutdown`].
     background: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// The newest catalog version seen per VNF (own, and guarded by a gateway).
+    versions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The index in the bundle of the controller of the current connection.
+    controller: std::sync::atomic::AtomicUsize,
+    /// What the metrics show of the control connection.
+    pub status: Arc<ControlStatus>,
 }
 
 impl std::fmt::Debug for Control {
@@ -401,14 +424,24 @@ impl Control {
     /// The control side over an enrolled connection.
     pub fn new(
         chain: Chain,
-        conn: quinn::Connection,
+        (conn, controller): (quinn::Connection, usize),
         endpoint: quinn::Endpoint,
         plane: PlaneHandle,
         underlay: SocketAddr,
         enforced: u64,
     ) -> Arc<Control> {
         let role = chain.bundle.role;
+        let status = Arc::new(ControlStatus::default());
+        if let Some(c) = chain.bundle.controllers.get(controller) {
+            status.connected(c);
+        }
         Arc::new(Control {
+            controller: std::sync::atomic::AtomicUsize::new(controller),
+            versions: std::sync::Mutex::new(std::collections::HashMap::from([(
+                chain.bundle.vnf.to_string(),
+                enforced,
+            )])),
+            status,
             chain: Mutex::new(chain),
             conn: Mutex::new(conn),
             endpoint,
@@ -639,6 +672,27 @@ impl Control {
                 };
                 let own = self.chain.lock().await.bundle.vnf.clone();
                 let (vnf, version) = (c.vnf.to_string(), c.version);
+                // Versions only go up: a push that crossed a newer one (two replicas, or
+                // a reconnection's re-read) changes nothing. The same version is
+                // acknowledged again, but not set again (its limiters keep their state).
+                let fresh = match self.versions.lock() {
+                    Ok(mut seen) => {
+                        let last = seen.entry(vnf.clone()).or_insert(0);
+                        if version < *last {
+                            tracing::debug!(%vnf, version, newer = *last, "older catalog ignored");
+                            return Ok(());
+                        }
+                        let fresh = version > *last;
+                        *last = version;
+                        fresh
+                    }
+                    Err(_) => true,
+                };
+                if !fresh && (c.vnf == own || self.role == Role::Gateway) {
+                    let conn = self.conn().await;
+                    let _ = ask(&conn, Body::CatalogAck(msg::CatalogAck { vnf, version })).await;
+                    return Ok(());
+                }
                 if c.vnf == own {
                     self.on_plane(move |p, _, _| p.set_catalog(c)).await?;
                     self.enforced
@@ -836,17 +890,26 @@ impl Control {
     }
 
     /// Connects again (backoff up to 30 s) and re-authenticates with the next reveal.
+    /// It tries the controller after the one it lost first (that one is likely down),
+    /// and the rest of the bundle's list as well when that one does not answer at once.
     pub async fn reconnect(&self) -> Result<(), AgentError> {
+        use std::sync::atomic::Ordering;
+        self.status.lost();
+        let lost = self.controller.load(Ordering::Relaxed);
         let mut delay = Duration::from_millis(200);
         loop {
             let bundle = self.chain.lock().await.bundle.clone();
-            match connect(&self.endpoint, &bundle).await {
-                Ok(conn) => {
+            let first = (lost + 1) % bundle.controllers.len().max(1);
+            match connect(&self.endpoint, &bundle, first).await {
+                Ok((conn, at)) => {
                     let mut chain = self.chain.lock().await;
                     match enroll(&conn, &mut chain, self.wg_public, self.underlay).await {
                         Ok(_) => {
                             *self.conn.lock().await = conn;
-                            tracing::info!("reconnected to Sec-EM");
+                            self.controller.store(at, Ordering::Relaxed);
+                            let name = bundle.controllers.get(at).map_or("", String::as_str);
+                            self.status.connected(name);
+                            tracing::info!(controller = name, "reconnected to Sec-EM");
                             return Ok(());
                         }
                         Err(e) if e.is_terminal() => return Err(e),

@@ -95,8 +95,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let wg_public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
 
     let udp = underlay_socket(config.underlay)?;
-    let endpoint = control::client(&bundle.ca_pem)?;
-    let conn = control::connect(&endpoint, &bundle).await?;
+    let endpoint = control::client(&bundle.ca_pem, config.liveness)?;
+    let (conn, at) = control::connect(&endpoint, &bundle, control::preferred(&bundle)).await?;
     let enrolled = control::enroll(&conn, &mut chain, wg_public, config.underlay).await?;
     let overlay = enrolled.overlay;
     tracing::info!(overlay = %overlay.ip, prefix = overlay.prefix, "enrolled");
@@ -124,7 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
     let control = Control::new(
         chain,
-        conn.clone(),
+        (conn.clone(), at),
         endpoint.clone(),
         handle.clone(),
         config.underlay,
@@ -145,8 +145,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .map_err(|e| AgentError::Device(format!("metrics address {addr}: {e}")))?;
         let h = handle.clone();
+        let status = Arc::clone(&control.status);
         tasks.spawn(async move {
-            crate::metrics::serve(listener, h).await;
+            crate::metrics::serve(listener, h, status).await;
             Ok(())
         });
     }

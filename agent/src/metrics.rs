@@ -3,10 +3,60 @@
 
 use std::fmt::Write as _;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::net::TcpListener;
 
 use crate::dataplane::PlaneStats;
 use crate::io::PlaneHandle;
+
+/// The control connection as the metrics show it: which controller the agent is
+/// connected to (none while it reconnects) and how often it had to reconnect.
+#[derive(Debug, Default)]
+pub struct ControlStatus {
+    controller: std::sync::Mutex<Option<String>>,
+    reconnects: AtomicU64,
+}
+
+impl ControlStatus {
+    /// Connected to `controller` (`host:port` as the bundle lists it).
+    pub fn connected(&self, controller: &str) {
+        if let Ok(mut c) = self.controller.lock() {
+            *c = Some(controller.to_string());
+        }
+    }
+
+    /// The connection is lost; the agent reconnects.
+    pub fn lost(&self) {
+        if let Ok(mut c) = self.controller.lock() {
+            *c = None;
+        }
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        let controller = self.controller.lock().ok().and_then(|c| c.clone());
+        let _ = writeln!(
+            out,
+            "# HELP asmn_agent_control_connected Whether the agent is connected to Sec-EM, by controller.\n# TYPE asmn_agent_control_connected gauge"
+        );
+        match controller {
+            Some(c) => {
+                let c = c.replace(['\\', '"', '\n'], "_");
+                let _ = writeln!(out, "asmn_agent_control_connected{{controller=\"{c}\"}} 1");
+            }
+            None => {
+                let _ = writeln!(out, "asmn_agent_control_connected{{controller=\"\"}} 0");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP asmn_agent_control_lost_total Control connections lost (each followed by a reconnection).\n# TYPE asmn_agent_control_lost_total counter\nasmn_agent_control_lost_total {}",
+            self.reconnects.load(Ordering::Relaxed)
+        );
+    }
+}
 
 /// The exposition of the plane's statistics.
 pub fn render(stats: &PlaneStats) -> String {
@@ -201,15 +251,19 @@ pub fn render(stats: &PlaneStats) -> String {
 
 /// Serves `/metrics` and `/health` on `listener` until the task is dropped
 /// (`asmn_channel::http`: at most 64 connections at once, 5 s deadlines).
-pub async fn serve(listener: TcpListener, plane: PlaneHandle) {
+pub async fn serve(listener: TcpListener, plane: PlaneHandle, control: Arc<ControlStatus>) {
     asmn_channel::http::serve(
         listener,
         asmn_channel::http::MAX_CONNECTIONS,
         move |path: String| {
-            let plane = plane.clone();
+            let (plane, control) = (plane.clone(), Arc::clone(&control));
             async move {
                 match path.as_str() {
-                    "/metrics" => asmn_channel::http::Response::ok(render(&plane.stats().await)),
+                    "/metrics" => {
+                        let mut text = render(&plane.stats().await);
+                        control.render(&mut text);
+                        asmn_channel::http::Response::ok(text)
+                    }
                     "/health" => asmn_channel::http::Response::ok("ok\n".into()),
                     _ => asmn_channel::http::Response::not_found(),
                 }

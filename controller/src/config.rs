@@ -65,6 +65,10 @@ pub struct Config {
     pub store: StoreUrl,
     /// Prometheus metrics over HTTP, if set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The controllers (`host:port`) bundles list, in order: every replica of the
+    /// deployment, so that an agent whose replica goes down moves to another. Empty: this
+    /// replica's own address.
+    pub controllers: Vec<String>,
     /// CA certificate (PEM file).
     pub ca: PathBuf,
     /// Server certificate (PEM file).
@@ -149,6 +153,9 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Controllers a bundle may list.
+pub const MAX_CONTROLLERS: usize = 16;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -157,6 +164,8 @@ struct Raw {
     store: String,
     #[serde(default)]
     metrics_addr: Option<String>,
+    #[serde(default)]
+    controllers: Vec<String>,
     audit_key: PathBuf,
     tls: RawTls,
     tenant: RawTenant,
@@ -323,6 +332,36 @@ impl Config {
                 "only for an etcd:// store".into(),
             ));
         }
+        if raw.controllers.len() > MAX_CONTROLLERS {
+            return Err(err(
+                "controllers",
+                format!(
+                    "{} listed; at most {MAX_CONTROLLERS}",
+                    raw.controllers.len()
+                ),
+            ));
+        }
+        let mut controllers = Vec::with_capacity(raw.controllers.len());
+        for c in raw.controllers {
+            let valid = c.len() <= 255
+                && c.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                        && host
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+                });
+            if !valid {
+                return Err(err(
+                    "controllers",
+                    format!("{c:?} is not host:port (a name or address agents reach a replica at)"),
+                ));
+            }
+            if controllers.contains(&c) {
+                return Err(err("controllers", format!("{c:?} is listed twice")));
+            }
+            controllers.push(c);
+        }
         let metrics_addr = raw
             .metrics_addr
             .map(|m| {
@@ -377,6 +416,7 @@ impl Config {
             server_name: raw.server_name,
             store,
             metrics_addr,
+            controllers,
             ca: base.join(raw.tls.ca),
             cert: base.join(raw.tls.cert),
             key: base.join(raw.tls.key),
@@ -509,6 +549,9 @@ server_name = "{server_name}"
 store = "embedded:{state_file}"
 # Prometheus metrics over HTTP; remove to disable.
 metrics_addr = "{metrics_addr}"
+# Replicas: list every one (host:port, the same list in each replica's file) and bundles
+# carry it, so agents move to another replica when theirs goes down. Unset: this one.
+# controllers = ["sec-em-1.example:7443", "sec-em-2.example:7443", "sec-em-3.example:7443"]
 # Authenticates the audit log's records (an HMAC key the store never holds). Keep a
 # copy: without it the log cannot be verified. Replicas sharing a store share it.
 audit_key = "audit.key"
@@ -639,6 +682,16 @@ mod tests {
                 "tenant.reattest_interval_secs",
             ),
             ("[tls]", "[tlz]", "syntax"),
+            (
+                "# controllers = [",
+                "controllers = [\"a:7443\", \"a:7443\"]\n# [",
+                "controllers",
+            ),
+            (
+                "# controllers = [",
+                "controllers = [\"no-port\"]\n# [",
+                "controllers",
+            ),
             (
                 "max_connections_per_source = 256",
                 "max_connections_per_source = 0",

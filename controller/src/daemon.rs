@@ -102,7 +102,11 @@ async fn serve_with<S: Store>(
     let registry = Arc::new(Registry::new(
         store,
         RegistryConfig {
-            controllers: vec![advertise],
+            controllers: if config.controllers.is_empty() {
+                vec![advertise]
+            } else {
+                config.controllers.clone()
+            },
             server_name: config.server_name.clone(),
             ca_pem: ca.to_string(),
             chain_length: config.chain_length,

@@ -43,7 +43,42 @@ struct LocalTls {
     foreign: EtcdTls,
 }
 
-fn cluster_pki(dir: &Path) -> Result<LocalTls, LocalEtcdError> {
+/// The files of a cluster PKI written by [`write_cluster_pki`].
+#[derive(Clone, Debug)]
+pub struct ClusterPki {
+    /// The cluster CA (`--trusted-ca-file`, and `[etcd] ca` of Sec-EM).
+    pub ca: PathBuf,
+    /// The members' certificate (server and peer), valid for every host given.
+    pub member_cert: PathBuf,
+    /// Its key.
+    pub member_key: PathBuf,
+    /// Sec-EM's client certificate (`[etcd] cert`).
+    pub client_cert: PathBuf,
+    /// Its key (`[etcd] key`).
+    pub client_key: PathBuf,
+}
+
+/// Makes a CA for an etcd cluster whose members are reached at `hosts` (addresses or
+/// names), a member certificate for all of them and a client certificate, as files in
+/// `dir` (keys mode 0600).
+pub fn write_cluster_pki(dir: &Path, hosts: &[String]) -> Result<ClusterPki, LocalEtcdError> {
+    let t = cluster_pki(dir, hosts.to_vec())?;
+    let write = |name: &str, text: &str| -> Result<PathBuf, LocalEtcdError> {
+        let path = dir.join(name);
+        crate::pki::write_file(&path, text.as_bytes(), name.ends_with(".key"))
+            .map_err(|e| LocalEtcdError::Pki(e.to_string()))?;
+        Ok(path)
+    };
+    Ok(ClusterPki {
+        client_cert: write("etcd-client.pem", &t.client.cert_pem)?,
+        client_key: write("etcd-client.key", &t.client.key_pem)?,
+        ca: t.ca,
+        member_cert: t.member_cert,
+        member_key: t.member_key,
+    })
+}
+
+fn cluster_pki(dir: &Path, hosts: Vec<String>) -> Result<LocalTls, LocalEtcdError> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -82,12 +117,7 @@ fn cluster_pki(dir: &Path) -> Result<LocalTls, LocalEtcdError> {
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    let (member_pem, member_key) = leaf(
-        &issuer,
-        vec!["127.0.0.1".into(), "localhost".into()],
-        "etcd-member",
-        both,
-    )?;
+    let (member_pem, member_key) = leaf(&issuer, hosts, "etcd-member", both)?;
     let (client_pem, client_key) = leaf(
         &issuer,
         Vec::new(),
@@ -184,7 +214,10 @@ impl LocalEtcd {
         let bin = binary().ok_or(LocalEtcdError::NotInstalled)?;
         let dir = tempfile::tempdir().map_err(LocalEtcdError::Dir)?;
         let tls = if tls {
-            Some(cluster_pki(dir.path())?)
+            Some(cluster_pki(
+                dir.path(),
+                vec!["127.0.0.1".into(), "localhost".into()],
+            )?)
         } else {
             None
         };

@@ -164,26 +164,39 @@ pub async fn handle<S: Store>(
                         asmn_channel::tls::open_up(conn, &limits.transport);
                     }
                     if let Some((conn, hub)) = &session.push {
-                        let mut first = vec![Body::CatalogPush((&enrolled.catalog).into())];
+                        let task = hub.attach(
+                            conn.clone(),
+                            req.id,
+                            (req.tenant.clone(), req.vnf.clone(), req.role),
+                            vec![Body::CatalogPush((&enrolled.catalog).into())],
+                        );
+                        if let Ok(mut p) = session.pusher.lock() {
+                            *p = Some(task);
+                        }
+                        // Read again once attached: a catalog committed after the
+                        // enrollment read and before the attach would otherwise reach
+                        // this agent only on its next connection (the follower pushes to
+                        // the agents attached when it sees the change). The agent ignores
+                        // versions it already enforces.
+                        let mut again = Vec::new();
+                        match registry.catalog(&req.vnf).await {
+                            Ok(Some((c, _))) if c.version != enrolled.catalog.version => {
+                                again.push(c)
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot read the catalog again"),
+                        }
                         // A gateway enforces the catalogs of the VNFs behind it.
                         if req.role == asmn_shared::ids::Role::Gateway {
                             match registry.catalogs_guarded_by(&req.vnf).await {
-                                Ok(list) => {
-                                    first.extend(list.iter().map(|c| Body::CatalogPush(c.into())))
-                                }
+                                Ok(list) => again.extend(list),
                                 Err(e) => {
                                     tracing::warn!(error = %e, "cannot list guarded catalogs")
                                 }
                             }
                         }
-                        let task = hub.attach(
-                            conn.clone(),
-                            req.id,
-                            (req.tenant.clone(), req.vnf.clone(), req.role),
-                            first,
-                        );
-                        if let Ok(mut p) = session.pusher.lock() {
-                            *p = Some(task);
+                        for c in &again {
+                            hub.push_to(&req.id, Body::CatalogPush(c.into()));
                         }
                     }
                     Body::Enrolled((&enrolled).into())

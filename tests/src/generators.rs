@@ -112,6 +112,9 @@ pub struct StreamResult {
     pub datagrams: u64,
     /// Datagrams missing by sequence number (UDP sink).
     pub lost: u64,
+    /// The longest time between two datagrams received, ms (UDP sink): a tunnel that
+    /// drops shows as a gap, even when few datagrams are lost.
+    pub longest_gap_ms: f64,
 }
 
 /// Accepts TCP connections on `port` and discards what they send, for `seconds`.
@@ -189,6 +192,7 @@ pub fn udp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
     let mut buf = vec![0u8; 65_536];
     let (mut first, mut last_seen) = (None::<Instant>, Instant::now());
     let (mut max_seq, mut got, mut bytes) = (0u64, 0u64, 0u64);
+    let mut longest_gap = Duration::ZERO;
     while Instant::now() < end {
         match sock.recv(&mut buf) {
             Ok(n) if n >= 8 => {
@@ -196,8 +200,12 @@ pub fn udp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
                 max_seq = max_seq.max(seq + 1);
                 got += 1;
                 bytes += n as u64;
-                first.get_or_insert_with(Instant::now);
-                last_seen = Instant::now();
+                let now = Instant::now();
+                if first.is_some() {
+                    longest_gap = longest_gap.max(now - last_seen);
+                }
+                first.get_or_insert(now);
+                last_seen = now;
             }
             _ => {
                 if first.is_some() && last_seen.elapsed() > Duration::from_secs(1) {
@@ -215,6 +223,7 @@ pub fn udp_sink(port: u16, seconds: u64) -> std::io::Result<StreamResult> {
         mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
         datagrams: got,
         lost: max_seq.saturating_sub(got),
+        longest_gap_ms: longest_gap.as_secs_f64() * 1e3,
     })
 }
 
@@ -251,6 +260,7 @@ pub fn udp_stream(
         mbit_per_s: (seq * size as u64) as f64 * 8.0 / secs / 1e6,
         datagrams: seq,
         lost: 0,
+        longest_gap_ms: 0.0,
     })
 }
 
@@ -304,6 +314,7 @@ pub fn syn_flood(
         mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
         datagrams: sent,
         lost: 0,
+        longest_gap_ms: 0.0,
     })
 }
 
@@ -366,6 +377,7 @@ pub fn handshake_flood(
         mbit_per_s: bytes as f64 * 8.0 / secs / 1e6,
         datagrams: sent,
         lost: 0,
+        longest_gap_ms: 0.0,
     })
 }
 

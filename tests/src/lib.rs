@@ -8,5 +8,6 @@ pub mod bench;
 pub mod charts;
 pub mod eval;
 pub mod generators;
+pub mod ha;
 pub mod netns;
 pub mod tenant;

@@ -39,7 +39,7 @@ pub fn cleanup_mine() {
         let Some(name) = line.split_whitespace().next() else {
             continue;
         };
-        let mine = ["asmnhub", "asmnvnf"]
+        let mine = ["asmnhub", "asmnvnf", "asmnnode"]
             .iter()
             .any(|p| name.strip_prefix(p).is_some_and(|r| r.starts_with(&tag)));
         if mine {

@@ -40,7 +40,8 @@ pub fn image(seed: u8, len: usize) -> Vec<u8> {
 
 /// Sec-EM's address on the underlay.
 pub const SEC_EM: &str = "10.99.0.1";
-const PORT: u16 = 7443;
+/// Sec-EM's QUIC port.
+pub const PORT: u16 = 7443;
 
 /// One VNF instance.
 #[derive(Debug)]
@@ -81,6 +82,8 @@ pub struct Tenant {
     pub sec_em: Option<Proc>,
     /// The hub namespace (bridge, Sec-EM).
     pub hub: Netns,
+    /// The controllers `asmnctl` is given (`host:port`, in order).
+    pub controllers: Vec<String>,
     next_host: u8,
 }
 
@@ -109,11 +112,9 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 impl Tenant {
     /// The hub namespace, its bridge, and a running Sec-EM with a fresh PKI.
     pub fn new() -> Result<Tenant, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let hub = Netns::new("asmnhub")?;
-        netns::bridge(&hub, "br0", &format!("{SEC_EM}/24"))?;
+        let mut t = Tenant::bare(SEC_EM, vec![format!("{SEC_EM}:{PORT}")])?;
         let sec_em = netns::binary("sec-em")?;
-        let pki = dir.path().join("pki");
+        let pki = t.dir.path().join("pki");
         netns::run(
             std::process::Command::new(&sec_em)
                 .args(["init", "--dir"])
@@ -122,15 +123,24 @@ impl Tenant {
                 .args(["--server-name", "sec-em"])
                 .args(["--metrics-addr", &format!("{SEC_EM}:9464")]),
         )?;
-        let mut t = Tenant {
+        t.start_sec_em()?;
+        Ok(t)
+    }
+
+    /// The working directory and the hub namespace with its bridge at `hub_addr` (/24),
+    /// without Sec-EM: `controllers` are where `asmnctl` will find it.
+    pub fn bare(hub_addr: &str, controllers: Vec<String>) -> Result<Tenant, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let hub = Netns::new("asmnhub")?;
+        netns::bridge(&hub, "br0", &format!("{hub_addr}/24"))?;
+        Ok(Tenant {
             dir,
             vnfs: Vec::new(),
             sec_em: None,
             hub,
+            controllers,
             next_host: 10,
-        };
-        t.start_sec_em()?;
-        Ok(t)
+        })
     }
 
     /// Starts Sec-EM (again, after a test stopped it: `sec_em.take()` kills it) on the
@@ -158,15 +168,19 @@ impl Tenant {
 
     /// Runs `asmnctl ARGS` (in the hub namespace, with the admin certificate).
     pub fn asmnctl(&self, args: &[&str]) -> Result<String, String> {
+        self.asmnctl_at(&self.controllers, args)
+    }
+
+    /// [`Tenant::asmnctl`] given `controllers` (host:port).
+    pub fn asmnctl_at(&self, controllers: &[String], args: &[&str]) -> Result<String, String> {
         let bin = netns::binary("asmnctl")?;
         let pki = self.dir.path().join("pki");
-        let out = netns::run(
-            self.hub
-                .cmd(bin.to_str().unwrap_or_default(), &[])
-                .args(["--pki", pki.to_str().unwrap_or_default()])
-                .args(["--controller", &format!("{SEC_EM}:{PORT}")])
-                .args(args),
-        )?;
+        let mut cmd = self.hub.cmd(bin.to_str().unwrap_or_default(), &[]);
+        cmd.args(["--pki", pki.to_str().unwrap_or_default()]);
+        for c in controllers {
+            cmd.args(["--controller", c]);
+        }
+        let out = netns::run(cmd.args(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

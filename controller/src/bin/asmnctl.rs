@@ -1,6 +1,5 @@
 //! `asmnctl`: the operator's command line for Sec-EM.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -19,9 +18,10 @@ use prost::Message;
 #[derive(Parser, Debug)]
 #[command(name = "asmnctl", version, about, long_about)]
 struct Cli {
-    /// Sec-EM's QUIC address.
+    /// Sec-EM's QUIC address (host:port). Repeat it for the replicas of a deployment:
+    /// they are tried in order, the next as soon as one does not answer within 250 ms.
     #[arg(long, global = true, default_value = "127.0.0.1:7443")]
-    controller: SocketAddr,
+    controller: Vec<String>,
     /// The name in Sec-EM's certificate.
     #[arg(long, global = true, default_value = "sec-em")]
     server_name: String,
@@ -218,14 +218,9 @@ async fn call(cli: &Cli, body: Body) -> Result<Body, Failure> {
     let key = read(&cli.key.clone().unwrap_or_else(|| cli.pki.join("admin.key")))?;
     let ep = asmn_channel::tls::client(&ca, Some((&cert, &key)))?;
     let timeout = std::time::Duration::from_secs(cli.timeout.max(1));
-    let (conn, _) = asmn_channel::call::connect(
-        &ep,
-        &[cli.controller.to_string()],
-        &cli.server_name,
-        timeout,
-    )
-    .await
-    .map_err(unreachable_err)?;
+    let (conn, _) = asmn_channel::call::connect(&ep, &cli.controller, &cli.server_name, timeout)
+        .await
+        .map_err(unreachable_err)?;
     // Verifying the audit log reads all of it: allow it minutes, not seconds.
     let answer_within = match &body {
         Body::Query(q) if q.what.starts_with("audit-") => std::time::Duration::from_secs(600),

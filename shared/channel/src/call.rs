@@ -50,47 +50,112 @@ fn protocol(e: impl std::fmt::Display) -> CallError {
     CallError::Protocol(e.to_string())
 }
 
-/// Connects to the first of `controllers` (`host:port`) that answers within `timeout`
-/// each, verifying `server_name`; returns the connection and the index of the one used.
+/// How long [`connect`] waits for one controller's handshake before it also tries the
+/// next (happy eyeballs): a dead replica costs this much, not a whole timeout.
+pub const STAGGER: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `controllers` (`host:port`) that answers within `timeout`,
+/// verifying `server_name`; returns the connection and the index of the one used.
+/// The same as [`connect_from`] starting at the first.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     controllers: &[String],
     server_name: &str,
     timeout: Duration,
 ) -> Result<(quinn::Connection, usize), CallError> {
-    let mut last = String::from("no controller listed");
+    connect_from(endpoint, controllers, server_name, 0, timeout).await
+}
+
+async fn resolve(c: &str, timeout: Duration) -> Result<std::net::SocketAddr, String> {
+    match tokio::time::timeout(timeout, tokio::net::lookup_host(c)).await {
+        Ok(Ok(mut a)) => a.next().ok_or_else(|| format!("{c}: no address")),
+        Ok(Err(e)) => Err(format!("{c}: {e}")),
+        Err(_) => Err(format!("{c}: name lookup timed out")),
+    }
+}
+
+/// Connects to one of `controllers`, trying them in order from index `first` (wrapping
+/// around): each gets [`STAGGER`] to the handshake before the next is tried as well, and
+/// the first handshake to complete wins (the others are closed). Every attempt ends within
+/// `timeout`. Returns the connection and the index of the controller it reached.
+pub async fn connect_from(
+    endpoint: &quinn::Endpoint,
+    controllers: &[String],
+    server_name: &str,
+    first: usize,
+    timeout: Duration,
+) -> Result<(quinn::Connection, usize), CallError> {
+    let n = controllers.len();
+    if n == 0 {
+        return Err(CallError::Unreachable("no controller listed".into()));
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut errors = Vec::new();
     let mut timed_out = false;
-    for (i, c) in controllers.iter().enumerate() {
-        let addr = match tokio::time::timeout(timeout, tokio::net::lookup_host(c.as_str())).await {
-            Ok(Ok(mut a)) => match a.next() {
-                Some(a) => a,
-                None => {
-                    last = format!("{c}: no address");
-                    continue;
-                }
-            },
-            Ok(Err(e)) => {
-                last = format!("{c}: {e}");
-                continue;
+    for k in 0..n {
+        let i = (first + k) % n;
+        let (c, endpoint, name) = (
+            controllers[i].clone(),
+            endpoint.clone(),
+            server_name.to_string(),
+        );
+        attempts.spawn(async move {
+            let attempt = async {
+                let addr = resolve(&c, timeout).await?;
+                let connecting = endpoint
+                    .connect(addr, &name)
+                    .map_err(|e| format!("{c}: {e}"))?;
+                connecting.await.map_err(|e| format!("{c}: {e}"))
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(r) => (i, r.map_err(|e| (e, false))),
+                Err(_) => (
+                    i,
+                    Err((format!("{c}: no handshake within {timeout:?}"), true)),
+                ),
             }
-            Err(_) => {
-                last = format!("{c}: name lookup timed out");
-                continue;
+        });
+        // Give this one its head start, unless it fails first.
+        let head_start = tokio::time::sleep(STAGGER);
+        tokio::pin!(head_start);
+        let last = k + 1 == n;
+        loop {
+            tokio::select! {
+                () = &mut head_start, if !last => break,
+                done = attempts.join_next() => match done {
+                    Some(Ok((i, Ok(conn)))) => return Ok((conn, i)),
+                    Some(Ok((_, Err((e, t))))) => {
+                        timed_out |= t;
+                        errors.push(e);
+                        // Failed fast: try the next one now.
+                        if !last || attempts.is_empty() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        errors.push(e.to_string());
+                        if !last || attempts.is_empty() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
             }
-        };
-        match endpoint.connect(addr, server_name) {
-            Ok(connecting) => match tokio::time::timeout(timeout, connecting).await {
-                Ok(Ok(conn)) => return Ok((conn, i)),
-                Ok(Err(e)) => last = format!("{c}: {e}"),
-                Err(_) => {
-                    timed_out = true;
-                    last = format!("{c}: no handshake within {timeout:?}");
-                }
-            },
-            Err(e) => last = format!("{c}: {e}"),
         }
     }
-    Err(if timed_out && controllers.len() == 1 {
+    while let Some(done) = attempts.join_next().await {
+        match done {
+            Ok((i, Ok(conn))) => return Ok((conn, i)),
+            Ok((_, Err((e, t)))) => {
+                timed_out |= t;
+                errors.push(e);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let last = errors.join("; ");
+    Err(if timed_out && n == 1 {
         CallError::Timeout(last)
     } else {
         CallError::Unreachable(last)

@@ -62,6 +62,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The highly available deployment under faults: three etcd members (TLS) and three
+    /// Sec-EM replicas on three nodes, a tenant whose bundles list every replica, a UDP
+    /// stream through the gateway; replicas killed, restarted one by one, and a node lost
+    /// with the etcd leader. Prints each fault's times and their median and maximum.
+    Ha {
+        /// Replica kills (SIGKILL of the replica most agents are on, restarted after).
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// Rolling restarts (SIGTERM and start, one replica at a time, all three).
+        #[arg(long, default_value_t = 4)]
+        rolls: usize,
+        /// Node losses (the etcd leader killed, with the replica most agents are on).
+        #[arg(long, default_value_t = 2)]
+        node_losses: usize,
+        /// Print the results as JSON at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// A traffic generator (run inside a namespace by the lab).
     Gen {
         #[command(subcommand)]
@@ -779,6 +797,50 @@ fn interrupt_cleans_up() {
     });
 }
 
+/// The failover table: per kind of fault, median and maximum of each time.
+fn print_ha(r: &asmn_tests::ha::Report) {
+    use asmn_tests::ha::median_max;
+    println!(
+        "\n{:<34} {:>6} {:>20} {:>20} {:>20} {:>20}",
+        "fault", "trials", "reconnected ms", "catalog ms", "revocation ms", "writes resume ms"
+    );
+    for (kind, name) in [
+        ("kill", "replica killed (SIGKILL)"),
+        ("restart", "rolling restart (SIGTERM, start)"),
+        ("leader", "etcd leader + busiest replica killed"),
+    ] {
+        let t: Vec<&asmn_tests::ha::Trial> = r.trials.iter().filter(|t| t.kind == kind).collect();
+        if t.is_empty() {
+            continue;
+        }
+        let cell = |v: Vec<f64>| {
+            let (med, max) = median_max(&v);
+            if med.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{med:.0} / {max:.0}")
+            }
+        };
+        println!(
+            "{:<34} {:>6} {:>20} {:>20} {:>20} {:>20}",
+            name,
+            t.len(),
+            cell(t.iter().map(|t| t.reconnect_ms).collect()),
+            cell(t.iter().map(|t| t.catalog_ms).collect()),
+            cell(t.iter().map(|t| t.revocation_ms).collect()),
+            cell(t.iter().filter_map(|t| t.writes_resume_ms).collect()),
+        );
+    }
+    println!(
+        "(median / maximum; catalog and revocation from issuing the command to every data plane)"
+    );
+    let lost: usize = r.trials.iter().map(|t| t.reveals_lost).sum();
+    println!(
+        "UDP stream through the gateway: {} of {} datagrams lost during the faults, longest gap {:.0} ms; baseline {} of {}, longest gap {:.0} ms. Acknowledged reveals lost: {lost}",
+        r.during.1, r.during.0, r.during.2, r.baseline.1, r.baseline.0, r.baseline.2
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -848,6 +910,42 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("asmn-lab eval: {e:#}");
+                    netns::cleanup_mine();
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ha {
+            kills,
+            rolls,
+            node_losses,
+            json,
+        } => {
+            if !netns::can_run("asmn-lab ha") {
+                eprintln!("asmn-lab ha: run it as root (it makes network namespaces)");
+                return ExitCode::from(2);
+            }
+            interrupt_cleans_up();
+            let start = Instant::now();
+            let plan = asmn_tests::ha::Plan {
+                kills,
+                rolls,
+                node_losses,
+            };
+            let mut say = |text: &str| println!("[{:6.1} s] {text}", start.elapsed().as_secs_f64());
+            match asmn_tests::ha::run(plan, &mut say) {
+                Ok(report) => {
+                    print_ha(&report);
+                    if json {
+                        match serde_json::to_string(&report) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => eprintln!("asmn-lab ha: {e}"),
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("asmn-lab ha: {e}");
                     netns::cleanup_mine();
                     ExitCode::FAILURE
                 }
