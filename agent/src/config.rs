@@ -10,7 +10,7 @@
 //! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
 //! reattest_interval_secs = 30        # default: what Sec-EM says
 //! polling = "adaptive"               # or "busy": no sleep while packets flow (a whole core)
-//! failover_ms = 600                  # a silent Sec-EM is dead after this; the next listed
+//! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed
 //!                                    # replica is tried (keep-alives every third of it)
 //! ```
 //!
@@ -43,7 +43,7 @@ pub struct Config {
     /// How the data plane waits for packets.
     pub polling: Polling,
     /// How fast a silent controller is declared dead and another one tried
-    /// (`failover_ms`, default 600; keep-alives every third of it).
+    /// (`failover_ms`, default 450; keep-alives every third of it).
     pub liveness: asmn_channel::tls::Liveness,
 }
 

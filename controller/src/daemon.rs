@@ -28,6 +28,9 @@ pub enum DaemonError {
     /// The QUIC endpoint could not start.
     #[error("starting the QUIC endpoint: {0}")]
     Transport(#[from] asmn_channel::tls::TlsError),
+    /// The store's schema is not one this Sec-EM serves.
+    #[error("{0}")]
+    Schema(#[from] crate::store::schema::SchemaError),
     /// The audit key file is not a key.
     #[error("the audit key {path}: {reason}")]
     AuditKey {
@@ -37,6 +40,9 @@ pub enum DaemonError {
         reason: String,
     },
 }
+
+/// How often a serving Sec-EM checks that the store's schema is still one it serves.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(5);
 
 /// How long open connections get to finish when the daemon stops.
 pub const DRAIN: Duration = Duration::from_secs(5);
@@ -80,6 +86,20 @@ async fn serve_with<S: Store>(
     key: &str,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    use crate::store::schema::{self, Ours};
+    match schema::check(&raw_store, Ours::THIS).await? {
+        schema::Outcome::Created => tracing::info!(version = schema::CURRENT, "new store"),
+        schema::Outcome::Current => {}
+        schema::Outcome::Migrated(from) => {
+            tracing::info!(from, to = schema::CURRENT, "store migrated to this schema")
+        }
+        schema::Outcome::NewerCompatible(v) => tracing::warn!(
+            store = v,
+            ours = schema::CURRENT,
+            "the store was upgraded by a newer Sec-EM; serving it as a compatible older \
+             replica (finish the rolling upgrade)"
+        ),
+    }
     let metrics = crate::metrics::Metrics::new();
     let store = crate::metrics::MeteredStore::new(raw_store, Arc::clone(&metrics));
     let audit_key =
@@ -143,6 +163,7 @@ async fn serve_with<S: Store>(
             ))
         }
     };
+    let schema_store = registry.store_arc();
     let server = tokio::spawn(service::serve(
         endpoint.clone(),
         registry,
@@ -150,7 +171,26 @@ async fn serve_with<S: Store>(
         Some(metrics),
         config.limits.clone(),
     ));
-    shutdown.await;
+    // A newer replica may migrate the store beyond what this one reads: stop then,
+    // rather than write in a layout the others no longer expect.
+    let outgrown = async move {
+        loop {
+            tokio::time::sleep(SCHEMA_RECHECK).await;
+            match schema::still_readable(&*schema_store, Ours::THIS).await {
+                Err(e @ schema::SchemaError::Newer { .. }) => return e,
+                Err(e) => tracing::debug!(error = %e, "schema re-check failed; trying again"),
+                Ok(()) => {}
+            }
+        }
+    };
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => {}
+        e = outgrown => {
+            tracing::error!(error = %e, "stopping");
+            result = Err(DaemonError::Schema(e));
+        }
+    }
     tracing::info!("shutting down: closing connections");
     endpoint.close(0u32.into(), b"sec-em shutting down");
     if tokio::time::timeout(DRAIN, endpoint.wait_idle())
@@ -160,5 +200,5 @@ async fn serve_with<S: Store>(
         tracing::warn!("connections still open after {DRAIN:?}; exiting anyway");
     }
     server.abort();
-    Ok(())
+    result
 }

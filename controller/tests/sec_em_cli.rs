@@ -525,3 +525,48 @@ fn asmnctl_end_to_end() {
     );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
 }
+
+#[test]
+fn serve_refuses_a_store_a_newer_sec_em_made_unreadable() {
+    use asmn_controller::store::Store;
+    use asmn_controller::store::schema;
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().to_str().expect("utf8");
+    let listen = "127.0.0.1:0";
+    assert!(
+        sec_em(&[
+            "init",
+            "--dir",
+            d,
+            "--listen",
+            listen,
+            "--metrics-addr",
+            "127.0.0.1:0"
+        ])
+        .status
+        .success()
+    );
+    let marker = schema::Marker {
+        version: schema::CURRENT + 2,
+        compatible_down_to: schema::CURRENT + 2,
+        written_by: "sec-em 9.9.9".into(),
+    };
+    {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        let store =
+            asmn_controller::store::embedded::EmbeddedStore::open(&dir.path().join("sec-em.redb"))
+                .expect("open");
+        rt.block_on(store.put(schema::KEY, serde_json::to_vec(&marker).expect("json")))
+            .expect("put");
+    }
+    let config = dir.path().join("sec-em.toml");
+    let out = sec_em(&["serve", "--config", config.to_str().expect("utf8")]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(
+        t.contains(&format!("schema version {}", schema::CURRENT + 2))
+            && t.contains("sec-em 9.9.9")
+            && t.contains("Upgrade this sec-em"),
+        "{t}"
+    );
+}

@@ -968,3 +968,90 @@ async fn an_audit_block_larger_than_the_appender_writes_is_refused() {
         Err(audit::AuditError::Unreadable { seq: 1, .. })
     ));
 }
+
+/// A store as Sec-EM wrote it before the schema marker (the current records: an image,
+/// an enrolled instance and the audit log), checked by a newer Sec-EM: migrated, the
+/// marker written, every record still served; an older Sec-EM refuses a store a newer one
+/// made incompatible, and serves one the newer made compatible (a rolling upgrade).
+async fn schema_versions_on<S: Store>(store: S) {
+    use crate::store::schema::{self, Marker, Ours, Outcome};
+    let r = onboarded(store).await;
+    let a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("genuine");
+    // The fixture: exactly what this build writes, less the marker (version 1).
+    r.store().delete(schema::KEY).await.expect("delete");
+    assert_eq!(
+        schema::check(r.store(), Ours::THIS)
+            .await
+            .expect("migrates"),
+        Outcome::Migrated(1)
+    );
+    let marker: Marker = serde_json::from_slice(
+        &r.store()
+            .get(schema::KEY)
+            .await
+            .expect("get")
+            .expect("marker")
+            .value,
+    )
+    .expect("marker json");
+    assert_eq!(marker.version, schema::CURRENT);
+    assert_eq!(state(&r, &a.request.id).await, InstanceState::Enrolled);
+    assert!(kinds(&r).await.contains(&"enroll.accepted".to_string()));
+    assert_eq!(
+        schema::check(r.store(), Ours::THIS).await.expect("again"),
+        Outcome::Current
+    );
+    // A newer replica migrated in a way this one can still read (its marker, as it
+    // writes it): both serve.
+    let mark = |version: u32, compatible_down_to: u32| {
+        serde_json::to_vec(&Marker {
+            version,
+            compatible_down_to,
+            written_by: "sec-em (a newer one)".into(),
+        })
+        .expect("json")
+    };
+    r.store()
+        .put(schema::KEY, mark(schema::CURRENT + 1, schema::CURRENT))
+        .await
+        .expect("put");
+    schema::still_readable(r.store(), Ours::THIS)
+        .await
+        .expect("an adjacent newer version is compatible");
+    assert_eq!(
+        schema::check(r.store(), Ours::THIS)
+            .await
+            .expect("older serves"),
+        Outcome::NewerCompatible(schema::CURRENT + 1)
+    );
+    // A newer one that older replicas cannot read: refused, with what to do.
+    r.store()
+        .put(schema::KEY, mark(schema::CURRENT + 2, schema::CURRENT + 2))
+        .await
+        .expect("put");
+    let e = schema::check(r.store(), Ours::THIS)
+        .await
+        .expect_err("an older Sec-EM refuses");
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("schema version {}", schema::CURRENT + 2))
+            && text.contains("Upgrade this sec-em"),
+        "{text}"
+    );
+    assert!(schema::still_readable(r.store(), Ours::THIS).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_versions_are_checked_and_migrated_on_the_embedded_store() {
+    let (_d, s) = embedded();
+    schema_versions_on(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_versions_are_checked_and_migrated_on_etcd() {
+    let Some(server) = EtcdServer::start().await else {
+        return;
+    };
+    schema_versions_on(EtcdStore::connect(&server.url).await.expect("etcd")).await;
+}
