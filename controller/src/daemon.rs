@@ -64,7 +64,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         StoreUrl::Embedded(path) => {
             let store = EmbeddedStore::open(&path)?;
             tracing::info!(path = %path.display(), "store: embedded");
-            serve_with(config, store, &ca, &cert, &key, shutdown).await
+            let hook = backup_hook(&store, &path);
+            serve_with(config, store, Some(hook), (&ca, &cert, &key), shutdown).await
         }
         StoreUrl::Etcd(url, files) => {
             let options = files.load().map_err(|reason| DaemonError::Read {
@@ -73,17 +74,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             })?;
             let store = EtcdStore::connect_with(&url, &options).await?;
             tracing::info!(%url, tls = options.tls.is_some(), "store: etcd");
-            serve_with(config, store, &ca, &cert, &key, shutdown).await
+            serve_with(config, store, None, (&ca, &cert, &key), shutdown).await
         }
     }
+}
+
+/// Backups of the embedded store at `path` while it serves: files in `backups/` beside
+/// it (the service's state directory, the one place it may write).
+fn backup_hook(store: &EmbeddedStore, path: &std::path::Path) -> crate::registry::BackupHook {
+    let snap = store.snapshotter();
+    let dir = path
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("backups");
+    Arc::new(move || {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let s = snap.snapshot().map_err(|e| e.to_string())?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let file = dir.join(format!("sec-em-{secs}-r{}.asmnbak", s.revision));
+        let (h, sha) = crate::backup::write(&file, &s).map_err(|e| e.to_string())?;
+        tracing::info!(file = %file.display(), entries = h.entries, revision = h.revision, "backup written");
+        Ok(serde_json::json!({
+            "path": file,
+            "entries": h.entries,
+            "revision": h.revision,
+            "schema": h.schema,
+            "sha256": sha,
+        }))
+    })
 }
 
 async fn serve_with<S: Store>(
     config: Config,
     raw_store: S,
-    ca: &str,
-    cert: &str,
-    key: &str,
+    backup: Option<crate::registry::BackupHook>,
+    (ca, cert, key): (&str, &str, &str),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     use crate::store::schema::{self, Ours};
@@ -119,7 +151,7 @@ async fn serve_with<S: Store>(
     } else {
         local.to_string()
     };
-    let registry = Arc::new(Registry::new(
+    let registry = Registry::new(
         store,
         RegistryConfig {
             controllers: if config.controllers.is_empty() {
@@ -137,7 +169,11 @@ async fn serve_with<S: Store>(
             audit_key,
             audit_refusals_per_min: config.limits.audit_refusals_per_min,
         },
-    ));
+    );
+    let registry = Arc::new(match backup {
+        Some(hook) => registry.with_backup(hook),
+        None => registry,
+    });
     tracing::info!(listen = %local, server_name = %config.server_name, "sec-em serving");
     let hub = crate::push::PushHub::new();
     let _follower = crate::push::follow(

@@ -5,15 +5,16 @@
 //! [`registry`] (on-boarding, instantiation, enrollment, re-attestation and renewal, peer
 //! verification, quarantine and revocation as decisions over the store), the pushes to
 //! connected agents ([`push`]), the controller's [`pki`], its validated [`config`], its
-//! [`metrics`], and the daemon ([`daemon`], [`service`]; the QUIC and TLS set-up is the
+//! [`metrics`], [`backup`] files of the embedded store, and the daemon ([`daemon`], [`service`]; the QUIC and TLS set-up is the
 //! `asmn-channel` crate's, shared with the agent). Binaries:
-//! `sec-em` (init, check-config, serve), `asmnctl` (the operator CLI) and `sec-em-load`
+//! `sec-em` (init, check-config, serve, backup, restore), `asmnctl` (the operator CLI) and `sec-em-load`
 //! (the load benchmark). [`local_etcd`] starts throw-away etcd clusters for tests and the
 //! benchmark. The protocol logic lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod daemon;
 pub mod local_etcd;

@@ -427,6 +427,20 @@ pub struct Registry<S: Store> {
     /// Serializes this replica's overlay allocations (the counter is a hot key: without
     /// it, concurrent creations mostly lose their compare-and-swap to each other).
     allocating: tokio::sync::Mutex<()>,
+    /// Takes a backup of the store while serving (embedded stores only).
+    backup: Option<Backup>,
+}
+
+/// Writes a consistent backup of the store and describes it (JSON); blocking.
+pub type BackupHook = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
+
+#[derive(Clone)]
+struct Backup(BackupHook);
+
+impl std::fmt::Debug for Backup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Backup")
+    }
 }
 
 /// Most compare-and-swap retries on one record before giving up (each retry means another
@@ -451,7 +465,24 @@ impl<S: Store> Registry<S> {
             },
             config,
             allocating: tokio::sync::Mutex::new(()),
+            backup: None,
         }
+    }
+
+    /// This registry, able to take backups with `hook` (`sec-em backup` asks for them).
+    pub fn with_backup(mut self, hook: BackupHook) -> Self {
+        self.backup = Some(Backup(hook));
+        self
+    }
+
+    /// Takes a backup, when this store can (see [`Registry::with_backup`]).
+    pub async fn backup(&self) -> Option<Result<serde_json::Value, String>> {
+        let Backup(hook) = self.backup.clone()?;
+        Some(
+            tokio::task::spawn_blocking(move || hook())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+        )
     }
 
     /// The store.

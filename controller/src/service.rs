@@ -633,6 +633,15 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
                 ),
             }
         }
+        "backup" => match registry.backup().await {
+            Some(Ok(summary)) => page(to_json(&summary), None),
+            Some(Err(e)) => refusal(RefusalCode::Unavailable, format!("backup failed: {e}")),
+            None => refusal(
+                RefusalCode::InvalidRequest,
+                "this Sec-EM's store is etcd: back it up with `etcdctl snapshot save` \
+                 (docs/deploy.md)",
+            ),
+        },
         "admin-revoked" => match registry.revoked_admins().await {
             Ok(v) => page(to_json(&serde_json::json!(v)), None),
             Err(e) => from_error(e),
@@ -640,7 +649,7 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
         other => refusal(
             RefusalCode::InvalidRequest,
             format!(
-                "unknown query {other:?}: instances, instance, audit, audit-verify, audit-checkpoint, admin-revoked"
+                "unknown query {other:?}: instances, instance, audit, audit-verify, audit-checkpoint, admin-revoked, backup"
             ),
         ),
     }

@@ -74,6 +74,38 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
     },
+    /// Write a consistent backup of the embedded store to FILE (mode 0600). While Sec-EM
+    /// serves it takes the snapshot itself, in one read transaction (this command asks it
+    /// over QUIC with the admin certificate); when it is stopped, from the file. For an
+    /// etcd store use `etcdctl snapshot save` (docs/deploy.md).
+    Backup {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/asmn/sec-em.toml")]
+        config: PathBuf,
+        /// Where to write the backup.
+        #[arg(long)]
+        out: PathBuf,
+        /// The admin client certificate (default: admin.pem beside the configuration).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Its key (default: admin.key beside the configuration).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Put a backup back as the embedded store, with Sec-EM stopped. The backup is
+    /// checked (format, checksum, schema) before anything is touched; an existing store
+    /// is kept beside it (`.before-restore-TIME`), and replaced only with --force.
+    Restore {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/asmn/sec-em.toml")]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace an existing store.
+        #[arg(long)]
+        force: bool,
+    },
     /// Read a configuration file and report the first problem, if any.
     CheckConfig {
         /// The configuration file.
@@ -216,6 +248,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Backup {
+            config,
+            out,
+            cert,
+            key,
+        } => backup(&config, &out, cert, key),
+        Command::Restore {
+            config,
+            from,
+            force,
+        } => restore(&config, &from, force),
         Command::CheckConfig { config } => {
             let c = config::Config::load(&config)?;
             println!(
@@ -230,6 +273,145 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn embedded_path(cfg: &config::Config) -> anyhow::Result<PathBuf> {
+    match &cfg.store {
+        config::StoreUrl::Embedded(p) => Ok(p.clone()),
+        config::StoreUrl::Etcd(url, _) => anyhow::bail!(
+            "the store is etcd ({url}): back it up and restore it with `etcdctl snapshot \
+             save` / `snapshot restore` (docs/deploy.md)"
+        ),
+    }
+}
+
+fn backup(
+    config_path: &std::path::Path,
+    out: &std::path::Path,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use asmn_controller::store::embedded::EmbeddedStore;
+    let cfg = config::Config::load(config_path)?;
+    let path = embedded_path(&cfg)?;
+    // Sec-EM stopped: the file is free.
+    let direct = EmbeddedStore::open(&path);
+    let (header, sha) = match direct {
+        Ok(store) => {
+            let snap = store.snapshotter().snapshot()?;
+            drop(store);
+            asmn_controller::backup::write(out, &snap)?
+        }
+        Err(open_error) => {
+            let dir = config_path.parent().unwrap_or(std::path::Path::new("."));
+            let cert = cert.unwrap_or_else(|| dir.join("admin.pem"));
+            let key = key.unwrap_or_else(|| dir.join("admin.key"));
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let (ca, cert, key) = (read(&cfg.ca)?, read(&cert)?, read(&key)?);
+            let addr = if cfg.listen.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], cfg.listen.port()))
+            } else {
+                cfg.listen
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let summary = rt
+                .block_on(async {
+                    let ep = asmn_channel::tls::client(&ca, Some((&cert, &key)))?;
+                    let (conn, _) = asmn_channel::call::connect(
+                        &ep,
+                        &[addr.to_string()],
+                        &cfg.server_name,
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await?;
+                    let body =
+                        asmn_shared::wire::msg::Body::Query(asmn_shared::wire::msg::QueryRequest {
+                            what: "backup".into(),
+                            argument: String::new(),
+                            after: String::new(),
+                            limit: 0,
+                        });
+                    let answer =
+                        asmn_channel::call::call(&conn, body, std::time::Duration::from_secs(600))
+                            .await?;
+                    conn.close(0u32.into(), b"done");
+                    match answer {
+                        asmn_shared::wire::msg::Body::QueryResult(r) => Ok(r.json),
+                        other => anyhow::bail!("unexpected answer: {other:?}"),
+                    }
+                })
+                .with_context(|| {
+                    format!(
+                        "the store {} is in use ({open_error}) and the serving Sec-EM at {addr} \
+                         did not take the backup",
+                        path.display()
+                    )
+                })?;
+            let v: serde_json::Value = serde_json::from_str(&summary)?;
+            let taken = PathBuf::from(v["path"].as_str().unwrap_or_default());
+            // Copy what Sec-EM wrote (in its state directory), checking it on the way.
+            let (h, snap) = asmn_controller::backup::read(&taken)?;
+            let (_, sha) = asmn_controller::backup::write(out, &snap)?;
+            let _ = std::fs::remove_file(&taken);
+            (h, sha)
+        }
+    };
+    println!(
+        "backup {}: {} entries at revision {}, schema {}, sha256 {sha}",
+        out.display(),
+        header.entries,
+        header.revision,
+        header
+            .schema
+            .map_or_else(|| "unmarked (1)".to_string(), |v| v.to_string())
+    );
+    Ok(())
+}
+
+fn restore(
+    config_path: &std::path::Path,
+    from: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    use asmn_controller::store::embedded::EmbeddedStore;
+    use asmn_controller::store::schema;
+    let cfg = config::Config::load(config_path)?;
+    let path = embedded_path(&cfg)?;
+    let (header, snap) = asmn_controller::backup::read(from)?;
+    if let Some((_, v)) = snap.entries.iter().find(|(k, _)| k == schema::KEY) {
+        let m: schema::Marker = serde_json::from_slice(v).context("the backup's schema marker")?;
+        schema::readable(&m, schema::Ours::THIS)?;
+    }
+    if path.exists() {
+        // Opening it proves Sec-EM is not serving it.
+        drop(EmbeddedStore::open(&path).with_context(|| {
+            format!("{} is in use: stop sec-em before restoring", path.display())
+        })?);
+        if !force {
+            anyhow::bail!(
+                "{} exists; pass --force to replace it (it is kept beside, renamed)",
+                path.display()
+            );
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let kept = path.with_extension(format!("before-restore-{secs}"));
+        std::fs::rename(&path, &kept)
+            .with_context(|| format!("moving {} aside", path.display()))?;
+        println!("the store that was there is now {}", kept.display());
+    }
+    EmbeddedStore::create_from(&path, &snap)?;
+    println!(
+        "restored {} entries (revision {}) from {} into {}; start sec-em",
+        header.entries,
+        header.revision,
+        from.display(),
+        path.display()
+    );
+    Ok(())
 }
 
 /// Completes on SIGTERM or SIGINT.
