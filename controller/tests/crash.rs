@@ -2,10 +2,7 @@
 //! acknowledged reveal is in the store and no chain element is ever accepted twice.
 //! Embedded store: 20 kill points over 1,000 enrollments.
 
-use std::process::{Command, Stdio};
-
-use common::{Daemon, free_udp};
-use std::time::{Duration, Instant};
+use common::{ask_opt as ask, start};
 
 mod common;
 
@@ -15,58 +12,6 @@ use asmn_shared::wire::msg::{self, Body, RefusalCode};
 const IMAGE: &[u8] = b"crash-test image";
 const ROUNDS: usize = 20;
 const PER_ROUND: usize = 50;
-
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("port")
-        .port()
-}
-
-fn start(cfg: &std::path::Path) -> Daemon {
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_sec-em"))
-            .args(["serve", "--config", cfg.to_str().expect("utf-8")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("serve"),
-    )
-}
-
-struct Client {
-    endpoint: quinn::Endpoint,
-    addr: std::net::SocketAddr,
-}
-
-impl Client {
-    async fn connect(&self) -> quinn::Connection {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Ok(c)) = tokio::time::timeout(
-                Duration::from_millis(500),
-                self.endpoint.connect(self.addr, "sec-em").expect("connect"),
-            )
-            .await
-            {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "sec-em did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-async fn ask(c: &quinn::Connection, body: Body) -> Option<Body> {
-    let env = msg::Envelope {
-        request_id: 1,
-        body: Some(body),
-    };
-    asmn_channel::call::request(c, &env, Duration::from_secs(30))
-        .await
-        .ok()
-        .and_then(|e| e.body)
-}
 
 fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
     common::enroll_with_prover_of(bundle, IMAGE).0
@@ -89,56 +34,14 @@ async fn kill_9_with_etcd_loses_no_acknowledged_reveal() {
 /// The crash run, on the embedded store or on `etcd` (over TLS).
 async fn crash_run(etcd: Option<&asmn_controller::local_etcd::LocalEtcd>) {
     let dir = tempfile::tempdir().expect("tmp");
-    let d = dir.path();
-    let listen = format!("127.0.0.1:{}", free_udp());
-    let metrics = format!("127.0.0.1:{}", free_tcp());
-    let o = Command::new(env!("CARGO_BIN_EXE_sec-em"))
-        .args([
-            "init",
-            "--dir",
-            d.to_str().expect("p"),
-            "--listen",
-            &listen,
-            "--metrics-addr",
-            &metrics,
-        ])
-        .output()
-        .expect("init");
-    assert!(o.status.success());
-    let cfg = d.join("sec-em.toml");
-    // Short chains: 1,000 anchors are computed at instance creation.
-    // One loopback address stands for 1,000 VMs, and one connection replays every
-    // acknowledged enrollment at the end: lift the per-source limits meant for strangers.
-    let mut text = std::fs::read_to_string(&cfg)
-        .expect("cfg")
-        .replace("chain_length = 100000", "chain_length = 64")
-        .replace(
-            "stranger_requests_per_source_per_sec = 50",
-            "stranger_requests_per_source_per_sec = 100000",
-        )
-        .replace("enroll_deadline_secs = 20", "enroll_deadline_secs = 300");
-    assert!(
-        text.contains("enroll_deadline_secs = 300"),
-        "limits replaced"
-    );
-    if let Some(etcd) = etcd {
-        text = etcd.configure(&text).expect("etcd settings");
-        assert!(text.contains(&etcd.url()), "store line replaced");
-    }
-    std::fs::write(&cfg, text).expect("cfg");
-    let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);
-    let admin = Client {
-        endpoint: asmn_channel::tls::client(
-            &read("ca.pem"),
-            Some((&read("admin.pem"), &read("admin.key"))),
-        )
-        .expect("client"),
-        addr: listen.parse().expect("addr"),
-    };
-    let agents = Client {
-        endpoint: asmn_channel::tls::client(&read("ca.pem"), None).expect("client"),
-        addr: admin.addr,
-    };
+    let (cfg, admin, agents) = common::init_for_load(dir.path(), |text| match etcd {
+        Some(etcd) => {
+            let text = etcd.configure(&text).expect("etcd settings");
+            assert!(text.contains(&etcd.url()), "store line replaced");
+            text
+        }
+        None => text,
+    });
 
     let mut daemon = start(&cfg);
     let ac = admin.connect().await;

@@ -266,3 +266,116 @@ pub fn free_udp() -> u16 {
         .expect("port")
         .port()
 }
+
+/// A free TCP port on loopback (for Sec-EM's metrics).
+pub fn free_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// `sec-em serve --config CFG`, its output discarded.
+pub fn start(cfg: &std::path::Path) -> Daemon {
+    Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sec-em"))
+            .args(["serve", "--config", cfg.to_str().expect("utf-8")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve"),
+    )
+}
+
+/// A client endpoint of a `sec-em` process and its address.
+pub struct Client {
+    pub endpoint: quinn::Endpoint,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Client {
+    /// Connects, retrying for up to 20 s while the daemon starts.
+    pub async fn connect(&self) -> quinn::Connection {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                self.endpoint.connect(self.addr, "sec-em").expect("connect"),
+            )
+            .await
+            {
+                return c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sec-em did not come up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// One request; the answer's body, or None when the connection or the daemon failed.
+pub async fn ask_opt(c: &quinn::Connection, body: Body) -> Option<Body> {
+    let env = msg::Envelope {
+        request_id: 1,
+        body: Some(body),
+    };
+    asmn_channel::call::request(c, &env, std::time::Duration::from_secs(30))
+        .await
+        .ok()
+        .and_then(|e| e.body)
+}
+
+/// `sec-em init` in `d` for a load of 1,000 agents from loopback: short chains (their
+/// anchors are computed at creation), and the per-source limits meant for strangers
+/// lifted (one address stands for 1,000 VMs). `adjust` edits the configuration text
+/// last. The configuration file, an admin client and an agents' client.
+pub fn init_for_load(
+    d: &std::path::Path,
+    adjust: impl FnOnce(String) -> String,
+) -> (std::path::PathBuf, Client, Client) {
+    let listen = format!("127.0.0.1:{}", free_udp());
+    let metrics = format!("127.0.0.1:{}", free_tcp());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sec-em"))
+        .args([
+            "init",
+            "--dir",
+            d.to_str().expect("p"),
+            "--listen",
+            &listen,
+            "--metrics-addr",
+            &metrics,
+        ])
+        .output()
+        .expect("init");
+    assert!(o.status.success());
+    let cfg = d.join("sec-em.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("cfg")
+        .replace("chain_length = 100000", "chain_length = 64")
+        .replace(
+            "stranger_requests_per_source_per_sec = 50",
+            "stranger_requests_per_source_per_sec = 100000",
+        )
+        .replace("enroll_deadline_secs = 20", "enroll_deadline_secs = 300");
+    assert!(
+        text.contains("enroll_deadline_secs = 300"),
+        "limits replaced"
+    );
+    std::fs::write(&cfg, adjust(text)).expect("cfg");
+    let read = |n: &str| std::fs::read_to_string(d.join(n)).expect(n);
+    let admin = Client {
+        endpoint: asmn_channel::tls::client(
+            &read("ca.pem"),
+            Some((&read("admin.pem"), &read("admin.key"))),
+        )
+        .expect("client"),
+        addr: listen.parse().expect("addr"),
+    };
+    let agents = Client {
+        endpoint: asmn_channel::tls::client(&read("ca.pem"), None).expect("client"),
+        addr: admin.addr,
+    };
+    (cfg, admin, agents)
+}
