@@ -14,6 +14,7 @@ APT_PACKAGES=(
   procps                                        # `kill`: tests stop what they started, by PID
   wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
   fonts-dejavu-core                             # the font of asmn-lab eval's charts
+  lintian systemd                               # scripts/package.sh --check: lintian, systemd-analyze
 )
 
 asmn_need_root() {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole ASMN test suite, as root on a fresh Debian 12 machine: installs what it needs,
-# then checks formatting, lints (warnings are errors) and runs every test.
+# then checks formatting, lints (warnings are errors), builds and checks the Debian
+# packages (scripts/package.sh --check) and runs every test.
 # Under CI=true a test whose tool is missing fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ echo "==> fuzz targets still build (cargo check; fuzzing itself: see README)"
 cargo check --quiet --manifest-path shared/fuzz/Cargo.toml --bins
 echo "==> cargo build --bins (the namespace tests run sec-em, asmnctl and asmn-agent)"
 cargo build --workspace --bins --locked
+echo "==> the Debian packages: build, lintian, install, systemd-analyze verify, purge"
+bash scripts/package.sh --check
 echo "==> cargo test"
 log=$(mktemp)
 # Tests that cannot run here (outside CI: a tool missing, not root) pass as `ok` in

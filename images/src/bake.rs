@@ -2,8 +2,9 @@
 //! kept as data (`images/recipes/*.toml`).
 //!
 //! The image is one ext4 file system (no partition table), built without mounting
-//! anything: `debootstrap` fills a staging directory, the agent, its systemd units and
-//! the config-drive hook are added, file times are set to the recipe's epoch, and
+//! anything: `debootstrap` fills a staging directory, the agent's Debian package (built by
+//! `scripts/package.sh`: the same package operators install) is installed into it with
+//! `dpkg`, file times are set to the recipe's epoch, and
 //! `mke2fs -d` writes the file system with a fixed UUID, hash seed and clock. The result
 //! is `NAME.raw` (the golden image), `NAME.qcow2` (the same, to boot from) and the
 //! kernel and initrd beside them, for a direct kernel boot (`root=/dev/vda`).
@@ -196,78 +197,10 @@ pub struct Baked {
     pub seconds: f64,
 }
 
-/// The agent's unit: after the network and the bundle; restarted on failure, except
-/// when Sec-EM refused the instance (exit 1) or the configuration is wrong (exit 2),
-/// which a restart cannot fix.
-fn agent_unit(nice: i32) -> String {
-    format!(
-        "[Unit]
-Description=ASMN agent: attests this VNF to Sec-EM and runs its WireGuard tunnels
-Wants=network-online.target
-After=network-online.target asmn-bundle.service
-Requires=asmn-bundle.service
-ConditionPathExists=/etc/asmn/bundle
-
-[Service]
-ExecStart=/usr/local/bin/asmn-agent run --config /etc/asmn/agent.toml
-Restart=on-failure
-RestartSec=2s
-RestartPreventExitStatus=1 2
-Nice={nice}
-StandardOutput=journal+console
-StandardError=journal+console
-
-[Install]
-WantedBy=multi-user.target
-"
-    )
+/// The drop-in that sets the agent's scheduling priority (a gateway's recipe sets -10).
+fn nice_dropin(nice: i32) -> String {
+    format!("[Service]\nNice={nice}\n")
 }
-
-const BUNDLE_UNIT: &str = "[Unit]
-Description=ASMN: the bootstrap bundle and agent configuration from the config drive
-DefaultDependencies=no
-After=local-fs.target
-Before=asmn-agent.service
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/usr/local/lib/asmn/asmn-bundle
-StandardOutput=journal+console
-
-[Install]
-WantedBy=multi-user.target
-";
-
-/// The config-drive hook: a NoCloud (`cidata`) or config-drive (`config-2`) volume
-/// carries `asmn/bundle` (installed 0600) and `asmn/agent.toml`, and may carry
-/// `asmn/hosts` (appended to /etc/hosts: how the VM finds Sec-EM by name).
-const BUNDLE_HOOK: &str = r#"#!/bin/sh
-set -eu
-dev=""
-for label in cidata CIDATA config-2; do
-  dev=$(blkid -L "$label" 2>/dev/null || true)
-  [ -n "$dev" ] && break
-done
-if [ -z "$dev" ]; then
-  echo "asmn-bundle: no config drive (label cidata or config-2): the agent will not start"
-  exit 0
-fi
-# Under /run: this runs early, before /tmp may be mounted over.
-mnt=/run/asmn-config-drive
-mkdir -p "$mnt"
-mount -o ro "$dev" "$mnt"
-umask 077
-mkdir -p /etc/asmn
-for d in "$mnt/asmn" "$mnt/openstack/latest/asmn"; do
-  [ -f "$d/bundle" ] && install -m 0600 "$d/bundle" /etc/asmn/bundle
-  [ -f "$d/agent.toml" ] && install -m 0644 "$d/agent.toml" /etc/asmn/agent.toml
-  [ -f "$d/hosts" ] && cat "$d/hosts" >> /etc/hosts
-done
-umount "$mnt"
-rmdir "$mnt"
-echo "asmn-bundle: bundle from $dev installed"
-"#;
 
 const NETWORK: &str = "[Match]
 Name=en* eth*
@@ -419,8 +352,24 @@ fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
     found.pop()
 }
 
-/// Bakes `recipe` with the agent binary `agent` into `out`; debootstrap's downloads are
-/// kept in `cache` between bakes. `log` gets one line per step.
+/// The newest `asmn-agent_*.deb` in `dir` (where `scripts/package.sh` writes it).
+pub fn newest_agent_deb(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("asmn-agent_") && n.ends_with(".deb"))
+        })
+        .collect();
+    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    found.pop()
+}
+
+/// Bakes `recipe` with the agent's Debian package `agent` into `out`; debootstrap's
+/// downloads are kept in `cache` between bakes. `log` gets one line per step.
 pub fn bake(
     recipe: &Recipe,
     agent: &Path,
@@ -435,13 +384,17 @@ pub fn bake(
         ("qemu-img", "qemu-utils"),
         ("find", "findutils"),
         ("touch", "coreutils"),
+        ("chroot", "coreutils"),
     ] {
         need(tool, package)?;
     }
-    if !agent.is_file() {
+    if !agent.is_file() || agent.extension().and_then(|e| e.to_str()) != Some("deb") {
         return Err(step(
             "the agent",
-            format!("{} is not a file (build it first)", agent.display()),
+            format!(
+                "{} is not the agent's Debian package (build it with scripts/package.sh)",
+                agent.display()
+            ),
         ));
     }
     std::fs::create_dir_all(out).map_err(|e| step("output", format!("{}: {e}", out.display())))?;
@@ -477,27 +430,28 @@ pub fn bake(
         .env("SOURCE_DATE_EPOCH", recipe.epoch.to_string());
     run("debootstrap", &mut cmd)?;
 
-    log("adding the agent, its units, the config-drive hook and the payload");
-    let agent_bytes = std::fs::read(agent).map_err(|e| step("the agent", e))?;
-    write(&root, "/usr/local/bin/asmn-agent", 0o755, &agent_bytes)?;
-    write(
-        &root,
-        "/etc/systemd/system/asmn-agent.service",
-        0o644,
-        agent_unit(recipe.agent_nice).as_bytes(),
+    log("installing the agent's package (its units, user and config-drive hook) and the payload");
+    let staged = root.join("tmp/asmn-agent.deb");
+    std::fs::copy(agent, &staged).map_err(|e| step("the agent", e))?;
+    // Its maintainer scripts run in the image: the user (sysusers), the state directory
+    // (tmpfiles) and the units enabled, as on any Debian system.
+    run(
+        "installing the agent's package",
+        Command::new("chroot")
+            .arg(&root)
+            .args(["dpkg", "-i", "/tmp/asmn-agent.deb"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("SOURCE_DATE_EPOCH", recipe.epoch.to_string()),
     )?;
-    write(
-        &root,
-        "/etc/systemd/system/asmn-bundle.service",
-        0o644,
-        BUNDLE_UNIT.as_bytes(),
-    )?;
-    write(
-        &root,
-        "/usr/local/lib/asmn/asmn-bundle",
-        0o755,
-        BUNDLE_HOOK.as_bytes(),
-    )?;
+    std::fs::remove_file(&staged).map_err(|e| step("the agent", e))?;
+    if recipe.agent_nice != 0 {
+        write(
+            &root,
+            "/etc/systemd/system/asmn-agent.service.d/50-nice.conf",
+            0o644,
+            nice_dropin(recipe.agent_nice).as_bytes(),
+        )?;
+    }
     write(
         &root,
         "/etc/systemd/network/80-dhcp.network",
@@ -522,8 +476,6 @@ pub fn bake(
         let mode = u32::from_str_radix(&f.mode, 8).unwrap_or(0o644);
         write(&root, &f.path, mode, f.text.as_bytes())?;
     }
-    enable(&root, "asmn-bundle.service", "multi-user.target")?;
-    enable(&root, "asmn-agent.service", "multi-user.target")?;
     enable(&root, "systemd-networkd.service", "multi-user.target")?;
     enable(
         &root,

@@ -2,8 +2,8 @@
 //! 150 MB of Debian packages from the recipe's mirror for each of two bakes and boots a VM,
 //! several minutes on the 2-core machine):
 //!
-//! `cargo build --release --workspace --bins && ASMN_BIN_DIR=$PWD/target/release \
-//!  cargo test -p asmn-tests --test vm -- --ignored --nocapture`
+//! `scripts/package.sh && cargo build --release --workspace --bins && \
+//!  ASMN_BIN_DIR=$PWD/target/release cargo test -p asmn-tests --test vm -- --ignored --nocapture`
 //!
 //! 1. `asmn-image bake` of `images/recipes/vnf-web.toml` twice: the digests are the same
 //!    (or the test says which parts differ);
@@ -23,12 +23,13 @@ use asmn_tests::tenant::Tenant;
 fn bake(out: &Path, cache: &Path) -> serde_json::Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let image = netns::binary("asmn-image").expect("asmn-image");
-    let agent = netns::binary("asmn-agent").expect("asmn-agent");
+    let agent = asmn_images::bake::newest_agent_deb(&root.join("target/debian"))
+        .expect("the agent's package: run scripts/package.sh first");
     let o = std::process::Command::new(image)
         .arg("bake")
         .arg("--recipe")
         .arg(root.join("images/recipes/vnf-web.toml"))
-        .arg("--agent")
+        .arg("--agent-deb")
         .arg(agent)
         .arg("--out")
         .arg(out)
@@ -117,7 +118,7 @@ fn a_baked_image_boots_and_its_agent_enrolls() {
     std::fs::copy(&bundle, drive_dir.join("asmn/bundle")).expect("bundle");
     std::fs::write(
         drive_dir.join("asmn/agent.toml"),
-        "bundle = \"/etc/asmn/bundle\"\ntarget = \"/dev/vdb\"\nunderlay = \"10.0.2.15:51820\"\nstate_dir = \"/var/lib/asmn\"\n",
+        "bundle = \"/etc/asmn/bundle\"\ntarget = \"/dev/vdb\"\nunderlay = \"10.0.2.15:51820\"\nstate_dir = \"/var/lib/asmn-agent\"\n",
     )
     .expect("agent.toml");
     let drive = t.dir.path().join("cidata.img");

@@ -38,6 +38,10 @@ enum Command {
         /// Where `sec-em serve` exports Prometheus metrics (HTTP).
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: SocketAddr,
+        /// The embedded store's file (relative to DIR, or absolute). The packaged unit
+        /// may write only its state directory: /var/lib/asmn/sec-em.redb there.
+        #[arg(long, default_value = "sec-em.redb")]
+        store_file: PathBuf,
         /// Where to write the CA key (`ca.key`): by default DIR. Point it at an offline
         /// directory (removable media) to keep it off the Sec-EM host: `sec-em serve`
         /// never reads it; only `sec-em issue-admin` does.
@@ -65,7 +69,10 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
-    /// Serve agents and operators over QUIC until SIGTERM or SIGINT.
+    /// Serve agents and operators over QUIC until SIGTERM or SIGINT. Exit codes: 0 stopped
+    /// by a signal; 78 the configuration, keys or store schema are wrong (a restart
+    /// cannot help); 1 anything else (a restart may: the store unreachable, the port
+    /// taken).
     Serve {
         /// The configuration file.
         #[arg(long, default_value = "/etc/asmn/sec-em.toml")]
@@ -130,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_names,
             listen,
             metrics_addr,
+            store_file,
             ca_dir,
             force,
         } => {
@@ -151,7 +159,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 true,
             )?;
             let server_name = server_names.first().map_or("sec-em", String::as_str);
-            let text = config::initial(listen, server_name, "sec-em.redb", metrics_addr);
+            let store_file = store_file.to_str().ok_or_else(|| {
+                anyhow::anyhow!("--store-file {}: not UTF-8", store_file.display())
+            })?;
+            let text = config::initial(listen, server_name, store_file, metrics_addr);
             pki::write_file(&cfg_path, text.as_bytes(), true)?;
             config::Config::load(&cfg_path).context("the configuration just written")?;
             println!(
@@ -201,9 +212,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_env_filter(filter)
                     .init();
             }
-            let cfg = config::Config::load(&config)?;
+            let cfg = config::Config::load(&config).map_err(|e| ConfigFault(e.into()))?;
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(async { asmn_controller::daemon::run(cfg, shutdown_signal()).await })?;
+            rt.block_on(async { asmn_controller::daemon::run(cfg, shutdown_signal()).await })
+                .map_err(|e| {
+                    use asmn_channel::tls::TlsError;
+                    use asmn_controller::daemon::DaemonError;
+                    let fault = matches!(
+                        e,
+                        DaemonError::Read { .. }
+                            | DaemonError::AuditKey { .. }
+                            | DaemonError::Schema(_)
+                            | DaemonError::Transport(TlsError::Material(_))
+                    );
+                    if fault {
+                        anyhow::Error::new(ConfigFault(e.into()))
+                    } else {
+                        e.into()
+                    }
+                })?;
             Ok(())
         }
         Command::IssueAdmin {
@@ -430,12 +457,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// An error of the configuration, keys or store schema: restarting cannot fix it.
+#[derive(Debug)]
+struct ConfigFault(anyhow::Error);
+
+impl std::fmt::Display for ConfigFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigFault {}
+
+/// `serve`'s exit code for a [`ConfigFault`] (EX_CONFIG): the unit does not restart it.
+const EXIT_CONFIG: u8 = 78;
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sec-em: error: {e:#}");
-            ExitCode::from(2)
+            if !serving {
+                ExitCode::from(2)
+            } else if e.downcast_ref::<ConfigFault>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                // A failure a restart may cure (the store unreachable, the port taken).
+                ExitCode::from(1)
+            }
         }
     }
 }

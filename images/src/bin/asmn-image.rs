@@ -76,9 +76,10 @@ enum Command {
         /// The recipe (TOML), such as images/recipes/vnf-web.toml.
         #[arg(long)]
         recipe: PathBuf,
-        /// The asmn-agent binary to bake in.
-        #[arg(long, default_value = "target/release/asmn-agent")]
-        agent: PathBuf,
+        /// The agent's Debian package to install (default: the newest
+        /// target/debian/asmn-agent_*.deb, which scripts/package.sh builds).
+        #[arg(long)]
+        agent_deb: Option<PathBuf>,
         /// Where the image goes.
         #[arg(long, default_value = "baked")]
         out: PathBuf,
@@ -245,12 +246,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bake {
             recipe,
-            agent,
+            agent_deb,
             out,
             cache,
             json,
         } => {
             let r = bake::load_recipe(&recipe)?;
+            let agent = agent_deb
+                .or_else(|| bake::newest_agent_deb(std::path::Path::new("target/debian")))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no agent package: build it with scripts/package.sh (target/debian/asmn-agent_*.deb) or pass --agent-deb"
+                    )
+                })?;
             let baked = bake::bake(&r, &agent, &out, &cache, &mut |s| {
                 if !json {
                     eprintln!("bake: {s}");
