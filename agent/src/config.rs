@@ -140,14 +140,15 @@ impl Config {
         }
         let liveness = match raw.failover_ms {
             None => asmn_channel::tls::Liveness::FAILOVER,
-            Some(ms) if (300..=600_000).contains(&ms) => asmn_channel::tls::Liveness {
+            Some(ms) if (300..=60_000).contains(&ms) => asmn_channel::tls::Liveness {
                 keep_alive: std::time::Duration::from_millis(ms / 3),
                 dead_after: std::time::Duration::from_millis(ms),
             },
             Some(ms) => {
                 return Err(err(format!(
-                    "field `failover_ms`: {ms} is outside 300..=600000 (how long a silent Sec-EM \
-                     is waited for before another listed one is tried)"
+                    "field `failover_ms`: {ms} is outside 300..=60000 (how long a silent Sec-EM \
+                     is waited for before another listed one is tried; Sec-EM closes \
+                     connections silent for 60 s)"
                 )));
             }
         };

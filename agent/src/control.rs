@@ -365,6 +365,8 @@ pub struct Control {
     /// Verifications that pushes start (verify-back, re-keys): owned here, aborted by
     /// [`Control::shutdown`].
     background: std::sync::Mutex<tokio::task::JoinSet<()>>,
+    /// Peers whose revocation this agent has heard of.
+    revoked: std::sync::Mutex<std::collections::HashSet<InstanceKey>>,
     /// The newest catalog version seen per VNF (own, and guarded by a gateway).
     versions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The index in the bundle of the controller of the current connection.
@@ -437,6 +439,7 @@ impl Control {
         }
         Arc::new(Control {
             controller: std::sync::atomic::AtomicUsize::new(controller),
+            revoked: std::sync::Mutex::new(std::collections::HashSet::new()),
             versions: std::sync::Mutex::new(std::collections::HashMap::from([(
                 chain.bundle.vnf.to_string(),
                 enforced,
@@ -723,8 +726,14 @@ impl Control {
                 if let Ok(mut k) = self.known.lock() {
                     k.remove(&id);
                 }
-                if self.on_plane(move |p, _, _| p.remove(&id)).await? {
+                let removed = self.on_plane(move |p, _, _| p.remove(&id)).await?;
+                // Every revocation is logged once (each reconnection delivers the
+                // tenant's revocations again).
+                let first = self.revoked.lock().map_or(true, |mut r| r.insert(id));
+                if removed {
                     tracing::info!(peer = %id.to_hex(), reason = %n.reason, "peer revoked: tunnel removed");
+                } else if first {
+                    tracing::info!(peer = %id.to_hex(), reason = %n.reason, "peer revoked: no tunnel to it");
                 }
             }
             Body::VerifyRequested(v) => {
@@ -906,6 +915,12 @@ impl Control {
                     match enroll(&conn, &mut chain, self.wg_public, self.underlay).await {
                         Ok(_) => {
                             *self.conn.lock().await = conn;
+                            // The new connection's catalogs are the store's as it is now
+                            // (a restored store may be behind what this agent saw): take
+                            // whatever version it pushes first.
+                            if let Ok(mut seen) = self.versions.lock() {
+                                seen.clear();
+                            }
                             self.controller.store(at, Ordering::Relaxed);
                             let name = bundle.controllers.get(at).map_or("", String::as_str);
                             self.status.connected(name);

@@ -117,6 +117,17 @@ impl AuditKey {
         )
     }
 
+    /// The MAC of a backup file's SHA-256 (hex): whoever can write the file but lacks
+    /// this key cannot make a changed backup pass `sec-em restore`.
+    pub fn backup_mac(&self, sha256_hex: &str) -> String {
+        self.mac(b"asmn/v1/backup", &[sha256_hex.as_bytes()])
+    }
+
+    /// Whether `mac` is [`AuditKey::backup_mac`] of `sha256_hex` (constant time).
+    pub fn verifies_backup(&self, sha256_hex: &str, mac: &str) -> bool {
+        self.verifies(&self.backup_mac(sha256_hex), mac)
+    }
+
     fn verifies(&self, expected: &str, got: &str) -> bool {
         use subtle::ConstantTimeEq;
         expected.len() == got.len() && bool::from(expected.as_bytes().ct_eq(got.as_bytes()))

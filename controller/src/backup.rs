@@ -4,8 +4,9 @@
 //!
 //! The format is JSON lines: a header (`format`, `version`, the store's revision and
 //! schema, the number of entries), one line per entry (`k`, and `v` in base64), and a
-//! last line with the SHA-256 of every byte before it. A file that is cut, changed or
-//! not a backup is refused before anything is written. (etcd stores are backed up with
+//! last line with the SHA-256 of every byte before it and its HMAC under the audit key
+//! (`audit.key`, which the store never holds): a file that is cut, changed (its hash
+//! recomputed or not) or not a backup is refused before anything is written. (etcd stores are backed up with
 //! `etcdctl snapshot save`: see docs/deploy.md.)
 
 use std::io::{BufRead, Write};
@@ -14,6 +15,7 @@ use std::path::Path;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
+use crate::audit::AuditKey;
 use crate::store::embedded::Snapshot;
 
 /// The header's `format`.
@@ -69,7 +71,12 @@ struct Entry {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Trailer {
     sha256: String,
+    mac: String,
 }
+
+/// The largest revision a backup may carry: a store's revision counts writes, and one
+/// near the end of u64 would overflow the next write.
+pub const MAX_REVISION: u64 = 1 << 53;
 
 fn schema_of(snap: &Snapshot) -> Option<u32> {
     snap.entries
@@ -82,7 +89,11 @@ fn schema_of(snap: &Snapshot) -> Option<u32> {
 /// Writes `snap` to `path` (mode 0600: the store holds instance secrets), through a
 /// temporary file renamed into place, so a crash never leaves half a backup under the
 /// name. Returns its header and the file's SHA-256 (hex).
-pub fn write(path: &Path, snap: &Snapshot) -> Result<(Header, String), BackupError> {
+pub fn write(
+    path: &Path,
+    snap: &Snapshot,
+    key: &AuditKey,
+) -> Result<(Header, String), BackupError> {
     let io = |source| BackupError::Io {
         path: path.display().to_string(),
         source,
@@ -117,6 +128,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<(Header, String), BackupErr
     line(
         &mut body,
         &Trailer {
+            mac: key.backup_mac(&sha),
             sha256: sha.clone(),
         },
     );
@@ -139,7 +151,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<(Header, String), BackupErr
 
 /// Reads and checks the backup at `path`: its format, every entry, and the checksum
 /// over all of it.
-pub fn read(path: &Path) -> Result<(Header, Snapshot), BackupError> {
+pub fn read(path: &Path, key: &AuditKey) -> Result<(Header, Snapshot), BackupError> {
     let name = path.display().to_string();
     let bad = |reason: String| BackupError::Bad {
         path: name.clone(),
@@ -177,6 +189,12 @@ pub fn read(path: &Path) -> Result<(Header, Snapshot), BackupError> {
             header.format, header.version
         )));
     }
+    if header.revision > MAX_REVISION {
+        return Err(bad(format!(
+            "revision {} is beyond any store's ({MAX_REVISION} at most)",
+            header.revision
+        )));
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut entries = Vec::new();
     for i in 0..header.entries {
@@ -198,6 +216,13 @@ pub fn read(path: &Path) -> Result<(Header, Snapshot), BackupError> {
             "checksum mismatch (the file says {}, its content is {sum}): it was changed",
             trailer.sha256
         )));
+    }
+    if !key.verifies_backup(&sum, &trailer.mac) {
+        return Err(bad(
+            "its MAC does not verify under this Sec-EM's audit key: it was changed (the \
+             checksum recomputed), or it comes from another deployment"
+                .into(),
+        ));
     }
     if next_line("end")?.is_some() {
         return Err(bad("lines after the checksum".into()));
@@ -226,9 +251,15 @@ mod tests {
                 ("b/2".into(), vec![0, 255, 7]),
             ],
         };
-        let (h, _) = write(&p, &snap).expect("write");
+        let key = AuditKey::new([9; 32]);
+        let (h, _) = write(&p, &snap, &key).expect("write");
         assert_eq!(h.entries, 2);
-        assert_eq!(read(&p).expect("read").1, snap);
+        assert_eq!(read(&p, &key).expect("read").1, snap);
+        // Another deployment's key: refused.
+        assert!(matches!(
+            read(&p, &AuditKey::new([8; 32])),
+            Err(BackupError::Bad { .. })
+        ));
         let text = std::fs::read_to_string(&p).expect("text");
         for broken in [
             text.replace("\"a/1\"", "\"a/9\""),
@@ -240,9 +271,36 @@ mod tests {
         ] {
             std::fs::write(&p, &broken).expect("write");
             assert!(
-                matches!(read(&p), Err(BackupError::Bad { .. })),
+                matches!(read(&p, &key), Err(BackupError::Bad { .. })),
                 "{broken:?}"
             );
         }
+        // An entry changed and the checksum recomputed: the MAC still refuses it.
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        lines[1] = lines[1].replace("\"a/1\"", "\"a/9\"");
+        let body: String = lines[..lines.len() - 1]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let sum = hex::encode(Sha256::digest(body.as_bytes()));
+        let old: Trailer = serde_json::from_str(lines.last().expect("trailer")).expect("json");
+        let forged = format!(
+            "{body}{}\n",
+            serde_json::to_string(&Trailer {
+                sha256: sum,
+                mac: old.mac
+            })
+            .expect("json")
+        );
+        std::fs::write(&p, forged).expect("write");
+        let e = read(&p, &key).expect_err("a forged backup");
+        assert!(e.to_string().contains("MAC"), "{e}");
+        // A revision that would overflow the store's counter.
+        let huge = Snapshot {
+            revision: u64::MAX,
+            entries: Vec::new(),
+        };
+        write(&p, &huge, &key).expect("write");
+        assert!(matches!(read(&p, &key), Err(BackupError::Bad { .. })));
     }
 }

@@ -362,6 +362,15 @@ impl Config {
             }
             controllers.push(c);
         }
+        if controllers.len() > 1 && matches!(store, StoreUrl::Embedded(_)) {
+            return Err(err(
+                "controllers",
+                "several replicas need a store they share (store = \"etcds://...\"); with \
+                 the embedded store each would have its own, and an agent that moved to \
+                 another would be refused as unknown"
+                    .into(),
+            ));
+        }
         let metrics_addr = raw
             .metrics_addr
             .map(|m| {
@@ -690,6 +699,11 @@ mod tests {
             (
                 "# controllers = [",
                 "controllers = [\"no-port\"]\n# [",
+                "controllers",
+            ),
+            (
+                "# controllers = [",
+                "controllers = [\"a:7443\", \"b:7443\"]\n# [",
                 "controllers",
             ),
             (

@@ -64,7 +64,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         StoreUrl::Embedded(path) => {
             let store = EmbeddedStore::open(&path)?;
             tracing::info!(path = %path.display(), "store: embedded");
-            let hook = backup_hook(&store, &path);
+            let audit_key = crate::audit::AuditKey::from_file_text(&read(&config.audit_key)?)
+                .map_err(|reason| DaemonError::AuditKey {
+                    path: config.audit_key.display().to_string(),
+                    reason,
+                })?;
+            let hook = backup_hook(&store, &path, audit_key);
             serve_with(config, store, Some(hook), (&ca, &cert, &key), shutdown).await
         }
         StoreUrl::Etcd(url, files) => {
@@ -81,7 +86,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// Backups of the embedded store at `path` while it serves: files in `backups/` beside
 /// it (the service's state directory, the one place it may write).
-fn backup_hook(store: &EmbeddedStore, path: &std::path::Path) -> crate::registry::BackupHook {
+fn backup_hook(
+    store: &EmbeddedStore,
+    path: &std::path::Path,
+    key: crate::audit::AuditKey,
+) -> crate::registry::BackupHook {
     let snap = store.snapshotter();
     let dir = path
         .parent()
@@ -99,7 +108,7 @@ fn backup_hook(store: &EmbeddedStore, path: &std::path::Path) -> crate::registry
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let file = dir.join(format!("sec-em-{secs}-r{}.asmnbak", s.revision));
-        let (h, sha) = crate::backup::write(&file, &s).map_err(|e| e.to_string())?;
+        let (h, sha) = crate::backup::write(&file, &s, &key).map_err(|e| e.to_string())?;
         tracing::info!(file = %file.display(), entries = h.entries, revision = h.revision, "backup written");
         Ok(serde_json::json!({
             "path": file,

@@ -24,6 +24,10 @@ use crate::store::{AbortOnDrop, Event, RawEvent, Store, watch_prefix};
 /// Frames queued per agent before pushes to it are dropped (it re-syncs on reconnect).
 pub const QUEUE: usize = 256;
 
+/// The most frames queued for one agent at its attach (the catalogs and revocations in
+/// force besides [`QUEUE`]).
+pub const MAX_QUEUE: usize = 65_536;
+
 struct Agent {
     tenant: TenantId,
     vnf: VnfId,
@@ -41,6 +45,8 @@ pub struct PushHub {
     generations: std::sync::atomic::AtomicU64,
     /// Revoked instances per tenant (with the reason), for agents that reconnect.
     revoked: Mutex<HashMap<TenantId, BTreeMap<InstanceKey, String>>>,
+    /// Whether the follower has listed the instances once (so `revoked` is complete).
+    primed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PushHub {
@@ -70,6 +76,13 @@ impl PushHub {
         Arc::new(Self::default())
     }
 
+    /// Whether the revocations in force are known (the follower's first listing is
+    /// done): before that an attaching agent could miss one, so Sec-EM asks it to come
+    /// back (`Unavailable`).
+    pub fn primed(&self) -> bool {
+        self.primed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Connected agents.
     pub fn len(&self) -> usize {
         self.agents.lock().map_or(0, |a| a.len())
@@ -90,9 +103,36 @@ impl PushHub {
         (tenant, vnf, role): (TenantId, VnfId, Role),
         first: Vec<msg::Body>,
     ) -> AbortOnDrop {
-        let (tx, mut rx) = mpsc::channel::<msg::Envelope>(QUEUE);
+        // Room for what is queued now besides the queue of later pushes: every
+        // revocation of the tenant must reach the agent, however many there are.
+        let revoked_now = self
+            .revoked
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&tenant).map(BTreeMap::len))
+            .unwrap_or(0);
+        let room = (QUEUE + first.len() + revoked_now).min(MAX_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<msg::Envelope>(room);
         for body in first {
             let _ = tx.try_send(push(body));
+        }
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Attached before the revocations are copied: one recorded after the copy is
+        // pushed to this agent by `push_revocation` (which records, then sends to the
+        // agents attached); one recorded before is in the copy. (Twice is harmless.)
+        if let Ok(mut a) = self.agents.lock() {
+            a.insert(
+                id,
+                Agent {
+                    tenant: tenant.clone(),
+                    vnf,
+                    role,
+                    tx: tx.clone(),
+                    generation,
+                },
+            );
         }
         let revoked: Vec<_> = self
             .revoked
@@ -103,24 +143,10 @@ impl PushHub {
             .into_iter()
             .collect();
         for (rid, reason) in revoked {
-            // What does not fit in the queue the agent learns from a refused VerifyPeer.
+            // Beyond MAX_QUEUE the agent learns of the rest from a refused VerifyPeer.
             let _ = tx.try_send(revocation(&rid, &reason));
         }
-        let generation = self
-            .generations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut a) = self.agents.lock() {
-            a.insert(
-                id,
-                Agent {
-                    tenant,
-                    vnf,
-                    role,
-                    tx,
-                    generation,
-                },
-            );
-        }
+        drop(tx);
         let hub = Arc::clone(self);
         AbortOnDrop(tokio::spawn(async move {
             let done = async {
@@ -356,6 +382,7 @@ pub fn follow<S: Store>(
                         for (key, v) in &listing.entries {
                             f.instance(key, &v.value, quiet);
                         }
+                        f.hub.primed.store(true, std::sync::atomic::Ordering::Release);
                     }
                     Event::Change(RawEvent::Put { key, value, .. }) => f.instance(&key, &value, false),
                     Event::Change(RawEvent::Delete { key, .. }) => {

@@ -150,6 +150,14 @@ pub async fn handle<S: Store>(
                 "no such instance: it was never created, or its bundle is wrong",
             )
         }
+        Some(Body::Enroll(_)) if session.push.as_ref().is_some_and(|(_, hub)| !hub.primed()) => {
+            // Before the revocations in force are known, an agent attached now could miss
+            // one: it comes back (its reveal is not spent).
+            refusal(
+                RefusalCode::Unavailable,
+                "this Sec-EM replica is starting: try again shortly",
+            )
+        }
         Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
             Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
             Ok(req) => match registry.enroll(now(), &req).await {

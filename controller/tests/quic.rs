@@ -611,3 +611,47 @@ async fn two_replicas_on_one_etcd_push_across_replicas() {
     };
     assert_eq!(got.rules.len(), 1);
 }
+
+/// An agent that attaches to a tenant with more revocations than a push queue holds
+/// (256) still hears of every one: an honest peer must drop its tunnel to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attaching_agent_hears_of_every_revocation_of_its_tenant() {
+    const REVOKED: usize = 300;
+    let lab = lab().await;
+    let admin = connect(&lab, true).await;
+    let vnfd = include_str!("../../images/examples/web-server.vnfd.yaml");
+    ask(&admin, common::onboard_body(IMAGE, vnfd.into())).await;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..REVOKED {
+        let b = create(&admin, &format!("gone-{i}")).await;
+        let r = ask(
+            &admin,
+            Body::Revoke(msg::RevokeRequest {
+                instance_key: b.instance_key().as_bytes().to_vec(),
+                reason: "test".into(),
+            }),
+        )
+        .await;
+        assert!(matches!(r, Body::Ok(_)), "{r:?}");
+        ids.insert(b.instance_key().as_bytes().to_vec());
+    }
+    // The replica's follower has seen them all (its pushes go to nobody yet).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let b = create(&admin, "late").await;
+    let c = connect(&lab, false).await;
+    assert!(matches!(
+        ask(&c, Body::Enroll(enroll_request(&b))).await,
+        Body::Enrolled(_)
+    ));
+    let mut pushes = Pushes::open(&c).await;
+    let mut heard = std::collections::HashSet::new();
+    while let Some(body) = pushes.within(std::time::Duration::from_secs(3)).await {
+        if let Body::Revoked(n) = body {
+            heard.insert(n.instance_key);
+        }
+        if heard.len() == REVOKED {
+            break;
+        }
+    }
+    assert_eq!(heard, ids, "{} of {REVOKED} revocations heard", heard.len());
+}

@@ -609,7 +609,7 @@ fn apply_catalog(ha: &Ha, burst: u32, limit: Duration) -> Result<(f64, f64, u64)
 fn change_and_revoke(
     ha: &mut Ha,
     r: &Roles,
-    spare: usize,
+    (spare, others): (usize, &[usize]),
     burst: u32,
     trial: &mut Trial,
 ) -> Result<(), String> {
@@ -635,17 +635,31 @@ fn change_and_revoke(
     .ok_or_else(|| format!("catalog version {version} not in force within 5 s"))?;
     trial.catalog_ms = (in_force - t_cat).max(0.0) * 1e3;
     let peer = format!("peer={id}");
+    // Every data plane of the tenant: the gateway removes its tunnel, every other live
+    // agent (those that moved among them) hears of it, the revoked agent stops.
     let cut = wait_for(Duration::from_secs(5), || {
-        let g = first_after(
-            &agent_log(ha, r.gateway),
-            t_rev - 1.0,
-            &["peer revoked", &peer],
-        )?;
+        let heard = others.iter().try_fold(0.0f64, |latest, &i| {
+            first_after(&agent_log(ha, i), t_rev - 1.0, &["peer revoked", &peer])
+                .map(|t| latest.max(t))
+        })?;
         let log = agent_log(ha, spare);
         let own = first_after(&log, t_rev - 1.0, &["revoked"])?;
-        Some(g.max(own))
+        Some(heard.max(own))
     })
-    .ok_or_else(|| format!("{} not cut off within 5 s", ha.t.vnfs[spare].name))?;
+    .ok_or_else(|| {
+        let deaf: Vec<&str> = others
+            .iter()
+            .filter(|&&i| {
+                first_after(&agent_log(ha, i), t_rev - 1.0, &["peer revoked", &peer]).is_none()
+            })
+            .map(|&i| ha.t.vnfs[i].name.as_str())
+            .collect();
+        format!(
+            "{} not cut off within 5 s (not heard by: {})",
+            ha.t.vnfs[spare].name,
+            deaf.join(", ")
+        )
+    })?;
     trial.revocation_ms = (cut - t_rev).max(0.0) * 1e3;
     if let Some(a) = ha.t.vnfs[spare].agent.as_mut()
         && a.wait_exit(Duration::from_secs(5)).is_none()
@@ -710,6 +724,17 @@ fn reveals_lost(ha: &Ha, agents: &[usize]) -> Result<usize, String> {
         }
     }
     Ok(lost)
+}
+
+/// [`reveals_lost`] once the agents are quiet: every reveal sent has been answered by
+/// then (the reconnections are done); a mismatch that lasts a second is a reveal lost.
+fn settled_reveals_lost(ha: &Ha, agents: &[usize]) -> Result<usize, String> {
+    let lost = reveals_lost(ha, agents)?;
+    if lost == 0 {
+        return Ok(0);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    reveals_lost(ha, agents)
 }
 
 /// The replica most agents are connected to, and those agents.
@@ -785,8 +810,9 @@ pub fn run(plan: Plan, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
         let t0 = epoch_now();
         ha.kill_sec_em(victim);
         burst += 1;
-        change_and_revoke(&mut ha, &r, s, burst, &mut trial)?;
+        change_and_revoke(&mut ha, &r, (s, &agents), burst, &mut trial)?;
         trial.reconnect_ms = (reconnected(&ha, &movers, t0, Duration::from_secs(10))? - t0) * 1e3;
+        trial.reveals_lost = settled_reveals_lost(&ha, &agents)?;
         say(&format!(
             "kill {k}: replica {victim} killed; its {} agents reconnected in {:.0} ms; catalog in force {:.0} ms, revocation {:.0} ms after the command",
             trial.moved, trial.reconnect_ms, trial.catalog_ms, trial.revocation_ms
@@ -809,9 +835,10 @@ pub fn run(plan: Plan, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
             let t0 = epoch_now();
             ha.stop_sec_em(n);
             burst += 1;
-            change_and_revoke(&mut ha, &r, s, burst, &mut trial)?;
+            change_and_revoke(&mut ha, &r, (s, &agents), burst, &mut trial)?;
             trial.reconnect_ms =
                 (reconnected(&ha, &movers, t0, Duration::from_secs(10))? - t0) * 1e3;
+            trial.reveals_lost = settled_reveals_lost(&ha, &agents)?;
             ha.start_sec_em(n)?;
             say(&format!(
                 "rolling restart {roll}, replica {n}: {} agents moved in {:.0} ms; catalog {:.0} ms, revocation {:.0} ms",
@@ -841,16 +868,9 @@ pub fn run(plan: Plan, say: &mut dyn FnMut(&str)) -> Result<Report, String> {
         let (_, acked, _) = apply_catalog(&ha, burst, Duration::from_secs(10))?;
         trial.writes_resume_ms = Some((acked - t0) * 1e3);
         burst += 1;
-        change_and_revoke(&mut ha, &r, s, burst, &mut trial)?;
+        change_and_revoke(&mut ha, &r, (s, &agents), burst, &mut trial)?;
         trial.reconnect_ms = (reconnected(&ha, &movers, t0, Duration::from_secs(10))? - t0) * 1e3;
-        let agents = live(&r, &revoked);
-        // Quiet agents: every reveal sent has been answered by now (the reconnections
-        // above); a mismatch that lasts is a reveal lost.
-        let mut lost = reveals_lost(&ha, &agents)?;
-        if lost > 0 {
-            std::thread::sleep(Duration::from_secs(1));
-            lost = reveals_lost(&ha, &agents)?;
-        }
+        let lost = settled_reveals_lost(&ha, &agents)?;
         trial.reveals_lost = lost;
         say(&format!(
             "node loss {k}: etcd leader {leader} and replica {victim} killed; writes resumed {:.0} ms after, {} agents reconnected in {:.0} ms; catalog {:.0} ms, revocation {:.0} ms; reveals lost: {lost}",

@@ -69,17 +69,17 @@ fn agents_fail_over_between_replicas_and_changes_still_reach_every_data_plane() 
             "no agent moved in a {kind} trial\n{story}"
         );
     }
-    // No tunnel dropped: the stream loses no more than before the faults (half a point
-    // of slack for a loaded machine: a tunnel down for even 100 ms of a 1,000-datagram
-    // a second stream loses more), and never falls silent for long.
+    // No tunnel dropped: the stream (1,000 datagrams a second for about a minute) loses
+    // no more than before the faults, with 0.2 points of slack for a loaded machine (a
+    // tunnel down for 150 ms loses more), and never falls silent for 200 ms.
     let (sent, lost, gap) = report.during;
     let (b_sent, b_lost, _) = report.baseline;
     assert!(sent > 5000, "the stream barely ran: {sent}\n{story}");
     let ratio = lost as f64 / sent as f64;
     let baseline = b_lost as f64 / b_sent.max(1) as f64;
     assert!(
-        ratio <= baseline + 0.005,
+        ratio <= baseline + 0.002,
         "{lost} of {sent} lost during the faults, {b_lost} of {b_sent} before\n{story}"
     );
-    assert!(gap < 500.0, "the stream stopped for {gap:.0} ms\n{story}");
+    assert!(gap < 200.0, "the stream stopped for {gap:.0} ms\n{story}");
 }

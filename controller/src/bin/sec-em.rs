@@ -302,6 +302,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The audit key of `cfg`: it authenticates backups too.
+fn audit_key(cfg: &config::Config) -> anyhow::Result<asmn_controller::audit::AuditKey> {
+    let text = std::fs::read_to_string(&cfg.audit_key)
+        .with_context(|| format!("reading the audit key {}", cfg.audit_key.display()))?;
+    asmn_controller::audit::AuditKey::from_file_text(&text)
+        .map_err(|e| anyhow::anyhow!("the audit key {}: {e}", cfg.audit_key.display()))
+}
+
 fn embedded_path(cfg: &config::Config) -> anyhow::Result<PathBuf> {
     match &cfg.store {
         config::StoreUrl::Embedded(p) => Ok(p.clone()),
@@ -321,13 +329,21 @@ fn backup(
     use asmn_controller::store::embedded::EmbeddedStore;
     let cfg = config::Config::load(config_path)?;
     let path = embedded_path(&cfg)?;
+    let audit_key = audit_key(&cfg)?;
+    if !path.exists() {
+        anyhow::bail!(
+            "{}: no store there (is `store` in {} right?)",
+            path.display(),
+            config_path.display()
+        );
+    }
     // Sec-EM stopped: the file is free.
     let direct = EmbeddedStore::open(&path);
     let (header, sha) = match direct {
         Ok(store) => {
             let snap = store.snapshotter().snapshot()?;
             drop(store);
-            asmn_controller::backup::write(out, &snap)?
+            asmn_controller::backup::write(out, &snap, &audit_key)?
         }
         Err(open_error) => {
             let dir = config_path.parent().unwrap_or(std::path::Path::new("."));
@@ -379,8 +395,8 @@ fn backup(
             let v: serde_json::Value = serde_json::from_str(&summary)?;
             let taken = PathBuf::from(v["path"].as_str().unwrap_or_default());
             // Copy what Sec-EM wrote (in its state directory), checking it on the way.
-            let (h, snap) = asmn_controller::backup::read(&taken)?;
-            let (_, sha) = asmn_controller::backup::write(out, &snap)?;
+            let (h, snap) = asmn_controller::backup::read(&taken, &audit_key)?;
+            let (_, sha) = asmn_controller::backup::write(out, &snap, &audit_key)?;
             let _ = std::fs::remove_file(&taken);
             (h, sha)
         }
@@ -406,7 +422,7 @@ fn restore(
     use asmn_controller::store::schema;
     let cfg = config::Config::load(config_path)?;
     let path = embedded_path(&cfg)?;
-    let (header, snap) = asmn_controller::backup::read(from)?;
+    let (header, snap) = asmn_controller::backup::read(from, &audit_key(&cfg)?)?;
     if let Some((_, v)) = snap.entries.iter().find(|(k, _)| k == schema::KEY) {
         let m: schema::Marker = serde_json::from_slice(v).context("the backup's schema marker")?;
         schema::readable(&m, schema::Ours::THIS)?;
@@ -431,6 +447,19 @@ fn restore(
         println!("the store that was there is now {}", kept.display());
     }
     EmbeddedStore::create_from(&path, &snap)?;
+    // The store belongs to whoever owns its directory (the asmn user of the packaged
+    // unit), also when root restores it.
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        })
+        .with_context(|| format!("reading the owner of {}", dir.display()))?;
+        std::os::unix::fs::chown(&path, Some(meta.uid()), Some(meta.gid()))
+            .with_context(|| format!("giving {} to its directory's owner", path.display()))?;
+    }
     println!(
         "restored {} entries (revision {}) from {} into {}; start sec-em",
         header.entries,
