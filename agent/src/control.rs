@@ -155,6 +155,9 @@ pub struct Chain {
     /// The reveal sent last whose answer never came (a lost connection): it is sent
     /// again rather than a new one, so a Sec-EM outage spends at most one element.
     pending: Option<Reveal>,
+    /// The measurement of a renewal whose answer never came: Sec-EM may have committed
+    /// the next epoch, seeded from it.
+    renewing: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -201,6 +204,7 @@ impl Chain {
             dh,
             state_dir,
             pending: None,
+            renewing: None,
         })
     }
 
@@ -288,6 +292,36 @@ impl Chain {
         let reveal = self.reveal()?;
         let sealed = chain::seal_renewal(&reveal, &spec, &next.anchor());
         Ok((reveal, sealed, next, dh))
+    }
+
+    /// Moves to the next epoch as a renewal Sec-EM accepted would have: for a renewal
+    /// whose answer was lost (Sec-EM committed it, then its replica died), which Sec-EM
+    /// shows by refusing this epoch's reveals (`WrongEpoch`). The chain, its D-H value
+    /// and the saved position are derived again from the measurement the renewal used;
+    /// Sec-EM holds the new chain's anchor, so a wrong guess is simply refused again.
+    fn adopt_next_epoch(&mut self) -> Result<u32, AgentError> {
+        let measurement = self
+            .renewing
+            .take()
+            .unwrap_or_else(|| self.measurement.clone());
+        let spec = *self.prover.spec();
+        let epoch = spec.epoch + 1;
+        let seed: ChainElement = chain::seed(&self.bundle.nonce, &self.id, &measurement, epoch);
+        let next_spec = ChainSpec::new(self.id, epoch, spec.length).map_err(other)?;
+        self.dh = DhKeyPair::derive(self.bundle.dh_group, &seed, &self.id, epoch);
+        self.prover = ChainProver::new(next_spec, seed);
+        self.measurement = measurement;
+        self.pending = None;
+        save_position(
+            &self.state_dir,
+            &self.id,
+            Position {
+                epoch,
+                length: spec.length,
+                next: spec.length - 1,
+            },
+        )?;
+        Ok(epoch)
     }
 }
 
@@ -410,15 +444,30 @@ pub async fn enroll(
     wg_public: [u8; 32],
     underlay: SocketAddr,
 ) -> Result<Enrolled, AgentError> {
-    let req = enroll_request(chain, wg_public, underlay)?;
-    let answer = ask(conn, Body::Enroll(req)).await;
-    chain.settle_on(&answer);
-    match answer? {
-        Body::Enrolled(e) => Enrolled::try_from(&e).map_err(other),
-        Body::Refused(r) => Err(refused(&r)),
-        other_body => Err(other(format!(
-            "unexpected answer to Enroll: {other_body:?}"
-        ))),
+    let mut adopted = false;
+    loop {
+        let req = enroll_request(chain, wg_public, underlay)?;
+        let answer = ask(conn, Body::Enroll(req)).await;
+        chain.settle_on(&answer);
+        match answer? {
+            Body::Enrolled(e) => return Enrolled::try_from(&e).map_err(other),
+            Body::Refused(r) if r.code == RefusalCode::WrongEpoch as i32 && !adopted => {
+                // A renewal Sec-EM committed but whose answer was lost: once.
+                let epoch = chain.adopt_next_epoch()?;
+                adopted = true;
+                tracing::warn!(
+                    epoch,
+                    "Sec-EM is on the next epoch of this chain (the answer to a renewal was \
+                     lost): continuing on it"
+                );
+            }
+            Body::Refused(r) => return Err(refused(&r)),
+            other_body => {
+                return Err(other(format!(
+                    "unexpected answer to Enroll: {other_body:?}"
+                )));
+            }
+        }
     }
 }
 
@@ -853,8 +902,13 @@ impl Control {
             });
             let answer = ask(&conn, body).await;
             chain.settle_on(&answer);
+            if chain.pending.is_some() {
+                // Undecided: Sec-EM may have committed the renewal.
+                chain.renewing = Some(measurement.clone());
+            }
             match answer? {
                 Body::Reattested(r) => {
+                    chain.renewing = None;
                     chain.prover = next;
                     chain.dh = dh;
                     chain.measurement = measurement;
@@ -874,6 +928,18 @@ impl Control {
                     self.rekey_all().await;
                     Ok(())
                 }
+                Body::Refused(r) if r.code == RefusalCode::WrongEpoch as i32 => {
+                    // Sec-EM is on the next epoch: a renewal whose answer was lost.
+                    let epoch = chain.adopt_next_epoch()?;
+                    drop(chain);
+                    tracing::warn!(
+                        epoch,
+                        "Sec-EM is on the next epoch of this chain (the answer to a renewal \
+                         was lost): continuing on it and re-keying the tunnels"
+                    );
+                    self.rekey_all().await;
+                    Ok(())
+                }
                 Body::Refused(r) => Err(refused(&r)),
                 b => Err(other(format!("unexpected answer to Reattest: {b:?}"))),
             }
@@ -890,6 +956,18 @@ impl Control {
             match answer? {
                 Body::Reattested(r) => {
                     tracing::debug!(index = r.last_index, "re-attested");
+                    Ok(())
+                }
+                Body::Refused(r) if r.code == RefusalCode::WrongEpoch as i32 => {
+                    // Sec-EM is on the next epoch: a renewal whose answer was lost.
+                    let epoch = chain.adopt_next_epoch()?;
+                    drop(chain);
+                    tracing::warn!(
+                        epoch,
+                        "Sec-EM is on the next epoch of this chain (the answer to a renewal \
+                         was lost): continuing on it and re-keying the tunnels"
+                    );
+                    self.rekey_all().await;
                     Ok(())
                 }
                 Body::Refused(r) => Err(refused(&r)),
@@ -912,8 +990,11 @@ impl Control {
             match connect(&self.endpoint, &bundle, first).await {
                 Ok((conn, at)) => {
                     let mut chain = self.chain.lock().await;
+                    let epoch = chain.prover.spec().epoch;
                     match enroll(&conn, &mut chain, self.wg_public, self.underlay).await {
                         Ok(_) => {
+                            let rekey = chain.prover.spec().epoch != epoch;
+                            drop(chain);
                             *self.conn.lock().await = conn;
                             // The new connection's catalogs are the store's as it is now
                             // (a restored store may be behind what this agent saw): take
@@ -925,6 +1006,10 @@ impl Control {
                             let name = bundle.controllers.get(at).map_or("", String::as_str);
                             self.status.connected(name);
                             tracing::info!(controller = name, "reconnected to Sec-EM");
+                            if rekey {
+                                // Our D-H value is the next epoch's: peers re-key.
+                                self.rekey_all().await;
+                            }
                             return Ok(());
                         }
                         Err(e) if e.is_terminal() => return Err(e),
@@ -989,6 +1074,27 @@ mod tests {
         }));
         chain.settle_on(&replayed);
         assert_eq!(chain.reveal().expect("next").index + 1, second.index);
+    }
+
+    #[test]
+    fn a_renewal_whose_answer_was_lost_is_taken_up_from_its_measurement() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut chain = Chain::new(bundle(), vec![1; 32], dir.path().to_path_buf()).expect("chain");
+        let changed = vec![2; 32];
+        let length = chain.prover.spec().length;
+        let (_, _, next, dh) = chain.renewal(&changed, length).expect("renewal");
+        // The answer never came (the replica died after committing it).
+        chain.settle_on(&Err(other("connection lost")));
+        chain.renewing = Some(changed.clone());
+        assert_eq!(chain.adopt_next_epoch().expect("adopt"), 1);
+        // The chain Sec-EM holds the anchor of, and the D-H value peers were told of.
+        assert_eq!(chain.prover.anchor(), next.anchor());
+        assert_eq!(chain.dh.public().as_bytes(), dh.public().as_bytes());
+        assert_eq!(chain.reveal().expect("reveal").epoch, 1);
+        // A restart resumes on the new epoch, never on the old one.
+        let again = Chain::new(bundle(), changed, dir.path().to_path_buf()).expect("resume");
+        assert_eq!(again.prover.spec().epoch, 1);
+        assert_eq!(again.prover.anchor(), next.anchor());
     }
 
     #[test]
