@@ -15,6 +15,7 @@ APT_PACKAGES=(
   wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
   fonts-dejavu-core                             # the font of asmn-lab eval's charts
   lintian systemd                               # scripts/package.sh --check: lintian, systemd-analyze
+  prometheus                                    # promtool: the alert rules in docs/monitoring
 )
 
 asmn_need_root() {

@@ -17,6 +17,8 @@ echo "==> fuzz targets still build (cargo check; fuzzing itself: see README)"
 cargo check --quiet --manifest-path shared/fuzz/Cargo.toml --bins
 echo "==> cargo build --bins (the namespace tests run sec-em, asmnctl and asmn-agent)"
 cargo build --workspace --bins --locked
+echo "==> the Prometheus alert rules: promtool check rules, promtool test rules"
+(cd docs/monitoring && promtool check rules asmn-alerts.yml && promtool test rules asmn-alerts.test.yml)
 echo "==> the Debian packages: build, lintian, install, systemd-analyze verify, purge"
 bash scripts/package.sh --check
 echo "==> cargo test"

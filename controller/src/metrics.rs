@@ -26,7 +26,9 @@ pub struct Metrics {
     registry: Registry,
     /// Enrollments accepted.
     pub enrollments: Counter,
-    /// Refusals, by reason.
+    /// Refusals, by reason (the refusal code) and request (`enroll`, `reattest`,
+    /// `verify_peer`, `operator`, `other`): re-attestation failures are
+    /// `{request="reattest"}`.
     pub refusals: Family<Labels, Counter>,
     /// Time to handle a reveal (enrollment or re-attestation), seconds.
     pub reveal_seconds: Histogram,
@@ -65,7 +67,11 @@ impl Metrics {
             latency as fn() -> Histogram,
         );
         registry.register("enrollments", "Enrollments accepted", enrollments.clone());
-        registry.register("refusals", "Requests refused, by reason", refusals.clone());
+        registry.register(
+            "refusals",
+            "Requests refused, by reason and request",
+            refusals.clone(),
+        );
         registry.register(
             "reveal_seconds",
             "Time to verify and store a chain reveal",
@@ -113,9 +119,12 @@ impl Metrics {
     }
 
     /// Counts a refusal.
-    pub fn refused(&self, reason: &str) {
+    pub fn refused(&self, reason: &str, request: &str) {
         self.refusals
-            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .get_or_create(&vec![
+                ("reason".to_string(), reason.to_string()),
+                ("request".to_string(), request.to_string()),
+            ])
             .inc();
     }
 

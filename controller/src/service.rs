@@ -132,6 +132,20 @@ pub async fn handle<S: Store>(
     };
     let started = std::time::Instant::now();
     let is_reveal = matches!(env.body, Some(Body::Enroll(_)) | Some(Body::Reattest(_)));
+    let request = match &env.body {
+        Some(Body::Enroll(_)) => "enroll",
+        Some(Body::Reattest(_)) => "reattest",
+        Some(Body::VerifyPeer(_)) => "verify_peer",
+        Some(
+            Body::Onboard(_)
+            | Body::CreateInstance(_)
+            | Body::Revoke(_)
+            | Body::ApplyCatalog(_)
+            | Body::Query(_)
+            | Body::RevokeAdmin(_),
+        ) => "operator",
+        _ => "other",
+    };
     let ack_latency = match (&session.metrics, &env.body) {
         (Some(m), Some(Body::CatalogAck(a))) if session.agent().is_some() => {
             m.catalog_acked(&a.vnf, a.version)
@@ -370,7 +384,7 @@ pub async fn handle<S: Store>(
             Body::Refused(r) => {
                 let reason = RefusalCode::try_from(r.code)
                     .map_or("unknown".to_string(), |c| format!("{c:?}"));
-                m.refused(&reason);
+                m.refused(&reason, request);
             }
             _ => {}
         }

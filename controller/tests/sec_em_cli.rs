@@ -189,7 +189,7 @@ async fn serve_answers_over_quic_and_stops_cleanly_on_sigterm() {
     };
     let m = get("/metrics");
     assert!(
-        m.contains("asmn_refusals_total{reason=\"UnknownInstance\"} 1"),
+        m.contains("asmn_refusals_total{reason=\"UnknownInstance\",request=\"operator\"} 1"),
         "{m}"
     );
     assert!(
