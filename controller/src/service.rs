@@ -464,14 +464,40 @@ async fn reattest<S: Store>(
 }
 
 async fn onboard<S: Store>(registry: &Registry<S>, m: msg::OnboardRequest) -> Body {
-    let vnfd = match parse_vnfd("onboard request", m.vnfd_yaml.as_bytes()) {
-        Ok(v) => v,
-        Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
+    let text = m.vnfd_yaml.as_bytes();
+    // An ETSI SOL001 VNFD (TOSCA) or an ASMN VNFD: one set of rules either way.
+    let (vnfd, checksum) = if asmn_shared::sol001::looks_like_sol001(text) {
+        match asmn_shared::sol001::parse_sol001("onboard request (SOL001)", text) {
+            Ok(s) => (s.vnfd, Some((s.algorithm, s.digest))),
+            Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
+        }
+    } else {
+        match parse_vnfd("onboard request", text) {
+            Ok(v) => (v, None),
+            Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
+        }
     };
     let golden = match wire::digests(&m.digests) {
         Ok(g) => g,
         Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
     };
+    // The descriptor's own checksum must be the image's: a VNFD of another image is
+    // not on-boarded with this one's digest.
+    if let Some((algorithm, digest)) = checksum {
+        let name = algorithm.replace('-', "");
+        if let Some(d) = m.digests.iter().find(|d| d.algorithm == name)
+            && d.value != digest
+        {
+            return refusal(
+                RefusalCode::InvalidRequest,
+                format!(
+                    "the image's {algorithm} is {}, the VNFD's sw_image_data.checksum says {}",
+                    hex::encode(&d.value),
+                    hex::encode(&digest)
+                ),
+            );
+        }
+    }
     match registry.onboard(now(), vnfd, golden, m.image_bytes).await {
         Ok(()) => Body::Ok(msg::Ack {}),
         Err(e) => from_error(e),

@@ -319,6 +319,51 @@ fn asmnctl_end_to_end() {
         text(&o)
     );
 
+    // The same VNF from its ETSI SOL001 descriptor, on-boarded by digest (no image):
+    // with the image's real checksum it is accepted; an image that is not the one the
+    // descriptor names is refused before anything is sent.
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(vec![0x42u8; 1 << 20]))
+    };
+    let sol = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../images/examples/web-server.sol001.yaml"
+    ))
+    .expect("sol001 example")
+    .replace(
+        "5f2b3c8e1d0a4f6b7c9e8d7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c",
+        &sha,
+    )
+    .replace("asmn.vnf_id: web-server", "asmn.vnf_id: web-sol");
+    let sol_path = d.join("web.sol001.yaml");
+    std::fs::write(&sol_path, &sol).expect("write");
+    let sp = sol_path.to_str().expect("p");
+    let o = asmnctl(d, &listen, &["image", "onboard", "--sol001", sp]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&sha), "{}", text(&o));
+    let other = d.join("other.img");
+    std::fs::write(&other, vec![0x43u8; 4096]).expect("image");
+    let o = asmnctl(
+        d,
+        &listen,
+        &[
+            "image",
+            "onboard",
+            other.to_str().expect("p"),
+            "--sol001",
+            sp,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not the VNFD's image"), "{}", text(&o));
+    let o = asmnctl(d, &listen, &["catalog", "show", "web-sol"]);
+    assert!(
+        o.status.success() && text(&o).contains("9100-9110") && text(&o).contains("monitor"),
+        "{}",
+        text(&o)
+    );
+
     let bundle = d.join("web-0.bundle");
     let b = bundle.to_str().expect("p");
     let o = asmnctl(

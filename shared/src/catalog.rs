@@ -523,6 +523,15 @@ fn parse_yaml<T: de::DeserializeOwned>(file: &str, bytes: &[u8]) -> Result<T, Ca
     })
 }
 
+/// Parses a YAML file under the same budgets into a generic value (for the SOL001
+/// reader, whose TOSCA documents have many shapes).
+pub(crate) fn parse_yaml_value(
+    file: &str,
+    bytes: &[u8],
+) -> Result<serde_json::Value, CatalogError> {
+    parse_yaml(file, bytes)
+}
+
 /// Parses a VNFD file (`vnfd:` at the top, with its `sec_catalog`).
 pub fn parse_vnfd(file: &str, bytes: &[u8]) -> Result<Vnfd, CatalogError> {
     let raw: VnfdFile = parse_yaml(file, bytes)?;

@@ -13,6 +13,7 @@ use crate::wire::{self, msg};
 pub fn catalog(data: &[u8]) {
     let _ = catalog::parse_vnfd("fuzz.yaml", data);
     let _ = catalog::parse_catalog("fuzz.yaml", data);
+    let _ = crate::sol001::parse_sol001("fuzz.yaml", data);
 }
 
 fn example_catalog() -> Arc<SecCatalog> {

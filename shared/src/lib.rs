@@ -34,5 +34,6 @@ pub mod measure;
 pub mod policy;
 #[doc(hidden)]
 pub mod skip;
+pub mod sol001;
 pub mod units;
 pub mod wire;

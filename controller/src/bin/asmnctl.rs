@@ -97,12 +97,22 @@ enum AdminCommand {
 #[derive(Subcommand, Debug)]
 enum ImageCommand {
     /// Measure an image and register it with its VNFD and Sec-catalog.
+    ///
+    /// With --sol001 the descriptor is an ETSI NFV-SOL 001 VNFD (TOSCA): its VDU's
+    /// sw_image_data.checksum is the golden digest and its SecurityGroupRule policies
+    /// the whitelist (example: images/examples/web-server.sol001.yaml). IMAGE may then be
+    /// left out (on-boarding by digest: the orchestrator holds the image; the checksum
+    /// must be sha-256); given, it is measured and must match the checksum.
     Onboard {
         /// The image file or block device.
-        image: PathBuf,
-        /// The VNFD (YAML, with its sec_catalog section).
+        #[arg(required_unless_present = "sol001")]
+        image: Option<PathBuf>,
+        /// The ASMN VNFD (YAML, with its sec_catalog section).
+        #[arg(long, required_unless_present = "sol001", conflicts_with = "sol001")]
+        vnfd: Option<PathBuf>,
+        /// An ETSI SOL001 VNFD (TOSCA YAML) instead.
         #[arg(long)]
-        vnfd: PathBuf,
+        sol001: Option<PathBuf>,
         /// Golden digests to register (SHA-256 is always included).
         #[arg(long, default_value = "sha256")]
         algo: String,
@@ -320,40 +330,137 @@ fn print_instances(list: &serde_json::Value) {
 async fn run(cli: &Cli) -> Result<(), Failure> {
     match &cli.command {
         Command::Image {
-            command: ImageCommand::Onboard { image, vnfd, algo },
+            command:
+                ImageCommand::Onboard {
+                    image,
+                    vnfd,
+                    sol001,
+                    algo,
+                },
         } => {
-            let text =
-                std::fs::read(vnfd).map_err(|e| Failure(2, format!("{}: {e}", vnfd.display())))?;
-            parse_vnfd(&vnfd.display().to_string(), &text)?;
-            let mut algs = measure::parse_algorithms(algo)?;
-            algs.push(measure::Algorithm::Sha256);
-            let m = measure::measure_path(image, &algs, MeasureOptions::default(), &mut |_| {})?;
-            let digests = m
-                .digests
-                .iter()
-                .map(|(a, d)| msg::DigestMsg {
-                    algorithm: a.name().into(),
-                    value: d.0.clone(),
-                })
-                .collect();
+            let file = sol001
+                .as_ref()
+                .or(vnfd.as_ref())
+                .ok_or_else(|| Failure(2, "give --vnfd FILE or --sol001 FILE".into()))?;
+            let name = file.display().to_string();
+            let text = std::fs::read(file).map_err(|e| Failure(2, format!("{name}: {e}")))?;
+            // Checked here first, as Sec-EM will: errors name the file.
+            let checksum = if sol001.is_some() {
+                let s = asmn_shared::sol001::parse_sol001(&name, &text)
+                    .map_err(|e| Failure(2, e.to_string()))?;
+                Some(s)
+            } else {
+                parse_vnfd(&name, &text)?;
+                None
+            };
+            let (digests, bytes, shown): (Vec<msg::DigestMsg>, u64, Vec<(String, String)>) =
+                match &image {
+                    Some(image) => {
+                        let mut algs = measure::parse_algorithms(algo)?;
+                        algs.push(measure::Algorithm::Sha256);
+                        if let Some(s) = &checksum
+                            && let Ok(a) = measure::parse_algorithms(&s.algorithm.replace('-', ""))
+                        {
+                            algs.extend(a);
+                        }
+                        let m = measure::measure_path(
+                            image,
+                            &algs,
+                            MeasureOptions::default(),
+                            &mut |_| {},
+                        )?;
+                        if let Some(s) = &checksum {
+                            let want = s.algorithm.replace('-', "");
+                            match m.digests.iter().find(|(a, _)| a.name() == want) {
+                                Some((_, d)) if d.0 == s.digest => {}
+                                Some((_, d)) => {
+                                    return Err(Failure(
+                                        2,
+                                        format!(
+                                            "{}: its {} is {d}, but {name} says {} (sw_image_data.checksum of {}): not the VNFD's image",
+                                            image.display(),
+                                            s.algorithm,
+                                            hex::encode(&s.digest),
+                                            s.vdu
+                                        ),
+                                    ));
+                                }
+                                None => {
+                                    return Err(Failure(
+                                        2,
+                                        format!(
+                                            "{name}: the checksum's algorithm {} cannot be measured here",
+                                            s.algorithm
+                                        ),
+                                    ));
+                                }
+                            }
+                        }
+                        let digests = m
+                            .digests
+                            .iter()
+                            .map(|(a, d)| msg::DigestMsg {
+                                algorithm: a.name().into(),
+                                value: d.0.clone(),
+                            })
+                            .collect();
+                        let shown = m
+                            .digests
+                            .iter()
+                            .map(|(a, d)| (a.name().to_string(), d.to_string()))
+                            .collect();
+                        (digests, m.bytes, shown)
+                    }
+                    None => {
+                        // On-boarding by digest: the agent measures SHA-256.
+                        let s = checksum
+                            .as_ref()
+                            .ok_or_else(|| Failure(2, "an image is needed with --vnfd".into()))?;
+                        if s.algorithm != "sha-256" && s.algorithm != "sha256" {
+                            return Err(Failure(
+                                2,
+                                format!(
+                                    "{name}: the checksum is {}; on-boarding by digest needs sha-256 (the agents measure SHA-256): give the image to measure it",
+                                    s.algorithm
+                                ),
+                            ));
+                        }
+                        (
+                            vec![msg::DigestMsg {
+                                algorithm: "sha256".into(),
+                                value: s.digest.clone(),
+                            }],
+                            s.size.unwrap_or(0),
+                            vec![("sha256".into(), hex::encode(&s.digest))],
+                        )
+                    }
+                };
             call(
                 cli,
                 Body::Onboard(msg::OnboardRequest {
                     vnfd_yaml: String::from_utf8(text)
                         .map_err(|_| Failure(2, "the VNFD is not UTF-8".into()))?,
                     digests,
-                    image_bytes: m.bytes,
+                    image_bytes: bytes,
                 }),
             )
             .await?;
+            let what = image.as_ref().map_or_else(
+                || format!("{name} (by digest)"),
+                |i| i.display().to_string(),
+            );
             if cli.json {
+                let d: serde_json::Map<String, serde_json::Value> = shown
+                    .iter()
+                    .map(|(a, d)| (a.clone(), serde_json::Value::String(d.clone())))
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::json!({"onboarded": image, "bytes": m.bytes, "digests": m.digests})
+                    serde_json::json!({"onboarded": what, "bytes": bytes, "digests": d})
                 );
             } else {
-                println!("on-boarded {} ({} bytes)", image.display(), m.bytes);
-                for (a, d) in &m.digests {
+                println!("on-boarded {what} ({bytes} bytes)");
+                for (a, d) in &shown {
                     println!("  {a:<7} {d}");
                 }
             }
