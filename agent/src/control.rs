@@ -326,13 +326,30 @@ impl Chain {
 }
 
 /// A QUIC client endpoint that trusts only the controller CA of the bundle, declaring a
-/// silent controller dead as `liveness` says.
+/// silent controller dead as `liveness` says. With `dual_stack` (a bundle that lists an
+/// IPv6 controller) it is bound to `[::]` and reaches IPv4 controllers as well; where the
+/// host has no IPv6, to `0.0.0.0`.
 pub fn client(
     ca_pem: &str,
     liveness: asmn_channel::tls::Liveness,
+    dual_stack: bool,
 ) -> Result<quinn::Endpoint, AgentError> {
-    asmn_channel::tls::client_with(SocketAddr::from(([0, 0, 0, 0], 0)), ca_pem, None, liveness)
-        .map_err(|e| other(format!("bundle CA: {e}")))
+    let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
+    let bind = |addr| asmn_channel::tls::client_with(addr, ca_pem, None, liveness);
+    let endpoint = if dual_stack {
+        bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))).or_else(|e| {
+            tracing::warn!(error = %e, "no IPv6 here: IPv6 controllers are out of reach");
+            bind(v4)
+        })
+    } else {
+        bind(v4)
+    };
+    endpoint.map_err(|e| other(format!("bundle CA: {e}")))
+}
+
+/// Whether the bundle lists a controller by an IPv6 address.
+pub fn lists_ipv6(bundle: &BootstrapBundle) -> bool {
+    bundle.controllers.iter().any(|c| c.starts_with('['))
 }
 
 /// One request, one answer (a refusal is an answer: the caller decides what it means).

@@ -95,7 +95,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let wg_public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
 
     let udp = underlay_socket(config.underlay)?;
-    let endpoint = control::client(&bundle.ca_pem, config.liveness)?;
+    let endpoint = control::client(
+        &bundle.ca_pem,
+        config.liveness,
+        control::lists_ipv6(&bundle),
+    )?;
     let (conn, at) = control::connect(&endpoint, &bundle, control::preferred(&bundle)).await?;
     let enrolled = control::enroll(&conn, &mut chain, wg_public, config.underlay).await?;
     let overlay = enrolled.overlay;

@@ -66,8 +66,12 @@ pub async fn rogue_peer(
     let udp = UdpSocket::bind(underlay).map_err(err)?;
     udp.set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(err)?;
-    let endpoint =
-        control::client(&bundle.ca_pem, asmn_channel::tls::Liveness::default()).map_err(err)?;
+    let endpoint = control::client(
+        &bundle.ca_pem,
+        asmn_channel::tls::Liveness::default(),
+        false,
+    )
+    .map_err(err)?;
     let (conn, _) = control::connect(&endpoint, &bundle, 0).await.map_err(err)?;
     let enrolled = control::enroll(&conn, &mut chain, public, underlay)
         .await

@@ -66,9 +66,25 @@ pub async fn connect(
     connect_from(endpoint, controllers, server_name, 0, timeout).await
 }
 
-async fn resolve(c: &str, timeout: Duration) -> Result<std::net::SocketAddr, String> {
+/// The address of `c` to use from an endpoint that can reach IPv6 (`v6`, dual stack) or
+/// only IPv4: a name's first address of a family the endpoint reaches.
+async fn resolve(c: &str, timeout: Duration, v6: bool) -> Result<std::net::SocketAddr, String> {
     match tokio::time::timeout(timeout, tokio::net::lookup_host(c)).await {
-        Ok(Ok(mut a)) => a.next().ok_or_else(|| format!("{c}: no address")),
+        Ok(Ok(addrs)) => {
+            let all: Vec<std::net::SocketAddr> = addrs.collect();
+            all.iter()
+                .find(|a| v6 || a.is_ipv4())
+                .copied()
+                .ok_or_else(|| {
+                    if all.is_empty() {
+                        format!("{c}: no address")
+                    } else {
+                        format!(
+                            "{c}: only IPv6 addresses, and this client is IPv4 only (bind it to [::])"
+                        )
+                    }
+                })
+        }
         Ok(Err(e)) => Err(format!("{c}: {e}")),
         Err(_) => Err(format!("{c}: name lookup timed out")),
     }
@@ -90,6 +106,7 @@ pub async fn connect_from(
         return Err(CallError::Unreachable("no controller listed".into()));
     }
     let deadline = tokio::time::Instant::now() + timeout;
+    let v6 = endpoint.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut attempts = tokio::task::JoinSet::new();
     let mut errors = Vec::new();
     let mut timed_out = false;
@@ -102,7 +119,7 @@ pub async fn connect_from(
         );
         attempts.spawn(async move {
             let attempt = async {
-                let addr = resolve(&c, timeout).await?;
+                let addr = resolve(&c, timeout, v6).await?;
                 let connecting = endpoint
                     .connect(addr, &name)
                     .map_err(|e| format!("{c}: {e}"))?;

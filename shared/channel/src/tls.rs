@@ -169,6 +169,10 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TlsError> {
     // Best effort: a smaller buffer still works.
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Dual stack: IPv4 peers too (as v4-mapped addresses).
+        s.set_only_v6(false).map_err(socket)?;
+    }
     s.bind(&addr.into()).map_err(socket)?;
     Ok(s.into())
 }
