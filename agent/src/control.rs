@@ -890,6 +890,23 @@ impl Control {
         }
     }
 
+    /// Sec-EM refused a re-attestation for its epoch: it is on the next one (a renewal
+    /// whose answer was lost). Takes it up and has the peers re-key.
+    async fn take_up_next_epoch(
+        &self,
+        mut chain: tokio::sync::MutexGuard<'_, Chain>,
+    ) -> Result<(), AgentError> {
+        let epoch = chain.adopt_next_epoch()?;
+        drop(chain);
+        tracing::warn!(
+            epoch,
+            "Sec-EM is on the next epoch of this chain (the answer to a renewal was lost): \
+             continuing on it and re-keying the tunnels"
+        );
+        self.rekey_all().await;
+        Ok(())
+    }
+
     /// Re-attests every `interval`: re-measures `target`, reveals the next element, and
     /// renews the chain when few elements are left.
     pub async fn reattest(&self, target: &Path) -> Result<(), AgentError> {
@@ -946,16 +963,7 @@ impl Control {
                     Ok(())
                 }
                 Body::Refused(r) if r.code == RefusalCode::WrongEpoch as i32 => {
-                    // Sec-EM is on the next epoch: a renewal whose answer was lost.
-                    let epoch = chain.adopt_next_epoch()?;
-                    drop(chain);
-                    tracing::warn!(
-                        epoch,
-                        "Sec-EM is on the next epoch of this chain (the answer to a renewal \
-                         was lost): continuing on it and re-keying the tunnels"
-                    );
-                    self.rekey_all().await;
-                    Ok(())
+                    self.take_up_next_epoch(chain).await
                 }
                 Body::Refused(r) => Err(refused(&r)),
                 b => Err(other(format!("unexpected answer to Reattest: {b:?}"))),
@@ -976,16 +984,7 @@ impl Control {
                     Ok(())
                 }
                 Body::Refused(r) if r.code == RefusalCode::WrongEpoch as i32 => {
-                    // Sec-EM is on the next epoch: a renewal whose answer was lost.
-                    let epoch = chain.adopt_next_epoch()?;
-                    drop(chain);
-                    tracing::warn!(
-                        epoch,
-                        "Sec-EM is on the next epoch of this chain (the answer to a renewal \
-                         was lost): continuing on it and re-keying the tunnels"
-                    );
-                    self.rekey_all().await;
-                    Ok(())
+                    self.take_up_next_epoch(chain).await
                 }
                 Body::Refused(r) => Err(refused(&r)),
                 b => Err(other(format!("unexpected answer to Reattest: {b:?}"))),

@@ -6,7 +6,6 @@
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use asmn_shared::wire::BootstrapBundle;
 use asmn_shared::wire::msg::{self, Body};
 use common::{ask_opt as ask, start};
 
@@ -37,44 +36,12 @@ async fn a_backup_taken_under_1000_enrollments_restores_every_acknowledged_insta
     let cfg_s = cfg.to_str().expect("utf-8").to_string();
     let mut daemon = start(&cfg);
     let ac = admin.connect().await;
-    let onboard = ask(
-        &ac,
-        common::onboard_body(
-            IMAGE,
-            include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-        ),
-    )
-    .await;
-    assert!(matches!(onboard, Some(Body::Ok(_))), "{onboard:?}");
-
     // 1,000 instances, each with the prover of its agent.
-    let mut agents_state = Vec::new();
-    for chunk in 0..AGENTS / 50 {
-        let mut tasks = Vec::new();
-        for i in 0..50 {
-            let c = ac.clone();
-            tasks.push(tokio::spawn(async move {
-                let body = ask(
-                    &c,
-                    Body::CreateInstance(msg::CreateInstanceRequest {
-                        tenant: "t1".into(),
-                        vnf: "web-server".into(),
-                        instance: format!("web-{chunk}-{i}"),
-                        role: 1,
-                    }),
-                )
-                .await;
-                let Some(Body::InstanceCreated(b)) = body else {
-                    panic!("create: {body:?}")
-                };
-                let bundle = BootstrapBundle::try_from(&b).expect("bundle");
-                common::enroll_with_prover_of(&bundle, IMAGE)
-            }));
-        }
-        for t in tasks {
-            agents_state.push(t.await.expect("task"));
-        }
-    }
+    let mut agents_state: Vec<_> = common::onboard_and_create(&ac, IMAGE, AGENTS / 50, 50)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
 
     // Enroll all of them over 10 connections; once 300 are acknowledged, back up while
     // the rest go on.

@@ -6,16 +6,11 @@ use common::{ask_opt as ask, start};
 
 mod common;
 
-use asmn_shared::wire::BootstrapBundle;
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
 
 const IMAGE: &[u8] = b"crash-test image";
 const ROUNDS: usize = 20;
 const PER_ROUND: usize = 50;
-
-fn enroll_request(bundle: &BootstrapBundle) -> msg::EnrollRequest {
-    common::enroll_with_prover_of(bundle, IMAGE).0
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_concurrent_enrollments_loses_no_acknowledged_reveal() {
@@ -45,45 +40,13 @@ async fn crash_run(etcd: Option<&asmn_controller::local_etcd::LocalEtcd>) {
 
     let mut daemon = start(&cfg);
     let ac = admin.connect().await;
-    let onboard = ask(
-        &ac,
-        common::onboard_body(
-            IMAGE,
-            include_str!("../../images/examples/web-server.vnfd.yaml").into(),
-        ),
-    )
-    .await;
-    assert!(matches!(onboard, Some(Body::Ok(_))), "{onboard:?}");
-
     // 1,000 instances, created 50 at a time.
-    let mut requests = Vec::new();
-    for round in 0..ROUNDS {
-        let mut tasks = Vec::new();
-        for i in 0..PER_ROUND {
-            let c = ac.clone();
-            tasks.push(tokio::spawn(async move {
-                let body = ask(
-                    &c,
-                    Body::CreateInstance(msg::CreateInstanceRequest {
-                        tenant: "t1".into(),
-                        vnf: "web-server".into(),
-                        instance: format!("web-{round}-{i}"),
-                        role: 1,
-                    }),
-                )
-                .await;
-                let Some(Body::InstanceCreated(b)) = body else {
-                    panic!("create: {body:?}")
-                };
-                enroll_request(&BootstrapBundle::try_from(&b).expect("bundle"))
-            }));
-        }
-        let mut batch = Vec::new();
-        for t in tasks {
-            batch.push(t.await.expect("task"));
-        }
-        requests.push(batch);
-    }
+    let requests: Vec<Vec<msg::EnrollRequest>> =
+        common::onboard_and_create(&ac, IMAGE, ROUNDS, PER_ROUND)
+            .await
+            .into_iter()
+            .map(|batch| batch.into_iter().map(|(req, _)| req).collect())
+            .collect();
 
     let mut acknowledged = Vec::new();
     for (round, batch) in requests.iter().enumerate() {

@@ -337,33 +337,31 @@ fn fix_ctimes(root: &Path, raw: &Path, epoch: u64) -> Result<(), BakeError> {
     r
 }
 
-fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
+/// The files in `dir` whose names start with `prefix` and end with `suffix`.
+fn files_named(dir: &Path, prefix: &str, suffix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix))
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix))
         })
-        .collect();
+        .collect()
+}
+
+fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    let mut found = files_named(dir, prefix, "");
     found.sort();
     found.pop()
 }
 
 /// The newest `asmn-agent_*.deb` in `dir` (where `scripts/package.sh` writes it).
 pub fn newest_agent_deb(dir: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("asmn-agent_") && n.ends_with(".deb"))
-        })
-        .collect();
+    let mut found = files_named(dir, "asmn-agent_", ".deb");
     found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
     found.pop()
 }

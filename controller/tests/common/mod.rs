@@ -379,3 +379,52 @@ pub fn init_for_load(
     };
     (cfg, admin, agents)
 }
+
+/// On-boards `image` with the example VNFD, then creates `rounds` rounds of `per_round`
+/// instances (concurrently within a round), instance names `web-ROUND-I`: each agent's
+/// first enrollment and the prover for its next reveals, by round.
+pub async fn onboard_and_create(
+    ac: &quinn::Connection,
+    image: &'static [u8],
+    rounds: usize,
+    per_round: usize,
+) -> Vec<Vec<(msg::EnrollRequest, ChainProver)>> {
+    let onboard = ask_opt(
+        ac,
+        onboard_body(
+            image,
+            include_str!("../../../images/examples/web-server.vnfd.yaml").into(),
+        ),
+    )
+    .await;
+    assert!(matches!(onboard, Some(Body::Ok(_))), "{onboard:?}");
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        let mut tasks = Vec::new();
+        for i in 0..per_round {
+            let c = ac.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = ask_opt(
+                    &c,
+                    Body::CreateInstance(msg::CreateInstanceRequest {
+                        tenant: "t1".into(),
+                        vnf: "web-server".into(),
+                        instance: format!("web-{round}-{i}"),
+                        role: 1,
+                    }),
+                )
+                .await;
+                let Some(Body::InstanceCreated(b)) = body else {
+                    panic!("create: {body:?}")
+                };
+                enroll_with_prover_of(&BootstrapBundle::try_from(&b).expect("bundle"), image)
+            }));
+        }
+        let mut batch = Vec::new();
+        for t in tasks {
+            batch.push(t.await.expect("task"));
+        }
+        out.push(batch);
+    }
+    out
+}
