@@ -16,6 +16,7 @@ APT_PACKAGES=(
   fonts-dejavu-core                             # the font of asmn-lab eval's charts
   lintian systemd                               # scripts/package.sh --check: lintian, systemd-analyze
   prometheus                                    # promtool: the alert rules in docs/monitoring
+  python3-venv                                  # the REST API's checkers (asmn_python_tools)
 )
 
 asmn_need_root() {
@@ -66,5 +67,18 @@ asmn_test_tools() {
   if ! command -v boringtun-cli >/dev/null 2>&1; then
     echo "==> installing boringtun-cli 0.7.1 (cargo install)"
     cargo install boringtun-cli --locked --version 0.7.1 --quiet
+  fi
+}
+
+# The REST API's checkers, from PyPI into a virtual environment (target/venv, or
+# ASMN_VENV): openapi-spec-validator for docs/openapi.json, schemathesis against a live
+# Sec-EM (controller/tests/rest.rs). Pinned: their command lines change between releases.
+asmn_python_tools() {
+  export ASMN_VENV="${ASMN_VENV:-$PWD/target/venv}"
+  if [[ ! -x "$ASMN_VENV/bin/st" || ! -x "$ASMN_VENV/bin/openapi-spec-validator" ]]; then
+    echo "==> installing openapi-spec-validator and schemathesis (pip, in $ASMN_VENV)"
+    python3 -m venv "$ASMN_VENV"
+    "$ASMN_VENV/bin/pip" install --quiet --disable-pip-version-check \
+      'openapi-spec-validator==0.9.0' 'schemathesis==4.32.5'
   fi
 }

@@ -559,3 +559,12 @@ fn block_before(since: u64) -> String {
         from => block_key(from),
     }
 }
+
+/// The number of the last record in the log (0 when it is empty), from its last block
+/// alone (not verified: [`page`] verifies what it returns).
+pub async fn head<S: Store>(store: &S) -> Result<u64, AuditError> {
+    match store.last(&prefix()).await? {
+        None => Ok(0),
+        Some((k, v)) => Ok(decode(&k, &v.value)?.last().map_or(0, |r| r.seq)),
+    }
+}

@@ -65,6 +65,10 @@ pub struct Config {
     pub store: StoreUrl,
     /// Prometheus metrics over HTTP, if set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The northbound REST API (HTTPS, admin client certificates), if set.
+    pub rest_addr: Option<SocketAddr>,
+    /// How event notifications are sent (`[notifications]`).
+    pub notifications: Notifications,
     /// The controllers (`host:port`) bundles list, in order: every replica of the
     /// deployment, so that an agent whose replica goes down moves to another. Empty: this
     /// replica's own address.
@@ -141,6 +145,28 @@ impl Default for Limits {
     }
 }
 
+/// `[notifications]` of `sec-em.toml`: how subscribers' events are sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notifications {
+    /// Events waiting per subscriber at most; more are dropped and counted.
+    pub queue: usize,
+    /// CAs (a PEM file) that `https` callbacks must chain to; the system's bundle when
+    /// unset.
+    pub ca: Option<PathBuf>,
+    /// Longest wait between two attempts to deliver one event.
+    pub max_backoff: std::time::Duration,
+}
+
+impl Default for Notifications {
+    fn default() -> Self {
+        Self {
+            queue: 4096,
+            ca: None,
+            max_backoff: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
 /// A configuration error: the file, the field and the reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {field}: {reason}")]
@@ -165,6 +191,10 @@ struct Raw {
     #[serde(default)]
     metrics_addr: Option<String>,
     #[serde(default)]
+    rest_addr: Option<String>,
+    #[serde(default)]
+    notifications: RawNotifications,
+    #[serde(default)]
     controllers: Vec<String>,
     audit_key: PathBuf,
     tls: RawTls,
@@ -173,6 +203,14 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     etcd: RawEtcd,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    queue: Option<usize>,
+    ca: Option<PathBuf>,
+    max_backoff_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -378,6 +416,39 @@ impl Config {
                     .map_err(|_| err("metrics_addr", format!("{m:?} is not ip:port")))
             })
             .transpose()?;
+        let rest_addr = raw
+            .rest_addr
+            .map(|m| {
+                m.parse::<SocketAddr>()
+                    .map_err(|_| err("rest_addr", format!("{m:?} is not ip:port")))
+            })
+            .transpose()?;
+        if rest_addr.is_some() && rest_addr == metrics_addr {
+            return Err(err(
+                "rest_addr",
+                "is metrics_addr too; give each its own port".into(),
+            ));
+        }
+        let mut notifications = Notifications::default();
+        if let Some(q) = raw.notifications.queue {
+            if !(1..=1_000_000).contains(&q) {
+                return Err(err(
+                    "notifications.queue",
+                    "1 to 1000000 events per subscriber".into(),
+                ));
+            }
+            notifications.queue = q;
+        }
+        if let Some(b) = raw.notifications.max_backoff_secs {
+            if !(1..=300).contains(&b) {
+                return Err(err(
+                    "notifications.max_backoff_secs",
+                    "1 to 300 seconds".into(),
+                ));
+            }
+            notifications.max_backoff = std::time::Duration::from_secs(b);
+        }
+        notifications.ca = raw.notifications.ca.map(|c| base.join(c));
         let (net, prefix) = raw.tenant.overlay.split_once('/').ok_or_else(|| {
             err(
                 "tenant.overlay",
@@ -425,6 +496,8 @@ impl Config {
             server_name: raw.server_name,
             store,
             metrics_addr,
+            rest_addr,
+            notifications,
             controllers,
             ca: base.join(raw.tls.ca),
             cert: base.join(raw.tls.cert),
@@ -558,6 +631,9 @@ server_name = "{server_name}"
 store = "embedded:{state_file}"
 # Prometheus metrics over HTTP; remove to disable.
 metrics_addr = "{metrics_addr}"
+# The REST API for orchestrators (HTTPS; the same admin client certificates as asmnctl;
+# docs/openapi.json). Unset: no REST listener.
+# rest_addr = "0.0.0.0:7444"
 # Replicas: list every one (host:port, the same list in each replica's file) and bundles
 # carry it, so agents move to another replica when theirs goes down. Unset: this one.
 # controllers = ["sec-em-1.example:7443", "sec-em-2.example:7443", "sec-em-3.example:7443"]

@@ -208,6 +208,48 @@ async fn serve_with<S: Store>(
             ))
         }
     };
+    // The REST API and the notifier (subscriptions are made over REST; a replica with
+    // the REST API may deliver them, the one holding the lease does).
+    let (_rest, _notifier) = match config.rest_addr {
+        None => (None, None),
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Read {
+                    path: format!("rest_addr {addr}"),
+                    source,
+                })?;
+            let tls = crate::rest::tls_config(ca, cert, key)?;
+            let hub_len = Arc::clone(&hub);
+            let rest = Arc::new(crate::rest::Rest {
+                registry: Arc::clone(&registry),
+                metrics: Some(Arc::clone(&metrics)),
+                agents: Arc::new(move || hub_len.len()),
+            });
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "REST API on https://{addr}/v1");
+            let ca_pem = match &config.notifications.ca {
+                None => None,
+                Some(p) => Some(read(p)?),
+            };
+            let notifier = crate::notify::spawn(
+                Arc::clone(&registry),
+                crate::notify::NotifyOptions {
+                    queue: config.notifications.queue,
+                    ca: ca_pem,
+                    max_backoff: config.notifications.max_backoff,
+                },
+                Some(Arc::clone(&metrics)),
+            )
+            .map_err(|reason| DaemonError::Read {
+                path: "[notifications]".into(),
+                source: std::io::Error::other(reason),
+            })?;
+            (
+                Some(crate::rest::serve(listener, tls, rest)),
+                Some(notifier),
+            )
+        }
+    };
     let schema_store = registry.store_arc();
     let server = tokio::spawn(service::serve(
         endpoint.clone(),

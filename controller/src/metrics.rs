@@ -45,6 +45,15 @@ pub struct Metrics {
     /// `enroll_deadline` (closed before enrolling), `request_deadline`,
     /// `audit_suppressed` (a refusal about a known instance not audited one by one).
     pub guard_events: Family<Labels, Counter>,
+    /// Notifications to subscribers, by outcome: `delivered`, `retried` (an attempt
+    /// that failed and will be made again), `dropped` (a subscriber's queue was full).
+    pub notifications: Family<Labels, Counter>,
+    /// From an event's audit record being read to its subscriber answering 2xx, seconds.
+    pub notification_seconds: Histogram,
+    /// REST requests, by method, route and status class (`2xx`, `4xx`, `5xx`).
+    pub rest_requests: Family<Labels, Counter>,
+    /// REST request latency, seconds.
+    pub rest_seconds: Histogram,
     pushed: Mutex<HashMap<(String, u64), Instant>>,
 }
 
@@ -104,7 +113,35 @@ impl Metrics {
             "Connections and requests refused, closed or throttled to bound unauthenticated peers, by event",
             guard_events.clone(),
         );
+        let notifications = Family::<Labels, Counter>::default();
+        let notification_seconds = latency();
+        let rest_requests = Family::<Labels, Counter>::default();
+        let rest_seconds = latency();
+        registry.register(
+            "notifications",
+            "Event notifications to subscribers, by outcome (delivered, retried, dropped)",
+            notifications.clone(),
+        );
+        registry.register(
+            "notification_seconds",
+            "From reading an event to its subscriber acknowledging it",
+            notification_seconds.clone(),
+        );
+        registry.register(
+            "rest_requests",
+            "REST API requests, by method, route and status class",
+            rest_requests.clone(),
+        );
+        registry.register(
+            "rest_seconds",
+            "REST API request latency",
+            rest_seconds.clone(),
+        );
         Arc::new(Self {
+            notifications,
+            notification_seconds,
+            rest_requests,
+            rest_seconds,
             connections,
             guard_events,
             registry,

@@ -36,6 +36,8 @@ struct Agent {
     /// Which attach this is: a connection's writer removes its own entry only, never
     /// the newer connection's of the same instance.
     generation: u64,
+    /// The connection's `stable_id`: a closing connection detaches only itself.
+    conn: usize,
 }
 
 /// The connected agents.
@@ -131,6 +133,7 @@ impl PushHub {
                     role,
                     tx: tx.clone(),
                     generation,
+                    conn: conn.stable_id(),
                 },
             );
         }
@@ -164,6 +167,19 @@ impl PushHub {
                 a.remove(&id);
             }
         }))
+    }
+
+    /// Detaches instance `id` if connection `conn` (its `stable_id`) is the one it is
+    /// attached by; whether it was (false: it has reconnected since, or never attached).
+    pub fn detach(&self, id: &InstanceKey, conn: usize) -> bool {
+        let Ok(mut a) = self.agents.lock() else {
+            return false;
+        };
+        if a.get(id).is_some_and(|x| x.conn == conn) {
+            a.remove(id);
+            return true;
+        }
+        false
     }
 
     fn send_where(

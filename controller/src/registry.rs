@@ -264,6 +264,14 @@ fn catalog_key(vnf: &VnfId) -> String {
     format!("{}{vnf}", catalog_prefix())
 }
 
+fn catalog_history_prefix(vnf: &VnfId) -> String {
+    format!("{PREFIX}catalog-history/{vnf}/")
+}
+
+fn catalog_history_key(vnf: &VnfId, version: u64) -> String {
+    format!("{}{version:020}", catalog_history_prefix(vnf))
+}
+
 fn overlay_index_key(tenant: &TenantId, ip: &IpAddr) -> String {
     format!("{PREFIX}overlays/{tenant}/{ip}")
 }
@@ -579,6 +587,109 @@ impl<S: Store> Registry<S> {
             .await
     }
 
+    /// On-boards from a descriptor's text, as both front doors (QUIC and REST) take it:
+    /// an ETSI SOL001 VNFD (TOSCA) or an ASMN VNFD, with the image's digests. A SOL001
+    /// VNFD's `sw_image_data.checksum` must be the image's digest of that algorithm when
+    /// the digests include one: a VNFD of another image is not on-boarded with this one.
+    /// `what` names the descriptor in errors. Returns the VNF.
+    pub async fn onboard_descriptor(
+        &self,
+        now: u64,
+        what: &str,
+        text: &[u8],
+        golden: BTreeMap<Algorithm, DigestValue>,
+        image_bytes: u64,
+    ) -> Result<VnfId, RegistryError> {
+        let invalid = |e: asmn_shared::catalog::CatalogError| {
+            refuse(RefusalCode::InvalidCatalog, e.to_string())
+        };
+        let (vnfd, checksum) = if asmn_shared::sol001::looks_like_sol001(text) {
+            let s = asmn_shared::sol001::parse_sol001(&format!("{what} (SOL001)"), text)
+                .map_err(invalid)?;
+            (s.vnfd, Some((s.algorithm, s.digest)))
+        } else {
+            (
+                asmn_shared::catalog::parse_vnfd(what, text).map_err(invalid)?,
+                None,
+            )
+        };
+        if let Some((algorithm, digest)) = checksum
+            && let Ok(alg) = algorithm.parse::<Algorithm>()
+            && let Some(d) = golden.get(&alg)
+            && d.0 != digest
+        {
+            return Err(refuse(
+                RefusalCode::InvalidRequest,
+                format!(
+                    "the image's {algorithm} is {}, the VNFD's sw_image_data.checksum says {}",
+                    d.to_hex(),
+                    hex::encode(&digest)
+                ),
+            ));
+        }
+        let vnf = vnfd.vnf.clone();
+        self.onboard(now, vnfd, golden, image_bytes).await?;
+        Ok(vnf)
+    }
+
+    /// One page of the on-boarded VNFs (sorted by ID) after `after` (empty: the first),
+    /// at most `limit`; and the `after` of the next page, if there is one.
+    pub async fn vnfs_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<VnfRecord>, Option<String>), RegistryError> {
+        let prefix = format!("{PREFIX}vnfs/");
+        let start = if after.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}{after}")
+        };
+        let limit = limit.clamp(1, 1_000);
+        // One more than asked: the next page exists only if it is not empty.
+        let listing = self.store.list_page(&prefix, &start, limit + 1).await?;
+        let mut out: Vec<VnfRecord> = listing
+            .entries
+            .iter()
+            .map(|(_, v)| parse(&v.value))
+            .collect::<Result<_, _>>()?;
+        let more = out.len() > limit;
+        out.truncate(limit);
+        let next = more
+            .then(|| out.last().map(|r| r.vnfd.vnf.to_string()))
+            .flatten();
+        Ok((out, next))
+    }
+
+    /// The catalogs `vnf` has had in force, oldest first, from version `after + 1`, at
+    /// most `limit`; and the `after` of the next page, if there is one.
+    pub async fn catalog_history(
+        &self,
+        vnf: &VnfId,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<SecCatalog>, Option<u64>), RegistryError> {
+        let start = if after == 0 {
+            String::new()
+        } else {
+            catalog_history_key(vnf, after)
+        };
+        let limit = limit.clamp(1, 1_000);
+        let listing = self
+            .store
+            .list_page(&catalog_history_prefix(vnf), &start, limit + 1)
+            .await?;
+        let mut out: Vec<SecCatalog> = listing
+            .entries
+            .iter()
+            .map(|(_, v)| parse(&v.value))
+            .collect::<Result<_, _>>()?;
+        let more = out.len() > limit;
+        out.truncate(limit);
+        let next = more.then(|| out.last().map(|c| c.version)).flatten();
+        Ok((out, next))
+    }
+
     /// The Sec-catalog in force for `vnf`, with its store revision.
     pub async fn catalog(&self, vnf: &VnfId) -> Result<Option<(SecCatalog, u64)>, RegistryError> {
         match self.store.get(&catalog_key(vnf)).await? {
@@ -613,6 +724,11 @@ impl<S: Store> Registry<S> {
                 .compare_and_swap(&key, expect, json(&catalog)?)
                 .await?
             {
+                // The history, after the version is won: a writer that lost the race
+                // never writes its catalog under the winner's version.
+                self.store
+                    .put(&catalog_history_key(&catalog.vnf, version), json(&catalog)?)
+                    .await?;
                 self.audit(
                     now,
                     "catalog.applied",
@@ -721,6 +837,22 @@ impl<S: Store> Registry<S> {
             .map_err(|e| refuse(RefusalCode::InvalidRequest, e.to_string()))?;
         let seed = chain::seed(&nonce, &id, &golden.0, 0);
         let anchor = chain::anchor(&spec, &seed);
+        // Names are unique within a VNF of a tenant: an orchestrator that retries a
+        // create whose answer it lost gets `AlreadyExists`, not a second instance.
+        if let Cas::Conflict { .. } = self
+            .store
+            .compare_and_swap(
+                &format!("{PREFIX}names/{tenant}/{vnf}/{instance}"),
+                Expect::Absent,
+                id.to_hex().into_bytes(),
+            )
+            .await?
+        {
+            return Err(refuse(
+                RefusalCode::AlreadyExists,
+                format!("instance {instance} of {vnf} in {tenant} exists"),
+            ));
+        }
         let overlay = self.next_overlay(&tenant).await?;
         let record = InstanceRecord {
             id: id.to_hex(),
@@ -1210,9 +1342,11 @@ impl<S: Store> Registry<S> {
             format!("{prefix}{after}")
         };
         let limit = limit.clamp(1, 1_000);
-        let listing = self.store.list_page(&prefix, &after, limit).await?;
-        let mut out = Vec::with_capacity(listing.entries.len());
-        for (_, v) in &listing.entries {
+        // One more than asked: the next page exists only if it is not empty.
+        let listing = self.store.list_page(&prefix, &after, limit + 1).await?;
+        let more = listing.entries.len() > limit;
+        let mut out = Vec::with_capacity(limit);
+        for (_, v) in listing.entries.iter().take(limit) {
             let mut rec: InstanceRecord = parse(&v.value)?;
             if let Some(id) = hex::decode(&rec.id)
                 .ok()
@@ -1225,9 +1359,7 @@ impl<S: Store> Registry<S> {
             }
             out.push(rec);
         }
-        let next = (listing.entries.len() == limit)
-            .then(|| out.last().map(|r| r.id.clone()))
-            .flatten();
+        let next = more.then(|| out.last().map(|r| r.id.clone())).flatten();
         Ok((out, next))
     }
 
@@ -1354,7 +1486,7 @@ impl<S: Store> Registry<S> {
             let verifier = rec.verifier(id)?;
             let verified = match verifier.verify(&req.reveal) {
                 Ok(v) => v,
-                Err(e) => return Err(self.refuse_reveal(now, &id, e).await?),
+                Err(e) => return Err(self.refuse_reveal(now, &id, e, "reveal.refused").await?),
             };
             rec.chain.last_index = verified.index;
             rec.chain.last_element = hex::encode(verified.element);
@@ -1394,11 +1526,14 @@ impl<S: Store> Registry<S> {
         Err(contended("instance record"))
     }
 
+    /// Refuses a reveal (audited as `kind`: `reveal.refused` at enrollment,
+    /// `reattest.refused` at re-attestation).
     async fn refuse_reveal(
         &self,
         now: u64,
         id: &InstanceKey,
         e: RevealError,
+        kind: &'static str,
     ) -> Result<RegistryError, RegistryError> {
         let code = match e {
             RevealError::Mismatch { .. } | RevealError::SeedRevealed => {
@@ -1422,12 +1557,55 @@ impl<S: Store> Registry<S> {
             // A wrong image or nonce at enrollment: a fake VNF. Quarantine it, so no peer
             // ever learns it. An enrolled instance is not quarantined by a bad reveal: its
             // ID is known to its peers, and one of them could otherwise cut it off.
+            self.audit_refusal(now, "enroll.refused", id, format!("wrong measurement: {e}"))
+                .await?;
             self.quarantine(now, id, &e.to_string()).await?;
         } else {
-            self.audit_refusal(now, "reveal.refused", id, e.to_string())
-                .await?;
+            self.audit_refusal(now, kind, id, e.to_string()).await?;
         }
         Ok(refuse(code, e.to_string()))
+    }
+
+    /// Records that enrolled instance `id` lost its control connection to this replica
+    /// (and did not reconnect to it since): an `agent.lost` audit record. Nothing is
+    /// recorded for an instance no longer enrolled (revoked or quarantined).
+    pub async fn agent_lost(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        detail: String,
+    ) -> Result<(), RegistryError> {
+        match self.instance(id).await? {
+            Some((
+                InstanceRecord {
+                    state: InstanceState::Enrolled,
+                    ..
+                },
+                _,
+            )) => self.audit(now, "agent.lost", Some(id), detail).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that every enrolled agent of `vnf` acknowledged its catalog `version`
+    /// (`agents` of them, the last `ms` milliseconds after the version was seen): a
+    /// `catalog.acknowledged` audit record, whose detail starts as `catalog.applied`'s
+    /// does (`<vnf> catalog version <n>`).
+    pub async fn catalog_acknowledged(
+        &self,
+        now: u64,
+        vnf: &VnfId,
+        version: u64,
+        agents: usize,
+        ms: u64,
+    ) -> Result<(), RegistryError> {
+        self.audit(
+            now,
+            "catalog.acknowledged",
+            None,
+            format!("{vnf} catalog version {version}: acknowledged by {agents} agents in {ms} ms"),
+        )
+        .await
     }
 
     /// Revokes an instance: it cannot enroll again with this identity.
@@ -1511,7 +1689,9 @@ impl<S: Store> Registry<S> {
                 None => {
                     let verified = match verifier.verify(req.reveal) {
                         Ok(v) => v,
-                        Err(e) => return Err(self.refuse_reveal(now, id, e).await?),
+                        Err(e) => {
+                            return Err(self.refuse_reveal(now, id, e, "reattest.refused").await?);
+                        }
                     };
                     rec.chain.last_index = verified.index;
                     rec.chain.last_element = hex::encode(verified.element);
@@ -1522,7 +1702,7 @@ impl<S: Store> Registry<S> {
                     let next = match verifier.verify_renewal(req.reveal, sealed) {
                         Ok(v) => v,
                         Err(chain::RenewalError::Reveal(e)) => {
-                            return Err(self.refuse_reveal(now, id, e).await?);
+                            return Err(self.refuse_reveal(now, id, e, "reattest.refused").await?);
                         }
                         Err(e) => {
                             self.audit_refusal(now, "renewal.refused", id, e.to_string())

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use asmn_shared::catalog::parse_vnfd;
 use asmn_shared::crypto::Nonce;
 use asmn_shared::ids::{InstanceName, VnfId};
 use asmn_shared::wire::msg::{self, Body, RefusalCode};
@@ -464,44 +463,61 @@ async fn reattest<S: Store>(
 }
 
 async fn onboard<S: Store>(registry: &Registry<S>, m: msg::OnboardRequest) -> Body {
-    let text = m.vnfd_yaml.as_bytes();
-    // An ETSI SOL001 VNFD (TOSCA) or an ASMN VNFD: one set of rules either way.
-    let (vnfd, checksum) = if asmn_shared::sol001::looks_like_sol001(text) {
-        match asmn_shared::sol001::parse_sol001("onboard request (SOL001)", text) {
-            Ok(s) => (s.vnfd, Some((s.algorithm, s.digest))),
-            Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
-        }
-    } else {
-        match parse_vnfd("onboard request", text) {
-            Ok(v) => (v, None),
-            Err(e) => return refusal(RefusalCode::InvalidCatalog, e.to_string()),
-        }
-    };
     let golden = match wire::digests(&m.digests) {
         Ok(g) => g,
         Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
     };
-    // The descriptor's own checksum must be the image's: a VNFD of another image is
-    // not on-boarded with this one's digest.
-    if let Some((algorithm, digest)) = checksum {
-        let name = algorithm.replace('-', "");
-        if let Some(d) = m.digests.iter().find(|d| d.algorithm == name)
-            && d.value != digest
-        {
-            return refusal(
-                RefusalCode::InvalidRequest,
-                format!(
-                    "the image's {algorithm} is {}, the VNFD's sw_image_data.checksum says {}",
-                    hex::encode(&d.value),
-                    hex::encode(&digest)
-                ),
-            );
-        }
-    }
-    match registry.onboard(now(), vnfd, golden, m.image_bytes).await {
-        Ok(()) => Body::Ok(msg::Ack {}),
+    match registry
+        .onboard_descriptor(
+            now(),
+            "onboard request",
+            m.vnfd_yaml.as_bytes(),
+            golden,
+            m.image_bytes,
+        )
+        .await
+    {
+        Ok(_) => Body::Ok(msg::Ack {}),
         Err(e) => from_error(e),
     }
+}
+
+/// A new instance of `vnf` with a fresh secret (256 bits from the operating system's
+/// CSPRNG) and, unless `instance` names it, a name of its VNF and 8 random hex digits.
+/// Both front doors (QUIC and REST) create instances here.
+pub async fn create_fresh_instance<S: Store>(
+    registry: &Registry<S>,
+    req: wire::CreateInstance,
+) -> Result<wire::BootstrapBundle, RegistryError> {
+    let invalid = |m: String| {
+        RegistryError::Refused(crate::registry::Refusal {
+            code: RefusalCode::InvalidRequest,
+            message: m,
+        })
+    };
+    let instance = match req.instance {
+        Some(i) => i,
+        None => {
+            let mut b = [0u8; 4];
+            rand::rng().fill_bytes(&mut b);
+            format!("{}-{}", req.vnf, hex::encode(b))
+                .parse::<InstanceName>()
+                .map_err(|e| invalid(e.to_string()))?
+        }
+    };
+    let (tenant, vnf, role) = (req.tenant, req.vnf, req.role);
+    let mut nonce = [0u8; 32];
+    if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
+        return Err(RegistryError::Refused(crate::registry::Refusal {
+            code: RefusalCode::Unavailable,
+            message: "the system's random source failed".into(),
+        }));
+    }
+    let secret = Nonce::new(nonce);
+    zeroize::Zeroize::zeroize(&mut nonce);
+    registry
+        .create_instance(now(), tenant, vnf, instance, role, secret)
+        .await
 }
 
 async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanceRequest) -> Body {
@@ -509,33 +525,7 @@ async fn create_instance<S: Store>(registry: &Registry<S>, m: msg::CreateInstanc
         Ok(r) => r,
         Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
     };
-    let instance = match req.instance {
-        Some(i) => i,
-        None => {
-            let mut b = [0u8; 4];
-            rand::rng().fill_bytes(&mut b);
-            match format!("{}-{}", req.vnf, hex::encode(b)).parse::<InstanceName>() {
-                Ok(i) => i,
-                Err(e) => return refusal(RefusalCode::InvalidRequest, e.to_string()),
-            }
-        }
-    };
-    let (tenant, vnf, role) = (req.tenant, req.vnf, req.role);
-    // The instance's secret: 256 bits from the operating system's CSPRNG.
-    let mut nonce = [0u8; 32];
-    if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
-        return refusal(
-            RefusalCode::Unavailable,
-            "the system's random source failed",
-        );
-    }
-    let secret = Nonce::new(nonce);
-    zeroize::Zeroize::zeroize(&mut nonce);
-    let nonce = secret;
-    match registry
-        .create_instance(now(), tenant, vnf, instance, role, nonce)
-        .await
-    {
+    match create_fresh_instance(registry, req).await {
         Ok(bundle) => Body::InstanceCreated((&bundle).into()),
         Err(e) => from_error(e),
     }
@@ -962,6 +952,43 @@ async fn serve_connection<S: Store>(
     logs: Arc<LogLimiter>,
     strangers: Arc<Strangers>,
 ) {
+    let session = serve_connection_streams(
+        conn.clone(),
+        Arc::clone(&registry),
+        Arc::clone(&hub),
+        metrics,
+        limits,
+        logs,
+        strangers,
+    )
+    .await;
+    // An enrolled agent whose connection to this replica ended (and that has not
+    // reconnected to it since) is lost until it enrolls again, here or elsewhere.
+    if let Some(id) = session.agent()
+        && hub.detach(&id, conn.stable_id())
+    {
+        let why = conn
+            .close_reason()
+            .map_or_else(|| "closed".to_string(), |r| r.to_string());
+        if let Err(e) = registry
+            .agent_lost(now(), &id, format!("control connection ended: {why}"))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record a lost agent");
+        }
+    }
+}
+
+/// Serves the streams of one connection until it ends; its session.
+async fn serve_connection_streams<S: Store>(
+    conn: quinn::Connection,
+    registry: Arc<Registry<S>>,
+    hub: Arc<crate::push::PushHub>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    limits: Arc<Limits>,
+    logs: Arc<LogLimiter>,
+    strangers: Arc<Strangers>,
+) -> Arc<Session> {
     let source = conn.remote_address().ip();
     // An admin certificate on the deny-list (or one whose serial cannot be read, or a
     // deny-list that cannot be read) earns nothing: the connection is a stranger's.
@@ -1012,14 +1039,14 @@ async fn serve_connection<S: Store>(
                 guard(&metrics, "enroll_deadline");
                 conn.close(0u32.into(), b"enroll within the deadline");
                 while tasks.join_next().await.is_some() {}
-                return;
+                return session;
             }
         };
         let Ok((mut send, mut recv)) = stream else {
             // Bounded: each task ends within the request deadline, a decision, and the
             // write deadline.
             while tasks.join_next().await.is_some() {}
-            return;
+            return session;
         };
         let (registry, session, limits, strangers) = (
             Arc::clone(&registry),

@@ -119,6 +119,9 @@ enum Command {
         #[arg(long, default_value = "/etc/asmn/sec-em.toml")]
         config: PathBuf,
     },
+    /// Print the OpenAPI 3.1 document of the REST API (`rest_addr`; also served at
+    /// /v1/openapi.json and committed as docs/openapi.json).
+    Openapi,
 }
 
 fn current_year() -> i32 {
@@ -286,6 +289,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             force,
         } => restore(&config, &from, force),
+        Command::Openapi => {
+            print!("{}", asmn_controller::rest::document());
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let c = config::Config::load(&config)?;
             println!(

@@ -1,0 +1,223 @@
+//! Sec-EM's northbound REST API for orchestrators (NFVO, VNFM): HTTPS with the admin
+//! client certificates `asmnctl` uses, JSON under `/v1`, every error an RFC 9457 problem
+//! document with a stable `code`, listings paged. Each operation calls the same registry
+//! code as the QUIC front door (`service`): one set of rules, two doors.
+//!
+//! `GET /v1/health` and `GET /v1/openapi.json` answer without a client certificate (load
+//! balancers and tooling); everything else needs an admin certificate not on the
+//! deny-list, checked on every request as `asmnctl`'s are.
+
+mod api;
+mod problem;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+
+pub use api::{ApiDoc, document};
+pub use problem::Problem;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{AbortOnDrop, Store};
+
+/// What the handlers share.
+pub struct Rest<S: Store> {
+    /// The registry (the same as the QUIC service's).
+    pub registry: Arc<Registry<S>>,
+    /// Where to count.
+    pub metrics: Option<Arc<Metrics>>,
+    /// Agents connected to this replica.
+    pub agents: Arc<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl<S: Store> std::fmt::Debug for Rest<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rest")
+    }
+}
+
+/// The client certificate's serial (hex) of a connection, if it presented one.
+#[derive(Clone, Debug)]
+struct Peer(Option<String>);
+
+/// Longest a client has to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// The TLS configuration of the REST listener: Sec-EM's certificate; client
+/// certificates of the CA verified when presented (required by every route but health
+/// and the OpenAPI document).
+pub fn tls_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, asmn_channel::tls::TlsError> {
+    use asmn_channel::tls;
+    let err = |e: String| tls::TlsError::Material(e);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        tls::roots(ca_pem)?,
+        tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| err(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls::certs(cert_pem)?, tls::private_key(key_pem)?)
+        .map_err(|e| err(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The router: every route of the API, with authentication, metrics and problem
+/// documents for what axum itself refuses.
+pub fn router<S: Store>(rest: Arc<Rest<S>>) -> Router {
+    api::routes::<S>()
+        .fallback(|| async { Problem::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this resource does not take that method",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&rest),
+            guard::<S>,
+        ))
+        .with_state(rest)
+}
+
+/// Routes that answer without a client certificate.
+fn open(path: &str) -> bool {
+    matches!(path, "/v1/health" | "/v1/openapi.json")
+}
+
+/// Authentication (an admin certificate not on the deny-list) and metrics.
+async fn guard<S: Store>(State(rest): State<Arc<Rest<S>>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let serial = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    let response = if open(req.uri().path()) {
+        next.run(req).await
+    } else {
+        match serial {
+            None => Problem::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "client-certificate-required",
+                "present an admin client certificate of this tenant's CA (sec-em init, asmnctl admin issue)",
+            )
+            .into_response(),
+            Some(serial) => match rest.registry.admin_revoked(&serial).await {
+                Ok(false) => next.run(req).await,
+                Ok(true) => Problem::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "admin-certificate-revoked",
+                    format!("admin certificate {serial} is revoked"),
+                )
+                .into_response(),
+                Err(e) => Problem::from(e).into_response(),
+            },
+        }
+    };
+    if let Some(m) = &rest.metrics {
+        let class = format!("{}xx", response.status().as_u16() / 100);
+        m.rest_requests
+            .get_or_create(&vec![
+                ("method".into(), method),
+                ("route".into(), route),
+                ("status".into(), class),
+            ])
+            .inc();
+        m.rest_seconds.observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// Serves the REST API on `listener` until the returned task is dropped: TLS, then
+/// HTTP/1.1, at most [`MAX_CONNECTIONS`] connections at once.
+pub fn serve<S: Store>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    rest: Arc<Rest<S>>,
+) -> AbortOnDrop {
+    let app = router(rest);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let (tcp, from) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "REST: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                serve_connection(tcp, from, acceptor, app).await;
+            });
+        }
+    }))
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    from: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%from, error = %e, "REST: TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::pki::serial_of(c));
+    let peer = Peer(serial);
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            let app = app.clone();
+            async move {
+                use tower::ServiceExt;
+                app.oneshot(req.map(axum::body::Body::new)).await
+            }
+        });
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 << 10)
+        .serve_connection(io, service);
+    if let Err(e) = conn.await {
+        tracing::debug!(%from, error = %e, "REST: connection ended");
+    }
+}
