@@ -431,10 +431,10 @@ impl Config {
         }
         let mut notifications = Notifications::default();
         if let Some(q) = raw.notifications.queue {
-            if !(1..=1_000_000).contains(&q) {
+            if !(1..=100_000).contains(&q) {
                 return Err(err(
                     "notifications.queue",
-                    "1 to 1000000 events per subscriber".into(),
+                    "1 to 100000 events per subscriber".into(),
                 ));
             }
             notifications.queue = q;

@@ -221,11 +221,11 @@ async fn serve_with<S: Store>(
                 })?;
             let tls = crate::rest::tls_config(ca, cert, key)?;
             let hub_len = Arc::clone(&hub);
-            let rest = Arc::new(crate::rest::Rest {
-                registry: Arc::clone(&registry),
-                metrics: Some(Arc::clone(&metrics)),
-                agents: Arc::new(move || hub_len.len()),
-            });
+            let rest = Arc::new(crate::rest::Rest::new(
+                Arc::clone(&registry),
+                Some(Arc::clone(&metrics)),
+                Arc::new(move || hub_len.len()),
+            ));
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "REST API on https://{addr}/v1");
             let ca_pem = match &config.notifications.ca {
                 None => None,

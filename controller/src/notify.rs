@@ -408,21 +408,33 @@ pub fn spawn<S: Store>(
     };
     Ok(AbortOnDrop(tokio::spawn(async move {
         loop {
-            if !hold_lease(registry.store(), &holder).await {
+            let taken = tokio::time::Instant::now();
+            let held = tokio::time::timeout(LEASE_RENEW, hold_lease(registry.store(), &holder))
+                .await
+                .unwrap_or(false);
+            if !held {
                 tokio::time::sleep(LEASE_RENEW).await;
                 continue;
             }
             tracing::info!(%holder, "notifications: this replica delivers them");
+            // The lease runs from before the write that took or renewed it; delivery
+            // stops a renewal period before it ends unless renewed, however slow the
+            // store is (another replica may take it from then on).
             let renew = async {
-                let mut held = Instant::now();
+                let mut until = taken + LEASE - LEASE_RENEW;
                 loop {
-                    tokio::time::sleep(LEASE_RENEW).await;
-                    if hold_lease(registry.store(), &holder).await {
-                        held = Instant::now();
-                    } else if held.elapsed() >= LEASE - LEASE_RENEW {
-                        // Another replica may take it from now on: stop first.
+                    let asked = tokio::time::Instant::now();
+                    let renewed =
+                        tokio::time::timeout_at(until, hold_lease(registry.store(), &holder)).await;
+                    match renewed {
+                        Ok(true) => until = asked + LEASE - LEASE_RENEW,
+                        Ok(false) => {}
+                        Err(_) => return,
+                    }
+                    if tokio::time::Instant::now() >= until {
                         return;
                     }
+                    tokio::time::sleep_until((asked + LEASE_RENEW).min(until)).await;
                 }
             };
             tokio::select! {
@@ -470,7 +482,6 @@ async fn deliver<S: Store>(
 ) {
     let (acks, _tracker) = AckTracker::spawn(Arc::clone(&registry));
     let mut subscribers: HashMap<String, Subscriber> = HashMap::new();
-    let mut names: HashMap<String, InstanceNames> = HashMap::new();
     let mut scanned: Option<Instant> = None;
     let mut failing = false;
     loop {
@@ -581,7 +592,7 @@ async fn deliver<S: Store>(
                 }
                 continue;
             }
-            let event = event_json(&registry, &mut names, rec, kind).await;
+            let event = event_json(&registry, rec, kind).await;
             let read_at = Instant::now();
             for s in subscribers.values_mut() {
                 if s.dispatched >= rec.seq {
@@ -620,7 +631,6 @@ async fn deliver<S: Store>(
 /// The JSON of the event of audit record `rec`.
 async fn event_json<S: Store>(
     registry: &Registry<S>,
-    names: &mut HashMap<String, InstanceNames>,
     rec: &AuditRecord,
     kind: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
@@ -631,22 +641,21 @@ async fn event_json<S: Store>(
     e.insert("audit_kind".into(), rec.kind.clone().into());
     e.insert("detail".into(), rec.detail.clone().into());
     if let Some(id) = &rec.instance {
-        if !names.contains_key(id)
-            && let Some(key) = hex::decode(id)
-                .ok()
-                .and_then(|b| InstanceKey::from_slice(&b))
-            && let Ok(Some((r, _))) = registry.instance(&key).await
+        // Read for each event: the state is the instance's when the event is read.
+        let names = match hex::decode(id)
+            .ok()
+            .and_then(|b| InstanceKey::from_slice(&b))
         {
-            if names.len() >= 65_536 {
-                names.clear();
-            }
-            names.insert(id.clone(), names_of(&r));
-        }
-        let v = names.get(id).map_or_else(
-            || serde_json::json!({"id": id}),
-            |n| serde_json::to_value(n).unwrap_or_default(),
+            Some(key) => match registry.instance(&key).await {
+                Ok(Some((r, _))) => serde_json::to_value(names_of(&r)).ok(),
+                _ => None,
+            },
+            None => None,
+        };
+        e.insert(
+            "instance".into(),
+            names.unwrap_or_else(|| serde_json::json!({"id": id})),
         );
-        e.insert("instance".into(), v);
     }
     if let Some((vnf, version)) = catalog_of(&rec.detail)
         && rec.kind.starts_with("catalog.")
@@ -718,9 +727,10 @@ async fn send_loop<S: Store>(
                 other => {
                     count("retried");
                     if attempt == 0 || attempt.is_power_of_two() {
+                        // Not the URL: its query may hold the orchestrator's token.
                         let why = match other {
                             Ok(r) => format!("answered {}", r.status()),
-                            Err(e) => e.to_string(),
+                            Err(e) => e.without_url().to_string(),
                         };
                         tracing::warn!(subscription = %sub.id, event = ev.seq, attempt, %why, "notification not delivered; retrying");
                     }

@@ -835,24 +835,81 @@ impl<S: Store> Registry<S> {
         let id = InstanceKey::derive(&tenant, &vnf, &instance, &nonce);
         let spec = ChainSpec::new(id, 0, self.config.chain_length)
             .map_err(|e| refuse(RefusalCode::InvalidRequest, e.to_string()))?;
-        let seed = chain::seed(&nonce, &id, &golden.0, 0);
-        let anchor = chain::anchor(&spec, &seed);
         // Names are unique within a VNF of a tenant: an orchestrator that retries a
         // create whose answer it lost gets `AlreadyExists`, not a second instance.
-        if let Cas::Conflict { .. } = self
-            .store
-            .compare_and_swap(
-                &format!("{PREFIX}names/{tenant}/{vnf}/{instance}"),
-                Expect::Absent,
-                id.to_hex().into_bytes(),
+        let name_key = format!("{PREFIX}names/{tenant}/{vnf}/{instance}");
+        self.reserve_name(&name_key, &id, || {
+            format!("instance {instance} of {vnf} in {tenant} exists")
+        })
+        .await?;
+        let created = self
+            .create_reserved(
+                now,
+                &id,
+                (tenant, vnf, instance, role),
+                &nonce,
+                &spec,
+                golden,
             )
-            .await?
-        {
-            return Err(refuse(
-                RefusalCode::AlreadyExists,
-                format!("instance {instance} of {vnf} in {tenant} exists"),
-            ));
+            .await;
+        if created.is_err() {
+            // Not created: the name is free again (best effort; a name whose instance
+            // does not exist is taken over by the next create anyway).
+            let _ = self.store.delete(&name_key).await;
         }
+        created
+    }
+
+    /// Reserves `name_key` for `id`; a reservation whose instance does not exist (a
+    /// create that failed half-way) is taken over.
+    async fn reserve_name(
+        &self,
+        name_key: &str,
+        id: &InstanceKey,
+        exists: impl Fn() -> String,
+    ) -> Result<(), RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let expect = match self.store.get(name_key).await? {
+                None => Expect::Absent,
+                Some(v) => {
+                    let holder = String::from_utf8_lossy(&v.value).to_string();
+                    let live = match hex::decode(&holder)
+                        .ok()
+                        .and_then(|b| InstanceKey::from_slice(&b))
+                    {
+                        Some(k) => self.instance(&k).await?.is_some(),
+                        None => false,
+                    };
+                    if live {
+                        return Err(refuse(RefusalCode::AlreadyExists, exists()));
+                    }
+                    Expect::Revision(v.revision)
+                }
+            };
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(name_key, expect, id.to_hex().into_bytes())
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(contended("instance name"))
+    }
+
+    /// The rest of [`Registry::create_instance`], once the name is reserved.
+    async fn create_reserved(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        (tenant, vnf, instance, role): (TenantId, VnfId, InstanceName, Role),
+        nonce: &Nonce,
+        spec: &ChainSpec,
+        golden: &DigestValue,
+    ) -> Result<BootstrapBundle, RegistryError> {
+        let id = *id;
+        let seed = chain::seed(nonce, &id, &golden.0, 0);
+        let anchor = chain::anchor(spec, &seed);
         let overlay = self.next_overlay(&tenant).await?;
         let record = InstanceRecord {
             id: id.to_hex(),
@@ -913,7 +970,7 @@ impl<S: Store> Registry<S> {
             tenant,
             vnf,
             instance,
-            nonce,
+            nonce: nonce.clone(),
             chain_length: spec.length,
             role,
             dh_group: self.config.dh_group,
@@ -1270,9 +1327,21 @@ impl<S: Store> Registry<S> {
     pub async fn ack_catalog(
         &self,
         id: &InstanceKey,
+        vnf: &VnfId,
         version: u64,
         latency: Option<std::time::Duration>,
     ) -> Result<(), RegistryError> {
+        // Only a version that was put in force: an agent claiming a later one would have
+        // operators (and `catalog.acknowledged`) believe it enforces what it never got.
+        let in_force = self.catalog(vnf).await?.map_or(0, |(c, _)| c.version);
+        if version > in_force {
+            return Err(refuse(
+                RefusalCode::InvalidRequest,
+                format!(
+                    "catalog version {version} of {vnf} was never in force (it is at {in_force})"
+                ),
+            ));
+        }
         let ack = CatalogAckRecord {
             version,
             latency_ms: latency.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -1599,13 +1668,36 @@ impl<S: Store> Registry<S> {
         agents: usize,
         ms: u64,
     ) -> Result<(), RegistryError> {
-        self.audit(
-            now,
-            "catalog.acknowledged",
-            None,
-            format!("{vnf} catalog version {version}: acknowledged by {agents} agents in {ms} ms"),
-        )
-        .await
+        // Once per version, whichever replica or restart decides it again: the highest
+        // version announced is kept per VNF.
+        let key = format!("{PREFIX}catalog-acknowledged/{vnf}");
+        for _ in 0..CAS_RETRIES {
+            let current = self.store.get(&key).await?;
+            let expect = match &current {
+                None => Expect::Absent,
+                Some(v) => {
+                    let done: u64 = String::from_utf8_lossy(&v.value).parse().unwrap_or(0);
+                    if done >= version {
+                        return Ok(());
+                    }
+                    Expect::Revision(v.revision)
+                }
+            };
+            if let Cas::Swapped { .. } = self
+                .store
+                .compare_and_swap(&key, expect, version.to_string().into_bytes())
+                .await?
+            {
+                return self.audit(
+                    now,
+                    "catalog.acknowledged",
+                    None,
+                    format!("{vnf} catalog version {version}: acknowledged by {agents} agents in {ms} ms"),
+                )
+                .await;
+            }
+        }
+        Err(contended("catalog acknowledgement"))
     }
 
     /// Revokes an instance: it cannot enroll again with this identity.

@@ -274,9 +274,15 @@ pub async fn handle<S: Store>(
             {
                 Body::Ok(msg::Ack {})
             }
-            Some(me) => match registry.ack_catalog(&me, m.version, ack_latency).await {
-                Ok(()) => Body::Ok(msg::Ack {}),
-                Err(e) => from_error(e),
+            Some(me) => match m.vnf.parse::<VnfId>() {
+                Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
+                Ok(vnf) => match registry
+                    .ack_catalog(&me, &vnf, m.version, ack_latency)
+                    .await
+                {
+                    Ok(()) => Body::Ok(msg::Ack {}),
+                    Err(e) => from_error(e),
+                },
             },
         },
         Some(Body::Reattest(m)) => match session.agent() {
@@ -495,17 +501,34 @@ pub async fn create_fresh_instance<S: Store>(
             message: m,
         })
     };
-    let instance = match req.instance {
-        Some(i) => i,
-        None => {
+    let (tenant, vnf, role) = (req.tenant, req.vnf, req.role);
+    let Some(instance) = req.instance else {
+        // A name of Sec-EM's choosing that happens to be taken: choose again.
+        let mut last = None;
+        for _ in 0..4 {
             let mut b = [0u8; 4];
             rand::rng().fill_bytes(&mut b);
-            format!("{}-{}", req.vnf, hex::encode(b))
+            let name = format!("{vnf}-{}", hex::encode(b))
                 .parse::<InstanceName>()
-                .map_err(|e| invalid(e.to_string()))?
+                .map_err(|e| invalid(e.to_string()))?;
+            match create_named(registry, (&tenant, &vnf, role), name).await {
+                Err(RegistryError::Refused(r)) if r.code == RefusalCode::AlreadyExists => {
+                    last = Some(RegistryError::Refused(r));
+                }
+                other => return other,
+            }
         }
+        return Err(last.unwrap_or_else(|| invalid("no free name".into())));
     };
-    let (tenant, vnf, role) = (req.tenant, req.vnf, req.role);
+    create_named(registry, (&tenant, &vnf, role), instance).await
+}
+
+async fn create_named<S: Store>(
+    registry: &Registry<S>,
+    (tenant, vnf, role): (&asmn_shared::ids::TenantId, &VnfId, asmn_shared::ids::Role),
+    instance: InstanceName,
+) -> Result<wire::BootstrapBundle, RegistryError> {
+    let (tenant, vnf) = (tenant.clone(), vnf.clone());
     let mut nonce = [0u8; 32];
     if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
         return Err(RegistryError::Refused(crate::registry::Refusal {
@@ -967,9 +990,14 @@ async fn serve_connection<S: Store>(
     if let Some(id) = session.agent()
         && hub.detach(&id, conn.stable_id())
     {
-        let why = conn
+        // The reason may be the peer's words: printable and short in the audit log.
+        let why: String = conn
             .close_reason()
-            .map_or_else(|| "closed".to_string(), |r| r.to_string());
+            .map_or_else(|| "closed".to_string(), |r| r.to_string())
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .take(120)
+            .collect();
         if let Err(e) = registry
             .agent_lost(now(), &id, format!("control connection ended: {why}"))
             .await

@@ -85,10 +85,11 @@ impl Api {
 /// A `sec-em serve` with its REST API on loopback.
 struct Served {
     dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
     rest: u16,
     admin: common::Client,
     agents: common::Client,
-    _daemon: common::Daemon,
+    daemon: Option<common::Daemon>,
 }
 
 async fn serve() -> Served {
@@ -103,31 +104,52 @@ async fn serve() -> Served {
         format!("{t}\n[notifications]\nmax_backoff_secs = 1\n")
     });
     let daemon = start(&cfg);
-    let api = Api::new(dir.path(), rest, Some("admin"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = api
-            .client
-            .get(format!("{}/v1/health", api.base))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the REST API did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Served {
+    let s = Served {
         dir,
+        cfg,
         rest,
         admin,
         agents,
-        _daemon: daemon,
-    }
+        daemon: Some(daemon),
+    };
+    s.wait_up().await;
+    s
 }
 
 impl Served {
+    async fn wait_up(&self) {
+        let api = self.api(Some("admin"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = api
+                .client
+                .get(format!("{}/v1/health", api.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the REST API did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops `sec-em` and starts it again on the same configuration and store.
+    async fn restart(&mut self) {
+        self.daemon.take();
+        self.daemon = Some(start(&self.cfg));
+        self.wait_up().await;
+    }
+
+    fn metrics_port(&self) -> u16 {
+        let text = std::fs::read_to_string(&self.cfg).expect("cfg");
+        text.lines()
+            .find_map(|l| l.strip_prefix("metrics_addr = \"127.0.0.1:"))
+            .and_then(|p| p.trim_end_matches('"').parse().ok())
+            .expect("metrics_addr")
+    }
+
     fn api(&self, identity: Option<&str>) -> Api {
         Api::new(self.dir.path(), self.rest, identity)
     }
@@ -147,6 +169,17 @@ fn sol001_for(image: &[u8]) -> String {
         "5f2b3c8e1d0a4f6b7c9e8d7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c",
         &sha256_hex(image),
     )
+}
+
+/// On-boards the SOL001 example by the digest of [`IMAGE`].
+async fn onboard_web(api: &Api) {
+    let p = api
+        .post(
+            "/v1/vnf-packages",
+            &json!({"descriptor": sol001_for(IMAGE), "digests": {"sha256": sha256_hex(IMAGE)}}),
+        )
+        .await;
+    assert_eq!(p.0, 201, "{p:?}");
 }
 
 fn bundle_of(created: &Value) -> BootstrapBundle {
@@ -683,13 +716,7 @@ async fn every_event_of_a_tenants_life_arrives_once_in_order_and_after_an_outage
     // The tenant's life: on-board, two instances enroll, a fake is refused and
     // quarantined, a catalog is put and acknowledged by both agents, a re-attestation
     // fails (a replayed reveal), one instance is revoked, the other's agent goes away.
-    let p = api
-        .post(
-            "/v1/vnf-packages",
-            &json!({"descriptor": sol001_for(IMAGE), "digests": {"sha256": sha256_hex(IMAGE)}}),
-        )
-        .await;
-    assert_eq!(p.0, 201, "{p:?}");
+    onboard_web(&api).await;
     let mut bundles = BTreeMap::new();
     for name in ["web-a", "web-b", "web-fake"] {
         let c = api
@@ -748,6 +775,19 @@ async fn every_event_of_a_tenants_life_arrives_once_in_order_and_after_an_outage
     }
     // Wait for the acknowledgement event before the next step: it is decided by
     // watching the store, so it could otherwise come after later records.
+    // An agent cannot claim a version never put in force.
+    let forged = ask_opt(
+        &conn_a,
+        Body::CatalogAck(msg::CatalogAck {
+            vnf: "web-server".into(),
+            version: 999,
+        }),
+    )
+    .await;
+    assert!(
+        matches!(&forged, Some(Body::Refused(r)) if r.code == msg::RefusalCode::InvalidRequest as i32),
+        "{forged:?}"
+    );
     // Wait for version 2's acknowledgement before the next step: it is decided by
     // watching the store, so it could otherwise come after later records.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -801,6 +841,11 @@ async fn every_event_of_a_tenants_life_arrives_once_in_order_and_after_an_outage
     let evs = wait_for(&got, &secret, life.len(), Duration::from_secs(15)).await;
     in_log_order(&evs, &life);
     assert!(evs.iter().all(|e| e["subscription"] == sub.2["id"]));
+    let revoked = evs
+        .iter()
+        .find(|e| e["type"] == "instance.revoked")
+        .expect("revoked");
+    assert_eq!(revoked["instance"]["state"], "revoked", "{revoked}");
     let acked2 = evs
         .iter()
         .find(|e| e["type"] == "catalog.acknowledged" && e["catalog"]["version"] == 2)
@@ -907,13 +952,7 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_schema() {
     let s = serve().await;
     let api = s.api(Some("admin"));
     // Something to find: a package, an instance, a catalog history, a subscription.
-    let p = api
-        .post(
-            "/v1/vnf-packages",
-            &json!({"descriptor": sol001_for(IMAGE), "digests": {"sha256": sha256_hex(IMAGE)}}),
-        )
-        .await;
-    assert_eq!(p.0, 201, "{p:?}");
+    onboard_web(&api).await;
     let c = api
         .post(
             "/v1/instances",
@@ -964,4 +1003,211 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_schema() {
         })
         .expect("schemathesis reports how many test cases it generated");
     assert!(generated >= 300, "only {generated} requests generated");
+}
+
+/// A TLS connection to the REST API from `source` without a client certificate.
+async fn anonymous_tls(
+    s: &Served,
+    source: std::net::IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use asmn_channel::tls;
+    let ca = std::fs::read_to_string(s.dir.path().join("ca.pem")).expect("ca");
+    let config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(tls::roots(&ca).expect("roots"))
+        .with_no_client_auth();
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::new(source, 0))?;
+    let tcp = sock
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], s.rest)))
+        .await?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_cannot_hold_the_rest_api_nor_grow_its_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = serve().await;
+    let api = s.api(Some("admin"));
+
+    // 1. A thousand made-up methods: refused, and counted under one label.
+    for i in 0..1000 {
+        let Ok(mut c) = anonymous_tls(&s, [127, 0, 0, 3].into()).await else {
+            continue;
+        };
+        let req = format!(
+            "X{i}{} /v1/health HTTP/1.1\r\nhost: x\r\n\r\n",
+            "Y".repeat(200)
+        );
+        let _ = c.write_all(req.as_bytes()).await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut sink)).await;
+    }
+    let metrics = {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", s.metrics_port()))
+            .await
+            .expect("metrics");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("ask");
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut text))
+            .await
+            .expect("in time")
+            .expect("read");
+        text
+    };
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("asmn_rest_requests_total{"))
+        .count();
+    assert!(series < 20, "{series} request series:\n{metrics}");
+    assert!(
+        metrics.contains("method=\"other\""),
+        "made-up methods are counted as other"
+    );
+
+    // 2. Connections held open without a certificate, each with pipelined requests
+    //    whose answers it never reads: at most 32 from one address, each for at most 5 s.
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        if let Ok(c) = anonymous_tls(&s, attacker).await {
+            held.push(c);
+        }
+    }
+    assert!(
+        (16..=32).contains(&held.len()),
+        "{} connections from one address",
+        held.len()
+    );
+    for c in &mut held {
+        let many = "GET /v1/openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(50);
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), c.write_all(many.as_bytes())).await;
+    }
+    let t = Instant::now();
+    let r = api.get("/v1/instances").await;
+    assert_eq!(r.0, 200, "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the operator waited {:?}",
+        t.elapsed()
+    );
+    // Within the deadline, Sec-EM has closed every held connection.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for mut c in held {
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut sink)).await;
+        assert!(ended.is_ok(), "a held connection is still open after 11 s");
+        // One answer at most: the connection served one request.
+        let answers = String::from_utf8_lossy(&sink)
+            .matches("HTTP/1.1 200")
+            .count();
+        assert!(
+            answers <= 1,
+            "{answers} answers on one anonymous connection"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_part_over_1_mib_is_refused() {
+    let s = serve().await;
+    let api = s.api(Some("admin"));
+    let form = reqwest::multipart::Form::new()
+        .text("descriptor", "#".repeat(3 << 20))
+        .part("image", reqwest::multipart::Part::bytes(vec![0u8; 16]));
+    let r = api
+        .send(
+            api.client
+                .post(format!("{}/v1/vnf-packages/upload", api.base))
+                .multipart(form),
+        )
+        .await;
+    assert_problem(&r, 413, "too-large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_acknowledgement_is_recorded_once_across_restarts() {
+    let mut s = serve().await;
+    let api = s.api(Some("admin"));
+    // A subscriber that wants other events, and is down: its position stays at the
+    // start, so a restarted Sec-EM reads the catalog records again.
+    let sub = api
+        .post(
+            "/v1/subscriptions",
+            &json!({"callback": format!("http://127.0.0.1:{}/", free_tcp()), "types": ["instance.revoked"]}),
+        )
+        .await;
+    assert_eq!(sub.0, 201, "{sub:?}");
+    onboard_web(&api).await;
+    let c = api
+        .post(
+            "/v1/instances",
+            &json!({"tenant": "t1", "vnf": "web-server", "name": "a"}),
+        )
+        .await;
+    let conn = s.agents.connect().await;
+    let (req, _) = enroll_with_prover_of(&bundle_of(&c.2), IMAGE);
+    assert!(matches!(
+        ask_opt(&conn, Body::Enroll(req)).await,
+        Some(Body::Enrolled(_))
+    ));
+    let cat = "vnf: web-server\nsec_catalog:\n  default_action: drop\n";
+    assert_eq!(
+        api.put("/v1/catalogs/web-server", &json!({"catalog": cat}))
+            .await
+            .0,
+        200
+    );
+    let ack = ask_opt(
+        &conn,
+        Body::CatalogAck(msg::CatalogAck {
+            vnf: "web-server".into(),
+            version: 2,
+        }),
+    )
+    .await;
+    assert!(matches!(ack, Some(Body::Ok(_))), "{ack:?}");
+    let versions = |v: &Value| -> Vec<u64> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|r| notify_catalog_version(r["detail"].as_str().expect("detail")))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = api.get("/v1/audit?kind=catalog.acknowledged").await;
+        if versions(&a.2).contains(&2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{a:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(conn);
+    s.restart().await;
+    // The new process takes the lease once the old one's runs out (5 s), then reads the
+    // log again from the subscriber's position.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let a = s
+        .api(Some("admin"))
+        .get("/v1/audit?kind=catalog.acknowledged")
+        .await;
+    assert_eq!(versions(&a.2), [1, 2], "{a:?}");
+}
+
+/// The version in a catalog record's detail (`<vnf> catalog version <n>...`).
+fn notify_catalog_version(detail: &str) -> u64 {
+    detail
+        .split_once(" catalog version ")
+        .and_then(|(_, r)| r.split(':').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }

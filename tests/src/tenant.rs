@@ -112,6 +112,11 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 impl Tenant {
     /// The hub namespace, its bridge, and a running Sec-EM with a fresh PKI.
     pub fn new() -> Result<Tenant, String> {
+        Tenant::new_with(|c| c)
+    }
+
+    /// [`Tenant::new`], with `adjust` editing `sec-em.toml` before Sec-EM starts.
+    pub fn new_with(adjust: impl FnOnce(String) -> String) -> Result<Tenant, String> {
         let mut t = Tenant::bare(SEC_EM, vec![format!("{SEC_EM}:{PORT}")])?;
         let sec_em = netns::binary("sec-em")?;
         let pki = t.dir.path().join("pki");
@@ -123,6 +128,9 @@ impl Tenant {
                 .args(["--server-name", "sec-em"])
                 .args(["--metrics-addr", &format!("{SEC_EM}:9464")]),
         )?;
+        let cfg = pki.join("sec-em.toml");
+        let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        std::fs::write(&cfg, adjust(text)).map_err(|e| format!("{}: {e}", cfg.display()))?;
         t.start_sec_em()?;
         Ok(t)
     }
@@ -240,6 +248,16 @@ impl Tenant {
             .to_string())
     }
 
+    /// A VM's namespace attached to the hub's bridge, with the next underlay address;
+    /// the namespace and that address.
+    pub fn vm_namespace(&mut self) -> Result<(Netns, String), String> {
+        let ns = Netns::new("asmnvnf")?;
+        let underlay = format!("10.99.0.{}", self.next_host);
+        self.next_host += 1;
+        netns::attach(&self.hub, "br0", &ns, &format!("{underlay}/24"))?;
+        Ok((ns, underlay))
+    }
+
     /// Creates an instance of `vnf` (role `vnf` or `gateway`) measuring `image`, its
     /// namespace and its agent configuration (not started). Its index.
     pub fn add(
@@ -259,10 +277,7 @@ impl Tenant {
             .and_then(|o| o.split('/').next())
             .and_then(|ip| ip.parse().ok())
             .ok_or_else(|| format!("instance show: no overlay: {show}"))?;
-        let ns = Netns::new("asmnvnf")?;
-        let underlay = format!("10.99.0.{}", self.next_host);
-        self.next_host += 1;
-        netns::attach(&self.hub, "br0", &ns, &format!("{underlay}/24"))?;
+        let (ns, underlay) = self.vm_namespace()?;
         let config = self.file(
             &format!("{name}.toml"),
             format!(

@@ -208,7 +208,23 @@ pub struct Health {
         (status = 503, description = "The store does not answer", body = Health),
     ))]
 async fn health<S: Store>(State(rest): Shared<S>) -> axum::response::Response {
-    let store = crate::audit::head(rest.registry.store()).await.is_ok();
+    // Anyone may ask: the store is asked at most once a second for all of them.
+    let cached = rest
+        .health
+        .lock()
+        .ok()
+        .and_then(|h| *h)
+        .filter(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1));
+    let store = match cached {
+        Some((_, ok)) => ok,
+        None => {
+            let ok = crate::audit::head(rest.registry.store()).await.is_ok();
+            if let Ok(mut h) = rest.health.lock() {
+                *h = Some((std::time::Instant::now(), ok));
+            }
+            ok
+        }
+    };
     let h = Health {
         status: if store { "ok" } else { "degraded" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -420,11 +436,19 @@ async fn onboard_by_upload<S: Store>(
     while let Some(mut field) = form.next_field().await? {
         match field.name() {
             Some("descriptor") => {
-                let text = field.bytes().await?;
-                if text.len() > 1 << 20 {
-                    return Err(Problem::bad_request("descriptor: at most 1 MiB"));
+                // Read a chunk at a time: refused as soon as it passes 1 MiB.
+                let mut text = Vec::new();
+                while let Some(c) = field.chunk().await? {
+                    if text.len() + c.len() > 1 << 20 {
+                        return Err(Problem::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too-large",
+                            "descriptor: at most 1 MiB",
+                        ));
+                    }
+                    text.extend_from_slice(&c);
                 }
-                descriptor = Some(text.to_vec());
+                descriptor = Some(text);
             }
             Some("image") => {
                 let Some(d) = descriptor.take() else {
@@ -637,6 +661,11 @@ pub struct AgentSettings {
     #[serde(default)]
     #[schema(max_length = 64)]
     metrics_addr: Option<String>,
+    /// The agent's state directory (`/var/lib/asmn-agent`, the packaged unit's, when
+    /// absent).
+    #[serde(default)]
+    #[schema(max_length = 255)]
+    state_dir: Option<String>,
 }
 
 /// An instance to create.
@@ -676,25 +705,35 @@ pub struct CreatedInstance {
     user_data: String,
 }
 
-fn agent_toml(a: &AgentSettings) -> Answer<String> {
-    if !a.target.starts_with('/')
-        || a.target.len() > 255
-        || a.target
-            .chars()
-            .any(|c| c.is_control() || c == '"' || c == '\\')
+/// An absolute path that can be written in TOML between quotes as it is.
+fn plain_path(field: &str, p: &str) -> Answer<String> {
+    if !p.starts_with('/')
+        || p.len() > 255
+        || p.chars().any(|c| c.is_control() || c == '"' || c == '\\')
     {
-        return Err(Problem::bad_request(
-            "agent.target: an absolute path, such as /dev/vda",
-        ));
+        return Err(Problem::bad_request(format!(
+            "agent.{field}: an absolute path without quotes or control characters"
+        )));
     }
+    Ok(p.to_string())
+}
+
+/// The agent's configuration. Its bundle is `bundle` beside it (a relative path is
+/// the file's directory's): `/etc/asmn/bundle` in the VM, where the config drive's
+/// `asmn-bundle` unit and the cloud-init user-data put both files.
+fn agent_toml(a: &AgentSettings) -> Answer<String> {
+    let target = plain_path("target", &a.target)?;
     let addr = |field: &str, v: &str| {
         v.parse::<std::net::SocketAddr>()
             .map_err(|_| Problem::bad_request(format!("agent.{field}: ip:port")))
     };
     let underlay = addr("underlay", &a.underlay)?;
+    let state = plain_path(
+        "state_dir",
+        a.state_dir.as_deref().unwrap_or("/var/lib/asmn-agent"),
+    )?;
     let mut t = format!(
-        "bundle = \"/etc/asmn/bundle\"\ntarget = \"{}\"\nunderlay = \"{underlay}\"\nstate_dir = \"/var/lib/asmn-agent\"\n",
-        a.target
+        "# Written by Sec-EM for this instance.\nbundle = \"bundle\"\ntarget = \"{target}\"\nunderlay = \"{underlay}\"\nstate_dir = \"{state}\"\n"
     );
     if let Some(m) = &a.metrics_addr {
         t.push_str(&format!(
@@ -1300,7 +1339,12 @@ async fn subscribe<S: Store>(
 ) -> Answer<axum::response::Response> {
     let Json(req) = body?;
     let sub = crate::notify::create(&rest.registry, now(), &req.callback, &req.types).await?;
-    tracing::info!(id = %sub.id, callback = %sub.callback, "subscription made");
+    // The host only: a callback's path or query may hold the orchestrator's token.
+    let host = reqwest::Url::parse(&sub.callback)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
+    tracing::info!(id = %sub.id, %host, "subscription made");
     Ok(created(SubscriptionView::of(sub, true)))
 }
 

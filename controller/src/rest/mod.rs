@@ -35,6 +35,25 @@ pub struct Rest<S: Store> {
     pub metrics: Option<Arc<Metrics>>,
     /// Agents connected to this replica.
     pub agents: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// The last health check of the store, and when.
+    health: std::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+impl<S: Store> Rest<S> {
+    /// The REST API over `registry`, counting in `metrics`; `agents` says how many agents
+    /// are connected to this replica.
+    pub fn new(
+        registry: Arc<Registry<S>>,
+        metrics: Option<Arc<Metrics>>,
+        agents: Arc<dyn Fn() -> usize + Send + Sync>,
+    ) -> Self {
+        Self {
+            registry,
+            metrics,
+            agents,
+            health: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl<S: Store> std::fmt::Debug for Rest<S> {
@@ -49,8 +68,30 @@ struct Peer(Option<String>);
 
 /// Longest a client has to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection without a client certificate is served, in all (one request:
+/// health or the document).
+const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Connections from one source address at once; more are closed at once.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
+
+/// The method as a metric label: a fixed set (anyone may send any token as a method).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
 
 /// The TLS configuration of the REST listener: Sec-EM's certificate; client
 /// certificates of the CA verified when presented (required by every route but health
@@ -106,7 +147,7 @@ fn open(path: &str) -> bool {
 /// Authentication (an admin certificate not on the deny-list) and metrics.
 async fn guard<S: Store>(State(rest): State<Arc<Rest<S>>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -158,6 +199,8 @@ pub fn serve<S: Store>(
     let app = router(rest);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     AbortOnDrop(tokio::spawn(async move {
         loop {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -171,13 +214,54 @@ pub fn serve<S: Store>(
                     continue;
                 }
             };
+            let Some(place) = SourcePlace::take(&per_source, from.ip()) else {
+                // Dropped at once: one address cannot hold the listener's places.
+                continue;
+            };
             let (acceptor, app) = (acceptor.clone(), app.clone());
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slot = (slot, place);
                 serve_connection(tcp, from, acceptor, app).await;
             });
         }
     }))
+}
+
+/// A connection's place in its source address's count; given back on drop.
+struct SourcePlace {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourcePlace {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<SourcePlace> {
+        let mut c = counts.lock().ok()?;
+        let n = c.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourcePlace {
+            counts: Arc::clone(counts),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.counts.lock()
+            && let Some(n) = c.get_mut(&self.ip)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn serve_connection(
@@ -187,7 +271,7 @@ async fn serve_connection(
     app: Router,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%from, error = %e, "REST: TLS handshake failed");
@@ -201,6 +285,7 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| crate::pki::serial_of(c));
+    let anonymous = serial.is_none();
     let peer = Peer(serial);
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -216,8 +301,18 @@ async fn serve_connection(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(64 << 10)
+        // Without a certificate: one request, answered within a deadline (a peer that
+        // does not read its answer does not keep its place).
+        .keep_alive(!anonymous)
         .serve_connection(io, service);
-    if let Err(e) = conn.await {
+    let served = if anonymous {
+        tokio::time::timeout(ANONYMOUS_LIFETIME, conn)
+            .await
+            .unwrap_or(Ok(()))
+    } else {
+        conn.await
+    };
+    if let Err(e) = served {
         tracing::debug!(%from, error = %e, "REST: connection ended");
     }
 }

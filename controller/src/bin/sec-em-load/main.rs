@@ -22,6 +22,7 @@ use clap::Parser;
 use tokio::sync::{Semaphore, mpsc};
 
 mod attack;
+mod rest;
 
 /// Load benchmark of Sec-EM: N simulated agents on loopback.
 ///
@@ -96,6 +97,12 @@ struct Args {
     /// Milliseconds between the starts of re-attestation rounds, with and without attack.
     #[arg(long, default_value_t = 1000)]
     round_ms: u64,
+    /// Also serve the REST API and measure it beside QUIC in the same run: listing every
+    /// instance (--trials times each), catalog put until every agent acknowledged
+    /// (--trials times each); and event notifications to a webhook receiver on loopback
+    /// (revocations, catalog acknowledgements).
+    #[arg(long)]
+    rest: bool,
 }
 
 /// Chain length of the benchmark's instances (short: the benchmark reveals a few hundred
@@ -208,7 +215,11 @@ fn sec_em_binary(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Writes a PKI and configuration into `dir`; returns the config path, the QUIC port, the
 /// metrics port and the PKI.
-fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16, u16, pki::Pki)> {
+fn prepare(
+    dir: &Path,
+    etcd: Option<&LocalEtcd>,
+    rest: Option<u16>,
+) -> anyhow::Result<(PathBuf, u16, u16, pki::Pki)> {
     let pki = pki::generate(&["sec-em".to_string()], 2026)?;
     pki::write(dir, dir, &pki, false)?;
     let audit_key = asmn_controller::audit::AuditKey::generate().map_err(anyhow::Error::msg)?;
@@ -228,6 +239,12 @@ fn prepare(dir: &Path, etcd: Option<&LocalEtcd>) -> anyhow::Result<(PathBuf, u16
     .replace("chain_length = 100000", &format!("chain_length = {CHAIN}"));
     if let Some(etcd) = etcd {
         text = etcd.configure(&text)?;
+    }
+    if let Some(port) = rest {
+        text = text.replace(
+            "# rest_addr = \"0.0.0.0:7444\"",
+            &format!("rest_addr = \"127.0.0.1:{port}\""),
+        );
     }
     let path = dir.join("sec-em.toml");
     std::fs::write(&path, text)?;
@@ -425,6 +442,7 @@ struct Report {
     sec_em_rss_mib_before_idle: f64,
     sec_em_rss_mib_with_idle: f64,
     attack: Option<AttackReport>,
+    rest: Option<rest::RestReport>,
 }
 
 /// What `--attack` measured, beside the baseline of the same run.
@@ -776,7 +794,12 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         "etcds" => Some(LocalEtcd::start_tls(1).await?),
         other => bail!("--store {other:?}: use embedded, etcd or etcds"),
     };
-    let (cfg, port, metrics_port, pki) = prepare(dir.path(), etcd.as_ref())?;
+    let rest_port = if args.rest {
+        Some(free_port(false)?)
+    } else {
+        None
+    };
+    let (cfg, port, metrics_port, pki) = prepare(dir.path(), etcd.as_ref(), rest_port)?;
     let log = match &args.sec_em_log {
         Some(p) => Stdio::from(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -822,6 +845,22 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         Body::Ok(_) => {}
         other => bail!("on-boarding refused: {other:?}"),
     }
+    // The REST API and a webhook receiver subscribed to what is timed.
+    let northbound = match rest_port {
+        None => None,
+        Some(p) => {
+            let api = rest::Rest::new(&pki, p)?;
+            api.wait_up().await?;
+            let receiver = rest::Receiver::start().await?;
+            api.subscribe(
+                &format!("http://127.0.0.1:{}/events", receiver.port),
+                &["instance.revoked", "catalog.acknowledged"],
+            )
+            .await?;
+            Some((api, receiver))
+        }
+    };
+    let mut rest_report = rest::RestReport::default();
     eprintln!("creating {} instances", args.agents);
     let agents = create(&admin, "agent", args.agents).await?;
     let mut endpoints = Vec::new();
@@ -886,38 +925,64 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         );
     }
 
-    // 3. Catalog apply until every agent acknowledged.
+    // 3. Catalog apply until every agent acknowledged (over QUIC; with --rest, then as
+    // many over REST).
     let mut per_agent = Vec::new();
     let mut received = Vec::new();
     let mut all = Vec::new();
-    for t in 0..args.trials {
+    let mut all_rest = Vec::new();
+    let mut after_all = Vec::new();
+    let doors = if northbound.is_some() { 2 } else { 1 };
+    for t in 0..args.trials * doors {
+        let over_rest = t >= args.trials;
         let version = 2 + t as u64;
         let yaml = VNFD.replace("port: 80", &format!("port: {}", 1000 + t));
         let catalog = asmn_shared::catalog::parse_vnfd("load", yaml.as_bytes())?.catalog;
         let sent = Instant::now();
-        let r = ask(
-            &admin,
-            Body::ApplyCatalog(msg::ApplyCatalogRequest {
-                catalog: Some((&catalog).into()),
-            }),
-        )
-        .await?;
-        let Body::CatalogApplied(a) = r else {
-            bail!("catalog apply refused: {r:?}")
+        let applied = match (&northbound, over_rest) {
+            (Some((api, _)), true) => {
+                // The catalog file as `asmnctl catalog apply` reads it.
+                let file = format!(
+                    "vnf: load-vnf\nsec_catalog:\n{}",
+                    yaml.split_once("sec_catalog:\n").map_or("", |(_, c)| c)
+                );
+                api.put_catalog("load-vnf", &file).await?
+            }
+            _ => {
+                let r = ask(
+                    &admin,
+                    Body::ApplyCatalog(msg::ApplyCatalogRequest {
+                        catalog: Some((&catalog).into()),
+                    }),
+                )
+                .await?;
+                let Body::CatalogApplied(a) = r else {
+                    bail!("catalog apply refused: {r:?}")
+                };
+                a.version
+            }
         };
-        if a.version != version {
-            bail!("catalog version {} where {version} was expected", a.version);
+        if applied != version {
+            bail!("catalog version {applied} where {version} was expected");
         }
         let mut got = 0;
+        let mut last = sent;
         let ok = wait_for(&mut seen, Duration::from_secs(30), |_, s, at| {
-            if matches!(s, Seen::Received(v) if v == version) {
+            if matches!(s, Seen::Received(v) if v == version) && !over_rest {
                 received.push(at - sent);
             }
             if matches!(s, Seen::Acked(v) if v == version) {
                 got += 1;
-                per_agent.push(at - sent);
+                if !over_rest {
+                    per_agent.push(at - sent);
+                }
                 if got == args.agents {
-                    all.push(at - sent);
+                    last = at;
+                    if over_rest {
+                        all_rest.push(at - sent);
+                    } else {
+                        all.push(at - sent);
+                    }
                 }
             }
             got >= args.agents
@@ -929,6 +994,30 @@ async fn run(args: Args) -> anyhow::Result<Report> {
                 args.agents
             );
         }
+        if let Some((_, receiver)) = &northbound {
+            let heard = receiver
+                .wait("catalog.acknowledged", Duration::from_secs(30), |a| {
+                    a.version == Some(version)
+                })
+                .await
+                .with_context(|| format!("no catalog.acknowledged of version {version}"))?;
+            after_all.push(heard.saturating_duration_since(last));
+        }
+    }
+    if northbound.is_some() {
+        let (mut q, mut r) = (all.clone(), all_rest.clone());
+        q.sort();
+        r.sort();
+        after_all.sort();
+        rest_report.catalog_trials = args.trials;
+        rest_report.catalog_all_acked_quic_ms_p50 = ms(percentile(&q, 0.5));
+        rest_report.catalog_all_acked_quic_ms_p99 = ms(percentile(&q, 0.99));
+        rest_report.catalog_all_acked_rest_ms_p50 = ms(percentile(&r, 0.5));
+        rest_report.catalog_all_acked_rest_ms_p99 = ms(percentile(&r, 0.99));
+        rest_report.catalog_p99_ratio = rest_report.catalog_all_acked_rest_ms_p99
+            / rest_report.catalog_all_acked_quic_ms_p99.max(1e-9);
+        rest_report.notify_acknowledged_after_all_acked_ms_p50 = ms(percentile(&after_all, 0.5));
+        rest_report.notify_acknowledged_after_all_acked_ms_p99 = ms(percentile(&after_all, 0.99));
     }
     per_agent.sort();
     received.sort();
@@ -942,14 +1031,42 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     report.catalog_all_acked_ms_max = ms(all.last().copied().unwrap_or_default());
     eprintln!("catalog applies done");
 
+    // 3b. Listing every instance, over QUIC and over REST, alternately.
+    if let Some((api, _)) = &northbound {
+        let (mut q, mut r) = (Vec::new(), Vec::new());
+        for _ in 0..args.trials {
+            let t = Instant::now();
+            let n = rest::list_all_quic(&admin).await?;
+            q.push(t.elapsed());
+            let t = Instant::now();
+            let m = api.list_all().await?;
+            r.push(t.elapsed());
+            if n != m || n < args.agents {
+                bail!("listed {n} instances over QUIC and {m} over REST");
+            }
+            rest_report.listed = n;
+        }
+        q.sort();
+        r.sort();
+        rest_report.listing_trials = args.trials;
+        rest_report.list_quic_ms_p50 = ms(percentile(&q, 0.5));
+        rest_report.list_quic_ms_p99 = ms(percentile(&q, 0.99));
+        rest_report.list_rest_ms_p50 = ms(percentile(&r, 0.5));
+        rest_report.list_rest_ms_p99 = ms(percentile(&r, 0.99));
+        rest_report.list_p99_ratio =
+            rest_report.list_rest_ms_p99 / rest_report.list_quic_ms_p99.max(1e-9);
+    }
+
     // 4. Revocations: the first `trials` agents, one at a time; every other agent of the
     // tenant still connected must be told.
+    let mut revoked_at = Vec::new();
     let trials = args.trials.min(connected.len().saturating_sub(1));
     let mut per_peer = Vec::new();
     let mut all = Vec::new();
     for t in 0..trials {
         let victim = connected[t].id;
         let sent = Instant::now();
+        revoked_at.push((victim, sent));
         let r = ask(
             &admin,
             Body::Revoke(msg::RevokeRequest {
@@ -988,6 +1105,24 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     report.revoke_all_notified_ms_p50 = ms(percentile(&all, 0.5));
     report.revoke_all_notified_ms_max = ms(all.last().copied().unwrap_or_default());
     eprintln!("revocations done");
+    if let Some((_, receiver)) = &northbound {
+        let mut lat = Vec::new();
+        for (victim, sent) in &revoked_at {
+            let hex = victim.to_hex();
+            let heard = receiver
+                .wait("instance.revoked", Duration::from_secs(30), |a| {
+                    a.instance.as_deref() == Some(hex.as_str())
+                })
+                .await
+                .with_context(|| format!("no instance.revoked for {hex}"))?;
+            lat.push(heard.saturating_duration_since(*sent));
+        }
+        lat.sort();
+        rest_report.notifications = lat.len() + rest_report.catalog_trials * 2;
+        rest_report.notify_revoked_ms_p50 = ms(percentile(&lat, 0.5));
+        rest_report.notify_revoked_ms_p99 = ms(percentile(&lat, 0.99));
+        report.rest = Some(rest_report);
+    }
 
     // 5. Many idle agents.
     report.sec_em_rss_mib_before_idle = rss_mib(pid);
@@ -1069,6 +1204,42 @@ fn print(r: &Report) {
     );
     if let Some(a) = &r.attack {
         print_attack(a);
+    }
+    if let Some(n) = &r.rest {
+        println!(
+            "  northbound       {:<34} {:>12} {:>12} {:>8}",
+            "(p50 / p99 ms)", "QUIC", "REST", "p99 ratio"
+        );
+        println!(
+            "                   {:<34} {:>5.1} / {:<5.1} {:>5.1} / {:<5.1} {:>8.2}",
+            format!(
+                "list all {} instances ({} trials)",
+                n.listed, n.listing_trials
+            ),
+            n.list_quic_ms_p50,
+            n.list_quic_ms_p99,
+            n.list_rest_ms_p50,
+            n.list_rest_ms_p99,
+            n.list_p99_ratio
+        );
+        println!(
+            "                   {:<34} {:>5.1} / {:<5.1} {:>5.1} / {:<5.1} {:>8.2}",
+            format!("catalog put to all acked ({})", n.catalog_trials),
+            n.catalog_all_acked_quic_ms_p50,
+            n.catalog_all_acked_quic_ms_p99,
+            n.catalog_all_acked_rest_ms_p50,
+            n.catalog_all_acked_rest_ms_p99,
+            n.catalog_p99_ratio
+        );
+        println!(
+            "  notifications    instance.revoked at the receiver after the revoke request: p50 {:.1} ms, p99 {:.1} ms",
+            n.notify_revoked_ms_p50, n.notify_revoked_ms_p99
+        );
+        println!(
+            "                   catalog.acknowledged at the receiver after the last agent's ack: p50 {:.1} ms, p99 {:.1} ms",
+            n.notify_acknowledged_after_all_acked_ms_p50,
+            n.notify_acknowledged_after_all_acked_ms_p99
+        );
     }
     if r.idle_agents > 0 {
         println!(
