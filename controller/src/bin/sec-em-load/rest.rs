@@ -58,11 +58,13 @@ impl Rest {
                 tls::private_key(&pki.admin_key)?,
             )?;
         Ok(Rest {
+            // The server certificate names `sec-em`; it is on loopback.
             client: reqwest::Client::builder()
                 .use_preconfigured_tls(config)
+                .resolve("sec-em", std::net::SocketAddr::from(([127, 0, 0, 1], port)))
                 .timeout(Duration::from_secs(30))
                 .build()?,
-            base: format!("https://127.0.0.1:{port}"),
+            base: format!("https://sec-em:{port}"),
         })
     }
 
