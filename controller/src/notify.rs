@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::audit::AuditRecord;
 use crate::metrics::Metrics;
 use crate::registry::{InstanceRecord, InstanceState, Registry, RegistryError};
-use crate::store::{AbortOnDrop, Cas, Event, Expect, PREFIX, RawEvent, Store};
+use crate::store::{AbortOnDrop, Cas, Event, Expect, RawEvent, Store, keys};
 
 /// The event types a subscription may ask for.
 pub const EVENT_TYPES: [&str; 9] = [
@@ -118,22 +118,6 @@ impl From<crate::audit::AuditError> for SubscriptionError {
     }
 }
 
-fn subscriptions_prefix() -> String {
-    format!("{PREFIX}subscriptions/")
-}
-
-fn subscription_key(id: &str) -> String {
-    format!("{}{id}", subscriptions_prefix())
-}
-
-fn cursor_key(id: &str) -> String {
-    format!("{PREFIX}subscription-cursors/{id}")
-}
-
-fn lease_key() -> String {
-    format!("{PREFIX}notify/lease")
-}
-
 /// Checks a callback URL: `http` or `https`, a host, no credentials, bounded.
 pub fn check_callback(url: &str) -> Result<reqwest::Url, SubscriptionError> {
     let bad = |m: &str| SubscriptionError::Invalid(format!("callback: {m}"));
@@ -181,7 +165,13 @@ pub async fn create<S: Store>(
         }
     }
     let store = registry.store();
-    if store.list(&subscriptions_prefix()).await?.entries.len() >= MAX_SUBSCRIPTIONS {
+    if store
+        .list(&keys::subscriptions_prefix())
+        .await?
+        .entries
+        .len()
+        >= MAX_SUBSCRIPTIONS
+    {
         return Err(SubscriptionError::Full);
     }
     use rand::TryRngCore;
@@ -200,7 +190,7 @@ pub async fn create<S: Store>(
     zeroize::Zeroize::zeroize(&mut bytes);
     let value = serde_json::to_vec(&sub).map_err(|e| RegistryError::Corrupt(e.to_string()))?;
     if let Cas::Conflict { .. } = store
-        .compare_and_swap(&subscription_key(&sub.id), Expect::Absent, value)
+        .compare_and_swap(&keys::subscription_key(&sub.id), Expect::Absent, value)
         .await?
     {
         return Err(SubscriptionError::Invalid("ID collision; retry".into()));
@@ -210,7 +200,7 @@ pub async fn create<S: Store>(
 
 /// Every subscription, by ID.
 pub async fn list<S: Store>(store: &S) -> Result<Vec<Subscription>, SubscriptionError> {
-    let listing = store.list(&subscriptions_prefix()).await?;
+    let listing = store.list(&keys::subscriptions_prefix()).await?;
     listing
         .entries
         .iter()
@@ -226,7 +216,7 @@ pub async fn get<S: Store>(store: &S, id: &str) -> Result<Option<Subscription>, 
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(None);
     }
-    match store.get(&subscription_key(id)).await? {
+    match store.get(&keys::subscription_key(id)).await? {
         None => Ok(None),
         Some(v) => {
             Ok(Some(serde_json::from_slice(&v.value).map_err(|e| {
@@ -241,8 +231,8 @@ pub async fn delete<S: Store>(store: &S, id: &str) -> Result<bool, SubscriptionE
     if get(store, id).await?.is_none() {
         return Ok(false);
     }
-    let existed = store.delete(&subscription_key(id)).await?;
-    store.delete(&cursor_key(id)).await?;
+    let existed = store.delete(&keys::subscription_key(id)).await?;
+    store.delete(&keys::subscription_cursor_key(id)).await?;
     Ok(existed)
 }
 
@@ -370,7 +360,7 @@ fn now_ms() -> u64 {
 
 /// Takes or renews the lease for `holder`; whether it holds it now.
 async fn hold_lease<S: Store>(store: &S, holder: &str) -> bool {
-    let current = match store.get(&lease_key()).await {
+    let current = match store.get(&keys::notify_lease_key()).await {
         Ok(c) => c,
         Err(_) => return false,
     };
@@ -389,7 +379,9 @@ async fn hold_lease<S: Store>(store: &S, holder: &str) -> bool {
         return false;
     };
     matches!(
-        store.compare_and_swap(&lease_key(), expect, value).await,
+        store
+            .compare_and_swap(&keys::notify_lease_key(), expect, value)
+            .await,
         Ok(Cas::Swapped { .. })
     )
 }
@@ -495,7 +487,11 @@ async fn deliver<S: Store>(
                         if subscribers.contains_key(&sub.id) {
                             continue;
                         }
-                        let acked = match registry.store().get(&cursor_key(&sub.id)).await {
+                        let acked = match registry
+                            .store()
+                            .get(&keys::subscription_cursor_key(&sub.id))
+                            .await
+                        {
                             Ok(Some(v)) => String::from_utf8_lossy(&v.value).parse().unwrap_or(0),
                             Ok(None) => 0,
                             Err(_) => continue,
@@ -748,7 +744,10 @@ async fn send_loop<S: Store>(
         // failed save is made good by the next one; until then a restart redelivers).
         if rx.is_empty() || saved.elapsed() >= Duration::from_millis(500) {
             if let Err(e) = store
-                .put(&cursor_key(&sub.id), ev.seq.to_string().into_bytes())
+                .put(
+                    &keys::subscription_cursor_key(&sub.id),
+                    ev.seq.to_string().into_bytes(),
+                )
                 .await
             {
                 tracing::warn!(subscription = %sub.id, error = %e, "cannot save the subscription's position");
@@ -867,9 +866,8 @@ impl AckTracker {
         let task = AbortOnDrop(tokio::spawn(async move {
             let store = registry.store_arc();
             let mut instances =
-                crate::store::watch_prefix(Arc::clone(&store), &format!("{PREFIX}instances/"));
-            let mut acks =
-                crate::store::watch_prefix(Arc::clone(&store), &format!("{PREFIX}acks/"));
+                crate::store::watch_prefix(Arc::clone(&store), &keys::instances_prefix());
+            let mut acks = crate::store::watch_prefix(Arc::clone(&store), &keys::acks_prefix());
             let mut st = AckState::default();
             // Versions are taken once both first listings are in.
             let mut ready = (false, false);

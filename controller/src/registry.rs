@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use asmn_shared::catalog::{AttestationMode, SecCatalog, Vnfd};
-use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal, RevealError};
+use asmn_shared::catalog::{SecCatalog, Vnfd};
+use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal};
 use asmn_shared::crypto::Nonce;
 use asmn_shared::dh::Group;
 use asmn_shared::ids::{InstanceKey, InstanceName, Role, TenantId, VnfId};
@@ -21,7 +21,14 @@ use asmn_shared::wire::{BootstrapBundle, Enroll, Enrolled, Overlay};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
-use crate::store::{Cas, Expect, PREFIX, Store, StoreError};
+use crate::store::keys::{
+    ack_key, acks_prefix, admin_revoked_key, admin_revoked_prefix, catalog_acknowledged_key,
+    catalog_history_key, catalog_history_prefix, catalog_key, gateway_key, gateways_prefix,
+    instances_prefix, name_key, overlay_counter_key, overlay_index_key, verify_back_key, vnf_key,
+    vnfs_prefix,
+};
+pub use crate::store::keys::{catalog_prefix, instance_key, verify_back_prefix};
+use crate::store::{Cas, Expect, Store, StoreError};
 
 /// Settings of a registry.
 #[derive(Clone, Debug)]
@@ -251,63 +258,11 @@ pub enum RegistryError {
     Audit(#[from] crate::audit::AuditError),
 }
 
-fn vnf_key(vnf: &VnfId) -> String {
-    format!("{PREFIX}vnfs/{vnf}")
-}
-
-/// Where catalogs in force live (agents and the push service watch it).
-pub fn catalog_prefix() -> String {
-    format!("{PREFIX}catalogs/")
-}
-
-fn catalog_key(vnf: &VnfId) -> String {
-    format!("{}{vnf}", catalog_prefix())
-}
-
-fn catalog_history_prefix(vnf: &VnfId) -> String {
-    format!("{PREFIX}catalog-history/{vnf}/")
-}
-
-fn catalog_history_key(vnf: &VnfId, version: u64) -> String {
-    format!("{}{version:020}", catalog_history_prefix(vnf))
-}
-
-fn overlay_index_key(tenant: &TenantId, ip: &IpAddr) -> String {
-    format!("{PREFIX}overlays/{tenant}/{ip}")
-}
-
-/// Where requests to verify back live: `<prefix><peer hex>/<requester hex>`.
-pub fn verify_back_prefix() -> String {
-    format!("{PREFIX}verify-back/")
-}
-
-fn verify_back_key(peer: &InstanceKey, requester: &InstanceKey) -> String {
-    format!(
-        "{}{}/{}",
-        verify_back_prefix(),
-        peer.to_hex(),
-        requester.to_hex()
-    )
-}
-
 /// An agent's last catalog acknowledgement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct CatalogAckRecord {
     version: u64,
     latency_ms: Option<u64>,
-}
-
-fn ack_key(id: &InstanceKey) -> String {
-    format!("{PREFIX}acks/{}", id.to_hex())
-}
-
-/// Key of an instance record.
-pub fn instance_key(id: &InstanceKey) -> String {
-    format!("{PREFIX}instances/{}", id.to_hex())
-}
-
-fn overlay_counter_key(tenant: &TenantId) -> String {
-    format!("{PREFIX}tenants/{tenant}/next-host")
 }
 
 /// How an enrolled instance is described to a peer (its keys in `group`).
@@ -360,10 +315,6 @@ fn catalog_admits(catalog: &SecCatalog, vnf: &VnfId) -> bool {
             .rules
             .iter()
             .any(|r| r.sources.as_ref().is_none_or(|s| s.contains(vnf)))
-}
-
-fn admin_revoked_key(serial: &str) -> String {
-    format!("{PREFIX}admin-revoked/{serial}")
 }
 
 /// A certificate serial as lower-case hex without leading zeros or separators, if it is
@@ -639,7 +590,7 @@ impl<S: Store> Registry<S> {
         after: &str,
         limit: usize,
     ) -> Result<(Vec<VnfRecord>, Option<String>), RegistryError> {
-        let prefix = format!("{PREFIX}vnfs/");
+        let prefix = vnfs_prefix();
         let start = if after.is_empty() {
             String::new()
         } else {
@@ -837,7 +788,7 @@ impl<S: Store> Registry<S> {
             .map_err(|e| refuse(RefusalCode::InvalidRequest, e.to_string()))?;
         // Names are unique within a VNF of a tenant: an orchestrator that retries a
         // create whose answer it lost gets `AlreadyExists`, not a second instance.
-        let name_key = format!("{PREFIX}names/{tenant}/{vnf}/{instance}");
+        let name_key = name_key(&tenant, &vnf, &instance);
         self.reserve_name(&name_key, &id, || {
             format!("instance {instance} of {vnf} in {tenant} exists")
         })
@@ -1002,6 +953,82 @@ impl<S: Store> Registry<S> {
         Ok(matches!(cas, Cas::Swapped { .. }))
     }
 
+    /// Keeps the gateway index in step with gateway instance `id`'s record: listed while
+    /// enrolled, removed otherwise (after the record is stored: a gateway is never listed
+    /// before it is enrolled, and a stale entry is checked against the record on use).
+    async fn index_gateway(
+        &self,
+        id: &InstanceKey,
+        rec: &InstanceRecord,
+    ) -> Result<(), RegistryError> {
+        if rec.role != Role::Gateway {
+            return Ok(());
+        }
+        let key = gateway_key(&rec.tenant, &rec.vnf, id);
+        if rec.state == InstanceState::Enrolled {
+            self.store.put(&key, Vec::new()).await?;
+        } else {
+            self.store.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// An enrolled gateway instance of `vnf` in `tenant`, from the index (each entry
+    /// checked against its record); when the index has none, by listing the instances
+    /// (a gateway a schema-2 replica enrolled during a rolling upgrade: see
+    /// `store::schema::COMPATIBLE_DOWN_TO`), which lists it.
+    async fn enrolled_gateway(
+        &self,
+        tenant: &TenantId,
+        vnf: &VnfId,
+    ) -> Result<Option<InstanceRecord>, RegistryError> {
+        if let Some(r) = self.indexed_gateway(tenant, vnf).await? {
+            return Ok(Some(r));
+        }
+        let found = self.instance_records().await?.into_iter().find(|r| {
+            r.tenant == *tenant
+                && r.vnf == *vnf
+                && r.role == Role::Gateway
+                && r.state == InstanceState::Enrolled
+        });
+        if let Some(r) = &found
+            && let Some(id) = hex::decode(&r.id)
+                .ok()
+                .and_then(|b| InstanceKey::from_slice(&b))
+        {
+            self.index_gateway(&id, r).await?;
+        }
+        Ok(found)
+    }
+
+    async fn indexed_gateway(
+        &self,
+        tenant: &TenantId,
+        vnf: &VnfId,
+    ) -> Result<Option<InstanceRecord>, RegistryError> {
+        let listing = self
+            .store
+            .list_page(&gateways_prefix(tenant, vnf), "", 64)
+            .await?;
+        for (k, _) in &listing.entries {
+            let Some(id) = k
+                .rsplit('/')
+                .next()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| InstanceKey::from_slice(&b))
+            else {
+                continue;
+            };
+            if let Some((r, _)) = self.instance(&id).await?
+                && r.role == Role::Gateway
+                && r.state == InstanceState::Enrolled
+            {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
     /// Phase 1's pair check (the paper's Fig. 2): `requester` asks for the instance at
     /// `overlay`. Both must be enrolled, in one tenant, and the peer's catalog must admit
     /// the requester's VNF (a rule for any source or naming it, a lowered default service,
@@ -1076,15 +1103,8 @@ impl<S: Store> Registry<S> {
         let via_gateway = match peer_gateway.or(my_gateway) {
             Some(g) => {
                 let gw = self
-                    .instance_records()
+                    .enrolled_gateway(&me.tenant, &g)
                     .await?
-                    .into_iter()
-                    .find(|r| {
-                        r.tenant == me.tenant
-                            && r.vnf == g
-                            && r.role == Role::Gateway
-                            && r.state == InstanceState::Enrolled
-                    })
                     .ok_or_else(|| {
                         not_allowed(format!(
                             "{} and {} talk only through gateway {g}, which is not enrolled",
@@ -1369,7 +1389,7 @@ impl<S: Store> Registry<S> {
 
     /// Every instance record as stored (without acknowledgements).
     async fn instance_records(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
-        let listing = self.store.list(&format!("{PREFIX}instances/")).await?;
+        let listing = self.store.list(&instances_prefix()).await?;
         listing
             .entries
             .iter()
@@ -1380,7 +1400,7 @@ impl<S: Store> Registry<S> {
     /// Every instance record, with the catalog version each acknowledged.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, RegistryError> {
         let mut records = self.instance_records().await?;
-        let acks = self.store.list(&format!("{PREFIX}acks/")).await?;
+        let acks = self.store.list(&acks_prefix()).await?;
         let acks: std::collections::HashMap<&str, &[u8]> = acks
             .entries
             .iter()
@@ -1404,7 +1424,7 @@ impl<S: Store> Registry<S> {
         after: &str,
         limit: usize,
     ) -> Result<(Vec<InstanceRecord>, Option<String>), RegistryError> {
-        let prefix = format!("{PREFIX}instances/");
+        let prefix = instances_prefix();
         let after = if after.is_empty() {
             String::new()
         } else {
@@ -1464,7 +1484,7 @@ impl<S: Store> Registry<S> {
 
     /// The revoked admin serials.
     pub async fn revoked_admins(&self) -> Result<Vec<String>, RegistryError> {
-        let prefix = admin_revoked_key("");
+        let prefix = admin_revoked_prefix();
         let listing = self.store.list(&prefix).await?;
         Ok(listing
             .entries
@@ -1480,22 +1500,7 @@ impl<S: Store> Registry<S> {
         id: &InstanceKey,
         reason: &str,
     ) -> Result<(), RegistryError> {
-        for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(id).await? else {
-                return Ok(());
-            };
-            if matches!(
-                rec.state,
-                InstanceState::Quarantined(_) | InstanceState::Revoked(_)
-            ) {
-                break;
-            }
-            rec.state = InstanceState::Quarantined(reason.to_string());
-            if self.store_if_unchanged(id, rev, &rec).await? {
-                break;
-            }
-        }
-        self.audit(now, "instance.quarantined", Some(id), reason.to_string())
+        self.update_instance(now, id, |rec| Ok(decide::quarantine(rec, reason)))
             .await
     }
 
@@ -1503,136 +1508,48 @@ impl<S: Store> Registry<S> {
     /// with a typed reason; refusals are audited, and a reveal that does not extend the
     /// chain (a wrong image or nonce) quarantines the instance.
     pub async fn enroll(&self, now: u64, req: &Enroll) -> Result<Enrolled, RegistryError> {
-        let id = req.id;
-        for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(&id).await? else {
-                // Nothing known to audit: anyone can send this (a random ID) as often as
-                // they like. It is counted in the metrics and logged at a bounded rate.
-                return Err(refuse(
-                    RefusalCode::UnknownInstance,
-                    "no such instance: it was never created, or its bundle is wrong",
-                ));
-            };
-            // The role too: it decides what a connection is pushed (a gateway gets the
-            // catalogs of the VNFs behind it) and what it may ask.
-            if rec.tenant != req.tenant
-                || rec.vnf != req.vnf
-                || rec.instance != req.instance
-                || rec.role != req.role
-            {
-                self.audit_refusal(now, "enroll.refused", &id, "identity mismatch".into())
-                    .await?;
-                return Err(refuse(
-                    RefusalCode::UnknownInstance,
-                    "the names do not match the instance",
-                ));
-            }
-            match &rec.state {
-                InstanceState::Revoked(r) => {
-                    self.audit_refusal(now, "enroll.refused", &id, format!("revoked: {r}"))
-                        .await?;
-                    return Err(refuse(
-                        RefusalCode::Revoked,
-                        format!("instance revoked: {r}"),
-                    ));
-                }
-                InstanceState::Quarantined(r) => {
-                    self.audit_refusal(now, "enroll.refused", &id, format!("quarantined: {r}"))
-                        .await?;
-                    return Err(refuse(
-                        RefusalCode::Quarantined,
-                        format!("instance quarantined: {r}"),
-                    ));
-                }
-                InstanceState::Created | InstanceState::Enrolled => {}
-            }
-            if req.dh_group != self.config.dh_group {
-                return Err(refuse(
-                    RefusalCode::InvalidRequest,
-                    format!("the tenant uses {}", self.config.dh_group),
-                ));
-            }
-            let verifier = rec.verifier(id)?;
-            let verified = match verifier.verify(&req.reveal) {
-                Ok(v) => v,
-                Err(e) => return Err(self.refuse_reveal(now, &id, e, "reveal.refused").await?),
-            };
-            rec.chain.last_index = verified.index;
-            rec.chain.last_element = hex::encode(verified.element);
-            rec.state = InstanceState::Enrolled;
-            rec.wg_public_key = Some(hex::encode(req.wg_public_key));
-            rec.dh_public = Some(hex::encode(req.dh_public.as_bytes()));
-            rec.endpoint = Some(req.endpoint.to_string());
-            rec.last_attestation = Some(now);
-            if self.store_if_unchanged(&id, rev, &rec).await? {
-                self.audit(
-                    now,
-                    "enroll.accepted",
-                    Some(&id),
-                    format!("element {} accepted", verified.index),
-                )
-                .await?;
-                // Fail closed: a VNF without a catalog gets the one that admits nothing.
-                let catalog = self
-                    .catalog(&rec.vnf)
-                    .await?
-                    .map(|(c, _)| c)
-                    .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
-                return Ok(Enrolled {
-                    overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
-                    dh_group: self.config.dh_group,
-                    epoch: rec.chain.epoch,
-                    last_index: rec.chain.last_index,
-                    reattest_interval: std::time::Duration::from_secs(u64::from(
-                        self.config.reattest_interval_secs,
-                    )),
-                    catalog,
-                });
-            }
-            // Another writer changed the record: look again (a concurrent acceptance of the
-            // same reveal now shows as a replay).
-        }
-        Err(contended("instance record"))
+        // A concurrent acceptance of the same reveal shows as a replay on the next read.
+        let rec = self
+            .update_instance(now, &req.id, |rec| {
+                decide::enroll(rec, req, self.config.dh_group, now)
+            })
+            .await?;
+        // Fail closed: a VNF without a catalog gets the one that admits nothing.
+        let catalog = self
+            .catalog(&rec.vnf)
+            .await?
+            .map(|(c, _)| c)
+            .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
+        Ok(Enrolled {
+            overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
+            dh_group: self.config.dh_group,
+            epoch: rec.chain.epoch,
+            last_index: rec.chain.last_index,
+            reattest_interval: std::time::Duration::from_secs(u64::from(
+                self.config.reattest_interval_secs,
+            )),
+            catalog,
+        })
     }
 
-    /// Refuses a reveal (audited as `kind`: `reveal.refused` at enrollment,
-    /// `reattest.refused` at re-attestation).
-    async fn refuse_reveal(
+    /// Audits a refusal about `id` (within the budget) and quarantines it if asked.
+    async fn carry_out_refusal(
         &self,
         now: u64,
         id: &InstanceKey,
-        e: RevealError,
-        kind: &'static str,
-    ) -> Result<RegistryError, RegistryError> {
-        let code = match e {
-            RevealError::Mismatch { .. } | RevealError::SeedRevealed => {
-                RefusalCode::WrongMeasurement
-            }
-            RevealError::Replayed { .. } => RefusalCode::Replayed,
-            RevealError::SkipTooFar { .. } => RefusalCode::SkipTooFar,
-            RevealError::WrongEpoch { .. } => RefusalCode::WrongEpoch,
-        };
-        let not_yet_enrolled = matches!(
-            self.instance(id).await?,
-            Some((
-                InstanceRecord {
-                    state: InstanceState::Created,
-                    ..
-                },
-                _
-            ))
-        );
-        if code == RefusalCode::WrongMeasurement && not_yet_enrolled {
-            // A wrong image or nonce at enrollment: a fake VNF. Quarantine it, so no peer
-            // ever learns it. An enrolled instance is not quarantined by a bad reveal: its
-            // ID is known to its peers, and one of them could otherwise cut it off.
-            self.audit_refusal(now, "enroll.refused", id, format!("wrong measurement: {e}"))
-                .await?;
-            self.quarantine(now, id, &e.to_string()).await?;
-        } else {
-            self.audit_refusal(now, kind, id, e.to_string()).await?;
+        audit: Option<decide::Audit>,
+        then: Option<decide::Then>,
+    ) -> Result<(), RegistryError> {
+        if let Some(a) = audit {
+            self.audit_refusal(now, a.kind, id, a.detail).await?;
         }
-        Ok(refuse(code, e.to_string()))
+        // Boxed: quarantining and revoking are updates that never refuse, but the types
+        // recurse.
+        match then {
+            Some(decide::Then::Quarantine(why)) => Box::pin(self.quarantine(now, id, &why)).await,
+            Some(decide::Then::Revoke(why)) => Box::pin(self.revoke(now, id, &why)).await,
+            None => Ok(()),
+        }
     }
 
     /// Records that enrolled instance `id` lost its control connection to this replica
@@ -1670,7 +1587,7 @@ impl<S: Store> Registry<S> {
     ) -> Result<(), RegistryError> {
         // Once per version, whichever replica or restart decides it again: the highest
         // version announced is kept per VNF.
-        let key = format!("{PREFIX}catalog-acknowledged/{vnf}");
+        let key = catalog_acknowledged_key(vnf);
         for _ in 0..CAS_RETRIES {
             let current = self.store.get(&key).await?;
             let expect = match &current {
@@ -1707,18 +1624,10 @@ impl<S: Store> Registry<S> {
         id: &InstanceKey,
         reason: &str,
     ) -> Result<(), RegistryError> {
-        for _ in 0..CAS_RETRIES {
-            let Some((mut rec, rev)) = self.instance(id).await? else {
-                return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
-            };
-            rec.state = InstanceState::Revoked(reason.to_string());
-            if self.store_if_unchanged(id, rev, &rec).await? {
-                return self
-                    .audit(now, "instance.revoked", Some(id), reason.to_string())
-                    .await;
-            }
-        }
-        Err(contended("instance record"))
+        self.update_instance(now, id, |rec| {
+            decide::revoke(rec, reason).map_err(RegistryError::Refused)
+        })
+        .await
     }
 
     /// A reveal after enrollment (re-attestation). The element must extend the chain.
@@ -1738,118 +1647,79 @@ impl<S: Store> Registry<S> {
                 "reattest.measurement must be a 32-byte SHA-256 digest",
             ));
         }
-        for _ in 0..CAS_RETRIES {
-            let (mut rec, rev) = self.enrolled(id).await?;
-            let vnf = self
-                .vnf(&rec.vnf)
-                .await?
-                .ok_or_else(|| RegistryError::Corrupt(format!("VNF {} is gone", rec.vnf)))?;
-            let golden = vnf
-                .golden
-                .get(&Algorithm::Sha256)
-                .map(|d| hex::encode(&d.0))
-                .ok_or_else(|| RegistryError::Corrupt("VNF without SHA-256".into()))?;
-            let fresh = hex::encode(req.measurement);
-            let changed = fresh != *rec.measurement.as_ref().unwrap_or(&golden);
-            match vnf.vnfd.attestation {
-                AttestationMode::Strict if fresh != golden => {
-                    self.revoke(now, id, "re-attestation: the measured image changed")
-                        .await?;
-                    return Err(refuse(
-                        RefusalCode::Revoked,
-                        "the image no longer matches its golden measurement",
-                    ));
-                }
-                AttestationMode::Continuity if changed && req.renewal.is_none() => {
-                    self.audit_refusal(
-                        now,
-                        "reattest.refused",
-                        id,
-                        "continuity mode: target changed without a renewal".into(),
-                    )
-                    .await?;
-                    return Err(refuse(
-                        RefusalCode::BadRenewal,
-                        "continuity mode: a changed target starts a new epoch; send the \
-                         renewal with this reveal",
-                    ));
-                }
-                _ => {}
-            }
-            let verifier = rec.verifier(*id)?;
-            let what = match req.renewal {
-                None => {
-                    let verified = match verifier.verify(req.reveal) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            return Err(self.refuse_reveal(now, id, e, "reattest.refused").await?);
-                        }
-                    };
-                    rec.chain.last_index = verified.index;
-                    rec.chain.last_element = hex::encode(verified.element);
-                    format!("element {} accepted", verified.index)
-                }
-                Some((sealed, dh)) => {
-                    let dh = self.valid_dh(dh)?;
-                    let next = match verifier.verify_renewal(req.reveal, sealed) {
-                        Ok(v) => v,
-                        Err(chain::RenewalError::Reveal(e)) => {
-                            return Err(self.refuse_reveal(now, id, e, "reattest.refused").await?);
-                        }
-                        Err(e) => {
-                            self.audit_refusal(now, "renewal.refused", id, e.to_string())
-                                .await?;
-                            return Err(refuse(RefusalCode::BadRenewal, e.to_string()));
-                        }
-                    };
-                    rec.chain = ChainRecord {
-                        epoch: next.spec.epoch,
-                        length: next.spec.length,
-                        last_index: next.last_index,
-                        last_element: hex::encode(next.last_element),
-                        window: next.window,
-                    };
-                    rec.dh_public = Some(hex::encode(dh.as_bytes()));
-                    format!(
-                        "element {} accepted; epoch {} of {} elements begins ({} mode{})",
-                        req.reveal.index,
-                        next.spec.epoch,
-                        next.spec.length,
-                        vnf.vnfd.attestation,
-                        if changed { ", target changed" } else { "" }
-                    )
-                }
-            };
-            rec.measurement = Some(fresh);
-            rec.last_attestation = Some(now);
-            if self.store_if_unchanged(id, rev, &rec).await? {
-                let kind = if req.renewal.is_some() {
-                    "chain.renewed"
-                } else {
-                    "reattest.accepted"
-                };
-                self.audit(now, kind, Some(id), what).await?;
-                return Ok(Reattested {
-                    epoch: rec.chain.epoch,
-                    last_index: rec.chain.last_index,
-                });
-            }
-        }
-        Err(contended("instance record"))
-    }
-
-    /// The record of `id` and its revision, if the instance is enrolled.
-    async fn enrolled(&self, id: &InstanceKey) -> Result<(InstanceRecord, u64), RegistryError> {
-        let Some((rec, rev)) = self.instance(id).await? else {
+        let Some((rec, _)) = self.instance(id).await? else {
             return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
         };
-        if rec.state != InstanceState::Enrolled {
-            return Err(refuse(
-                RefusalCode::Revoked,
-                format!("instance is not enrolled ({:?})", rec.state),
-            ));
+        let vnf = self
+            .vnf(&rec.vnf)
+            .await?
+            .ok_or_else(|| RegistryError::Corrupt(format!("VNF {} is gone", rec.vnf)))?;
+        let sha256_hex = vnf
+            .golden
+            .get(&Algorithm::Sha256)
+            .map(|d| hex::encode(&d.0))
+            .ok_or_else(|| RegistryError::Corrupt("VNF without SHA-256".into()))?;
+        let golden = decide::Golden {
+            sha256_hex: &sha256_hex,
+            mode: vnf.vnfd.attestation,
+        };
+        let dh_hex = match req.renewal {
+            Some((_, dh)) => Some(hex::encode(self.valid_dh(dh)?.as_bytes())),
+            None => None,
+        };
+        self.update_instance(now, id, |rec| {
+            decide::reattest(rec, *id, req, &golden, dh_hex.as_deref(), now)
+        })
+        .await
+    }
+
+    /// Reads instance `id`'s record, asks `decide` what to make of it, and carries the
+    /// decision out: its record stored by compare-and-swap on the revision read (on a
+    /// conflict, read and decide again), the gateway index kept in step, then its audit
+    /// event appended; its answer returned. The one loop every change of an instance
+    /// record goes through.
+    async fn update_instance<T>(
+        &self,
+        now: u64,
+        id: &InstanceKey,
+        mut decide: impl FnMut(Option<InstanceRecord>) -> Result<decide::Decision<T>, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        for _ in 0..CAS_RETRIES {
+            let current = self.instance(id).await?;
+            let revision = current.as_ref().map(|(_, rev)| *rev);
+            let (audit, answer) = match decide(current.map(|(r, _)| r))? {
+                decide::Decision::Keep { audit, answer } => (audit, answer),
+                decide::Decision::Refuse {
+                    refusal,
+                    audit,
+                    then,
+                } => {
+                    self.carry_out_refusal(now, id, audit, then).await?;
+                    return Err(RegistryError::Refused(refusal));
+                }
+                decide::Decision::Store {
+                    record,
+                    audit,
+                    answer,
+                } => {
+                    let Some(rev) = revision else {
+                        return Err(RegistryError::Corrupt(
+                            "a decision stored a record that was not there".into(),
+                        ));
+                    };
+                    if !self.store_if_unchanged(id, rev, &record).await? {
+                        continue;
+                    }
+                    self.index_gateway(id, &record).await?;
+                    (audit, answer)
+                }
+            };
+            if let Some(a) = audit {
+                self.audit(now, a.kind, Some(id), a.detail).await?;
+            }
+            return Ok(answer);
         }
-        Ok((rec, rev))
+        Err(contended("instance record"))
     }
 
     /// A D-H public value of the tenant's group, validated (range and subgroup).
@@ -1872,27 +1742,11 @@ impl<S: Store> Registry<S> {
         dh: &[u8],
         epoch: u32,
     ) -> Result<(), RegistryError> {
-        let dh = self.valid_dh(dh)?;
-        for _ in 0..CAS_RETRIES {
-            let (mut rec, rev) = self.enrolled(id).await?;
-            if epoch != rec.chain.epoch {
-                return Err(refuse(
-                    RefusalCode::WrongEpoch,
-                    format!(
-                        "keys for epoch {epoch}, but the chain is in epoch {}",
-                        rec.chain.epoch
-                    ),
-                ));
-            }
-            rec.wg_public_key = Some(hex::encode(wg_public_key));
-            rec.dh_public = Some(hex::encode(dh.as_bytes()));
-            if self.store_if_unchanged(id, rev, &rec).await? {
-                return self
-                    .audit(now, "keys.published", Some(id), format!("epoch {epoch}"))
-                    .await;
-            }
-        }
-        Err(contended("instance record"))
+        let dh = hex::encode(self.valid_dh(dh)?.as_bytes());
+        self.update_instance(now, id, |rec| {
+            decide::publish_keys(rec, &wg_public_key, &dh, epoch).map_err(RegistryError::Refused)
+        })
+        .await
     }
 }
 
@@ -1916,5 +1770,6 @@ pub struct Reattested {
     pub last_index: u32,
 }
 
+mod decide;
 #[cfg(test)]
 mod tests;

@@ -82,20 +82,9 @@ pub async fn handle<S: Store>(
     env: msg::Envelope,
 ) -> msg::Envelope {
     let request_id = env.request_id;
-    let operator_request = matches!(
-        env.body,
-        Some(
-            Body::Onboard(_)
-                | Body::CreateInstance(_)
-                | Body::Revoke(_)
-                | Body::ApplyCatalog(_)
-                | Body::Query(_)
-                | Body::ShowCatalog(_)
-                | Body::RevokeAdmin(_)
-        )
-    );
+    let for_operator = env.body.as_ref().is_some_and(is_operator_request);
     // The deny-list is read on every operator request (fail closed on a store error).
-    let admin = if session.admin && operator_request {
+    let admin = if session.admin && for_operator {
         match &session.admin_serial {
             None => false,
             Some(serial) => match registry.admin_revoked(serial).await {
@@ -153,17 +142,84 @@ pub async fn handle<S: Store>(
     };
     let body = match env.body {
         None => refusal(RefusalCode::MalformedMessage, "empty envelope"),
+        Some(b) if is_operator_request(&b) && admin => operator_request(registry, b).await,
+        Some(b) if is_operator_request(&b) => not_admin(session),
+        Some(b) => agent_request(registry, session, b, ack_latency).await,
+    };
+    if let Some(m) = &session.metrics {
+        if is_reveal {
+            m.reveal_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        match &body {
+            Body::Enrolled(_) => {
+                m.enrollments.inc();
+            }
+            Body::Refused(r) => {
+                let reason = RefusalCode::try_from(r.code)
+                    .map_or("unknown".to_string(), |c| format!("{c:?}"));
+                m.refused(&reason, request);
+            }
+            _ => {}
+        }
+    }
+    msg::Envelope {
+        request_id,
+        body: Some(body),
+    }
+}
+
+/// Whether `b` is an operator's request (it needs the admin certificate).
+fn is_operator_request(b: &Body) -> bool {
+    matches!(
+        b,
+        Body::Onboard(_)
+            | Body::CreateInstance(_)
+            | Body::Revoke(_)
+            | Body::ApplyCatalog(_)
+            | Body::Query(_)
+            | Body::ShowCatalog(_)
+            | Body::RevokeAdmin(_)
+    )
+}
+
+/// The refusal of an operator's request from a connection without a valid admin
+/// certificate.
+fn not_admin(session: &Session) -> Body {
+    match &session.admin_serial {
+        // A certificate of our CA that earned nothing when the connection opened.
+        Some(serial) => refusal(
+            RefusalCode::NotAuthorized,
+            format!(
+                "admin certificate {serial} is revoked (or the deny-list could not be \
+                         read when this connection opened; connect again)"
+            ),
+        ),
+        None => refusal(
+            RefusalCode::NotAuthorized,
+            "operator requests need the admin client certificate (asmnctl --cert/--key)",
+        ),
+    }
+}
+
+/// An agent's request (or a stranger's enrollment).
+async fn agent_request<S: Store>(
+    registry: &Registry<S>,
+    session: &Session,
+    body: Body,
+    ack_latency: Option<std::time::Duration>,
+) -> Body {
+    match body {
         // An identity Sec-EM does not know is refused before anything costly: the D-H
         // value's subgroup check is a 3,072-bit Jacobi symbol, and anyone can send
         // enrollments with made-up identities.
-        Some(Body::Enroll(m)) if unknown_identity(registry, &m.instance_key).await => {
+        Body::Enroll(m) if unknown_identity(registry, &m.instance_key).await => {
             log_refused_enrollment(session, "an unknown instance");
             refusal(
                 RefusalCode::UnknownInstance,
                 "no such instance: it was never created, or its bundle is wrong",
             )
         }
-        Some(Body::Enroll(_)) if session.push.as_ref().is_some_and(|(_, hub)| !hub.primed()) => {
+        Body::Enroll(_) if session.push.as_ref().is_some_and(|(_, hub)| !hub.primed()) => {
             // Before the revocations in force are known, an agent attached now could miss
             // one: it comes back (its reveal is not spent).
             refusal(
@@ -171,7 +227,7 @@ pub async fn handle<S: Store>(
                 "this Sec-EM replica is starting: try again shortly",
             )
         }
-        Some(Body::Enroll(m)) => match Enroll::try_from(&m) {
+        Body::Enroll(m) => match Enroll::try_from(&m) {
             Err(e) => refusal(RefusalCode::MalformedMessage, e.to_string()),
             Ok(req) => match registry.enroll(now(), &req).await {
                 Ok(enrolled) => {
@@ -228,7 +284,7 @@ pub async fn handle<S: Store>(
                 }
             },
         },
-        Some(Body::VerifyPeer(m)) => match (session.agent(), wire::VerifyPeer::try_from(&m)) {
+        Body::VerifyPeer(m) => match (session.agent(), wire::VerifyPeer::try_from(&m)) {
             (None, _) => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
@@ -257,7 +313,7 @@ pub async fn handle<S: Store>(
                 }
             }
         },
-        Some(Body::CatalogAck(m)) => match session.agent() {
+        Body::CatalogAck(m) => match session.agent() {
             None => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
@@ -285,14 +341,14 @@ pub async fn handle<S: Store>(
                 },
             },
         },
-        Some(Body::Reattest(m)) => match session.agent() {
+        Body::Reattest(m) => match session.agent() {
             None => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
             ),
             Some(me) => reattest(registry, &me, &m).await,
         },
-        Some(Body::PublishKeys(m)) => match (session.agent(), wire::PublishKeys::try_from(&m)) {
+        Body::PublishKeys(m) => match (session.agent(), wire::PublishKeys::try_from(&m)) {
             (None, _) => refusal(
                 RefusalCode::NotAuthorized,
                 "enroll on this connection first",
@@ -306,17 +362,25 @@ pub async fn handle<S: Store>(
                 Err(e) => from_error(e),
             },
         },
-        Some(Body::Onboard(m)) if admin => onboard(registry, m).await,
-        Some(Body::CreateInstance(m)) if admin => create_instance(registry, m).await,
-        Some(Body::Revoke(m)) if admin => revoke(registry, m).await,
-        Some(Body::Query(m)) if admin => query(registry, m).await,
-        Some(Body::RevokeAdmin(m)) if admin => {
-            match registry.revoke_admin(now(), &m.serial).await {
-                Ok(()) => Body::Ok(msg::Ack {}),
-                Err(e) => from_error(e),
-            }
-        }
-        Some(Body::ApplyCatalog(m)) if admin => match m
+        _ => refusal(
+            RefusalCode::InvalidRequest,
+            "this message is not a request Sec-EM serves (yet)",
+        ),
+    }
+}
+
+/// An operator's request (the admin certificate was checked).
+async fn operator_request<S: Store>(registry: &Registry<S>, body: Body) -> Body {
+    match body {
+        Body::Onboard(m) => onboard(registry, m).await,
+        Body::CreateInstance(m) => create_instance(registry, m).await,
+        Body::Revoke(m) => revoke(registry, m).await,
+        Body::Query(m) => query(registry, m).await,
+        Body::RevokeAdmin(m) => match registry.revoke_admin(now(), &m.serial).await {
+            Ok(()) => Body::Ok(msg::Ack {}),
+            Err(e) => from_error(e),
+        },
+        Body::ApplyCatalog(m) => match m
             .catalog
             .as_ref()
             .map(asmn_shared::catalog::SecCatalog::try_from)
@@ -338,7 +402,7 @@ pub async fn handle<S: Store>(
                 }
             }
         },
-        Some(Body::ShowCatalog(m)) if admin => match m.vnf.parse::<VnfId>() {
+        Body::ShowCatalog(m) => match m.vnf.parse::<VnfId>() {
             Err(e) => refusal(RefusalCode::InvalidRequest, e.to_string()),
             Ok(vnf) => match registry.catalog(&vnf).await {
                 Ok(Some((c, _))) => Body::CatalogPush((&c).into()),
@@ -349,54 +413,10 @@ pub async fn handle<S: Store>(
                 Err(e) => from_error(e),
             },
         },
-        Some(Body::Onboard(_))
-        | Some(Body::CreateInstance(_))
-        | Some(Body::Revoke(_))
-        | Some(Body::ApplyCatalog(_))
-        | Some(Body::Query(_))
-        | Some(Body::ShowCatalog(_))
-        | Some(Body::RevokeAdmin(_))
-            if !admin =>
-        {
-            match &session.admin_serial {
-                // A certificate of our CA that earned nothing when the connection opened.
-                Some(serial) => refusal(
-                    RefusalCode::NotAuthorized,
-                    format!(
-                        "admin certificate {serial} is revoked (or the deny-list could not be \
-                         read when this connection opened; connect again)"
-                    ),
-                ),
-                None => refusal(
-                    RefusalCode::NotAuthorized,
-                    "operator requests need the admin client certificate (asmnctl --cert/--key)",
-                ),
-            }
-        }
-        Some(_) => refusal(
+        _ => refusal(
             RefusalCode::InvalidRequest,
-            "this message is not a request Sec-EM serves (yet)",
+            "this message is not an operator's request",
         ),
-    };
-    if let Some(m) = &session.metrics {
-        if is_reveal {
-            m.reveal_seconds.observe(started.elapsed().as_secs_f64());
-        }
-        match &body {
-            Body::Enrolled(_) => {
-                m.enrollments.inc();
-            }
-            Body::Refused(r) => {
-                let reason = RefusalCode::try_from(r.code)
-                    .map_or("unknown".to_string(), |c| format!("{c:?}"));
-                m.refused(&reason, request);
-            }
-            _ => {}
-        }
-    }
-    msg::Envelope {
-        request_id,
-        body: Some(body),
     }
 }
 

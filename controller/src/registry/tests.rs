@@ -1055,3 +1055,129 @@ async fn schema_versions_are_checked_and_migrated_on_etcd() {
     };
     schema_versions_on(EtcdStore::connect(&server.url).await.expect("etcd")).await;
 }
+
+/// The gateway index: an enrolled gateway is listed, a revoked one is not (and a stale
+/// entry is never used); a schema-2 store is migrated with its gateways listed; a
+/// gateway a schema-2 replica enrolled (not listed) is still found, and listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_find_their_gateway_through_the_index() {
+    use crate::store::keys::{gateway_key, gateways_prefix};
+    use crate::store::schema::{self, Ours, Outcome};
+    let (_d, s) = embedded();
+    let r = Registry::new(s, config());
+    onboard_as(&r, "server", "    gateway: gw\n    rules:\n      - protocol: tcp\n        port: 80\n        sources: [client]\n").await;
+    onboard_as(&r, "client", "    rules:\n      - protocol: icmp\n").await;
+    onboard_as(&r, "gw", "    rules:\n      - protocol: any\n").await;
+    let server = enrolled(&r, "server", "server-0", 1, Role::Vnf).await;
+    let client = enrolled(&r, "client", "client-0", 2, Role::Vnf).await;
+    let server_ip = overlay_of(&r, &server).await;
+    let (t1, gw_vnf) = (
+        TenantId::new("t1").expect("t"),
+        VnfId::new("gw").expect("v"),
+    );
+    let listed = |r: &Registry<EmbeddedStore>| {
+        let (t1, gw_vnf) = (t1.clone(), gw_vnf.clone());
+        let store = r.store_arc();
+        async move {
+            store
+                .list(&gateways_prefix(&t1, &gw_vnf))
+                .await
+                .expect("list")
+                .entries
+                .len()
+        }
+    };
+    let gw = enrolled(&r, "gw", "gw-0", 4, Role::Gateway).await;
+    assert_eq!(listed(&r).await, 1, "an enrolled gateway is listed");
+    let id = client.request.id;
+    assert_eq!(
+        r.verify_peer(5, &id, server_ip)
+            .await
+            .expect("through the gateway")
+            .via_gateway,
+        Some(overlay_of(&r, &gw).await)
+    );
+
+    // Revoked: no longer listed, and the pair is refused.
+    r.revoke(6, &gw.request.id, "test").await.expect("revoke");
+    assert_eq!(listed(&r).await, 0);
+    assert_eq!(
+        code(
+            r.verify_peer(5, &id, server_ip)
+                .await
+                .expect_err("gateway revoked")
+        ),
+        RefusalCode::PeerNotAllowed
+    );
+    // A stale entry (a replica that died between the two writes) is not used.
+    r.store()
+        .put(&gateway_key(&t1, &gw_vnf, &gw.request.id), Vec::new())
+        .await
+        .expect("put");
+    assert_eq!(
+        code(
+            r.verify_peer(5, &id, server_ip)
+                .await
+                .expect_err("a stale entry")
+        ),
+        RefusalCode::PeerNotAllowed
+    );
+
+    // A second gateway, enrolled by a schema-2 replica: not listed. Found anyway, and
+    // listed from then on.
+    let gw2 = enrolled(&r, "gw", "gw-1", 7, Role::Gateway).await;
+    r.store()
+        .delete(&gateway_key(&t1, &gw_vnf, &gw2.request.id))
+        .await
+        .expect("delete");
+    assert_eq!(
+        r.verify_peer(5, &id, server_ip)
+            .await
+            .expect("found by listing")
+            .via_gateway,
+        Some(overlay_of(&r, &gw2).await)
+    );
+    assert!(
+        r.store()
+            .get(&gateway_key(&t1, &gw_vnf, &gw2.request.id))
+            .await
+            .expect("get")
+            .is_some(),
+        "listed once found"
+    );
+
+    // A schema-2 store: migrated, with its enrolled gateway listed.
+    r.store()
+        .delete(&gateway_key(&t1, &gw_vnf, &gw2.request.id))
+        .await
+        .expect("delete");
+    r.store()
+        .delete(&gateway_key(&t1, &gw_vnf, &gw.request.id))
+        .await
+        .expect("delete");
+    r.store()
+        .put(
+            schema::KEY,
+            br#"{"version":2,"compatible_down_to":1,"written_by":"sec-em 0.1.0"}"#.to_vec(),
+        )
+        .await
+        .expect("marker");
+    assert_eq!(
+        schema::check(r.store(), Ours::THIS)
+            .await
+            .expect("migrates"),
+        Outcome::Migrated(2)
+    );
+    assert_eq!(
+        listed(&r).await,
+        1,
+        "the enrolled gateway is listed; the revoked one not"
+    );
+    assert!(
+        r.store()
+            .get(&gateway_key(&t1, &gw_vnf, &gw2.request.id))
+            .await
+            .expect("get")
+            .is_some()
+    );
+}

@@ -16,6 +16,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod keys;
 pub mod schema;
 #[cfg(test)]
 pub(crate) mod tests;

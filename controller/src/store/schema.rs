@@ -24,10 +24,14 @@ use super::{Cas, Expect, Store, StoreError};
 pub const KEY: &str = "meta/schema";
 
 /// The schema this build writes.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 
-/// The oldest schema that can read stores this build writes.
-pub const COMPATIBLE_DOWN_TO: u32 = 1;
+/// The oldest schema that can read stores this build writes. Schema 2 replicas can still
+/// serve a schema 3 store during a rolling upgrade: they do not list the gateways they
+/// enroll in the gateway index, and a schema 3 replica that misses one there finds it by
+/// listing the instances (and lists it). The release after this one, when no schema 2
+/// replica is left, may drop that fallback and set this to 3.
+pub const COMPATIBLE_DOWN_TO: u32 = 2;
 
 /// The marker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,9 +131,39 @@ async fn v1_to_v2<S: Store>(_store: &S) -> Result<(), SchemaError> {
     Ok(())
 }
 
+/// Version 2 to 3: the gateway index (`gateways/<tenant>/<vnf>/<id>`), one entry per
+/// enrolled gateway instance, so that a peer check finds its gateway without listing
+/// every instance. Idempotent (puts of empty values).
+async fn v2_to_v3<S: Store>(store: &S) -> Result<(), SchemaError> {
+    let listing = store.list(&super::keys::instances_prefix()).await?;
+    for (_, v) in &listing.entries {
+        let Ok(rec) = serde_json::from_slice::<serde_json::Value>(&v.value) else {
+            continue;
+        };
+        let enrolled_gateway = rec["role"] == "gateway" && rec["state"]["state"] == "enrolled";
+        let (Some(id), Some(tenant), Some(vnf)) = (
+            rec["id"].as_str(),
+            rec["tenant"].as_str(),
+            rec["vnf"].as_str(),
+        ) else {
+            continue;
+        };
+        if enrolled_gateway {
+            store
+                .put(
+                    &format!("{}gateways/{tenant}/{vnf}/{id}", super::PREFIX),
+                    Vec::new(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 async fn migrate_step<S: Store>(store: &S, from: u32) -> Result<(), SchemaError> {
     match from {
         1 => v1_to_v2(store).await,
+        2 => v2_to_v3(store).await,
         v => Err(SchemaError::NoMigration(v)),
     }
 }
