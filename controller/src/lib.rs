@@ -9,7 +9,7 @@
 //! notifications ([`notify`]), [`backup`] files of the embedded store, and the daemon ([`daemon`], [`service`]; the QUIC and TLS set-up is the
 //! `asmn-channel` crate's, shared with the agent). Binaries:
 //! `sec-em` (init, check-config, serve, backup, restore), `asmnctl` (the operator CLI) and `sec-em-load`
-//! (the load benchmark). [`local_etcd`] starts throw-away etcd clusters for tests and the
+//! (the load benchmark). `local_etcd` (feature `testkit`) starts throw-away etcd clusters for tests and the
 //! benchmark. The protocol logic lives in `asmn-shared`.
 
 #![forbid(unsafe_code)]
@@ -18,6 +18,7 @@ pub mod audit;
 pub mod backup;
 pub mod config;
 pub mod daemon;
+#[cfg(any(test, feature = "testkit"))]
 pub mod local_etcd;
 pub mod metrics;
 pub mod notify;
