@@ -1647,9 +1647,10 @@ impl<S: Store> Registry<S> {
                 "reattest.measurement must be a 32-byte SHA-256 digest",
             ));
         }
-        let Some((rec, _)) = self.instance(id).await? else {
-            return Err(refuse(RefusalCode::UnknownInstance, "no such instance"));
-        };
+        // The state first, as the decision checks it: a request about an instance that is
+        // not enrolled is refused before anything else is read or checked.
+        let rec = decide::enrolled(self.instance(id).await?.map(|(r, _)| r))
+            .map_err(RegistryError::Refused)?;
         let vnf = self
             .vnf(&rec.vnf)
             .await?
@@ -1663,21 +1664,23 @@ impl<S: Store> Registry<S> {
             sha256_hex: &sha256_hex,
             mode: vnf.vnfd.attestation,
         };
-        let dh_hex = match req.renewal {
-            Some((_, dh)) => Some(hex::encode(self.valid_dh(dh)?.as_bytes())),
-            None => None,
+        // A renewal's D-H value is checked (a 3,072-bit subgroup test) only when the
+        // decision reaches the renewal: after the state and the measurement.
+        let valid_dh = |dh: &[u8]| -> Result<String, RegistryError> {
+            Ok(hex::encode(self.valid_dh(dh)?.as_bytes()))
         };
         self.update_instance(now, id, |rec| {
-            decide::reattest(rec, *id, req, &golden, dh_hex.as_deref(), now)
+            decide::reattest(rec, *id, req, &golden, &valid_dh, now)
         })
         .await
     }
 
     /// Reads instance `id`'s record, asks `decide` what to make of it, and carries the
     /// decision out: its record stored by compare-and-swap on the revision read (on a
-    /// conflict, read and decide again), the gateway index kept in step, then its audit
-    /// event appended; its answer returned. The one loop every change of an instance
-    /// record goes through.
+    /// conflict, read and decide again), then its audit event appended, then the gateway
+    /// index kept in step (when a gateway's enrollment changes; a failure there is logged:
+    /// the index tolerates missing and stale entries); its answer returned. The one loop
+    /// every change of an instance record goes through.
     async fn update_instance<T>(
         &self,
         now: u64,
@@ -1687,6 +1690,9 @@ impl<S: Store> Registry<S> {
         for _ in 0..CAS_RETRIES {
             let current = self.instance(id).await?;
             let revision = current.as_ref().map(|(_, rev)| *rev);
+            let was_enrolled = current
+                .as_ref()
+                .is_some_and(|(r, _)| r.state == InstanceState::Enrolled);
             let (audit, answer) = match decide(current.map(|(r, _)| r))? {
                 decide::Decision::Keep { audit, answer } => (audit, answer),
                 decide::Decision::Refuse {
@@ -1710,8 +1716,17 @@ impl<S: Store> Registry<S> {
                     if !self.store_if_unchanged(id, rev, &record).await? {
                         continue;
                     }
-                    self.index_gateway(id, &record).await?;
-                    (audit, answer)
+                    if let Some(a) = audit {
+                        self.audit(now, a.kind, Some(id), a.detail).await?;
+                    }
+                    let enrolled = record.state == InstanceState::Enrolled;
+                    if record.role == Role::Gateway
+                        && enrolled != was_enrolled
+                        && let Err(e) = self.index_gateway(id, &record).await
+                    {
+                        tracing::warn!(error = %e, "gateway index not updated (peers find the gateway by listing)");
+                    }
+                    return Ok(answer);
                 }
             };
             if let Some(a) = audit {

@@ -196,7 +196,7 @@ pub(crate) fn reattest(
     id: asmn_shared::ids::InstanceKey,
     req: &Reattestation<'_>,
     golden: &Golden<'_>,
-    dh_hex: Option<&str>,
+    valid_dh: &dyn Fn(&[u8]) -> Result<String, RegistryError>,
     now: u64,
 ) -> Result<Decision<Reattested>, RegistryError> {
     let mut rec = enrolled(rec).map_err(RegistryError::Refused)?;
@@ -232,8 +232,9 @@ pub(crate) fn reattest(
         _ => {}
     }
     let verifier = rec.verifier(id)?;
-    let (kind, what) = match (req.renewal, dh_hex) {
-        (Some((sealed, _)), Some(dh)) => {
+    let (kind, what) = match req.renewal {
+        Some((sealed, dh)) => {
+            let dh = valid_dh(dh)?;
             let next = match verifier.verify_renewal(req.reveal, sealed) {
                 Ok(v) => v,
                 Err(RenewalError::Reveal(e)) => {
@@ -254,7 +255,7 @@ pub(crate) fn reattest(
                 last_element: hex::encode(next.last_element),
                 window: next.window,
             };
-            rec.dh_public = Some(dh.to_string());
+            rec.dh_public = Some(dh);
             (
                 "chain.renewed",
                 format!(
@@ -267,7 +268,7 @@ pub(crate) fn reattest(
                 ),
             )
         }
-        _ => {
+        None => {
             let verified = match verifier.verify(req.reveal) {
                 Ok(v) => v,
                 Err(e) => return Ok(reveal_refused(&rec.state, &e, "reattest.refused")),
@@ -304,11 +305,17 @@ pub(crate) fn revoke(rec: Option<InstanceRecord>, reason: &str) -> Result<Decisi
     })
 }
 
-/// Quarantines the instance (a fake VNF refused at enrollment); one already quarantined
-/// or revoked stays as it is (the event is recorded again); an unknown one is ignored.
+/// Quarantines the instance (a fake VNF refused at enrollment) if it is still only
+/// created; one already quarantined or revoked stays as it is (the event is recorded
+/// again); an unknown one, or one enrolled meanwhile (its genuine agent won the race
+/// against a forged first reveal on another replica), is left alone.
 pub(crate) fn quarantine(rec: Option<InstanceRecord>, reason: &str) -> Decision<()> {
     match rec {
         None => Decision::Keep {
+            audit: None,
+            answer: (),
+        },
+        Some(r) if r.state == InstanceState::Enrolled => Decision::Keep {
             audit: None,
             answer: (),
         },
@@ -562,8 +569,9 @@ mod tests {
             measurement: &changed,
             renewal: None,
         };
+        let no_dh = |_: &[u8]| -> Result<String, RegistryError> { Ok("aa".into()) };
         let rr = |rec: Option<InstanceRecord>, r: &Reattestation<'_>, gold: &Golden<'_>| {
-            refused(reattest(rec, req.id, r, gold, None, 20))
+            refused(reattest(rec, req.id, r, gold, &no_dh, 20))
         };
         assert_eq!(
             rr(None, &good, &strict),
@@ -579,7 +587,7 @@ mod tests {
             req.id,
             &tampered,
             &strict,
-            None,
+            &no_dh,
             20,
         ) else {
             panic!("refused")
@@ -606,7 +614,7 @@ mod tests {
             record,
             audit,
             answer,
-        }) = reattest(Some(enrolled_rec), req.id, &good, &strict, None, 20)
+        }) = reattest(Some(enrolled_rec), req.id, &good, &strict, &no_dh, 20)
         else {
             panic!("accepted")
         };
@@ -629,7 +637,15 @@ mod tests {
     }
 
     #[test]
-    fn quarantine_changes_only_a_live_instance() {
+    fn quarantine_changes_only_a_created_instance() {
+        // Enrolled meanwhile (the genuine agent won the race): left alone.
+        assert_eq!(
+            quarantine(Some(record(InstanceState::Enrolled)), "fake"),
+            Decision::Keep {
+                audit: None,
+                answer: ()
+            }
+        );
         assert_eq!(
             quarantine(None, "fake"),
             Decision::Keep {

@@ -1181,3 +1181,38 @@ async fn peers_find_their_gateway_through_the_index() {
             .is_some()
     );
 }
+
+/// Strict mode: a changed image is revoked whatever comes with it; a renewal carrying a
+/// D-H value outside the group does not turn the revocation into a mere refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_image_is_revoked_even_with_a_bad_renewal() {
+    let (_d, s) = embedded();
+    let r = onboarded(s).await;
+    let mut a = agent(create(&r, "web-0", 1).await, IMAGE);
+    r.enroll(10, &a.request).await.expect("enroll");
+    let changed = measure_bytes(b"a tampered image", &[Algorithm::Sha256])
+        .expect("m")
+        .get(Algorithm::Sha256)
+        .expect("sha")
+        .0
+        .clone();
+    let (reveal, sealed, _, _) = renewal(&mut a, &changed, 50);
+    let req = Reattestation {
+        reveal: &reveal,
+        measurement: &changed,
+        renewal: Some((&sealed, &[0xffu8; 384][..])),
+    };
+    assert_eq!(
+        code(
+            r.reattest(20, &a.request.id, &req)
+                .await
+                .expect_err("revoked")
+        ),
+        RefusalCode::Revoked
+    );
+    assert!(matches!(
+        state(&r, &a.request.id).await,
+        InstanceState::Revoked(_)
+    ));
+    assert!(kinds(&r).await.contains(&"instance.revoked".to_string()));
+}

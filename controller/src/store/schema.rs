@@ -29,8 +29,11 @@ pub const CURRENT: u32 = 3;
 /// The oldest schema that can read stores this build writes. Schema 2 replicas can still
 /// serve a schema 3 store during a rolling upgrade: they do not list the gateways they
 /// enroll in the gateway index, and a schema 3 replica that misses one there finds it by
-/// listing the instances (and lists it). The release after this one, when no schema 2
-/// replica is left, may drop that fallback and set this to 3.
+/// listing the instances (and lists it). Meanwhile, with two gateway instances of one VNF
+/// enrolled by replicas of different schemas, replicas may pick different ones for a pair
+/// (its traffic may go through one and come back through the other) until both are
+/// listed. The release after this one, when no schema 2 replica is left, may drop that
+/// fallback and set this to 3.
 pub const COMPATIBLE_DOWN_TO: u32 = 2;
 
 /// The marker.
