@@ -29,8 +29,11 @@ use crate::store::Store;
 type Shared<S> = State<Arc<Rest<S>>>;
 type Answer<T> = Result<T, Problem>;
 
-/// Largest JSON request body (a descriptor or catalog is at most 1 MiB of YAML).
-const JSON_LIMIT: usize = 4 << 20;
+/// Largest JSON request body. A descriptor or catalog is at most 1 MiB of YAML, but its
+/// JSON string may escape every character (`\u0000`: 6 bytes): a body the schema admits
+/// is read whole and refused by the catalog rules (422), not cut off with a 413 while the
+/// client is still sending it (which the client sees as a broken connection).
+const JSON_LIMIT: usize = 16 << 20;
 /// Largest image uploaded for on-boarding.
 const UPLOAD_LIMIT: usize = 64 << 30;
 /// Page size when `limit` is not given.
