@@ -583,6 +583,27 @@ impl<S: Store> Registry<S> {
         Ok(vnf)
     }
 
+    /// The records under `prefix` after key `start` (empty: from the first), at most
+    /// `limit` (1 to 1,000), parsed; and whether another page follows (one more is read:
+    /// a next page is announced only when it is not empty).
+    async fn page<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &str,
+        start: &str,
+        limit: usize,
+    ) -> Result<(Vec<T>, bool), RegistryError> {
+        let limit = limit.clamp(1, 1_000);
+        let listing = self.store.list_page(prefix, start, limit + 1).await?;
+        let more = listing.entries.len() > limit;
+        let out = listing
+            .entries
+            .iter()
+            .take(limit)
+            .map(|(_, v)| parse(&v.value))
+            .collect::<Result<_, _>>()?;
+        Ok((out, more))
+    }
+
     /// One page of the on-boarded VNFs (sorted by ID) after `after` (empty: the first),
     /// at most `limit`; and the `after` of the next page, if there is one.
     pub async fn vnfs_page(
@@ -596,16 +617,7 @@ impl<S: Store> Registry<S> {
         } else {
             format!("{prefix}{after}")
         };
-        let limit = limit.clamp(1, 1_000);
-        // One more than asked: the next page exists only if it is not empty.
-        let listing = self.store.list_page(&prefix, &start, limit + 1).await?;
-        let mut out: Vec<VnfRecord> = listing
-            .entries
-            .iter()
-            .map(|(_, v)| parse(&v.value))
-            .collect::<Result<_, _>>()?;
-        let more = out.len() > limit;
-        out.truncate(limit);
+        let (out, more) = self.page::<VnfRecord>(&prefix, &start, limit).await?;
         let next = more
             .then(|| out.last().map(|r| r.vnfd.vnf.to_string()))
             .flatten();
@@ -625,18 +637,9 @@ impl<S: Store> Registry<S> {
         } else {
             catalog_history_key(vnf, after)
         };
-        let limit = limit.clamp(1, 1_000);
-        let listing = self
-            .store
-            .list_page(&catalog_history_prefix(vnf), &start, limit + 1)
+        let (out, more) = self
+            .page::<SecCatalog>(&catalog_history_prefix(vnf), &start, limit)
             .await?;
-        let mut out: Vec<SecCatalog> = listing
-            .entries
-            .iter()
-            .map(|(_, v)| parse(&v.value))
-            .collect::<Result<_, _>>()?;
-        let more = out.len() > limit;
-        out.truncate(limit);
         let next = more.then(|| out.last().map(|c| c.version)).flatten();
         Ok((out, next))
     }
@@ -1430,13 +1433,8 @@ impl<S: Store> Registry<S> {
         } else {
             format!("{prefix}{after}")
         };
-        let limit = limit.clamp(1, 1_000);
-        // One more than asked: the next page exists only if it is not empty.
-        let listing = self.store.list_page(&prefix, &after, limit + 1).await?;
-        let more = listing.entries.len() > limit;
-        let mut out = Vec::with_capacity(limit);
-        for (_, v) in listing.entries.iter().take(limit) {
-            let mut rec: InstanceRecord = parse(&v.value)?;
+        let (mut out, more) = self.page::<InstanceRecord>(&prefix, &after, limit).await?;
+        for rec in &mut out {
             if let Some(id) = hex::decode(&rec.id)
                 .ok()
                 .and_then(|b| InstanceKey::from_slice(&b))
@@ -1446,7 +1444,6 @@ impl<S: Store> Registry<S> {
                 rec.enforced_catalog = Some(ack.version);
                 rec.catalog_latency_ms = ack.latency_ms;
             }
-            out.push(rec);
         }
         let next = more.then(|| out.last().map(|r| r.id.clone())).flatten();
         Ok((out, next))

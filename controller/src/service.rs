@@ -986,27 +986,14 @@ impl Strangers {
     }
 }
 
-async fn serve_connection<S: Store>(
-    conn: quinn::Connection,
-    registry: Arc<Registry<S>>,
-    hub: Arc<crate::push::PushHub>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
-    limits: Arc<Limits>,
-    logs: Arc<LogLimiter>,
-    strangers: Arc<Strangers>,
+/// An enrolled agent whose connection to this replica ended (and that has not
+/// reconnected to it since) is lost until it enrolls again, here or elsewhere.
+async fn agent_gone<S: Store>(
+    registry: &Registry<S>,
+    hub: &crate::push::PushHub,
+    conn: &quinn::Connection,
+    session: &Session,
 ) {
-    let session = serve_connection_streams(
-        conn.clone(),
-        Arc::clone(&registry),
-        Arc::clone(&hub),
-        metrics,
-        limits,
-        logs,
-        strangers,
-    )
-    .await;
-    // An enrolled agent whose connection to this replica ended (and that has not
-    // reconnected to it since) is lost until it enrolls again, here or elsewhere.
     if let Some(id) = session.agent()
         && hub.detach(&id, conn.stable_id())
     {
@@ -1027,8 +1014,8 @@ async fn serve_connection<S: Store>(
     }
 }
 
-/// Serves the streams of one connection until it ends; its session.
-async fn serve_connection_streams<S: Store>(
+/// Serves the streams of one connection until it ends.
+async fn serve_connection<S: Store>(
     conn: quinn::Connection,
     registry: Arc<Registry<S>>,
     hub: Arc<crate::push::PushHub>,
@@ -1036,7 +1023,7 @@ async fn serve_connection_streams<S: Store>(
     limits: Arc<Limits>,
     logs: Arc<LogLimiter>,
     strangers: Arc<Strangers>,
-) -> Arc<Session> {
+) {
     let source = conn.remote_address().ip();
     // An admin certificate on the deny-list (or one whose serial cannot be read, or a
     // deny-list that cannot be read) earns nothing: the connection is a stranger's.
@@ -1055,7 +1042,7 @@ async fn serve_connection_streams<S: Store>(
         admin_serial,
         agent: std::sync::Mutex::new(None),
         agent_vnf: std::sync::Mutex::new(None),
-        push: Some((conn.clone(), hub)),
+        push: Some((conn.clone(), Arc::clone(&hub))),
         pusher: std::sync::Mutex::new(None),
         metrics: metrics.clone(),
         verify_budget: Some(crate::registry::verify_peer_limiter(
@@ -1087,14 +1074,16 @@ async fn serve_connection_streams<S: Store>(
                 guard(&metrics, "enroll_deadline");
                 conn.close(0u32.into(), b"enroll within the deadline");
                 while tasks.join_next().await.is_some() {}
-                return session;
+                agent_gone(&registry, &hub, &conn, &session).await;
+                return;
             }
         };
         let Ok((mut send, mut recv)) = stream else {
             // Bounded: each task ends within the request deadline, a decision, and the
             // write deadline.
             while tasks.join_next().await.is_some() {}
-            return session;
+            agent_gone(&registry, &hub, &conn, &session).await;
+            return;
         };
         let (registry, session, limits, strangers) = (
             Arc::clone(&registry),
