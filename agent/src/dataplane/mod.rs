@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use asmn_shared::catalog::SecCatalog;
 use asmn_shared::crypto::PresharedKey;
 use asmn_shared::ids::{InstanceKey, Role, VnfId};
-use asmn_shared::policy::{CounterSnapshot, Decision, PolicyEngine, SourceKey};
+use asmn_shared::policy::{CounterSnapshot, Decision, Policing, PolicyEngine, SourceKey};
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
@@ -227,8 +227,8 @@ impl std::fmt::Debug for PlaneConfig {
 enum Source {
     /// The peer in this slot, itself.
     Direct(Slot),
-    /// Relayed by our gateway from an instance of this VNF.
-    Relayed(VnfId),
+    /// Relayed from an instance of `vnf` by the gateway in slot `gateway`.
+    Relayed { vnf: VnfId, gateway: Slot },
 }
 
 /// The data plane of one agent.
@@ -362,6 +362,11 @@ fn drain(
 }
 
 impl<C: Clock + Clone> Plane<C> {
+    /// The clock its limiters run on.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
     /// A plane with no peers and no catalog (nothing passes until one is set).
     pub fn new(config: PlaneConfig, clock: C) -> Plane<C> {
         let public = x25519::PublicKey::from(&config.secret);
@@ -668,9 +673,10 @@ impl<C: Clock + Clone> Plane<C> {
                 return;
             }
             match self.routes.get(&src) {
-                Some(Route::Via { gateway, vnf, .. }) if *gateway == slot => {
-                    Source::Relayed(vnf.clone())
-                }
+                Some(Route::Via { gateway, vnf, .. }) if *gateway == slot => Source::Relayed {
+                    vnf: vnf.clone(),
+                    gateway: slot,
+                },
                 Some(_) => {
                     self.counters.spoofed += 1;
                     return;
@@ -700,21 +706,36 @@ impl<C: Clock + Clone> Plane<C> {
         }
     }
 
-    /// Whether a packet for this VNF from `source` passes its catalog (counted).
+    /// Whether a packet for this VNF from `source` passes its catalog (counted). What the
+    /// gateway that our catalog names relayed, it policed under that catalog: here only
+    /// the whitelist is checked, not the rate again (a second limiter would drop what
+    /// the path bunched up). Anything else, relayed by another gateway too, is policed
+    /// here.
     fn deliver(&mut self, source: &Source, packet: &[u8]) -> bool {
         let decision = match self.policy.as_mut() {
             // No catalog in force: nothing passes.
             None => Decision::DropNotListed,
-            Some(engine) => {
-                let key = match source {
-                    Source::Direct(slot) => self
+            Some(engine) => match source {
+                Source::Direct(slot) => {
+                    let key = self
                         .peers
                         .get(*slot)
-                        .map_or(SourceKey::UNKNOWN, |p| p.source),
-                    Source::Relayed(vnf) => engine.source_key(vnf),
-                };
-                engine.handle_packet(key, packet)
-            }
+                        .map_or(SourceKey::UNKNOWN, |p| p.source);
+                    engine.handle_packet(key, packet)
+                }
+                Source::Relayed { vnf, gateway } => {
+                    let ours = engine.catalog().gateway.as_ref();
+                    let policing = if ours.is_some()
+                        && self.peers.get(*gateway).map(|p| &p.spec.vnf) == ours
+                    {
+                        Policing::Upstream
+                    } else {
+                        Policing::Here
+                    };
+                    let key = engine.source_key(vnf);
+                    engine.handle_packet_as(key, packet, policing)
+                }
+            },
         };
         if decision.passes() {
             self.counters.rx_packets += 1;
@@ -1052,7 +1073,7 @@ impl<C: Clock + Clone> Plane<C> {
         self.waiting.forget_refusal(&WaitKey::To(overlay));
         self.waiting.forget_refusal(&WaitKey::From(overlay, gw));
         self.release_to(overlay, out);
-        let source = Source::Relayed(vnf);
+        let source = Source::Relayed { vnf, gateway: gw };
         let released = self.waiting.take(&WaitKey::From(overlay, gw));
         // What another gateway relayed "from" this address was a forgery.
         let forged = self

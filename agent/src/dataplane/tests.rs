@@ -316,6 +316,11 @@ fn a_vnf_enforces_its_catalog_and_without_one_nothing_passes() {
 /// and a rogue VNF that is the gateway's legitimate peer; routes as Sec-EM would set
 /// them. The gateway's catalog for the server is in force.
 fn behind_gateway() -> (Lab, usize, usize, usize, usize) {
+    behind_gateway_policed("ingress_policing_rate: 0")
+}
+
+/// [`behind_gateway`] with the server's rule policed by `police`.
+fn behind_gateway_policed(police: &str) -> (Lab, usize, usize, usize, usize) {
     let mut lab = Lab::new();
     let c = lab.add("client", 2, Role::Vnf, 1);
     let g = lab.add("gw", 3, Role::Gateway, 2);
@@ -323,7 +328,9 @@ fn behind_gateway() -> (Lab, usize, usize, usize, usize) {
     let r = lab.add("rogue", 5, Role::Vnf, 4);
     let server_catalog = catalog(
         "server",
-        "  gateway: gw\n  default_action: drop\n  rules:\n    - name: iperf\n      protocol: tcp\n      port: 5201\n      sources: [client]\n      ingress_policing_rate: 0\n",
+        &format!(
+            "  gateway: gw\n  default_action: drop\n  rules:\n    - name: iperf\n      protocol: tcp\n      port: 5201\n      sources: [client]\n      {police}\n"
+        ),
     );
     lab.nodes[s].plane.set_catalog(server_catalog.clone());
     lab.nodes[g].plane.set_protected_catalog(server_catalog);
@@ -981,4 +988,83 @@ fn a_gateway_polices_a_vnf_whose_catalog_names_it_after_it_was_installed() {
     lab.send(c, &tcp(2, 4, 22));
     assert!(lab.take_received(s).is_empty());
     assert_eq!(lab.counters(g).policy_dropped, 1);
+}
+
+/// Sends `n` packets from `from`, `every` apart, through the gateway `g`; what the
+/// gateway forwards is held and then handed on at once (a path that bunched them up:
+/// batching, a descheduled thread).
+fn bunched_through_gateway(
+    lab: &mut Lab,
+    from: usize,
+    g: usize,
+    packet: &[u8],
+    n: usize,
+    every: Duration,
+) {
+    let gw = lab.nodes[g].addr;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let now = lab.now;
+        let node = &mut lab.nodes[from];
+        node.plane.handle_tun(now, packet, &mut node.out);
+        for _ in 0..4 {
+            lab.collect();
+            let (to_gw, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut lab.wire)
+                .into_iter()
+                .partition(|(_, to, _)| *to == gw);
+            held.extend(rest.into_iter().filter(|(f, _, _)| *f == gw));
+            for (f, t, d) in to_gw {
+                lab.inject(f, t, &d);
+            }
+        }
+        lab.clock.advance(every);
+        lab.now += every;
+    }
+    for (f, t, d) in held {
+        lab.inject(f, t, &d);
+    }
+    lab.run();
+}
+
+#[test]
+fn what_the_named_gateway_policed_is_not_policed_again_and_anything_else_is() {
+    // 8 kbit/s with a burst of 8 kbit: 1,000 bytes at once, then 1,000 bytes a second.
+    let police = "ingress_policing_rate: 8\n      ingress_policing_burst: 8";
+    let (mut lab, c, g, s, _) = behind_gateway_policed(police);
+    let n = &mut lab.nodes[g];
+    n.plane.admit(ip(2), ip(4), &mut n.out);
+    let packet = tcp(2, 4, 5201);
+    // 30 packets at the policed rate (each one's length at 1,000 bytes a second): every
+    // one conforms at the gateway, and the server gets them all in one burst.
+    let every = Duration::from_millis(packet.len() as u64);
+    bunched_through_gateway(&mut lab, c, g, &packet, 30, every);
+    assert_eq!(lab.counters(g).forwarded, 30);
+    assert_eq!(lab.counters(g).policy_dropped, 0);
+    assert_eq!(lab.take_received(s).len(), 30, "{:?}", lab.counters(s));
+    assert_eq!(lab.counters(s).policy_dropped, 0);
+    // The gateway still polices: the same packets at once, far over the rate.
+    for _ in 0..30 {
+        lab.send(c, &packet);
+    }
+    let passed = lab.take_received(s).len();
+    assert!(
+        passed < 30 && passed * packet.len() <= 1_000,
+        "{passed} passed"
+    );
+    // The client's catalog names no gateway: what the gateway relays to it (the
+    // server's replies, which the gateway does not police: it protects the server) is
+    // policed by the client itself.
+    lab.nodes[c].plane.set_catalog(catalog(
+        "client",
+        &format!("  default_action: drop\n  rules:\n    - name: back\n      protocol: tcp\n      sources: [server]\n      {police}\n"),
+    ));
+    lab.advance(Duration::from_secs(2));
+    let reply = tcp(4, 2, 40000);
+    bunched_through_gateway(&mut lab, s, g, &reply, 30, every);
+    let passed = lab.take_received(c).len();
+    assert!(
+        passed < 30 && passed * reply.len() <= 1_000,
+        "{passed} replies passed"
+    );
+    assert_eq!(lab.counters(c).policy_dropped, 30 - passed as u64);
 }

@@ -90,6 +90,19 @@ pub struct RuleCounters {
     pub limited_bytes: u64,
 }
 
+/// Where a packet's rate is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policing {
+    /// Here: the rule's limiter decides.
+    Here,
+    /// Upstream, under this same catalog (the VNF's gateway policed the packet before it
+    /// relayed it): the whitelist and the default action decide, the rate is not checked
+    /// again. A second limiter in series with the gateway's would drop conforming packets
+    /// whenever the path between them bunched them up (batching, scheduling), below the
+    /// configured rate.
+    Upstream,
+}
+
 /// A snapshot of every counter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
@@ -403,6 +416,17 @@ impl<C: Clock + Clone> PolicyEngine<C> {
 
     /// Decides the fate of one inner IP packet received from `source`.
     pub fn handle_packet(&mut self, source: SourceKey, packet: &[u8]) -> Decision {
+        self.handle_packet_as(source, packet, Policing::Here)
+    }
+
+    /// Decides the fate of one inner IP packet received from `source`, with its rate
+    /// checked here or (`Policing::Upstream`) not.
+    pub fn handle_packet_as(
+        &mut self,
+        source: SourceKey,
+        packet: &[u8],
+        policing: Policing,
+    ) -> Decision {
         let meta = match packet::parse(packet) {
             Ok(m) => m,
             Err(e) => {
@@ -410,11 +434,16 @@ impl<C: Clock + Clone> PolicyEngine<C> {
                 return Decision::DropMalformed(e);
             }
         };
-        self.decide(source, &meta)
+        self.decide_as(source, &meta, policing)
     }
 
     /// Decides for an already parsed packet.
     pub fn decide(&mut self, source: SourceKey, meta: &PacketMeta) -> Decision {
+        self.decide_as(source, meta, Policing::Here)
+    }
+
+    fn decide_as(&mut self, source: SourceKey, meta: &PacketMeta, policing: Policing) -> Decision {
+        let police = policing == Policing::Here;
         let len = meta.len;
         let port = meta.dst_port();
         // Where the scan starts: the port index's first candidate for TCP and UDP.
@@ -442,8 +471,8 @@ impl<C: Clock + Clone> PolicyEngine<C> {
         if let Some(i) = hit {
             let which = Matched::Rule(i as u16);
             let ok = match &mut self.limiters[i] {
-                None => true,
-                Some(l) => l.admit(source, len),
+                Some(l) if police => l.admit(source, len),
+                _ => true,
             };
             let c = &mut self.counters[i];
             return if ok {
@@ -463,7 +492,7 @@ impl<C: Clock + Clone> PolicyEngine<C> {
                 Decision::DropNotListed
             }
             Some(l) => {
-                if l.admit(source, len) {
+                if !police || l.admit(source, len) {
                     self.default_counters.passed_packets += 1;
                     self.default_counters.passed_bytes += len as u64;
                     Decision::Pass(Matched::Default)

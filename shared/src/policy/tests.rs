@@ -340,3 +340,48 @@ fn the_port_index_agrees_with_a_linear_scan() {
         }
     }
 }
+
+#[test]
+fn policed_upstream_checks_the_whitelist_but_not_the_rate() {
+    let rules = vec![rule("http", Protocol::Tcp, Some(80), 8, 8)];
+    let lowered = DefaultAction::Police(Police {
+        rate: KbitPerSec(8),
+        burst: Kbit(8),
+    });
+    let (mut e, _) = engine(catalog(rules, lowered));
+    let src = SourceKey::UNKNOWN;
+    // Far over the 1,000-byte burst of the rule and of the default service level: all
+    // pass, and are counted as passed.
+    for _ in 0..50 {
+        assert_eq!(
+            e.handle_packet_as(src, &build::tcp4(80, 100), Policing::Upstream),
+            Decision::Pass(Matched::Rule(0))
+        );
+        assert_eq!(
+            e.handle_packet_as(src, &build::tcp4(22, 100), Policing::Upstream),
+            Decision::Pass(Matched::Default)
+        );
+    }
+    let c = e.counters();
+    assert_eq!(c.rules["http"].passed_packets, 50);
+    assert_eq!(c.default.passed_packets, 50);
+    // The limiters were not charged: policed here, the full burst is still there.
+    for _ in 0..10 {
+        assert!(e.handle_packet(src, &build::tcp4(80, 100)).passes());
+    }
+    assert!(!e.handle_packet(src, &build::tcp4(80, 100)).passes());
+    // The whitelist still decides: without a lowered default, unlisted traffic and
+    // malformed packets are dropped.
+    let (mut e, _) = engine(catalog(
+        vec![rule("http", Protocol::Tcp, Some(80), 8, 8)],
+        DefaultAction::Drop,
+    ));
+    assert_eq!(
+        e.handle_packet_as(src, &build::tcp4(22, 100), Policing::Upstream),
+        Decision::DropNotListed
+    );
+    assert!(matches!(
+        e.handle_packet_as(src, &[0x45, 0, 0], Policing::Upstream),
+        Decision::DropMalformed(_)
+    ));
+}
