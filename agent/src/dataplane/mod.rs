@@ -707,10 +707,11 @@ impl<C: Clock + Clone> Plane<C> {
     }
 
     /// Whether a packet for this VNF from `source` passes its catalog (counted). What the
-    /// gateway that our catalog names relayed, it policed under that catalog: here only
-    /// the whitelist is checked, not the rate again (a second limiter would drop what
-    /// the path bunched up). Anything else, relayed by another gateway too, is policed
-    /// here.
+    /// gateway that our catalog names relayed, it policed under that catalog: here it
+    /// meets the same rate with a wide burst ([`Policing::Upstream`]), which lets through
+    /// what the path bunched up but holds the rate if that gateway has not got our
+    /// catalog yet or several of its instances relay one source. Anything else, relayed by
+    /// another gateway too, is policed here with the rule's own burst.
     fn deliver(&mut self, source: &Source, packet: &[u8]) -> bool {
         let decision = match self.policy.as_mut() {
             // No catalog in force: nothing passes.

@@ -1026,23 +1026,39 @@ fn bunched_through_gateway(
     lab.run();
 }
 
+/// 800 kbit/s with a burst of 8 kbit: 1,000 bytes at once, then 100,000 bytes a
+/// second (what the gateway relays meets a burst of 10,000 bytes at the VNF).
+const POLICE_800K: &str = "ingress_policing_rate: 800\n      ingress_policing_burst: 8";
+/// 8 kbit/s with a burst of 8 kbit: 1,000 bytes at once, then 1,000 bytes a second.
+const POLICE_8K: &str = "ingress_policing_rate: 8\n      ingress_policing_burst: 8";
+
+fn server_catalog_policed(police: &str) -> SecCatalog {
+    catalog(
+        "server",
+        &format!(
+            "  gateway: gw\n  default_action: drop\n  rules:\n    - name: iperf\n      protocol: tcp\n      port: 5201\n      sources: [client]\n      {police}\n"
+        ),
+    )
+}
+
 #[test]
-fn what_the_named_gateway_policed_is_not_policed_again_and_anything_else_is() {
-    // 8 kbit/s with a burst of 8 kbit: 1,000 bytes at once, then 1,000 bytes a second.
-    let police = "ingress_policing_rate: 8\n      ingress_policing_burst: 8";
-    let (mut lab, c, g, s, _) = behind_gateway_policed(police);
+fn what_the_named_gateway_policed_meets_a_wider_burst_and_anything_else_the_rule() {
+    let (mut lab, c, g, s, _) = behind_gateway_policed(POLICE_800K);
     let n = &mut lab.nodes[g];
     n.plane.admit(ip(2), ip(4), &mut n.out);
     let packet = tcp(2, 4, 5201);
-    // 30 packets at the policed rate (each one's length at 1,000 bytes a second): every
-    // one conforms at the gateway, and the server gets them all in one burst.
-    let every = Duration::from_millis(packet.len() as u64);
+    // 30 packets at the policed rate (each one's length at 100,000 bytes a second):
+    // every one conforms at the gateway, and the server gets them in one burst, more
+    // than the rule's 1,000 bytes.
+    let every = Duration::from_micros(10 * packet.len() as u64);
     bunched_through_gateway(&mut lab, c, g, &packet, 30, every);
+    assert!(30 * packet.len() > 1_000);
     assert_eq!(lab.counters(g).forwarded, 30);
     assert_eq!(lab.counters(g).policy_dropped, 0);
     assert_eq!(lab.take_received(s).len(), 30, "{:?}", lab.counters(s));
     assert_eq!(lab.counters(s).policy_dropped, 0);
     // The gateway still polices: the same packets at once, far over the rate.
+    lab.advance(Duration::from_secs(1));
     for _ in 0..30 {
         lab.send(c, &packet);
     }
@@ -1053,10 +1069,10 @@ fn what_the_named_gateway_policed_is_not_policed_again_and_anything_else_is() {
     );
     // The client's catalog names no gateway: what the gateway relays to it (the
     // server's replies, which the gateway does not police: it protects the server) is
-    // policed by the client itself.
+    // policed by the client with its rule's own burst.
     lab.nodes[c].plane.set_catalog(catalog(
         "client",
-        &format!("  default_action: drop\n  rules:\n    - name: back\n      protocol: tcp\n      sources: [server]\n      {police}\n"),
+        &format!("  default_action: drop\n  rules:\n    - name: back\n      protocol: tcp\n      sources: [server]\n      {POLICE_800K}\n"),
     ));
     lab.advance(Duration::from_secs(2));
     let reply = tcp(4, 2, 40000);
@@ -1067,4 +1083,121 @@ fn what_the_named_gateway_policed_is_not_policed_again_and_anything_else_is() {
         "{passed} replies passed"
     );
     assert_eq!(lab.counters(c).policy_dropped, 30 - passed as u64);
+}
+
+/// The server has a new catalog (8 kbit/s) that the gateway has not got yet (it still
+/// enforces no rate): the server's own limiter holds the rate.
+#[test]
+fn a_rate_the_gateway_has_not_got_yet_is_enforced_by_the_vnf() {
+    let (mut lab, c, g, s, _) = behind_gateway();
+    lab.nodes[s]
+        .plane
+        .set_catalog(server_catalog_policed(POLICE_8K));
+    let n = &mut lab.nodes[g];
+    n.plane.admit(ip(2), ip(4), &mut n.out);
+    let packet = tcp(2, 4, 5201);
+    for _ in 0..30 {
+        lab.send(c, &packet);
+    }
+    assert_eq!(lab.counters(g).forwarded, 30);
+    let passed = lab.take_received(s).len();
+    assert!(passed * packet.len() <= 1_000, "{passed} packets passed");
+}
+
+/// A gateway that installed the server unprotected and has none of its catalogs relays
+/// unpoliced; the server's catalog names it: the server still holds its rate.
+#[test]
+fn a_gateway_without_the_catalog_naming_it_does_not_open_the_rate() {
+    let mut lab = Lab::new();
+    let c = lab.add("client", 2, Role::Vnf, 1);
+    let g = lab.add("gw", 3, Role::Gateway, 2);
+    let s = lab.add("server", 4, Role::Vnf, 3);
+    lab.nodes[s]
+        .plane
+        .set_catalog(server_catalog_policed(POLICE_8K));
+    assert_eq!(lab.install(c, g, false), Installed::New);
+    assert_eq!(lab.install(g, c, false), Installed::New);
+    assert_eq!(lab.install(s, g, false), Installed::New);
+    assert_eq!(lab.install(g, s, false), Installed::New);
+    let (cid, sid) = (lab.nodes[c].id, lab.nodes[s].id);
+    let n = &mut lab.nodes[c];
+    assert!(n.plane.route_via(
+        ip(4),
+        sid,
+        VnfId::new("server").expect("vnf"),
+        ip(3),
+        &mut n.out
+    ));
+    let n = &mut lab.nodes[s];
+    assert!(n.plane.route_via(
+        ip(2),
+        cid,
+        VnfId::new("client").expect("vnf"),
+        ip(3),
+        &mut n.out
+    ));
+    let n = &mut lab.nodes[g];
+    n.plane.admit(ip(2), ip(4), &mut n.out);
+    lab.run();
+    let packet = tcp(2, 4, 5201);
+    for _ in 0..30 {
+        lab.send(c, &packet);
+    }
+    assert_eq!(lab.counters(g).policy_dropped, 0);
+    let passed = lab.take_received(s).len();
+    assert!(passed * packet.len() <= 1_000, "{passed} packets passed");
+}
+
+/// Two instances of the gateway VNF (a limiter each) relay two instances of the client:
+/// together they get no more than the rate of the client's VNF at the server.
+#[test]
+fn two_gateway_instances_do_not_double_a_source_vnfs_rate() {
+    let mut lab = Lab::new();
+    let c1 = lab.add("client", 2, Role::Vnf, 1);
+    let g1 = lab.add("gw", 3, Role::Gateway, 2);
+    let s = lab.add("server", 4, Role::Vnf, 3);
+    let c2 = lab.add("client", 6, Role::Vnf, 5);
+    let g2 = lab.add("gw", 7, Role::Gateway, 6);
+    let cat = server_catalog_policed(POLICE_8K);
+    lab.nodes[s].plane.set_catalog(cat.clone());
+    let sid = lab.nodes[s].id;
+    for (c, g) in [(c1, g1), (c2, g2)] {
+        lab.nodes[g].plane.set_protected_catalog(cat.clone());
+        assert_eq!(lab.install(c, g, false), Installed::New);
+        assert_eq!(lab.install(g, c, false), Installed::New);
+        assert_eq!(lab.install(s, g, false), Installed::New);
+        assert_eq!(lab.install(g, s, true), Installed::New);
+        let (cid, ch, gh) = (lab.nodes[c].id, lab.nodes[c].host, lab.nodes[g].host);
+        let n = &mut lab.nodes[c];
+        assert!(n.plane.route_via(
+            ip(4),
+            sid,
+            VnfId::new("server").expect("vnf"),
+            ip(gh),
+            &mut n.out
+        ));
+        let n = &mut lab.nodes[s];
+        assert!(n.plane.route_via(
+            ip(ch),
+            cid,
+            VnfId::new("client").expect("vnf"),
+            ip(gh),
+            &mut n.out
+        ));
+        let n = &mut lab.nodes[g];
+        n.plane.admit(ip(ch), ip(4), &mut n.out);
+        lab.run();
+    }
+    let mut bytes = 0;
+    for c in [c1, c2] {
+        let packet = tcp(lab.nodes[c].host, 4, 5201);
+        for _ in 0..30 {
+            lab.send(c, &packet);
+        }
+        bytes += lab.take_received(s).len() * packet.len();
+    }
+    assert!(
+        bytes <= 1_000,
+        "{bytes} bytes from VNF client reached the server"
+    );
 }

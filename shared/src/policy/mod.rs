@@ -90,16 +90,22 @@ pub struct RuleCounters {
     pub limited_bytes: u64,
 }
 
-/// Where a packet's rate is checked.
+/// How much bunching a limiter of [`Policing::Upstream`] absorbs: its burst is at least
+/// this long at the rule's rate.
+pub const UPSTREAM_SLACK: Duration = Duration::from_millis(100);
+
+/// Where a packet's rate is checked first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policing {
     /// Here: the rule's limiter decides.
     Here,
-    /// Upstream, under this same catalog (the VNF's gateway policed the packet before it
-    /// relayed it): the whitelist and the default action decide, the rate is not checked
-    /// again. A second limiter in series with the gateway's would drop conforming packets
-    /// whenever the path between them bunched them up (batching, scheduling), below the
-    /// configured rate.
+    /// Upstream (the VNF's gateway policed the packet under its catalog before it relayed
+    /// it): here it meets the same rate again, with a burst of at least
+    /// [`UPSTREAM_SLACK`]. A second limiter with the rule's own burst would drop
+    /// conforming packets whenever the path between the two bunched them up (GSO
+    /// batches, a descheduled thread); none at all would trust the gateway to hold this
+    /// VNF's current catalog, and each gateway instance to police alone what several of
+    /// them relay. The wide limiter bounds all of that at the rate, a little late.
     Upstream,
 }
 
@@ -157,6 +163,18 @@ impl LimiterSpec {
             period: Duration::from_nanos(u64::try_from(period_ns).unwrap_or(u64::MAX)),
             burst_cells: u32::try_from(burst_cells).unwrap_or(u32::MAX),
         })
+    }
+
+    /// The same rate with a burst of at least `window` at that rate.
+    pub fn widened(&self, window: Duration) -> Self {
+        let period = self.period.as_nanos().max(1);
+        let cells = window.as_nanos().div_ceil(period);
+        Self {
+            burst_cells: self
+                .burst_cells
+                .max(u32::try_from(cells).unwrap_or(u32::MAX)),
+            ..*self
+        }
     }
 
     fn quota(&self) -> Quota {
@@ -241,6 +259,40 @@ impl<C: Clock + Clone> KeyedLimiter<C> {
     }
 }
 
+/// The limiters of a rule (or of the default action): for what is policed here, and,
+/// made on first use, for what a gateway policed upstream ([`Policing::Upstream`]).
+struct RuleLimiters<C: Clock> {
+    here: KeyedLimiter<C>,
+    upstream: Option<KeyedLimiter<C>>,
+}
+
+impl<C: Clock + Clone> RuleLimiters<C> {
+    fn new(spec: LimiterSpec, clock: &C, max_keys: usize) -> Self {
+        Self {
+            here: KeyedLimiter::new(spec, clock, max_keys),
+            upstream: None,
+        }
+    }
+
+    fn admit(&mut self, source: SourceKey, len: usize, policing: Policing) -> bool {
+        match policing {
+            Policing::Here => self.here.admit(source, len),
+            Policing::Upstream => {
+                let here = &self.here;
+                self.upstream
+                    .get_or_insert_with(|| {
+                        KeyedLimiter::new(
+                            here.spec.widened(UPSTREAM_SLACK),
+                            &here.clock,
+                            here.max_keys,
+                        )
+                    })
+                    .admit(source, len)
+            }
+        }
+    }
+}
+
 /// The match part of a rule, kept small and contiguous (12 bytes) and evaluated without
 /// branches: the scan over a catalog's rules touches only these, not the limiters and
 /// counters.
@@ -286,9 +338,9 @@ pub struct PolicyEngine<C: Clock + Clone> {
     port_index: [Vec<u16>; 2],
     /// Sorted interned sources of the rules that name them.
     rule_sources: Vec<Vec<u32>>,
-    limiters: Vec<Option<KeyedLimiter<C>>>,
+    limiters: Vec<Option<RuleLimiters<C>>>,
     counters: Vec<RuleCounters>,
-    default_limiter: Option<KeyedLimiter<C>>,
+    default_limiter: Option<RuleLimiters<C>>,
     default_counters: RuleCounters,
     not_listed: (u64, u64),
     malformed: u64,
@@ -397,7 +449,7 @@ impl<C: Clock + Clone> PolicyEngine<C> {
             });
             self.limiters.push(
                 LimiterSpec::from_police(&r.police)
-                    .map(|s| KeyedLimiter::new(s, &self.clock, self.max_keys)),
+                    .map(|s| RuleLimiters::new(s, &self.clock, self.max_keys)),
             );
             self.counters
                 .push(self.retired.remove(&r.name).unwrap_or_default());
@@ -409,7 +461,7 @@ impl<C: Clock + Clone> PolicyEngine<C> {
         self.default_limiter = match catalog.default_action {
             DefaultAction::Drop => None,
             DefaultAction::Police(p) => LimiterSpec::from_police(&p)
-                .map(|s| KeyedLimiter::new(s, &self.clock, self.max_keys)),
+                .map(|s| RuleLimiters::new(s, &self.clock, self.max_keys)),
         };
         self.catalog = catalog;
     }
@@ -443,7 +495,6 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     }
 
     fn decide_as(&mut self, source: SourceKey, meta: &PacketMeta, policing: Policing) -> Decision {
-        let police = policing == Policing::Here;
         let len = meta.len;
         let port = meta.dst_port();
         // Where the scan starts: the port index's first candidate for TCP and UDP.
@@ -471,8 +522,8 @@ impl<C: Clock + Clone> PolicyEngine<C> {
         if let Some(i) = hit {
             let which = Matched::Rule(i as u16);
             let ok = match &mut self.limiters[i] {
-                Some(l) if police => l.admit(source, len),
-                _ => true,
+                None => true,
+                Some(l) => l.admit(source, len, policing),
             };
             let c = &mut self.counters[i];
             return if ok {
@@ -492,7 +543,7 @@ impl<C: Clock + Clone> PolicyEngine<C> {
                 Decision::DropNotListed
             }
             Some(l) => {
-                if !police || l.admit(source, len) {
+                if l.admit(source, len, policing) {
                     self.default_counters.passed_packets += 1;
                     self.default_counters.passed_bytes += len as u64;
                     Decision::Pass(Matched::Default)

@@ -342,40 +342,49 @@ fn the_port_index_agrees_with_a_linear_scan() {
 }
 
 #[test]
-fn policed_upstream_checks_the_whitelist_but_not_the_rate() {
-    let rules = vec![rule("http", Protocol::Tcp, Some(80), 8, 8)];
+fn policed_upstream_meets_the_rate_with_a_wider_burst_and_the_whitelist() {
+    // 800 kbit/s = 100,000 bytes a second, burst 8 kbit = 1,000 bytes; upstream, the
+    // burst is 100 ms at the rate: 10,000 bytes.
+    let rules = vec![rule("http", Protocol::Tcp, Some(80), 800, 8)];
     let lowered = DefaultAction::Police(Police {
-        rate: KbitPerSec(8),
+        rate: KbitPerSec(800),
         burst: Kbit(8),
     });
     let (mut e, _) = engine(catalog(rules, lowered));
     let src = SourceKey::UNKNOWN;
-    // Far over the 1,000-byte burst of the rule and of the default service level: all
-    // pass, and are counted as passed.
-    for _ in 0..50 {
-        assert_eq!(
-            e.handle_packet_as(src, &build::tcp4(80, 100), Policing::Upstream),
-            Decision::Pass(Matched::Rule(0))
-        );
-        assert_eq!(
-            e.handle_packet_as(src, &build::tcp4(22, 100), Policing::Upstream),
-            Decision::Pass(Matched::Default)
-        );
+    for (packet, which) in [
+        (build::tcp4(80, 100), Matched::Rule(0)),
+        (build::tcp4(22, 100), Matched::Default),
+    ] {
+        let passed = (0..200)
+            .take_while(|_| {
+                e.handle_packet_as(src, &packet, Policing::Upstream) == Decision::Pass(which)
+            })
+            .count();
+        assert_eq!(passed, 100, "{which:?}: 10,000 bytes, then the rate");
+        // Policed here, a separate limiter with the rule's own burst: 1,000 bytes.
+        let passed = (0..200)
+            .take_while(|_| e.handle_packet(src, &packet).passes())
+            .count();
+        assert_eq!(passed, 10, "{which:?}");
     }
     let c = e.counters();
-    assert_eq!(c.rules["http"].passed_packets, 50);
-    assert_eq!(c.default.passed_packets, 50);
-    // The limiters were not charged: policed here, the full burst is still there.
-    for _ in 0..10 {
-        assert!(e.handle_packet(src, &build::tcp4(80, 100)).passes());
-    }
-    assert!(!e.handle_packet(src, &build::tcp4(80, 100)).passes());
-    // The whitelist still decides: without a lowered default, unlisted traffic and
-    // malformed packets are dropped.
+    assert_eq!(c.rules["http"].passed_packets, 110);
+    assert_eq!(c.rules["http"].limited_packets, 2);
+    assert_eq!(c.default.passed_packets, 110);
+    // Below 100 ms of the rate, the rule's own burst stands: 8 kbit/s, 1,000 bytes.
     let (mut e, _) = engine(catalog(
         vec![rule("http", Protocol::Tcp, Some(80), 8, 8)],
         DefaultAction::Drop,
     ));
+    let passed = (0..200)
+        .take_while(|_| {
+            e.handle_packet_as(src, &build::tcp4(80, 100), Policing::Upstream)
+                .passes()
+        })
+        .count();
+    assert_eq!(passed, 10);
+    // The whitelist decides as here: unlisted traffic and malformed packets dropped.
     assert_eq!(
         e.handle_packet_as(src, &build::tcp4(22, 100), Policing::Upstream),
         Decision::DropNotListed
