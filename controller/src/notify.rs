@@ -666,7 +666,7 @@ async fn event_json<S: Store>(
 
 fn names_of(r: &InstanceRecord) -> InstanceNames {
     InstanceNames {
-        id: r.id.clone(),
+        id: r.id.to_hex(),
         tenant: r.tenant.to_string(),
         vnf: r.vnf.to_string(),
         name: r.instance.to_string(),
@@ -877,12 +877,12 @@ impl AckTracker {
                         Event::Reset(l) => {
                             st.enrolled.clear();
                             for (k, v) in &l.entries {
-                                st.instance(last_segment(k), serde_json::from_slice(&v.value).ok());
+                                st.instance(last_segment(k), crate::registry::decode(&v.value).ok());
                             }
                             ready.0 = true;
                         }
                         Event::Change(RawEvent::Put { key, value, .. }) => {
-                            st.instance(last_segment(&key), serde_json::from_slice(&value).ok());
+                            st.instance(last_segment(&key), crate::registry::decode(&value).ok());
                         }
                         Event::Change(RawEvent::Delete { key, .. }) => st.instance(last_segment(&key), None),
                     },

@@ -239,7 +239,12 @@ impl PushHub {
 }
 
 /// The published keys of an enrolled instance: epoch, WireGuard key, D-H value, endpoint.
-type Keys = (u32, Option<String>, Option<String>, Option<String>);
+type Keys = (
+    u32,
+    Option<[u8; 32]>,
+    Option<Vec<u8>>,
+    Option<std::net::SocketAddr>,
+);
 
 /// What the follower last saw of one instance.
 #[derive(Clone, PartialEq, Eq)]
@@ -256,9 +261,9 @@ impl Seen {
             keys: (rec.state == InstanceState::Enrolled).then(|| {
                 (
                     rec.chain.epoch,
-                    rec.wg_public_key.clone(),
+                    rec.wg_public_key,
                     rec.dh_public.clone(),
-                    rec.endpoint.clone(),
+                    rec.endpoint,
                 )
             }),
         }
@@ -295,8 +300,7 @@ impl Follower {
         let peer = key
             .strip_prefix(&crate::registry::verify_back_prefix())
             .and_then(|rest| rest.split('/').next())
-            .and_then(|h| hex::decode(h).ok())
-            .and_then(|b| InstanceKey::from_slice(&b));
+            .and_then(|h| h.parse::<InstanceKey>().ok());
         let info = <msg::PeerInfo as prost::Message>::decode(value);
         if let (Some(peer), Ok(info)) = (peer, info) {
             let sent = self.hub.push_to(
@@ -309,16 +313,15 @@ impl Follower {
 
     /// An instance record written at `key`; `quiet` only records it.
     fn instance(&mut self, key: &str, value: &[u8], quiet: bool) {
-        let Ok(rec) = serde_json::from_slice::<InstanceRecord>(value) else {
-            tracing::warn!(%key, "unreadable instance record in the store");
-            return;
+        let rec = match crate::registry::decode::<InstanceRecord>(value) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "unreadable instance record in the store");
+                return;
+            }
         };
-        let Some(id) = hex::decode(&rec.id)
-            .ok()
-            .and_then(|b| InstanceKey::from_slice(&b))
-        else {
-            return;
-        };
+        let id = rec.id;
+        {};
         let seen = Seen::of(&rec);
         let before = self.instances.insert(key.to_string(), seen.clone());
         if let InstanceState::Revoked(reason) = &rec.state {

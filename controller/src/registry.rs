@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use asmn_shared::catalog::{SecCatalog, Vnfd};
-use asmn_shared::chain::{self, ChainSpec, ChainVerifier, DEFAULT_WINDOW, Reveal};
+use asmn_shared::chain::{self, ChainSpec, DEFAULT_WINDOW, Reveal};
 use asmn_shared::crypto::Nonce;
 use asmn_shared::dh::Group;
 use asmn_shared::ids::{InstanceKey, InstanceName, Role, TenantId, VnfId};
@@ -29,6 +29,9 @@ use crate::store::keys::{
 };
 pub use crate::store::keys::{catalog_prefix, instance_key, verify_back_prefix};
 use crate::store::{Cas, Expect, Store, StoreError};
+use record::CatalogAckRecord;
+pub use record::{ChainRecord, InstanceRecord, InstanceState, Record, VnfRecord};
+pub(crate) use record::{decode, encode};
 
 /// Settings of a registry.
 #[derive(Clone, Debug)]
@@ -127,103 +130,6 @@ impl RefusalAudit {
     }
 }
 
-/// An on-boarded VNF.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VnfRecord {
-    /// The VNFD.
-    pub vnfd: Vnfd,
-    /// Golden digests of the image (SHA-256 always).
-    pub golden: BTreeMap<Algorithm, DigestValue>,
-    /// Image size in bytes.
-    pub image_bytes: u64,
-}
-
-/// Where an instance stands.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
-pub enum InstanceState {
-    /// Created; its bundle is out; not yet enrolled.
-    Created,
-    /// Enrolled and attesting.
-    Enrolled,
-    /// Refused (a fake VNF): never enrolled, never given to a peer.
-    Quarantined(String),
-    /// Revoked: cannot enroll again with this identity.
-    Revoked(String),
-}
-
-/// The chain as Sec-EM tracks it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainRecord {
-    /// Epoch.
-    pub epoch: u32,
-    /// N.
-    pub length: u32,
-    /// Last accepted index (N = only the anchor so far).
-    pub last_index: u32,
-    /// Last accepted element (hex; the anchor at first).
-    pub last_element: String,
-    /// Skip window.
-    pub window: u32,
-}
-
-/// One instance, as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    /// Identity (hex).
-    pub id: String,
-    /// Tenant.
-    pub tenant: TenantId,
-    /// VNF.
-    pub vnf: VnfId,
-    /// Instance name.
-    pub instance: InstanceName,
-    /// Role.
-    pub role: Role,
-    /// Overlay address, "ip/prefix".
-    pub overlay: String,
-    /// State.
-    pub state: InstanceState,
-    /// The chain.
-    pub chain: ChainRecord,
-    /// WireGuard public key (hex), once enrolled.
-    pub wg_public_key: Option<String>,
-    /// D-H public value (hex), once enrolled.
-    pub dh_public: Option<String>,
-    /// Underlay endpoint, once enrolled.
-    pub endpoint: Option<String>,
-    /// When the last reveal was accepted (seconds since the epoch).
-    pub last_attestation: Option<u64>,
-    /// Catalog version the agent acknowledged (filled in for operators from the
-    /// acknowledgement key; not kept in the stored record).
-    #[serde(default)]
-    pub enforced_catalog: Option<u64>,
-    /// How long the agent took to acknowledge that version after Sec-EM pushed it, in
-    /// milliseconds (when the replica that pushed it received the acknowledgement).
-    #[serde(default)]
-    pub catalog_latency_ms: Option<u64>,
-    /// SHA-256 of the target at the last accepted re-attestation (hex; continuity mode
-    /// tracks the target's changes with it).
-    #[serde(default)]
-    pub measurement: Option<String>,
-}
-
-impl InstanceRecord {
-    fn verifier(&self, id: InstanceKey) -> Result<ChainVerifier, RegistryError> {
-        let spec = ChainSpec::new(id, self.chain.epoch, self.chain.length)
-            .map_err(|e| RegistryError::Corrupt(e.to_string()))?;
-        let mut last = [0u8; 32];
-        hex::decode_to_slice(&self.chain.last_element, &mut last)
-            .map_err(|e| RegistryError::Corrupt(format!("chain element: {e}")))?;
-        Ok(ChainVerifier {
-            spec,
-            last_index: self.chain.last_index,
-            last_element: last,
-            window: self.chain.window,
-        })
-    }
-}
-
 /// A refusal to send to an agent or operator, with its typed reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code:?}: {message}")]
@@ -258,13 +164,6 @@ pub enum RegistryError {
     Audit(#[from] crate::audit::AuditError),
 }
 
-/// An agent's last catalog acknowledgement.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct CatalogAckRecord {
-    version: u64,
-    latency_ms: Option<u64>,
-}
-
 /// How an enrolled instance is described to a peer (its keys in `group`).
 pub fn describe_record(
     group: Group,
@@ -274,27 +173,22 @@ pub fn describe_record(
     via_gateway: Option<IpAddr>,
     protected: bool,
 ) -> Result<asmn_shared::wire::Peer, RegistryError> {
-    let decode32 = |h: &Option<String>| -> Result<[u8; 32], RegistryError> {
-        let mut b = [0u8; 32];
-        hex::decode_to_slice(h.as_deref().unwrap_or(""), &mut b)
-            .map_err(|_| RegistryError::Corrupt("a stored key".into()))?;
-        Ok(b)
-    };
-    let dh = hex::decode(rec.dh_public.as_deref().unwrap_or(""))
-        .map_err(|_| RegistryError::Corrupt("a stored D-H value".into()))?;
+    let missing =
+        |what: &str| RegistryError::Corrupt(format!("an enrolled instance without {what}"));
+    let dh = rec
+        .dh_public
+        .as_deref()
+        .ok_or_else(|| missing("a D-H value"))?;
     Ok(asmn_shared::wire::Peer {
         id,
         vnf: rec.vnf.clone(),
         overlay,
-        endpoint: rec
-            .endpoint
-            .as_deref()
-            .unwrap_or("")
-            .parse()
-            .map_err(|_| RegistryError::Corrupt("a stored endpoint".into()))?,
-        wg_public_key: decode32(&rec.wg_public_key)?,
+        endpoint: rec.endpoint.ok_or_else(|| missing("an endpoint"))?,
+        wg_public_key: rec
+            .wg_public_key
+            .ok_or_else(|| missing("a WireGuard key"))?,
         dh_group: group,
-        dh_public: asmn_shared::dh::DhPublic::validate(group, &dh)
+        dh_public: asmn_shared::dh::DhPublic::validate(group, dh)
             .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
         epoch: rec.chain.epoch,
         via_gateway,
@@ -529,7 +423,7 @@ impl<S: Store> Registry<S> {
             golden,
             image_bytes,
         };
-        self.store.put(&vnf_key(&vnf), json(&rec)?).await?;
+        self.store.put(&vnf_key(&vnf), encode(&rec)?).await?;
         // The VNFD's catalog becomes the one in force, unless a later one was applied.
         if self.catalog(&vnf).await?.is_none() {
             self.apply_catalog(now, catalog).await?;
@@ -586,11 +480,11 @@ impl<S: Store> Registry<S> {
     /// The records under `prefix` after key `start` (empty: from the first), at most
     /// `limit` (1 to 1,000), parsed; and whether another page follows (one more is read:
     /// a next page is announced only when it is not empty).
-    async fn page<T: for<'de> Deserialize<'de>>(
+    async fn page<T>(
         &self,
-        prefix: &str,
-        start: &str,
+        (prefix, start): (&str, &str),
         limit: usize,
+        decode: fn(&[u8]) -> Result<T, RegistryError>,
     ) -> Result<(Vec<T>, bool), RegistryError> {
         let limit = limit.clamp(1, 1_000);
         let listing = self.store.list_page(prefix, start, limit + 1).await?;
@@ -599,7 +493,7 @@ impl<S: Store> Registry<S> {
             .entries
             .iter()
             .take(limit)
-            .map(|(_, v)| parse(&v.value))
+            .map(|(_, v)| decode(&v.value))
             .collect::<Result<_, _>>()?;
         Ok((out, more))
     }
@@ -617,7 +511,9 @@ impl<S: Store> Registry<S> {
         } else {
             format!("{prefix}{after}")
         };
-        let (out, more) = self.page::<VnfRecord>(&prefix, &start, limit).await?;
+        let (out, more) = self
+            .page((&prefix, &start), limit, decode::<VnfRecord>)
+            .await?;
         let next = more
             .then(|| out.last().map(|r| r.vnfd.vnf.to_string()))
             .flatten();
@@ -638,7 +534,11 @@ impl<S: Store> Registry<S> {
             catalog_history_key(vnf, after)
         };
         let (out, more) = self
-            .page::<SecCatalog>(&catalog_history_prefix(vnf), &start, limit)
+            .page(
+                (&catalog_history_prefix(vnf), &start),
+                limit,
+                parse::<SecCatalog>,
+            )
             .await?;
         let next = more.then(|| out.last().map(|c| c.version)).flatten();
         Ok((out, next))
@@ -721,7 +621,7 @@ impl<S: Store> Registry<S> {
     /// The on-boarded VNF `vnf`.
     pub async fn vnf(&self, vnf: &VnfId) -> Result<Option<VnfRecord>, RegistryError> {
         match self.store.get(&vnf_key(vnf)).await? {
-            Some(v) => Ok(Some(parse(&v.value)?)),
+            Some(v) => Ok(Some(decode(&v.value)?)),
             None => Ok(None),
         }
     }
@@ -827,10 +727,7 @@ impl<S: Store> Registry<S> {
                 None => Expect::Absent,
                 Some(v) => {
                     let holder = String::from_utf8_lossy(&v.value).to_string();
-                    let live = match hex::decode(&holder)
-                        .ok()
-                        .and_then(|b| InstanceKey::from_slice(&b))
-                    {
+                    let live = match holder.parse::<InstanceKey>().ok() {
                         Some(k) => self.instance(&k).await?.is_some(),
                         None => false,
                     };
@@ -866,18 +763,18 @@ impl<S: Store> Registry<S> {
         let anchor = chain::anchor(spec, &seed);
         let overlay = self.next_overlay(&tenant).await?;
         let record = InstanceRecord {
-            id: id.to_hex(),
+            id,
             tenant: tenant.clone(),
             vnf: vnf.clone(),
             instance: instance.clone(),
             role,
-            overlay: overlay.to_string(),
+            overlay,
             state: InstanceState::Created,
             chain: ChainRecord {
                 epoch: 0,
                 length: spec.length,
                 last_index: spec.length,
-                last_element: hex::encode(anchor),
+                last_element: anchor,
                 window: DEFAULT_WINDOW,
             },
             wg_public_key: None,
@@ -890,7 +787,7 @@ impl<S: Store> Registry<S> {
         };
         match self
             .store
-            .compare_and_swap(&instance_key(&id), Expect::Absent, json(&record)?)
+            .compare_and_swap(&instance_key(&id), Expect::Absent, encode(&record)?)
             .await?
         {
             Cas::Swapped { .. } => {
@@ -937,7 +834,7 @@ impl<S: Store> Registry<S> {
         id: &InstanceKey,
     ) -> Result<Option<(InstanceRecord, u64)>, RegistryError> {
         match self.store.get(&instance_key(id)).await? {
-            Some(v) => Ok(Some((parse(&v.value)?, v.revision))),
+            Some(v) => Ok(Some((decode(&v.value)?, v.revision))),
             None => Ok(None),
         }
     }
@@ -951,7 +848,7 @@ impl<S: Store> Registry<S> {
     ) -> Result<bool, RegistryError> {
         let cas = self
             .store
-            .compare_and_swap(&instance_key(id), Expect::Revision(rev), json(rec)?)
+            .compare_and_swap(&instance_key(id), Expect::Revision(rev), encode(rec)?)
             .await?;
         Ok(matches!(cas, Cas::Swapped { .. }))
     }
@@ -994,12 +891,8 @@ impl<S: Store> Registry<S> {
                 && r.role == Role::Gateway
                 && r.state == InstanceState::Enrolled
         });
-        if let Some(r) = &found
-            && let Some(id) = hex::decode(&r.id)
-                .ok()
-                .and_then(|b| InstanceKey::from_slice(&b))
-        {
-            self.index_gateway(&id, r).await?;
+        if let Some(r) = &found {
+            self.index_gateway(&r.id, r).await?;
         }
         Ok(found)
     }
@@ -1017,8 +910,7 @@ impl<S: Store> Registry<S> {
             let Some(id) = k
                 .rsplit('/')
                 .next()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| InstanceKey::from_slice(&b))
+                .and_then(|h| h.parse::<InstanceKey>().ok())
             else {
                 continue;
             };
@@ -1114,7 +1006,7 @@ impl<S: Store> Registry<S> {
                             me.vnf, peer.vnf
                         ))
                     })?;
-                let o: Overlay = gw.overlay.parse().map_err(RegistryError::Corrupt)?;
+                let o = gw.overlay;
                 Some(o.ip)
             }
             None => None,
@@ -1146,7 +1038,7 @@ impl<S: Store> Registry<S> {
         requester: &InstanceKey,
         me: &InstanceRecord,
     ) -> Result<(), RegistryError> {
-        let o: Overlay = me.overlay.parse().map_err(RegistryError::Corrupt)?;
+        let o = me.overlay;
         let protected = self
             .catalog(&me.vnf)
             .await?
@@ -1171,8 +1063,7 @@ impl<S: Store> Registry<S> {
         match self.store.get(&overlay_index_key(tenant, overlay)).await? {
             Some(v) => String::from_utf8(v.value)
                 .ok()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| InstanceKey::from_slice(&b))
+                .and_then(|h| h.parse::<InstanceKey>().ok())
                 .map(Some)
                 .ok_or_else(|| RegistryError::Corrupt("overlay index entry".into())),
             None => Ok(None),
@@ -1335,7 +1226,7 @@ impl<S: Store> Registry<S> {
         if rec.state != InstanceState::Enrolled {
             return Err(refuse(RefusalCode::PeerUnknown, "not enrolled"));
         }
-        let o: Overlay = rec.overlay.parse().map_err(RegistryError::Corrupt)?;
+        let o = rec.overlay;
         let protected = self
             .catalog(&rec.vnf)
             .await?
@@ -1369,7 +1260,7 @@ impl<S: Store> Registry<S> {
             version,
             latency_ms: latency.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
-        self.store.put(&ack_key(id), json(&ack)?).await?;
+        self.store.put(&ack_key(id), encode(&ack)?).await?;
         Ok(())
     }
 
@@ -1383,7 +1274,7 @@ impl<S: Store> Registry<S> {
             return Ok(None);
         };
         if let Some(v) = self.store.get(&ack_key(id)).await? {
-            let ack: CatalogAckRecord = parse(&v.value)?;
+            let ack: CatalogAckRecord = decode(&v.value)?;
             rec.enforced_catalog = Some(ack.version);
             rec.catalog_latency_ms = ack.latency_ms;
         }
@@ -1396,7 +1287,7 @@ impl<S: Store> Registry<S> {
         listing
             .entries
             .iter()
-            .map(|(_, v)| parse(&v.value))
+            .map(|(_, v)| decode(&v.value))
             .collect()
     }
 
@@ -1410,8 +1301,8 @@ impl<S: Store> Registry<S> {
             .filter_map(|(k, v)| Some((k.rsplit('/').next()?, v.value.as_slice())))
             .collect();
         for rec in &mut records {
-            if let Some(a) = acks.get(rec.id.as_str()) {
-                let ack: CatalogAckRecord = parse(a)?;
+            if let Some(a) = acks.get(rec.id.to_hex().as_str()) {
+                let ack: CatalogAckRecord = decode(a)?;
                 rec.enforced_catalog = Some(ack.version);
                 rec.catalog_latency_ms = ack.latency_ms;
             }
@@ -1433,19 +1324,17 @@ impl<S: Store> Registry<S> {
         } else {
             format!("{prefix}{after}")
         };
-        let (mut out, more) = self.page::<InstanceRecord>(&prefix, &after, limit).await?;
+        let (mut out, more) = self
+            .page((&prefix, &after), limit, decode::<InstanceRecord>)
+            .await?;
         for rec in &mut out {
-            if let Some(id) = hex::decode(&rec.id)
-                .ok()
-                .and_then(|b| InstanceKey::from_slice(&b))
-                && let Some(a) = self.store.get(&ack_key(&id)).await?
-            {
-                let ack: CatalogAckRecord = parse(&a.value)?;
+            if let Some(a) = self.store.get(&ack_key(&rec.id)).await? {
+                let ack: CatalogAckRecord = decode(&a.value)?;
                 rec.enforced_catalog = Some(ack.version);
                 rec.catalog_latency_ms = ack.latency_ms;
             }
         }
-        let next = more.then(|| out.last().map(|r| r.id.clone())).flatten();
+        let next = more.then(|| out.last().map(|r| r.id.to_hex())).flatten();
         Ok((out, next))
     }
 
@@ -1518,7 +1407,7 @@ impl<S: Store> Registry<S> {
             .map(|(c, _)| c)
             .unwrap_or_else(|| SecCatalog::deny_all(rec.vnf.clone()));
         Ok(Enrolled {
-            overlay: rec.overlay.parse().map_err(RegistryError::Corrupt)?,
+            overlay: rec.overlay,
             dh_group: self.config.dh_group,
             epoch: rec.chain.epoch,
             last_index: rec.chain.last_index,
@@ -1652,22 +1541,22 @@ impl<S: Store> Registry<S> {
             .vnf(&rec.vnf)
             .await?
             .ok_or_else(|| RegistryError::Corrupt(format!("VNF {} is gone", rec.vnf)))?;
-        let sha256_hex = vnf
+        let sha256: [u8; 32] = vnf
             .golden
             .get(&Algorithm::Sha256)
-            .map(|d| hex::encode(&d.0))
+            .and_then(|d| d.0.as_slice().try_into().ok())
             .ok_or_else(|| RegistryError::Corrupt("VNF without SHA-256".into()))?;
         let golden = decide::Golden {
-            sha256_hex: &sha256_hex,
+            sha256: &sha256,
             mode: vnf.vnfd.attestation,
         };
         // A renewal's D-H value is checked (a 3,072-bit subgroup test) only when the
         // decision reaches the renewal: after the state and the measurement.
-        let valid_dh = |dh: &[u8]| -> Result<String, RegistryError> {
-            Ok(hex::encode(self.valid_dh(dh)?.as_bytes()))
+        let valid_dh = |dh: &[u8]| -> Result<Vec<u8>, RegistryError> {
+            Ok(self.valid_dh(dh)?.as_bytes().to_vec())
         };
         self.update_instance(now, id, |rec| {
-            decide::reattest(rec, *id, req, &golden, &valid_dh, now)
+            decide::reattest(rec, req, &golden, &valid_dh, now)
         })
         .await
     }
@@ -1754,9 +1643,10 @@ impl<S: Store> Registry<S> {
         dh: &[u8],
         epoch: u32,
     ) -> Result<(), RegistryError> {
-        let dh = hex::encode(self.valid_dh(dh)?.as_bytes());
+        let dh = self.valid_dh(dh)?;
+        let dh = dh.as_bytes();
         self.update_instance(now, id, |rec| {
-            decide::publish_keys(rec, &wg_public_key, &dh, epoch).map_err(RegistryError::Refused)
+            decide::publish_keys(rec, &wg_public_key, dh, epoch).map_err(RegistryError::Refused)
         })
         .await
     }
@@ -1783,5 +1673,6 @@ pub struct Reattested {
 }
 
 mod decide;
+mod record;
 #[cfg(test)]
 mod tests;

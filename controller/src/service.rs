@@ -610,7 +610,7 @@ async fn query<S: Store>(registry: &Registry<S>, m: msg::QueryRequest) -> Body {
                             return refusal(RefusalCode::Unavailable, "a record did not encode");
                         };
                         if i > 0 && json.len() + one.len() + 2 > PAGE_BUDGET {
-                            next = records.get(i - 1).map(|r| r.id.clone());
+                            next = records.get(i - 1).map(|r| r.id.to_hex());
                             break;
                         }
                         if i > 0 {

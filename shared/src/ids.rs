@@ -238,6 +238,18 @@ impl fmt::Display for InstanceKey {
     }
 }
 
+impl FromStr for InstanceKey {
+    type Err = String;
+
+    /// 64 hex digits, as [`InstanceKey::to_hex`] writes them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = [0u8; HASH_LEN];
+        hex::decode_to_slice(s, &mut b)
+            .map_err(|e| format!("an instance ID is {} hex digits: {e}", 2 * HASH_LEN))?;
+        Ok(InstanceKey(b))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,16 +149,16 @@ pub(crate) fn enroll(
             format!("the tenant uses {group}"),
         )));
     }
-    let verified = match rec.verifier(req.id)?.verify(&req.reveal) {
+    let verified = match rec.verifier()?.verify(&req.reveal) {
         Ok(v) => v,
         Err(e) => return Ok(reveal_refused(&rec.state, &e, "reveal.refused")),
     };
     rec.chain.last_index = verified.index;
-    rec.chain.last_element = hex::encode(verified.element);
+    rec.chain.last_element = verified.element;
     rec.state = InstanceState::Enrolled;
-    rec.wg_public_key = Some(hex::encode(req.wg_public_key));
-    rec.dh_public = Some(hex::encode(req.dh_public.as_bytes()));
-    rec.endpoint = Some(req.endpoint.to_string());
+    rec.wg_public_key = Some(req.wg_public_key);
+    rec.dh_public = Some(req.dh_public.as_bytes().to_vec());
+    rec.endpoint = Some(req.endpoint);
     rec.last_attestation = Some(now);
     Ok(Decision::Store {
         record: Box::new(rec.clone()),
@@ -170,6 +170,9 @@ pub(crate) fn enroll(
     })
 }
 
+/// Checks a D-H public value for the tenant's group; its bytes when it is valid.
+pub(crate) type ValidDh<'a> = dyn Fn(&[u8]) -> Result<Vec<u8>, RegistryError> + 'a;
+
 /// What follows a refusal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Then {
@@ -179,9 +182,9 @@ pub(crate) enum Then {
     Revoke(String),
 }
 
-/// What re-attestation holds against: the VNF's golden SHA-256 (hex) and mode.
+/// What re-attestation holds against: the VNF's golden SHA-256 and mode.
 pub(crate) struct Golden<'a> {
-    pub sha256_hex: &'a str,
+    pub sha256: &'a [u8; 32],
     pub mode: AttestationMode,
 }
 
@@ -190,20 +193,24 @@ pub(crate) struct Golden<'a> {
 /// SHA-256, and a changed target revokes the instance; in continuity mode a changed
 /// target must come with a renewal (a new epoch). A renewal (either mode, also before a
 /// chain runs out) opens the sealed anchor of the next chain and installs its D-H public
-/// value (`dh_hex`, validated by the caller).
+/// value (validated by `valid_dh`).
 pub(crate) fn reattest(
     rec: Option<InstanceRecord>,
-    id: asmn_shared::ids::InstanceKey,
     req: &Reattestation<'_>,
     golden: &Golden<'_>,
-    valid_dh: &dyn Fn(&[u8]) -> Result<String, RegistryError>,
+    valid_dh: &ValidDh<'_>,
     now: u64,
 ) -> Result<Decision<Reattested>, RegistryError> {
     let mut rec = enrolled(rec).map_err(RegistryError::Refused)?;
-    let fresh = hex::encode(req.measurement);
-    let changed = fresh != *rec.measurement.as_deref().unwrap_or(golden.sha256_hex);
+    let fresh: [u8; 32] = req.measurement.try_into().map_err(|_| {
+        RegistryError::Refused(refusal(
+            RefusalCode::InvalidRequest,
+            "reattest.measurement must be a 32-byte SHA-256 digest",
+        ))
+    })?;
+    let changed = fresh != rec.measurement.unwrap_or(*golden.sha256);
     match golden.mode {
-        AttestationMode::Strict if fresh != golden.sha256_hex => {
+        AttestationMode::Strict if fresh != *golden.sha256 => {
             return Ok(Decision::Refuse {
                 refusal: refusal(
                     RefusalCode::Revoked,
@@ -231,7 +238,7 @@ pub(crate) fn reattest(
         }
         _ => {}
     }
-    let verifier = rec.verifier(id)?;
+    let verifier = rec.verifier()?;
     let (kind, what) = match req.renewal {
         Some((sealed, dh)) => {
             let dh = valid_dh(dh)?;
@@ -252,7 +259,7 @@ pub(crate) fn reattest(
                 epoch: next.spec.epoch,
                 length: next.spec.length,
                 last_index: next.last_index,
-                last_element: hex::encode(next.last_element),
+                last_element: next.last_element,
                 window: next.window,
             };
             rec.dh_public = Some(dh);
@@ -274,7 +281,7 @@ pub(crate) fn reattest(
                 Err(e) => return Ok(reveal_refused(&rec.state, &e, "reattest.refused")),
             };
             rec.chain.last_index = verified.index;
-            rec.chain.last_element = hex::encode(verified.element);
+            rec.chain.last_element = verified.element;
             (
                 "reattest.accepted",
                 format!("element {} accepted", verified.index),
@@ -354,11 +361,11 @@ pub(crate) fn enrolled(rec: Option<InstanceRecord>) -> Result<InstanceRecord, Re
 }
 
 /// Replaces an enrolled agent's published keys for its current chain epoch (the D-H
-/// value validated by the caller, hex here).
+/// value validated by the caller).
 pub(crate) fn publish_keys(
     rec: Option<InstanceRecord>,
     wg_public_key: &[u8; 32],
-    dh_public_hex: &str,
+    dh_public: &[u8],
     epoch: u32,
 ) -> Result<Decision<()>, Refusal> {
     let mut rec = enrolled(rec)?;
@@ -371,8 +378,8 @@ pub(crate) fn publish_keys(
             ),
         ));
     }
-    rec.wg_public_key = Some(hex::encode(wg_public_key));
-    rec.dh_public = Some(dh_public_hex.to_string());
+    rec.wg_public_key = Some(*wg_public_key);
+    rec.dh_public = Some(dh_public.to_vec());
     Ok(Decision::Store {
         record: Box::new(rec),
         audit: Audit::new("keys.published", format!("epoch {epoch}")),
@@ -388,18 +395,18 @@ mod tests {
 
     fn record(state: InstanceState) -> InstanceRecord {
         InstanceRecord {
-            id: "00".repeat(32),
+            id: asmn_shared::ids::InstanceKey::from_bytes([0; 32]),
             tenant: "t1".parse().expect("tenant"),
             vnf: "web".parse().expect("vnf"),
             instance: "web-0".parse().expect("name"),
             role: Role::Vnf,
-            overlay: "10.77.0.2/16".into(),
+            overlay: "10.77.0.2/16".parse().expect("overlay"),
             state,
             chain: ChainRecord {
                 epoch: 1,
                 length: 100,
                 last_index: 90,
-                last_element: "11".repeat(32),
+                last_element: [0x11; 32],
                 window: 8,
             },
             wg_public_key: None,
@@ -434,12 +441,12 @@ mod tests {
         let spec = ChainSpec::new(id, 0, 100).expect("spec");
         let seed = chain::seed(&nonce, &id, golden, 0);
         let mut rec = record(InstanceState::Created);
-        rec.id = id.to_hex();
+        rec.id = id;
         rec.chain = ChainRecord {
             epoch: 0,
             length: 100,
             last_index: 100,
-            last_element: hex::encode(chain::anchor(&spec, &seed)),
+            last_element: chain::anchor(&spec, &seed),
             window: DEFAULT_WINDOW,
         };
         let dh = asmn_shared::dh::DhKeyPair::derive(Group::Ffdhe3072, &seed, &id, 0);
@@ -548,14 +555,14 @@ mod tests {
         let enrolled_rec = *record;
         let golden = measure_bytes(b"image", &[Algorithm::Sha256]).expect("m");
         let golden = golden.get(Algorithm::Sha256).expect("sha").0.clone();
-        let sha = hex::encode(&golden);
+        let sha: [u8; 32] = golden.as_slice().try_into().expect("32 bytes");
         let next = prover.reveal().expect("next");
         let strict = Golden {
-            sha256_hex: &sha,
+            sha256: &sha,
             mode: AttestationMode::Strict,
         };
         let continuity = Golden {
-            sha256_hex: &sha,
+            sha256: &sha,
             mode: AttestationMode::Continuity,
         };
         let good = Reattestation {
@@ -569,9 +576,9 @@ mod tests {
             measurement: &changed,
             renewal: None,
         };
-        let no_dh = |_: &[u8]| -> Result<String, RegistryError> { Ok("aa".into()) };
+        let no_dh = |_: &[u8]| -> Result<Vec<u8>, RegistryError> { Ok(vec![0xaa]) };
         let rr = |rec: Option<InstanceRecord>, r: &Reattestation<'_>, gold: &Golden<'_>| {
-            refused(reattest(rec, req.id, r, gold, &no_dh, 20))
+            refused(reattest(rec, r, gold, &no_dh, 20))
         };
         assert_eq!(
             rr(None, &good, &strict),
@@ -582,14 +589,9 @@ mod tests {
             (RefusalCode::Revoked, None, false)
         );
         // Strict: a changed image revokes the instance.
-        let Ok(Decision::Refuse { refusal, then, .. }) = reattest(
-            Some(enrolled_rec.clone()),
-            req.id,
-            &tampered,
-            &strict,
-            &no_dh,
-            20,
-        ) else {
+        let Ok(Decision::Refuse { refusal, then, .. }) =
+            reattest(Some(enrolled_rec.clone()), &tampered, &strict, &no_dh, 20)
+        else {
             panic!("refused")
         };
         assert_eq!(refusal.code, RefusalCode::Revoked);
@@ -614,13 +616,13 @@ mod tests {
             record,
             audit,
             answer,
-        }) = reattest(Some(enrolled_rec), req.id, &good, &strict, &no_dh, 20)
+        }) = reattest(Some(enrolled_rec), &good, &strict, &no_dh, 20)
         else {
             panic!("accepted")
         };
         assert_eq!(answer.last_index, next.index);
         assert_eq!(record.last_attestation, Some(20));
-        assert_eq!(record.measurement.as_deref(), Some(sha.as_str()));
+        assert_eq!(record.measurement, Some(sha));
         assert_eq!(audit.map(|a| a.kind), Some("reattest.accepted"));
     }
 
@@ -674,7 +676,7 @@ mod tests {
     fn keys_are_published_by_an_enrolled_instance_for_its_epoch() {
         let key = [7u8; 32];
         assert_eq!(
-            code(publish_keys(None, &key, "aa", 1)),
+            code(publish_keys(None, &key, &[0xaa], 1)),
             RefusalCode::UnknownInstance
         );
         for state in [
@@ -683,7 +685,7 @@ mod tests {
             InstanceState::Revoked("r".into()),
         ] {
             assert_eq!(
-                code(publish_keys(Some(record(state)), &key, "aa", 1)),
+                code(publish_keys(Some(record(state)), &key, &[0xaa], 1)),
                 RefusalCode::Revoked
             );
         }
@@ -691,18 +693,18 @@ mod tests {
             code(publish_keys(
                 Some(record(InstanceState::Enrolled)),
                 &key,
-                "aa",
+                &[0xaa],
                 2
             )),
             RefusalCode::WrongEpoch
         );
         let Ok(Decision::Store { record, audit, .. }) =
-            publish_keys(Some(record(InstanceState::Enrolled)), &key, "aa", 1)
+            publish_keys(Some(record(InstanceState::Enrolled)), &key, &[0xaa], 1)
         else {
             panic!("stored")
         };
-        assert_eq!(record.wg_public_key, Some(hex::encode(key)));
-        assert_eq!(record.dh_public.as_deref(), Some("aa"));
+        assert_eq!(record.wg_public_key, Some(key));
+        assert_eq!(record.dh_public.as_deref(), Some(&[0xaa][..]));
         assert_eq!(audit.map(|a| a.kind), Some("keys.published"));
     }
 }

@@ -618,12 +618,12 @@ impl From<&InstanceRecord> for Instance {
             InstanceState::Revoked(why) => ("revoked", Some(why.clone())),
         };
         Self {
-            id: r.id.clone(),
+            id: r.id.to_hex(),
             tenant: r.tenant.to_string(),
             vnf: r.vnf.to_string(),
             name: r.instance.to_string(),
             role: r.role.to_string(),
-            overlay: r.overlay.clone(),
+            overlay: r.overlay.to_string(),
             state: state.into(),
             reason,
             chain: ChainPosition {
@@ -634,8 +634,8 @@ impl From<&InstanceRecord> for Instance {
             last_attestation: r.last_attestation,
             enforced_catalog: r.enforced_catalog,
             catalog_ack_ms: r.catalog_latency_ms,
-            wg_public_key: r.wg_public_key.clone(),
-            endpoint: r.endpoint.clone(),
+            wg_public_key: r.wg_public_key.map(hex::encode),
+            endpoint: r.endpoint.map(|e| e.to_string()),
         }
     }
 }
