@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use asmn_shared::ids::{InstanceKey, Role, VnfId};
 use asmn_shared::wire::msg::{self, Body};
+use governor::clock::DefaultClock;
 use rand::RngCore;
 use tokio::task::JoinSet;
 
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::control::{self, Chain, Control};
 use crate::dataplane::{PeerSpec, Plane, PlaneConfig};
 use crate::error::AgentError;
-use crate::io::{ArrivalClock, Driver, Polling};
+use crate::io::{Driver, Polling};
 
 /// Underlay socket buffers (the kernel caps them at `net.core.rmem_max`/`wmem_max`; inside
 /// a namespace those cannot be raised, so the socket asks for what it needs).
@@ -120,7 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             role: bundle.role,
             index_seed: rand::rng().next_u32(),
         },
-        ArrivalClock::new(),
+        DefaultClock::default(),
     );
     let version = enrolled.catalog.version;
     let vnf = enrolled.catalog.vnf.to_string();
@@ -269,7 +270,7 @@ pub async fn run_static(
             role: Role::Vnf,
             index_seed: rand::rng().next_u32(),
         },
-        ArrivalClock::new(),
+        DefaultClock::default(),
     );
     let catalog = asmn_shared::catalog::parse_catalog(
         "static",

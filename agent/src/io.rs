@@ -22,13 +22,12 @@
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use governor::clock::Clock;
-use governor::nanos::Nanos;
+use governor::clock::DefaultClock;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice};
 
@@ -51,72 +50,8 @@ const SEND_TRIES: usize = 200;
 /// Calls from the control side handled per round (the rest wait for the next round).
 const JOBS_PER_ROUND: usize = 64;
 
-/// How far back a kernel receive stamp may place a datagram; an older stamp (the
-/// real-time clock stepped between arrival and reading) counts as this old.
-const MAX_ARRIVAL_AGE: Duration = Duration::from_secs(1);
-
-/// The plane as the agent runs it: its limiters on the packets' arrival times.
-pub type SystemPlane = Plane<ArrivalClock>;
-
-/// The clock the plane's limiters run on: the time the packet being handled reached
-/// this host.
-///
-/// A policer on the handling thread's clock loses tokens whenever that thread is off the
-/// CPU for longer than the burst lasts (3 ms for 30 kbit at 10 Mbit/s): the datagrams
-/// that queued in the socket meanwhile are judged as if they had all come at once, and
-/// a flow policed at 10 Mbit/s gets less. The kernel stamps each datagram when it
-/// receives it (`SO_TIMESTAMPNS`, which quinn-udp turns on); the driver sets this clock
-/// to that time, mapped onto the monotonic clock, before the plane handles the datagram,
-/// so the limiter judges the packet at its arrival, as a kernel policer does. Packets
-/// read from the TUN device, and calls from the control side, are judged when they are
-/// handled.
-#[derive(Clone, Debug)]
-pub struct ArrivalClock {
-    base: Instant,
-    at: Arc<AtomicU64>,
-}
-
-impl Default for ArrivalClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ArrivalClock {
-    /// A clock at the current time.
-    pub fn new() -> Self {
-        ArrivalClock {
-            base: Instant::now(),
-            at: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// What the plane handles next is judged at `at`.
-    fn set(&self, at: Instant) {
-        let nanos = u64::try_from(at.saturating_duration_since(self.base).as_nanos());
-        self.at.store(nanos.unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-}
-
-impl Clock for ArrivalClock {
-    type Instant = Nanos;
-
-    fn now(&self) -> Nanos {
-        Nanos::new(self.at.load(Ordering::Relaxed))
-    }
-}
-
-/// When a datagram that the kernel stamped `stamp` (real time, since the epoch) arrived,
-/// on the monotonic clock that reads `now` while the real-time clock reads `real_now`:
-/// never after `now`, never more than [`MAX_ARRIVAL_AGE`] before it, and `now` without a
-/// stamp.
-fn arrival(now: Instant, real_now: Duration, stamp: Option<Duration>) -> Instant {
-    let Some(stamp) = stamp else {
-        return now;
-    };
-    let age = real_now.saturating_sub(stamp).min(MAX_ARRIVAL_AGE);
-    now.checked_sub(age).unwrap_or(now)
-}
+/// The plane as the agent runs it: its limiters on the system's clock.
+pub type SystemPlane = Plane<DefaultClock>;
 
 /// How the I/O thread waits for packets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -229,7 +164,6 @@ impl Driver {
         };
         let max_segments = udp_state.max_gso_segments();
         let mut io = Io {
-            clock: plane.clock().clone(),
             plane,
             tun,
             udp,
@@ -324,7 +258,6 @@ struct Buffers {
 
 struct Io {
     plane: SystemPlane,
-    clock: ArrivalClock,
     tun: SyncDevice,
     udp: UdpSocket,
     udp_state: UdpSocketState,
@@ -404,7 +337,6 @@ impl Io {
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Acquire) {
             let round = Instant::now();
-            self.clock.set(round);
             if round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
                 self.flush()?;
@@ -539,7 +471,6 @@ impl Io {
             return Ok(false);
         }
         let now = Instant::now();
-        self.clock.set(now);
         for (buf, len) in b.tun_in[..n].iter().zip(&b.tun_sizes[..n]) {
             self.plane.handle_tun(now, &buf[..*len], &mut b.out);
         }
@@ -572,15 +503,11 @@ impl Io {
             }
         };
         let now = Instant::now();
-        let real_now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
         let mut forwarded = false;
         let mut in_batch = 0;
         for i in 0..n {
             let (addr, len, stride) = {
                 let m = &self.b.metas[i];
-                self.clock.set(arrival(now, real_now, m.timestamp));
                 (m.addr, m.len.min(self.b.udp_in[i].len()), m.stride.max(1))
             };
             let mut at = 0;
@@ -632,66 +559,5 @@ mod tests {
             assert_eq!(n, if i == 9 { 50 } else { 300 });
             assert!(buf[..n].iter().all(|b| *b == i));
         }
-    }
-
-    #[test]
-    fn arrival_is_the_kernel_stamp_on_the_monotonic_clock_within_bounds() {
-        let now = Instant::now() + Duration::from_secs(10);
-        let real = Duration::from_secs(1_800_000_000);
-        let ms = Duration::from_millis;
-        assert_eq!(arrival(now, real, None), now);
-        assert_eq!(arrival(now, real, Some(real - ms(7))), now - ms(7));
-        // A stamp after the real-time clock's reading (it stepped back): now.
-        assert_eq!(arrival(now, real, Some(real + ms(7))), now);
-        // A stamp from long ago (it stepped forward): at most MAX_ARRIVAL_AGE back.
-        assert_eq!(
-            arrival(now, real, Some(Duration::ZERO)),
-            now - MAX_ARRIVAL_AGE
-        );
-    }
-
-    #[test]
-    fn the_clock_reads_what_the_driver_set_it_to() {
-        let c = ArrivalClock::new();
-        let t = c.base + Duration::from_millis(25);
-        c.set(t);
-        let other = c.clone();
-        assert_eq!(other.now(), Nanos::from(Duration::from_millis(25)));
-        c.set(c.base);
-        assert_eq!(other.now(), Nanos::new(0));
-    }
-
-    /// The policers judge datagrams at their arrival only if the socket reports it: a
-    /// datagram that waited 30 ms in the socket's buffer is stamped 30 ms back.
-    #[test]
-    fn datagrams_read_late_carry_their_arrival_time() {
-        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let state = UdpSocketState::new((&rx).into()).expect("state");
-        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        tx.send_to(b"stamped", rx.local_addr().expect("addr"))
-            .expect("send");
-        std::thread::sleep(Duration::from_millis(30));
-        let mut buf = vec![0u8; 2048];
-        let mut metas = [RecvMeta::default()];
-        let n = state
-            .recv(
-                (&rx).into(),
-                &mut [io::IoSliceMut::new(&mut buf)],
-                &mut metas,
-            )
-            .expect("datagram");
-        assert_eq!(n, 1);
-        let now = Instant::now();
-        let real = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .expect("clock");
-        let at = arrival(now, real, metas[0].timestamp);
-        let age = now - at;
-        assert!(
-            metas[0].timestamp.is_some() && age >= Duration::from_millis(29),
-            "stamp {:?}, age {age:?}",
-            metas[0].timestamp
-        );
-        assert!(age < Duration::from_secs(1), "age {age:?}");
     }
 }

@@ -5,6 +5,13 @@
 //! randomness (the caller passes the nonce). Every accepted reveal is written by
 //! compare-and-swap on the instance record's revision before it is acknowledged, so a
 //! reveal is accepted at most once even by several Sec-EM replicas on one etcd.
+//!
+//! Where things live: the decisions about an instance are pure functions in `decide`
+//! (record, request, policy and time in; the new record and its audit event, or a
+//! refusal, out); [`Registry::update_instance`](Registry) is the one loop that reads a
+//! record, asks a decision, stores the result by compare-and-swap and appends the audit
+//! event; the records, typed, and their versioned envelope are in `record`; the key
+//! schema is `crate::store::keys`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

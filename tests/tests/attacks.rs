@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use asmn_tests::bench::cpu_seconds;
-use asmn_tests::netns;
-use asmn_tests::tenant::{
+use asmn_lab::bench::cpu_seconds;
+use asmn_testkit::netns;
+use asmn_testkit::tenant::{
     CLIENT_VNFD, Tenant, image, metric, metrics, ping_once, ping_until_up, within,
 };
 
@@ -437,7 +437,7 @@ fn a_rogue_vnf_reaches_through_the_gateway_only_what_sec_em_admits_it() {
         img(&t, "server", 5),
         img(&t, "rogue", 6),
     );
-    t.onboard(&gw_img, asmn_tests::tenant::GATEWAY_VNFD)
+    t.onboard(&gw_img, asmn_testkit::tenant::GATEWAY_VNFD)
         .expect("onboard gw");
     // Behind the gateway: a web service that answers pings from anyone of the tenant,
     // and a server that admits only the client.

@@ -1,10 +1,11 @@
-//! The highly available deployment under faults (`asmn_tests::ha`, which `asmn-lab ha`
+//! The highly available deployment under faults (`asmn_lab::ha`, which `asmn-lab ha`
 //! narrates): three etcd members over TLS and three Sec-EM replicas in three namespaces,
 //! a tenant whose bundles list all three, a UDP stream through the gateway. Replicas are
 //! killed, restarted one by one, and the etcd leader is killed with a replica; every
 //! promise of the deployment is asserted on every fault.
 
-use asmn_tests::{ha, netns};
+use asmn_lab::ha;
+use asmn_testkit::netns;
 
 #[test]
 fn agents_fail_over_between_replicas_and_changes_still_reach_every_data_plane() {

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use asmn_tests::netns::{self, Netns};
+use asmn_testkit::netns::{self, Netns};
 
 fn tool(name: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
@@ -40,7 +40,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn wg(args: &[&str], input: Option<&str>) -> String {
-    asmn_tests::bench::wg(args, input).expect("wg")
+    asmn_lab::bench::wg(args, input).expect("wg")
 }
 
 #[test]

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use asmn_tests::bench::{DirectPair, TUNNEL_A, TUNNEL_B};
-use asmn_tests::netns;
+use asmn_lab::bench::{DirectPair, TUNNEL_A, TUNNEL_B};
+use asmn_testkit::netns;
 
 #[test]
 #[ignore = "extended suite: runs 11 minutes"]
@@ -21,7 +21,7 @@ fn a_tunnel_passes_traffic_both_ways_across_rekeys() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(660);
-    if asmn_tests::bench::tool("wg").is_none() {
+    if asmn_lab::bench::tool("wg").is_none() {
         assert!(std::env::var("CI").is_err(), "wg is required under CI");
         asmn_shared::skip::note("wg (wireguard-tools) is not installed");
         return;

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use asmn_tests::netns;
-use asmn_tests::tenant::{
+use asmn_lab::scenarios;
+use asmn_testkit::netns;
+use asmn_testkit::tenant::{
     CLIENT_VNFD, GATEWAY_VNFD, Tenant, image, metric, metrics, ping_until_up,
 };
 
@@ -47,7 +48,7 @@ fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
         return;
     }
     let _one_at_a_time = netns::serial();
-    let (t, c, s) = client_and_server();
+    let (mut t, c, s) = client_and_server();
     let server_ip = t.vnfs[s].overlay.to_string();
     let iperf = std::path::Path::new("/usr/bin/iperf3");
     let _listed = t.vnfs[s]
@@ -131,20 +132,22 @@ fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
 
     // Revocation of the server: the client's tunnel to it is gone within a second.
     assert_eq!(metric(&metrics(&t, c), "asmn_agent_peers"), Some(1.0));
-    let id = t.vnfs[s].id.clone();
-    let revoked_at = std::time::Instant::now();
-    t.asmnctl(&["revoke", &id, "--reason", "test"])
-        .expect("revoke");
-    let mut gone = None;
-    while revoked_at.elapsed() < Duration::from_secs(3) {
-        if metric(&metrics(&t, c), "asmn_agent_peers") == Some(0.0) {
-            gone = Some(revoked_at.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let gone = gone.expect("the client removed the revoked server's tunnel");
+    let client_ip = t.vnfs[c].overlay.to_string();
+    let cut = scenarios::revocation(&mut t, s, c, &client_ip, Duration::from_secs(3))
+        .expect("revocation");
+    let gone = cut
+        .removed_after
+        .expect("the client removed the revoked server's tunnel");
     assert!(gone < Duration::from_secs(1), "took {gone:?}");
+    assert_eq!(
+        cut.answered_after, 0,
+        "the revoked server still reached the client"
+    );
+    assert!(
+        cut.victim_exit.is_some(),
+        "the revoked server's agent did not stop"
+    );
+    assert_eq!(metric(&metrics(&t, c), "asmn_agent_peers"), Some(0.0));
     // Nothing of it is left at the client (the attack tests revoke an agent that keeps
     // running; this one exits on its revocation).
     let m = metrics(&t, c);
@@ -385,11 +388,9 @@ fn traffic_to_a_protected_vnf_goes_through_the_gateway_under_its_catalog() {
                 .unwrap_or_default()
         )
     };
-    assert!(
-        ping_until_up(&t, c, &server_ip),
-        "no path through the gateway\n{}",
-        logs()
-    );
+    let (up, rtts) = scenarios::gateway_path(&t, c, &server_ip, 10, 3).expect("ping");
+    assert!(up, "no path through the gateway\n{}", logs());
+    assert!(rtts.len() >= 2, "{} of 3 echoes answered", rtts.len());
     // The client's only tunnel is to the gateway; the gateway forwarded.
     let m = metrics(&t, c);
     assert!(m.contains(&format!("peer=\"{gw_ip}\"")), "{m}");
@@ -461,36 +462,6 @@ sec_catalog:
       ingress_policing_burst: 30
 ";
 
-/// Samples the server's TUN receive counter every 100 ms for at most 40 s: the time and
-/// the counter are read back to back (a shell loop's `date` and `cat` were milliseconds
-/// apart, which shows as rate noise in 100 ms windows).
-const SAMPLER: &str = "
-import time
-f = open('/sys/class/net/asmn0/statistics/rx_bytes')
-t0 = time.time_ns()
-for i in range(400):
-    f.seek(0)
-    now = time.time_ns()
-    v = f.read().strip()
-    print(now, v, flush=True)
-    time.sleep(max(0, (t0 + (i + 1) * 100_000_000 - time.time_ns()) / 1e9))
-";
-
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-/// (time in ns, received bytes) samples of the server's TUN, every ~100 ms.
-fn samples(text: &str) -> Vec<(u128, u64)> {
-    let nums: Vec<&str> = text.split_whitespace().collect();
-    nums.chunks(2)
-        .filter_map(|c| Some((c.first()?.parse().ok()?, c.get(1)?.parse().ok()?)))
-        .collect()
-}
-
 /// A second pair behind the same gateway for the Fig. 9 test: the VNF `web` and the
 /// protected VNF `store`, which accepts `web` on TCP 5202.
 const STORE_VNFD: &str = "vnfd:
@@ -509,16 +480,6 @@ const STORE_VNFD: &str = "vnfd:
         sources: [web]
         ingress_policing_rate: 0
 ";
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 /// Per-second goodput (Mbit/s) of an iperf3 client's JSON report, from its receiver's
 /// view where iperf3 gives it (the intervals are the sender's).
@@ -618,149 +579,60 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
     assert!(base.len() >= 4, "{}", alone.log());
     let base_mean = base[1..].iter().sum::<f64>() / (base.len() - 1) as f64;
 
-    let sampler = t.vnfs[s]
-        .ns
-        .spawn(
-            std::path::Path::new("/usr/bin/python3"),
-            &["-c", SAMPLER],
-            &t.dir.path().join("rx.samples"),
-        )
-        .expect("sampler");
-    let mut during = legit("18", "legit-flood.log");
-    let flood_start = now_ns();
-    // The attacker runs at the lowest priority: on this one machine it shares two cores
-    // with the agents it floods, which a real attacker elsewhere would not; at full
-    // priority its busy loop starves the gateway, whose limiter then loses tokens in the
-    // scheduling gaps.
-    let flood = t.vnfs[c]
-        .ns
-        .spawn(
-            std::path::Path::new("/usr/bin/nice"),
-            &[
-                "-n", "19", "hping3", "-S", "-p", "5201", "-d", "1200", "--flood", &server_ip,
-            ],
-            &t.dir.path().join("hping3.log"),
-        )
-        .expect("hping3");
-    let gw_pid = t.vnfs[g].agent.as_ref().map(netns::Proc::pid).expect("gw");
-    let mut rss = Vec::new();
-    for _ in 0..11 {
-        std::thread::sleep(Duration::from_secs(1));
-        rss.push(rss_kib(gw_pid));
-    }
-    let rule = t
-        .file("flood-rule.yaml", FLOOD_RULE.as_bytes())
-        .expect("rule");
-    t.asmnctl(&["catalog", "apply", rule.to_str().expect("utf-8")])
-        .expect("catalog apply");
-    let applied = now_ns();
-    // What the gateway received from the client and forwarded to the server, from 1 s
-    // after the rule to the end: tells a policer that admitted too little from a path
-    // that lost what it admitted.
-    let gw_bytes = |peer: &str, dir: &str| {
-        let label = format!("vnf=\"{peer}\",direction=\"{dir}\"}}");
-        metrics(&t, g)
-            .lines()
-            .find(|l| l.starts_with("asmn_agent_peer_bytes_total{") && l.contains(&label))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let mut gw_window = None;
-    for i in 0..6 {
-        std::thread::sleep(Duration::from_secs(1));
-        rss.push(rss_kib(gw_pid));
-        if i == 0 {
-            gw_window = Some((now_ns(), gw_bytes("client", "rx"), gw_bytes("server", "tx")));
-        }
-    }
-    let gateway_rates = match gw_window {
-        Some((t0, rx0, tx0)) => {
-            let secs = (now_ns() - t0) as f64 / 1e9;
-            let (rx, tx) = (gw_bytes("client", "rx"), gw_bytes("server", "tx"));
-            format!(
-                "the gateway received {:.1} Mbit/s from the client and forwarded {:.2} Mbit/s \
-                 to the server (from 1 s after the rule)",
-                (rx - rx0) * 8.0 / secs / 1e6,
-                (tx - tx0) * 8.0 / secs / 1e6
-            )
-        }
-        None => String::new(),
-    };
-    drop(flood);
-    drop(sampler);
+    let mut during = legit("19", "legit-flood.log");
+    let run = scenarios::flood(
+        &t,
+        &scenarios::FloodPlan {
+            attacker: c,
+            victim: s,
+            gateway: g,
+            port: 5201,
+            rule: FLOOD_RULE,
+            rule_at: Duration::from_secs(11),
+            length: Duration::from_secs(18),
+        },
+    )
+    .expect("flood");
     assert_eq!(during.wait_exit(Duration::from_secs(20)), Some(0));
     let flooded = iperf_intervals(&during.log());
-    let data =
-        samples(&std::fs::read_to_string(t.dir.path().join("rx.samples")).unwrap_or_default());
-    // Rates over consecutive samples (Mbit/s), with the window's end time.
-    let rates: Vec<(u128, u128, f64)> = data
-        .windows(2)
-        .map(|w| {
-            let dt = (w[1].0 - w[0].0) as f64 / 1e9;
-            (w[0].0, w[1].0, (w[1].1 - w[0].1) as f64 * 8.0 / dt / 1e6)
-        })
-        .collect();
-    let report: String =
-        std::iter::once(format!("{gateway_rates}\n"))
-            .chain(rates.iter().map(|(a, _, r)| {
-                format!("{:.2}s {r:.2}\n", (*a as f64 - flood_start as f64) / 1e9)
-            }))
-            .collect();
-    let before: Vec<f64> = rates
-        .iter()
-        .filter(|(a, b, _)| *a > flood_start + 2_000_000_000 && *b < applied)
-        .map(|x| x.2)
-        .collect();
-    assert!(!before.is_empty(), "{report}");
-    let mean_before = before.iter().sum::<f64>() / before.len() as f64;
+    let report = run.report();
+    let mean_before = run.before_mbps(Duration::from_secs(2));
     assert!(
         mean_before > 10.5,
         "the flood must exceed the rule first: {mean_before:.2} Mbit/s\n{report}"
     );
     // Every 100 ms window that starts 100 ms after the command returned.
-    let after: Vec<&(u128, u128, f64)> = rates
-        .iter()
-        .filter(|(a, _, _)| *a >= applied + 100_000_000)
-        .collect();
+    let after: Vec<&scenarios::Window> = run.after(Duration::from_millis(100)).collect();
     assert!(after.len() >= 30, "{report}");
-    for (a, _, r) in &after {
+    for w in &after {
         assert!(
-            *r <= 10.5,
-            "{r:.2} Mbit/s at {:.2} s after the rule\n{report}",
-            (*a as f64 - applied as f64) / 1e9
+            w.mbps <= 10.5,
+            "{:.2} Mbit/s at {:.2} s after the rule\n{report}",
+            w.mbps,
+            w.from_ns.saturating_sub(run.applied_ns) as f64 / 1e9
         );
     }
     // 1 s averages after the first second.
-    let settled: Vec<&(u128, u128, f64)> = after
-        .iter()
-        .copied()
-        .filter(|(a, _, _)| *a >= applied + 1_000_000_000)
-        .collect();
-    let averages: Vec<f64> = settled
-        .chunks(10)
-        .filter(|c| c.len() == 10)
-        .map(|chunk| {
-            let bits: f64 = chunk
-                .iter()
-                .map(|(a, b, r)| r * (*b - *a) as f64 / 1e9)
-                .sum();
-            let secs: f64 = chunk.iter().map(|(a, b, _)| (*b - *a) as f64 / 1e9).sum();
-            bits / secs
-        })
-        .collect();
+    let averages = run.second_averages();
+    assert!(averages.len() >= 4, "{report}");
     for avg in &averages {
         assert!(
             (9.0..=10.5).contains(avg),
             "1 s average {avg:.2} Mbit/s (all: {averages:.2?})\n{report}"
         );
     }
+    let rss = run.gateway_rss_kib.clone();
+    assert!(rss.len() >= 15, "gateway RSS samples: {rss:?}");
     // The allowed flow, over the flood's 17 s (its first second is TCP's start).
     assert!(flooded.len() >= 17, "{}", during.log());
     let flood_mean = flooded[1..17].iter().sum::<f64>() / 16.0;
     eprintln!(
         "before the rule: {mean_before:.1} Mbit/s; allowed flow {base_mean:.2} Mbit/s alone, \
          {flood_mean:.2} Mbit/s under the flood {flooded:.1?}; gateway RSS (KiB) each \
-         second: {rss:?}; 1 s averages after the rule {averages:.2?}\n{report}"
+         second: {rss:?}; {} SYNs; 1 s averages after the rule {averages:.2?}, highest 100 ms \
+         window {:.2} Mbit/s\n{report}",
+        run.syns,
+        after.iter().map(|w| w.mbps).fold(0.0, f64::max)
     );
     assert!(
         flood_mean >= 0.9 * base_mean,

@@ -17,8 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use asmn_tests::netns;
-use asmn_tests::tenant::Tenant;
+use asmn_testkit::netns;
+use asmn_testkit::tenant::Tenant;
 
 fn bake(out: &Path, cache: &Path) -> serde_json::Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -47,7 +47,7 @@ fn bake(out: &Path, cache: &Path) -> serde_json::Value {
 }
 
 fn tool(name: &str) -> Option<PathBuf> {
-    asmn_tests::bench::tool(name)
+    asmn_lab::bench::tool(name)
         .or_else(|| Some(Path::new("/usr/sbin").join(name)).filter(|p| p.is_file()))
 }
 

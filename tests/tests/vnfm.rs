@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use asmn_tests::netns::{self, Proc};
-use asmn_tests::tenant::{self, SEC_EM, Tenant, Vnf};
+use asmn_testkit::netns::{self, Proc};
+use asmn_testkit::tenant::{self, SEC_EM, Tenant, Vnf};
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../controller/examples/vnfm/{name}"))

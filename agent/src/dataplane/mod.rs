@@ -362,11 +362,6 @@ fn drain(
 }
 
 impl<C: Clock + Clone> Plane<C> {
-    /// The clock its limiters run on.
-    pub fn clock(&self) -> &C {
-        &self.clock
-    }
-
     /// A plane with no peers and no catalog (nothing passes until one is set).
     pub fn new(config: PlaneConfig, clock: C) -> Plane<C> {
         let public = x25519::PublicKey::from(&config.secret);

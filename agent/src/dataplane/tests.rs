@@ -201,6 +201,20 @@ impl Lab {
         r
     }
 
+    /// `c` and `s` (VNFs named "client" and "server") route each other through the
+    /// gateway `g`, as after Sec-EM verified them both ways.
+    fn route_through(&mut self, c: usize, s: usize, g: usize) {
+        let gw = ip(self.nodes[g].host);
+        for (from, to, vnf) in [(c, s, "server"), (s, c, "client")] {
+            let (id, host) = (self.nodes[to].id, self.nodes[to].host);
+            let n = &mut self.nodes[from];
+            assert!(
+                n.plane
+                    .route_via(ip(host), id, VnfId::new(vnf).expect("vnf"), gw, &mut n.out)
+            );
+        }
+    }
+
     /// Installs the pair both ways.
     fn pair(&mut self, a: usize, b: usize) {
         assert_eq!(self.install(a, b, false), Installed::New);
@@ -342,25 +356,7 @@ fn behind_gateway_policed(police: &str) -> (Lab, usize, usize, usize, usize) {
     assert_eq!(lab.install(g, s, true), Installed::New);
     // The client and the server verified each other: each routes the other via the
     // gateway.
-    let (cid, sid) = (lab.nodes[c].id, lab.nodes[s].id);
-    let now = lab.now;
-    let n = &mut lab.nodes[c];
-    assert!(n.plane.route_via(
-        ip(4),
-        sid,
-        VnfId::new("server").expect("vnf"),
-        ip(3),
-        &mut n.out
-    ));
-    let n = &mut lab.nodes[s];
-    assert!(n.plane.route_via(
-        ip(2),
-        cid,
-        VnfId::new("client").expect("vnf"),
-        ip(3),
-        &mut n.out
-    ));
-    let _ = now;
+    lab.route_through(c, s, g);
     lab.run();
     (lab, c, g, s, r)
 }
@@ -1119,23 +1115,7 @@ fn a_gateway_without_the_catalog_naming_it_does_not_open_the_rate() {
     assert_eq!(lab.install(g, c, false), Installed::New);
     assert_eq!(lab.install(s, g, false), Installed::New);
     assert_eq!(lab.install(g, s, false), Installed::New);
-    let (cid, sid) = (lab.nodes[c].id, lab.nodes[s].id);
-    let n = &mut lab.nodes[c];
-    assert!(n.plane.route_via(
-        ip(4),
-        sid,
-        VnfId::new("server").expect("vnf"),
-        ip(3),
-        &mut n.out
-    ));
-    let n = &mut lab.nodes[s];
-    assert!(n.plane.route_via(
-        ip(2),
-        cid,
-        VnfId::new("client").expect("vnf"),
-        ip(3),
-        &mut n.out
-    ));
+    lab.route_through(c, s, g);
     let n = &mut lab.nodes[g];
     n.plane.admit(ip(2), ip(4), &mut n.out);
     lab.run();
@@ -1160,30 +1140,14 @@ fn two_gateway_instances_do_not_double_a_source_vnfs_rate() {
     let g2 = lab.add("gw", 7, Role::Gateway, 6);
     let cat = server_catalog_policed(POLICE_8K);
     lab.nodes[s].plane.set_catalog(cat.clone());
-    let sid = lab.nodes[s].id;
     for (c, g) in [(c1, g1), (c2, g2)] {
         lab.nodes[g].plane.set_protected_catalog(cat.clone());
         assert_eq!(lab.install(c, g, false), Installed::New);
         assert_eq!(lab.install(g, c, false), Installed::New);
         assert_eq!(lab.install(s, g, false), Installed::New);
         assert_eq!(lab.install(g, s, true), Installed::New);
-        let (cid, ch, gh) = (lab.nodes[c].id, lab.nodes[c].host, lab.nodes[g].host);
-        let n = &mut lab.nodes[c];
-        assert!(n.plane.route_via(
-            ip(4),
-            sid,
-            VnfId::new("server").expect("vnf"),
-            ip(gh),
-            &mut n.out
-        ));
-        let n = &mut lab.nodes[s];
-        assert!(n.plane.route_via(
-            ip(ch),
-            cid,
-            VnfId::new("client").expect("vnf"),
-            ip(gh),
-            &mut n.out
-        ));
+        lab.route_through(c, s, g);
+        let ch = lab.nodes[c].host;
         let n = &mut lab.nodes[g];
         n.plane.admit(ip(ch), ip(4), &mut n.out);
         lab.run();

@@ -9,18 +9,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-/// The Internet checksum of `data` (RFC 1071), starting from `sum`.
-/// The Internet checksum of `data`, starting from `sum`.
-pub fn checksum(data: &[u8], mut sum: u32) -> u16 {
-    for pair in data.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum = sum.wrapping_add(u32::from(word));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+pub use asmn_testkit::packets::checksum;
 
 /// ICMP echo results.
 #[derive(Debug, serde::Serialize)]

@@ -1,6 +1,6 @@
 //! `asmn-lab demo` (the README's first command) runs to the end and every step succeeds.
 
-use asmn_tests::netns;
+use asmn_testkit::netns;
 
 #[test]
 fn the_demo_succeeds_at_every_step_and_leaves_nothing_behind() {
@@ -156,7 +156,7 @@ fn the_quick_evaluation_writes_the_full_report() {
 /// tunnels (the floor) carry echoes.
 #[test]
 fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
-    use asmn_tests::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
+    use asmn_lab::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
     if !netns::can_run("the busy-poll and null-tunnel paths") {
         return;
     }

@@ -18,6 +18,8 @@ use boringtun::noise::{Tunn, TunnResult};
 use rand::RngCore;
 use serde::Serialize;
 
+use crate::error::{KitError, KitResult};
+
 /// What the rogue peer did.
 #[derive(Debug, Serialize)]
 pub struct RogueResult {
@@ -33,13 +35,13 @@ pub struct RogueResult {
 
 /// `packet` with its IPv4 header checksum filled in.
 fn with_header_checksum(mut packet: Vec<u8>) -> Vec<u8> {
-    let c = crate::generators::checksum(&packet[..20], 0).to_be_bytes();
+    let c = crate::packets::checksum(&packet[..20], 0).to_be_bytes();
     packet[10..12].copy_from_slice(&c);
     packet
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+fn err(e: impl std::fmt::Display) -> KitError {
+    KitError::Unexpected(e.to_string())
 }
 
 /// Enrolls with `bundle` and `image`, builds a tunnel with the gateway at overlay `via`
@@ -53,7 +55,7 @@ pub async fn rogue_peer(
     to: Ipv4Addr,
     port: u16,
     seconds: u64,
-) -> Result<RogueResult, String> {
+) -> KitResult<RogueResult> {
     let bundle = control::load_bundle(bundle).map_err(err)?;
     let measurement = control::measure(image).map_err(err)?;
     let state = tempfile::tempdir().map_err(err)?;
@@ -77,7 +79,7 @@ pub async fn rogue_peer(
         .await
         .map_err(err)?;
     let IpAddr::V4(me) = enrolled.overlay.ip else {
-        return Err("an IPv6 overlay".into());
+        return Err(KitError::Unexpected("an IPv6 overlay".into()));
     };
     // Verify the gateway, as an honest agent does: Sec-EM asks the gateway to verify us
     // back, and it installs our tunnel.
@@ -91,7 +93,9 @@ pub async fn rogue_peer(
     .await
     .map_err(err)?;
     let Body::Peer(p) = answer else {
-        return Err(format!("the gateway was refused: {answer:?}"));
+        return Err(KitError::Unexpected(format!(
+            "the gateway was refused: {answer:?}"
+        )));
     };
     let gw = asmn_shared::wire::Peer::try_from(&p).map_err(err)?;
     let psk = chain.preshared_key(&gw).map_err(err)?;
@@ -147,7 +151,7 @@ pub async fn rogue_peer(
         seq = seq.wrapping_add(1);
         let s = seq.to_be_bytes();
         let mut icmp = [8, 0, 0, 0, 0x42, 0x42, s[0], s[1]];
-        let c = crate::generators::checksum(&icmp, 0).to_be_bytes();
+        let c = crate::packets::checksum(&icmp, 0).to_be_bytes();
         icmp[2..4].copy_from_slice(&c);
         // Checksums right, so that a kernel that gets them answers (the echo requests
         // to an admitted destination must come back for the test to mean anything).
@@ -187,14 +191,11 @@ pub async fn rogue_peer(
 /// from `pki` (so agents connect to it as to Sec-EM), it answers every request with
 /// `Unavailable` (what Sec-EM says when its store is down) for `seconds`. How many
 /// requests it answered.
-pub async fn unavailable_sec_em(
-    pki: &Path,
-    listen: SocketAddr,
-    seconds: u64,
-) -> Result<u64, String> {
+pub async fn unavailable_sec_em(pki: &Path, listen: SocketAddr, seconds: u64) -> KitResult<u64> {
     use asmn_shared::wire;
-    let read =
-        |name: &str| std::fs::read_to_string(pki.join(name)).map_err(|e| format!("{name}: {e}"));
+    let read = |name: &str| {
+        std::fs::read_to_string(pki.join(name)).map_err(KitError::file(pki.join(name)))
+    };
     let endpoint = asmn_channel::tls::server(
         listen,
         &read("ca.pem")?,

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::error::{KitError, KitResult};
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short tag for this run's names.
@@ -76,16 +78,17 @@ pub fn can_run(what: &str) -> bool {
 }
 
 /// Runs a command to completion; an error names it and shows its stderr.
-pub fn run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{cmd:?}: cannot start: {e}"))?;
+pub fn run(cmd: &mut Command) -> KitResult<Output> {
+    let out = cmd.output().map_err(|source| KitError::Spawn {
+        command: format!("{cmd:?}"),
+        source,
+    })?;
     if !out.status.success() {
-        return Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(KitError::Failed {
+            command: format!("{cmd:?}"),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(out)
 }
@@ -98,7 +101,7 @@ pub struct Netns {
 
 impl Netns {
     /// Creates a namespace named `<tag>` (unique) with its loopback up.
-    pub fn new(tag: &str) -> Result<Netns, String> {
+    pub fn new(tag: &str) -> KitResult<Netns> {
         let name = unique(tag);
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Netns { name };
@@ -119,14 +122,14 @@ impl Netns {
     }
 
     /// Runs `program args...` inside the namespace to completion.
-    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output, String> {
+    pub fn run(&self, program: &str, args: &[&str]) -> KitResult<Output> {
         run(&mut self.cmd(program, args))
     }
 
     /// Starts `program args...` inside the namespace, its output to `log`.
-    pub fn spawn(&self, program: &Path, args: &[&str], log: &Path) -> Result<Proc, String> {
-        let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = file.try_clone().map_err(|e| e.to_string())?;
+    pub fn spawn(&self, program: &Path, args: &[&str], log: &Path) -> KitResult<Proc> {
+        let file = std::fs::File::create(log).map_err(KitError::file(log))?;
+        let err = file.try_clone().map_err(KitError::file(log))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.name])
             .arg(program)
@@ -134,7 +137,10 @@ impl Netns {
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", program.display()))?;
+            .map_err(|source| KitError::Spawn {
+                command: program.display().to_string(),
+                source,
+            })?;
         Ok(Proc {
             child,
             log: log.to_path_buf(),
@@ -226,7 +232,7 @@ impl Drop for Proc {
 
 /// Connects `ns` to the bridge `bridge` in namespace `hub` with a veth pair, gives the
 /// namespace's end `addr` (CIDR) and brings both up. The namespace's end is `eth0`.
-pub fn attach(hub: &Netns, bridge: &str, ns: &Netns, addr: &str) -> Result<(), String> {
+pub fn attach(hub: &Netns, bridge: &str, ns: &Netns, addr: &str) -> KitResult<()> {
     let outer = unique("v");
     run(&mut hub.cmd(
         "ip",
@@ -252,7 +258,7 @@ pub fn attach(hub: &Netns, bridge: &str, ns: &Netns, addr: &str) -> Result<(), S
 
 /// Joins `a` and `b` with a veth pair (`eth0` in each) with the addresses `addr_a` and
 /// `addr_b` (CIDR), both up.
-pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> Result<(), String> {
+pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> KitResult<()> {
     run(&mut a.cmd(
         "ip",
         &[
@@ -276,7 +282,7 @@ pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> Result<(), Stri
 }
 
 /// A bridge named `bridge` in `hub` with `addr` (CIDR) on it, up.
-pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> Result<(), String> {
+pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> KitResult<()> {
     hub.run("ip", &["link", "add", bridge, "type", "bridge"])?;
     hub.run("ip", &["addr", "add", addr, "dev", bridge])?;
     hub.run("ip", &["link", "set", bridge, "up"])?;
@@ -287,11 +293,11 @@ pub fn bridge(hub: &Netns, bridge: &str, addr: &str) -> Result<(), String> {
 /// when set (scripts/test.sh points it at the release build, so that the namespace tests
 /// measure the data plane as it ships), else next to the running test or lab
 /// (target/<profile>/NAME, built by `cargo build --workspace --bins`).
-pub fn binary(name: &str) -> Result<PathBuf, String> {
+pub fn binary(name: &str) -> KitResult<PathBuf> {
     let dir = match std::env::var_os("ASMN_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let exe = std::env::current_exe().map_err(KitError::file("/proc/self/exe"))?;
             let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
             if dir.ends_with("deps") {
                 dir.pop();
@@ -303,9 +309,6 @@ pub fn binary(name: &str) -> Result<PathBuf, String> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(format!(
-            "{} is not built: run `cargo build --workspace --bins` first (or set ASMN_BIN_DIR)",
-            p.display()
-        ))
+        Err(KitError::NotBuilt(p))
     }
 }

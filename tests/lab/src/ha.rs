@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use asmn_controller::local_etcd::{self, ClusterPki};
 
-use crate::netns::{self, Netns, Proc};
-use crate::tenant::{self, PORT, Tenant};
+use asmn_testkit::netns::{self, Netns, Proc};
+use asmn_testkit::tenant::{self, PORT, Tenant};
 
 /// The hub's address on the underlay (asmnctl runs there).
 pub const HUB: &str = "10.99.0.254";

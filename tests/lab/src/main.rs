@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use asmn_tests::generators;
-use asmn_tests::netns::{self, Netns};
-use asmn_tests::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_lab::generators;
+use asmn_testkit::netns::{self, Netns};
+use asmn_testkit::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
 use clap::{Parser, Subcommand};
 
 /// The ASMN lab: a whole tenant in network namespaces on this machine.
@@ -281,7 +281,7 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             let r = rt
-                .block_on(asmn_tests::attacker::rogue_peer(
+                .block_on(asmn_testkit::attacker::rogue_peer(
                     &bundle, &image, underlay, via, to, port, seconds,
                 ))
                 .map_err(|e| anyhow::anyhow!(e))?;
@@ -294,7 +294,7 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             let n = rt
-                .block_on(asmn_tests::attacker::unavailable_sec_em(
+                .block_on(asmn_testkit::attacker::unavailable_sec_em(
                     &pki, listen, seconds,
                 ))
                 .map_err(|e| anyhow::anyhow!(e))?;
@@ -414,17 +414,17 @@ sec_catalog:
 /// Runs `asmn-lab gen ARGS` inside `ns` and parses its JSON line.
 fn run_gen(ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let me = std::env::current_exe()?;
-    asmn_tests::bench::generate(ns, &me, args).map_err(anyhow::Error::msg)
+    asmn_lab::bench::generate(ns, &me, args).map_err(anyhow::Error::msg)
 }
 
 /// Starts `asmn-lab gen ARGS` in the background inside `ns`.
 fn spawn_gen(ns: &Netns, args: &[&str], log: &Path) -> anyhow::Result<netns::Proc> {
     let me = std::env::current_exe()?;
-    asmn_tests::bench::spawn_generator(ns, &me, args, log).map_err(anyhow::Error::msg)
+    asmn_lab::bench::spawn_generator(ns, &me, args, log).map_err(anyhow::Error::msg)
 }
 
 fn last_json(log: &str) -> anyhow::Result<serde_json::Value> {
-    asmn_tests::bench::last_json(log).map_err(anyhow::Error::msg)
+    asmn_lab::bench::last_json(log).map_err(anyhow::Error::msg)
 }
 
 fn demo(json: bool) -> anyhow::Result<bool> {
@@ -436,7 +436,7 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
     n.step(
         "Sec-EM",
-        format!("up on {}:7443", asmn_tests::tenant::SEC_EM),
+        format!("up on {}:7443", asmn_testkit::tenant::SEC_EM),
         true,
     );
 
@@ -517,20 +517,7 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     );
 
     let server_ip = t.vnfs[s].overlay.to_string();
-    let server_v4: Ipv4Addr = server_ip.parse()?;
-    let mut up = false;
-    for _ in 0..10 {
-        let r = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "1"])?;
-        if r["received"] == 1 {
-            up = true;
-            break;
-        }
-    }
-    let r = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "10"])?;
-    let rtts: Vec<u64> = r["rtt_us"]
-        .as_array()
-        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
-        .unwrap_or_default();
+    let (up, rtts) = asmn_lab::scenarios::gateway_path(&t, c, &server_ip, 10, 10)?;
     let avg = rtts.iter().sum::<u64>() as f64 / rtts.len().max(1) as f64 / 1000.0;
     n.step(
         "ICMP echo client -> server, through the gateway",
@@ -603,53 +590,22 @@ fn demo(json: bool) -> anyhow::Result<bool> {
 
     // The paper's Fig. 9, compressed: a SYN flood, then the 10 Mbit/s rule.
     n.say("SYN flood client -> server:8080 through the gateway; the rule comes after 4 s");
-    let sampler = spawn_gen(
-        &t.vnfs[s].ns,
-        &["rx-rate", "--seconds", "9"],
-        &dir.join("rx.log"),
+    let run = asmn_lab::scenarios::flood(
+        &t,
+        &asmn_lab::scenarios::FloodPlan {
+            attacker: c,
+            victim: s,
+            gateway: g,
+            port: 8080,
+            rule: SHAPED,
+            rule_at: Duration::from_secs(4),
+            length: Duration::from_secs(8),
+        },
     )?;
-    let flood = spawn_gen(
-        &t.vnfs[c].ns,
-        &[
-            "syn-flood",
-            &server_v4.to_string(),
-            "--port",
-            "8080",
-            "--seconds",
-            "8",
-        ],
-        &dir.join("flood.log"),
-    )?;
-    std::thread::sleep(Duration::from_secs(4));
-    let rule = t
-        .file("shaped.yaml", SHAPED.as_bytes())
-        .map_err(anyhow::Error::msg)?;
-    t.asmnctl(&["catalog", "apply", rule.to_str().unwrap_or_default()])
-        .map_err(anyhow::Error::msg)?;
-    let applied = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_nanos();
     n.say("asmnctl catalog apply: web rule at 10 Mbit/s");
-    let mut sampler = sampler;
-    let mut flood = flood;
-    flood.wait_exit(Duration::from_secs(10));
-    sampler.wait_exit(Duration::from_secs(10));
-    let samples: Vec<(u128, u64)> = serde_json::from_value(last_json(&sampler.log())?)?;
-    let rate = |from: u128, to: u128| {
-        let inside: Vec<&(u128, u64)> = samples
-            .iter()
-            .filter(|(t, _)| *t >= from && *t <= to)
-            .collect();
-        match (inside.first(), inside.last()) {
-            (Some(a), Some(b)) if b.0 > a.0 => {
-                (b.1 - a.1) as f64 * 8.0 / ((b.0 - a.0) as f64 / 1e9) / 1e6
-            }
-            _ => 0.0,
-        }
-    };
-    let first = samples.first().map_or(0, |x| x.0);
-    let before = rate(first + 1_000_000_000, applied);
-    let after = rate(applied + 1_000_000_000, applied + 4_000_000_000);
+    let before = run.before_mbps(Duration::from_secs(1));
+    let settled: Vec<f64> = run.after(Duration::from_secs(1)).map(|w| w.mbps).collect();
+    let after = settled.iter().sum::<f64>() / settled.len().max(1) as f64;
     n.step(
         "flood shaped by a live catalog change",
         format!("{before:.1} Mbit/s before the rule, {after:.1} Mbit/s after"),
@@ -657,27 +613,11 @@ fn demo(json: bool) -> anyhow::Result<bool> {
     );
 
     // Revocation: the client is cut off.
-    let id = t.vnfs[c].id.clone();
-    let revoked_at = Instant::now();
-    t.asmnctl(&["revoke", &id, "--reason", "demo: compromised"])
-        .map_err(anyhow::Error::msg)?;
-    let gw_agent = t.vnfs[g].agent.as_ref().context("gateway agent")?;
-    let mut cut = None;
-    while revoked_at.elapsed() < Duration::from_secs(5) {
-        if gw_agent.log().contains("peer revoked") {
-            cut = Some(revoked_at.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // The revoked agent stops (its TUN device goes with it): nothing reaches the server.
-    let after_ping = run_gen(&t.vnfs[c].ns, &["ping", &server_ip, "--count", "2"])
-        .map(|r| r["received"].as_u64().unwrap_or(0))
-        .unwrap_or(0);
-    let client_stopped = t.vnfs[c]
-        .agent
-        .as_mut()
-        .and_then(|a| a.wait_exit(Duration::from_secs(3)));
+    let asmn_lab::scenarios::Cutoff {
+        removed_after: cut,
+        victim_exit: client_stopped,
+        answered_after: after_ping,
+    } = asmn_lab::scenarios::revocation(&mut t, c, g, &server_ip, Duration::from_secs(5))?;
     let cut_ms = cut.map(|d| d.as_secs_f64() * 1e3);
     n.step(
         "client-0 revoked and cut off",
@@ -730,7 +670,7 @@ fn demo(json: bool) -> anyhow::Result<bool> {
 
 fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> anyhow::Result<()> {
     let want = |p: BenchPath| only.is_empty() || only.contains(&p);
-    use asmn_tests::bench::{Run, have_tools};
+    use asmn_lab::bench::{Run, have_tools};
     let me = std::env::current_exe()?;
     let work = tempfile::tempdir()?;
     let tools = !lab_generators && have_tools();
@@ -748,9 +688,9 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
         work: work.path(),
         tools,
     };
-    let results = asmn_tests::bench::paths(
+    let results = asmn_lab::bench::paths(
         run,
-        asmn_tests::bench::Paths {
+        asmn_lab::bench::Paths {
             direct: want(BenchPath::Direct),
             boringtun: want(BenchPath::Boringtun),
             gateway: want(BenchPath::Gateway),
@@ -759,11 +699,11 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
         },
     )?;
 
-    print!("{}", asmn_tests::bench::markdown(&results));
+    print!("{}", asmn_lab::bench::markdown(&results));
     let flood = if want(BenchPath::Flood) {
         eprintln!("forged-handshake flood ...");
-        let f = asmn_tests::bench::flood(run)?;
-        print!("{}", asmn_tests::bench::flood_markdown(&f));
+        let f = asmn_lab::bench::flood(run)?;
+        print!("{}", asmn_lab::bench::flood_markdown(&f));
         Some(f)
     } else {
         None
@@ -798,8 +738,8 @@ fn interrupt_cleans_up() {
 }
 
 /// The failover table: per kind of fault, median and maximum of each time.
-fn print_ha(r: &asmn_tests::ha::Report) {
-    use asmn_tests::ha::median_max;
+fn print_ha(r: &asmn_lab::ha::Report) {
+    use asmn_lab::ha::median_max;
     println!(
         "\n{:<34} {:>6} {:>20} {:>20} {:>20} {:>20}",
         "fault", "trials", "reconnected ms", "catalog ms", "revocation ms", "writes resume ms"
@@ -809,7 +749,7 @@ fn print_ha(r: &asmn_tests::ha::Report) {
         ("restart", "rolling restart (SIGTERM, start)"),
         ("leader", "etcd leader + busiest replica killed"),
     ] {
-        let t: Vec<&asmn_tests::ha::Trial> = r.trials.iter().filter(|t| t.kind == kind).collect();
+        let t: Vec<&asmn_lab::ha::Trial> = r.trials.iter().filter(|t| t.kind == kind).collect();
         if t.is_empty() {
             continue;
         }
@@ -887,8 +827,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match asmn_tests::eval::run(
-                &asmn_tests::eval::Options {
+            match asmn_lab::eval::run(
+                &asmn_lab::eval::Options {
                     quick,
                     out: out.clone(),
                 },
@@ -927,13 +867,13 @@ fn main() -> ExitCode {
             }
             interrupt_cleans_up();
             let start = Instant::now();
-            let plan = asmn_tests::ha::Plan {
+            let plan = asmn_lab::ha::Plan {
                 kills,
                 rolls,
                 node_losses,
             };
             let mut say = |text: &str| println!("[{:6.1} s] {text}", start.elapsed().as_secs_f64());
-            match asmn_tests::ha::run(plan, &mut say) {
+            match asmn_lab::ha::run(plan, &mut say) {
                 Ok(report) => {
                     print_ha(&report);
                     if json {

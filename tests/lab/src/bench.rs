@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::netns::{self, Netns, Proc};
-use crate::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_testkit::netns::{self, Netns, Proc};
+use asmn_testkit::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_testkit::{KitError, KitResult};
 
 /// One path's measurements.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -45,28 +46,30 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Runs the lab's generator `args` inside `ns`; its JSON.
-pub fn generate(ns: &Netns, me: &Path, args: &[&str]) -> Result<serde_json::Value, String> {
+pub fn generate(ns: &Netns, me: &Path, args: &[&str]) -> KitResult<serde_json::Value> {
     let mut full = vec!["gen"];
     full.extend_from_slice(args);
     let out = netns::run(&mut ns.cmd(me.to_str().unwrap_or_default(), &full))?;
-    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| KitError::Unexpected(format!("asmn-lab gen {}: {e}", args.join(" "))))
 }
 
 /// Starts the lab's generator `args` in the background inside `ns`, its output in `log`.
-pub fn spawn_generator(ns: &Netns, me: &Path, args: &[&str], log: &Path) -> Result<Proc, String> {
+pub fn spawn_generator(ns: &Netns, me: &Path, args: &[&str], log: &Path) -> KitResult<Proc> {
     let mut full = vec!["gen"];
     full.extend_from_slice(args);
     ns.spawn(me, &full, log)
 }
 
 /// The last JSON line (an object or an array) of a generator's output.
-pub fn last_json(log: &str) -> Result<serde_json::Value, String> {
+pub fn last_json(log: &str) -> KitResult<serde_json::Value> {
     let line = log
         .lines()
         .rev()
         .find(|l| l.starts_with('{') || l.starts_with('['))
-        .ok_or("no result line from the generator")?;
-    serde_json::from_str(line).map_err(|e| e.to_string())
+        .ok_or_else(|| KitError::Unexpected("no result line from the generator".into()))?;
+    serde_json::from_str(line)
+        .map_err(|e| KitError::Unexpected(format!("the generator's result: {e}")))
 }
 
 /// Echoes per RTT measurement (after 3 warm-up echoes), 50 ms apart.

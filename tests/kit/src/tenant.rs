@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::error::{KitError, KitResult};
 use crate::netns::{self, Netns, Proc};
 
 /// A client VNF's descriptor: it accepts anything from the tenant, policed at 1 Gbit/s.
@@ -111,12 +112,12 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 impl Tenant {
     /// The hub namespace, its bridge, and a running Sec-EM with a fresh PKI.
-    pub fn new() -> Result<Tenant, String> {
+    pub fn new() -> KitResult<Tenant> {
         Tenant::new_with(|c| c)
     }
 
     /// [`Tenant::new`], with `adjust` editing `sec-em.toml` before Sec-EM starts.
-    pub fn new_with(adjust: impl FnOnce(String) -> String) -> Result<Tenant, String> {
+    pub fn new_with(adjust: impl FnOnce(String) -> String) -> KitResult<Tenant> {
         let mut t = Tenant::bare(SEC_EM, vec![format!("{SEC_EM}:{PORT}")])?;
         let sec_em = netns::binary("sec-em")?;
         let pki = t.dir.path().join("pki");
@@ -129,16 +130,16 @@ impl Tenant {
                 .args(["--metrics-addr", &format!("{SEC_EM}:9464")]),
         )?;
         let cfg = pki.join("sec-em.toml");
-        let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", cfg.display()))?;
-        std::fs::write(&cfg, adjust(text)).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let text = std::fs::read_to_string(&cfg).map_err(KitError::file(&cfg))?;
+        std::fs::write(&cfg, adjust(text)).map_err(KitError::file(&cfg))?;
         t.start_sec_em()?;
         Ok(t)
     }
 
     /// The working directory and the hub namespace with its bridge at `hub_addr` (/24),
     /// without Sec-EM: `controllers` are where `asmnctl` will find it.
-    pub fn bare(hub_addr: &str, controllers: Vec<String>) -> Result<Tenant, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    pub fn bare(hub_addr: &str, controllers: Vec<String>) -> KitResult<Tenant> {
+        let dir = tempfile::tempdir().map_err(KitError::file(std::env::temp_dir()))?;
         let hub = Netns::new("asmnhub")?;
         netns::bridge(&hub, "br0", &format!("{hub_addr}/24"))?;
         Ok(Tenant {
@@ -153,7 +154,7 @@ impl Tenant {
 
     /// Starts Sec-EM (again, after a test stopped it: `sec_em.take()` kills it) on the
     /// same configuration and store, and waits until it answers.
-    pub fn start_sec_em(&mut self) -> Result<(), String> {
+    pub fn start_sec_em(&mut self) -> KitResult<()> {
         let sec_em = netns::binary("sec-em")?;
         let cfg = self.dir.path().join("pki").join("sec-em.toml");
         let n = std::fs::read_dir(self.dir.path())
@@ -165,22 +166,25 @@ impl Tenant {
             &self.dir.path().join(format!("sec-em-{n}.log")),
         )?;
         self.sec_em = Some(proc);
-        if !wait_until(Duration::from_secs(15), || {
-            self.asmnctl(&["instance", "list"]).is_ok()
-        }) {
+        let limit = Duration::from_secs(15);
+        if !wait_until(limit, || self.asmnctl(&["instance", "list"]).is_ok()) {
             let log = self.sec_em.as_mut().map(|p| p.log()).unwrap_or_default();
-            return Err(format!("sec-em did not come up: {log}"));
+            return Err(KitError::Timeout {
+                what: "Sec-EM answering".into(),
+                limit,
+                detail: log,
+            });
         }
         Ok(())
     }
 
     /// Runs `asmnctl ARGS` (in the hub namespace, with the admin certificate).
-    pub fn asmnctl(&self, args: &[&str]) -> Result<String, String> {
+    pub fn asmnctl(&self, args: &[&str]) -> KitResult<String> {
         self.asmnctl_at(&self.controllers, args)
     }
 
     /// [`Tenant::asmnctl`] given `controllers` (host:port).
-    pub fn asmnctl_at(&self, controllers: &[String], args: &[&str]) -> Result<String, String> {
+    pub fn asmnctl_at(&self, controllers: &[String], args: &[&str]) -> KitResult<String> {
         let bin = netns::binary("asmnctl")?;
         let pki = self.dir.path().join("pki");
         let mut cmd = self.hub.cmd(bin.to_str().unwrap_or_default(), &[]);
@@ -193,14 +197,14 @@ impl Tenant {
     }
 
     /// Writes `text` to a file in the working directory; its path.
-    pub fn file(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, String> {
+    pub fn file(&self, name: &str, bytes: &[u8]) -> KitResult<PathBuf> {
         let p = self.dir.path().join(name);
-        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, bytes).map_err(KitError::file(&p))?;
         Ok(p)
     }
 
     /// On-boards `image` with the VNFD text `vnfd`.
-    pub fn onboard(&self, image: &Path, vnfd: &str) -> Result<(), String> {
+    pub fn onboard(&self, image: &Path, vnfd: &str) -> KitResult<()> {
         let name = format!(
             "{}.vnfd.yaml",
             image.file_name().and_then(|n| n.to_str()).unwrap_or("vnf")
@@ -224,7 +228,7 @@ impl Tenant {
         vnf: &str,
         role: &str,
         bundle: &Path,
-    ) -> Result<String, String> {
+    ) -> KitResult<String> {
         let out = self.asmnctl(&[
             "--json",
             "instance",
@@ -240,17 +244,17 @@ impl Tenant {
             "--out",
             bundle.to_str().unwrap_or_default(),
         ])?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| format!("instance create: {e}: {out}"))?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| KitError::Unexpected(format!("instance create: {e}: {out}")))?;
         Ok(v["id"]
             .as_str()
-            .ok_or("instance create: no id")?
+            .ok_or_else(|| KitError::Unexpected(format!("instance create: no id: {out}")))?
             .to_string())
     }
 
     /// A VM's namespace attached to the hub's bridge, with the next underlay address;
     /// the namespace and that address.
-    pub fn vm_namespace(&mut self) -> Result<(Netns, String), String> {
+    pub fn vm_namespace(&mut self) -> KitResult<(Netns, String)> {
         let ns = Netns::new("asmnvnf")?;
         let underlay = format!("10.99.0.{}", self.next_host);
         self.next_host += 1;
@@ -260,23 +264,17 @@ impl Tenant {
 
     /// Creates an instance of `vnf` (role `vnf` or `gateway`) measuring `image`, its
     /// namespace and its agent configuration (not started). Its index.
-    pub fn add(
-        &mut self,
-        name: &str,
-        vnf: &str,
-        role: &str,
-        image: &Path,
-    ) -> Result<usize, String> {
+    pub fn add(&mut self, name: &str, vnf: &str, role: &str, image: &Path) -> KitResult<usize> {
         let bundle = self.dir.path().join(format!("{name}.bundle"));
         let id = self.create_instance(name, vnf, role, &bundle)?;
         let show = self.asmnctl(&["--json", "instance", "show", &id])?;
-        let rec: serde_json::Value =
-            serde_json::from_str(&show).map_err(|e| format!("instance show: {e}: {show}"))?;
+        let rec: serde_json::Value = serde_json::from_str(&show)
+            .map_err(|e| KitError::Unexpected(format!("instance show: {e}: {show}")))?;
         let overlay: IpAddr = rec["overlay"]
             .as_str()
             .and_then(|o| o.split('/').next())
             .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| format!("instance show: no overlay: {show}"))?;
+            .ok_or_else(|| KitError::Unexpected(format!("instance show: no overlay: {show}")))?;
         let (ns, underlay) = self.vm_namespace()?;
         let config = self.file(
             &format!("{name}.toml"),
@@ -302,7 +300,7 @@ impl Tenant {
     }
 
     /// Starts the agent of VNF `i`.
-    pub fn start(&mut self, i: usize) -> Result<(), String> {
+    pub fn start(&mut self, i: usize) -> KitResult<()> {
         let bin = netns::binary("asmn-agent")?;
         let log = self.dir.path().join(format!("{}.log", self.vnfs[i].name));
         let v = &mut self.vnfs[i];
@@ -326,7 +324,7 @@ impl Tenant {
     pub fn client_and_server(
         server_vnfd: &str,
         options: &str,
-    ) -> Result<(Tenant, usize, usize), String> {
+    ) -> KitResult<(Tenant, usize, usize)> {
         let mut t = Tenant::new()?;
         let client_img = t.file("client.img", &image(1, 1 << 20))?;
         let server_img = t.file("server.img", &image(2, 1 << 20))?;
@@ -336,9 +334,9 @@ impl Tenant {
         let s = t.add("server-0", "server", "vnf", &server_img)?;
         for i in [c, s] {
             let cfg = t.vnfs[i].config.clone();
-            let mut text = std::fs::read_to_string(&cfg).map_err(|e| e.to_string())?;
+            let mut text = std::fs::read_to_string(&cfg).map_err(KitError::file(&cfg))?;
             text.push_str(options);
-            std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
+            std::fs::write(&cfg, text).map_err(KitError::file(&cfg))?;
             t.start(i)?;
         }
         t.wait_enrolled(c, Duration::from_secs(20))?;
@@ -347,13 +345,20 @@ impl Tenant {
     }
 
     /// Waits until VNF `i`'s agent logged its enrollment.
-    pub fn wait_enrolled(&mut self, i: usize, limit: Duration) -> Result<(), String> {
+    pub fn wait_enrolled(&mut self, i: usize, limit: Duration) -> KitResult<()> {
         let v = &mut self.vnfs[i];
-        let agent = v.agent.as_mut().ok_or("agent not started")?;
+        let agent = v
+            .agent
+            .as_mut()
+            .ok_or_else(|| KitError::Unexpected(format!("{}: agent not started", v.name)))?;
         if agent.wait_log("enrolled", limit) {
             Ok(())
         } else {
-            Err(format!("{} did not enroll: {}", v.name, agent.log()))
+            Err(KitError::Timeout {
+                what: format!("{} enrolling", v.name),
+                limit,
+                detail: agent.log(),
+            })
         }
     }
 }

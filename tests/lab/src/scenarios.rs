@@ -1,0 +1,375 @@
+//! The scenarios the demo narrates, the evaluation measures and the integration tests
+//! assert, written once: each drives a [`Tenant`] and returns what it measured; the
+//! callers decide what to print, plot or assert.
+//!
+//! - [`flood`]: the paper's Fig. 9: a SYN flood from one VNF to a protected one through
+//!   the gateway, a rate rule applied with `asmnctl` while it runs, the rate reaching the
+//!   victim's TUN device in ~100 ms windows;
+//! - [`revocation`]: an instance revoked with `asmnctl`, and how soon the gateway cut
+//!   its tunnel and the instance's agent stopped;
+//! - [`gateway_path`]: ICMP echo through the gateway, until the path is up.
+//!
+//! Traffic comes from the lab's own generators (`asmn-lab gen ...`), so the scenarios
+//! need no tool outside the project.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use asmn_testkit::netns::{self, Proc};
+use asmn_testkit::tenant::{Tenant, metrics};
+use serde::Serialize;
+
+use crate::bench::{last_json, spawn_generator};
+
+/// Nanoseconds since the epoch (the clock the rate sampler stamps with).
+pub fn epoch_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// The `asmn-lab` binary, to run generators with: this one when the caller is the lab,
+/// else the one built beside the caller.
+pub fn lab_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    if me.file_name().is_some_and(|n| n == "asmn-lab") {
+        return Ok(me);
+    }
+    Ok(netns::binary("asmn-lab")?)
+}
+
+/// A flood and the rule that shapes it.
+#[derive(Debug, Clone)]
+pub struct FloodPlan<'a> {
+    /// The flooding VNF (an index of the tenant).
+    pub attacker: usize,
+    /// The protected VNF it floods.
+    pub victim: usize,
+    /// The gateway in between.
+    pub gateway: usize,
+    /// The victim's port the SYNs go to.
+    pub port: u16,
+    /// The victim's catalog with the rate rule, applied while the flood runs.
+    pub rule: &'a str,
+    /// When the rule is applied, after the flood started.
+    pub rule_at: Duration,
+    /// How long the flood lasts.
+    pub length: Duration,
+}
+
+/// A window of the victim's receive rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Window {
+    /// Its start, ns since the epoch.
+    pub from_ns: u128,
+    /// Its end.
+    pub to_ns: u128,
+    /// Mbit/s received in it.
+    pub mbps: f64,
+}
+
+/// What the gateway saw after the rule, from its metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GatewayRates {
+    /// Mbit/s it received from the attacker.
+    pub received_mbps: f64,
+    /// Mbit/s it forwarded to the victim.
+    pub forwarded_mbps: f64,
+}
+
+/// What a flood measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloodRun {
+    /// When the flood started, ns since the epoch.
+    pub start_ns: u128,
+    /// When `asmnctl catalog apply` returned.
+    pub applied_ns: u128,
+    /// When the flood was to end.
+    pub end_ns: u128,
+    /// The victim's receive rate in ~100 ms windows.
+    pub windows: Vec<Window>,
+    /// The gateway's view from 1 s after the rule to the end (None: no metrics).
+    pub gateway: Option<GatewayRates>,
+    /// The gateway agent's resident memory each second of the flood, KiB.
+    pub gateway_rss_kib: Vec<u64>,
+    /// SYNs the attacker sent.
+    pub syns: u64,
+}
+
+impl FloodRun {
+    /// Mean of the windows from `from` after the start to the rule.
+    pub fn before_mbps(&self, from: Duration) -> f64 {
+        let from = self.start_ns + from.as_nanos();
+        mean(
+            self.windows
+                .iter()
+                .filter(|w| w.from_ns > from && w.to_ns < self.applied_ns)
+                .map(|w| w.mbps),
+        )
+    }
+
+    /// The windows starting `after` the rule or later, within the flood.
+    pub fn after(&self, after: Duration) -> impl Iterator<Item = &Window> {
+        let from = self.applied_ns + after.as_nanos();
+        self.windows
+            .iter()
+            .filter(move |w| w.from_ns >= from && w.to_ns <= self.end_ns)
+    }
+
+    /// Averages over 10 consecutive windows (about a second each), from 1 s after the
+    /// rule, weighted by the windows' lengths.
+    pub fn second_averages(&self) -> Vec<f64> {
+        let settled: Vec<&Window> = self.after(Duration::from_secs(1)).collect();
+        settled
+            .chunks(10)
+            .filter(|c| c.len() == 10)
+            .map(|c| {
+                let bits: f64 = c
+                    .iter()
+                    .map(|w| w.mbps * (w.to_ns - w.from_ns) as f64 / 1e9)
+                    .sum();
+                let secs: f64 = c.iter().map(|w| (w.to_ns - w.from_ns) as f64 / 1e9).sum();
+                bits / secs
+            })
+            .collect()
+    }
+
+    /// The windows as text, one "s-after-start Mbit/s" line each, for failure messages.
+    pub fn report(&self) -> String {
+        let mut out = match self.gateway {
+            Some(g) => format!(
+                "the gateway received {:.1} Mbit/s from the attacker and forwarded {:.2} \
+                 Mbit/s to the victim (from 1 s after the rule)\n",
+                g.received_mbps, g.forwarded_mbps
+            ),
+            None => String::new(),
+        };
+        for w in &self.windows {
+            let at = w.from_ns.saturating_sub(self.start_ns) as f64 / 1e9;
+            out.push_str(&format!("{at:.2}s {:.2}\n", w.mbps));
+        }
+        out
+    }
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (n, sum) = v.fold((0usize, 0.0), |(n, s), x| (n + 1, s + x));
+    if n == 0 { f64::NAN } else { sum / n as f64 }
+}
+
+/// Resident memory of `pid`, KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes the gateway agent `g` counted for the peer of VNF `vnf` in `direction` (rx or
+/// tx); NaN when its metrics cannot be read.
+fn gateway_bytes(t: &Tenant, g: usize, vnf: &str, direction: &str) -> f64 {
+    let label = format!("vnf=\"{vnf}\",direction=\"{direction}\"}}");
+    metrics(t, g)
+        .lines()
+        .find(|l| l.starts_with("asmn_agent_peer_bytes_total{") && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The VNF (not instance) name of tenant member `i`: its instance name without `-N`.
+fn vnf_of(t: &Tenant, i: usize) -> String {
+    let name = &t.vnfs[i].name;
+    name.rsplit_once('-')
+        .map_or(name.as_str(), |(v, _)| v)
+        .to_string()
+}
+
+/// Runs the flood of `plan` on `t`: a sampler of the victim's TUN counter, the SYN flood
+/// from the attacker (its generator at the lowest priority: on this one machine it shares
+/// the cores with the agents it floods, which an attacker elsewhere would not; its agent,
+/// which encrypts the flood, keeps its priority, or the flood comes in gaps that no
+/// policer can fill), the rule applied at `rule_at`, the gateway's memory each second and
+/// its rates after the rule.
+pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
+    let me = lab_binary()?;
+    let dir = t.dir.path().to_path_buf();
+    let secs = plan.length.as_secs().max(1);
+    let victim = t.vnfs[plan.victim].overlay.to_string();
+    let mut sampler = spawn_generator(
+        &t.vnfs[plan.victim].ns,
+        &me,
+        &["rx-rate", "--seconds", &(secs + 1).to_string()],
+        &dir.join("flood-rx.log"),
+    )
+    .map_err(anyhow::Error::msg)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let start_ns = epoch_ns();
+    let started = Instant::now();
+    let mut attacker = t.vnfs[plan.attacker].ns.spawn(
+        Path::new("/usr/bin/nice"),
+        &[
+            "-n",
+            "19",
+            me.to_str().unwrap_or_default(),
+            "gen",
+            "syn-flood",
+            &victim,
+            "--port",
+            &plan.port.to_string(),
+            "--seconds",
+            &secs.to_string(),
+        ],
+        &dir.join("flood.log"),
+    )?;
+    let gw_pid = t.vnfs[plan.gateway].agent.as_ref().map(Proc::pid);
+    let mut rss = Vec::new();
+    let second = |rss: &mut Vec<u64>, until: Duration| {
+        while started.elapsed() < until {
+            let next = Duration::from_secs(started.elapsed().as_secs() + 1);
+            std::thread::sleep(next.min(until).saturating_sub(started.elapsed()));
+            if started.elapsed() >= next {
+                rss.push(gw_pid.map_or(0, rss_kib));
+            }
+        }
+    };
+    second(&mut rss, plan.rule_at);
+    let rule = t.file("flood-rule.yaml", plan.rule.as_bytes())?;
+    t.asmnctl(&["catalog", "apply", rule.to_str().unwrap_or_default()])?;
+    let applied_ns = epoch_ns();
+    let applied = started.elapsed();
+    let (from, to) = (vnf_of(t, plan.attacker), vnf_of(t, plan.victim));
+    second(&mut rss, applied + Duration::from_secs(1));
+    let window_start = (
+        Instant::now(),
+        gateway_bytes(t, plan.gateway, &from, "rx"),
+        gateway_bytes(t, plan.gateway, &to, "tx"),
+    );
+    second(
+        &mut rss,
+        plan.length.saturating_sub(Duration::from_millis(300)),
+    );
+    let gateway = {
+        let secs = window_start.0.elapsed().as_secs_f64();
+        let rx = gateway_bytes(t, plan.gateway, &from, "rx");
+        let tx = gateway_bytes(t, plan.gateway, &to, "tx");
+        let g = GatewayRates {
+            received_mbps: (rx - window_start.1) * 8.0 / secs / 1e6,
+            forwarded_mbps: (tx - window_start.2) * 8.0 / secs / 1e6,
+        };
+        (g.received_mbps.is_finite() && g.forwarded_mbps.is_finite()).then_some(g)
+    };
+    let limit = plan.length + Duration::from_secs(10);
+    attacker.wait_exit(limit);
+    sampler.wait_exit(limit);
+    let samples: Vec<(u128, u64)> = serde_json::from_value(
+        last_json(&sampler.log()).map_err(|e| anyhow::anyhow!("the rate sampler: {e}"))?,
+    )?;
+    let syns = last_json(&attacker.log())
+        .ok()
+        .and_then(|v| v["datagrams"].as_u64())
+        .unwrap_or(0);
+    Ok(FloodRun {
+        start_ns,
+        applied_ns,
+        end_ns: start_ns + plan.length.as_nanos(),
+        windows: samples
+            .windows(2)
+            .filter(|w| w[1].0 > w[0].0)
+            .map(|w| Window {
+                from_ns: w[0].0,
+                to_ns: w[1].0,
+                mbps: w[1].1.saturating_sub(w[0].1) as f64 * 8.0
+                    / ((w[1].0 - w[0].0) as f64 / 1e9)
+                    / 1e6,
+            })
+            .collect(),
+        gateway,
+        gateway_rss_kib: rss,
+        syns,
+    })
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cutoff {
+    /// From `asmnctl revoke` until the watcher's agent logged the peer revoked.
+    pub removed_after: Option<Duration>,
+    /// The revoked instance's agent's exit code (it stops when it hears of it).
+    pub victim_exit: Option<i32>,
+    /// Echo replies the revoked instance got from `target` afterwards.
+    pub answered_after: u64,
+}
+
+/// Revokes tenant member `victim` with `asmnctl revoke` and watches its tunnel go: the
+/// time until `watcher`'s agent (its gateway or a peer) logged it revoked, after taking
+/// its tunnel down (at most `limit`), whether the victim's agent stopped, and how many pings from the victim to
+/// `target` were still answered.
+pub fn revocation(
+    t: &mut Tenant,
+    victim: usize,
+    watcher: usize,
+    target: &str,
+    limit: Duration,
+) -> anyhow::Result<Cutoff> {
+    let me = lab_binary()?;
+    let id = t.vnfs[victim].id.clone();
+    let revoked_at = Instant::now();
+    t.asmnctl(&["revoke", &id, "--reason", "lab: compromised"])?;
+    let mut removed_after = None;
+    if let Some(w) = t.vnfs[watcher].agent.as_ref() {
+        while revoked_at.elapsed() < limit {
+            if w.log()
+                .lines()
+                .any(|l| l.contains("peer revoked") && l.contains(id.as_str()))
+            {
+                removed_after = Some(revoked_at.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let answered_after =
+        crate::bench::generate(&t.vnfs[victim].ns, &me, &["ping", target, "--count", "2"])
+            .map(|r| r["received"].as_u64().unwrap_or(0))
+            .unwrap_or(0);
+    let victim_exit = t.vnfs[victim]
+        .agent
+        .as_mut()
+        .and_then(|a| a.wait_exit(Duration::from_secs(3)));
+    Ok(Cutoff {
+        removed_after,
+        victim_exit,
+        answered_after,
+    })
+}
+
+/// Pings `target` from tenant member `from` once a try, up to `tries` times, until one
+/// is answered; then `count` pings. Whether the path came up, and the RTTs (us) of the
+/// `count` pings that were answered.
+pub fn gateway_path(
+    t: &Tenant,
+    from: usize,
+    target: &str,
+    tries: usize,
+    count: usize,
+) -> anyhow::Result<(bool, Vec<u64>)> {
+    let me = lab_binary()?;
+    let ns = &t.vnfs[from].ns;
+    let up = (0..tries).any(|_| {
+        crate::bench::generate(ns, &me, &["ping", target, "--count", "1"])
+            .is_ok_and(|r| r["received"] == 1)
+    });
+    if !up || count == 0 {
+        return Ok((up, Vec::new()));
+    }
+    let r = crate::bench::generate(ns, &me, &["ping", target, "--count", &count.to_string()])
+        .map_err(anyhow::Error::msg)?;
+    let rtts = r["rtt_us"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    Ok((up, rtts))
+}
