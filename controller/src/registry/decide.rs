@@ -611,6 +611,45 @@ mod tests {
             rr(Some(enrolled_rec.clone()), &replay, &strict),
             (RefusalCode::Replayed, Some("reattest.refused"), false)
         );
+        // A reveal further down than the skip window allows.
+        let far = asmn_shared::chain::Reveal {
+            index: next.index - enrolled_rec.chain.window - 2,
+            ..next.clone()
+        };
+        let skipping = Reattestation {
+            reveal: &far,
+            measurement: &golden,
+            renewal: None,
+        };
+        assert_eq!(
+            rr(Some(enrolled_rec.clone()), &skipping, &strict),
+            (RefusalCode::SkipTooFar, Some("reattest.refused"), false)
+        );
+        // A measurement that is not a SHA-256 digest.
+        let short = Reattestation {
+            reveal: &next,
+            measurement: &golden[..31],
+            renewal: None,
+        };
+        assert_eq!(
+            rr(Some(enrolled_rec.clone()), &short, &strict),
+            (RefusalCode::InvalidRequest, None, false)
+        );
+        // A renewal whose sealed anchor does not open under the revealed element.
+        let forged = asmn_shared::chain::SealedRenewal {
+            new_epoch: enrolled_rec.chain.epoch + 1,
+            new_length: 100,
+            ciphertext: vec![0; 48],
+        };
+        let bad_renewal = Reattestation {
+            reveal: &next,
+            measurement: &golden,
+            renewal: Some((&forged, &[0xaa])),
+        };
+        assert_eq!(
+            rr(Some(enrolled_rec.clone()), &bad_renewal, &strict),
+            (RefusalCode::BadRenewal, Some("renewal.refused"), false)
+        );
         // The next element: accepted.
         let Ok(Decision::Store {
             record,

@@ -224,14 +224,18 @@ pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
         ],
         &dir.join("flood.log"),
     )?;
-    let gw_pid = t.vnfs[plan.gateway].agent.as_ref().map(Proc::pid);
+    let gw_pid = t.vnfs[plan.gateway]
+        .agent
+        .as_ref()
+        .map(Proc::pid)
+        .ok_or_else(|| anyhow::anyhow!("the gateway's agent is not running"))?;
     let mut rss = Vec::new();
     let second = |rss: &mut Vec<u64>, until: Duration| {
         while started.elapsed() < until {
             let next = Duration::from_secs(started.elapsed().as_secs() + 1);
             std::thread::sleep(next.min(until).saturating_sub(started.elapsed()));
             if started.elapsed() >= next {
-                rss.push(gw_pid.map_or(0, rss_kib));
+                rss.push(rss_kib(gw_pid));
             }
         }
     };
@@ -304,8 +308,8 @@ pub struct Cutoff {
 }
 
 /// Revokes tenant member `victim` with `asmnctl revoke` and watches its tunnel go: the
-/// time until `watcher`'s agent (its gateway or a peer) logged it revoked, after taking
-/// its tunnel down (at most `limit`), whether the victim's agent stopped, and how many pings from the victim to
+/// time until `watcher`'s agent (its gateway or a peer) logged that it removed its tunnel
+/// to the victim (at most `limit`; a watcher that had none never logs it), whether the victim's agent stopped, and how many pings from the victim to
 /// `target` were still answered.
 pub fn revocation(
     t: &mut Tenant,
@@ -323,7 +327,7 @@ pub fn revocation(
         while revoked_at.elapsed() < limit {
             if w.log()
                 .lines()
-                .any(|l| l.contains("peer revoked") && l.contains(id.as_str()))
+                .any(|l| l.contains("peer revoked: tunnel removed") && l.contains(id.as_str()))
             {
                 removed_after = Some(revoked_at.elapsed());
                 break;
