@@ -1,5 +1,6 @@
 //! Figs. 6 to 8: machine CPU use, second by second, under ICMP, TCP and UDP traffic over
-//! plain veth and over ASMN.
+//! plain veth, over ASMN and over boringtun-cli (where installed), with the CPU time of
+//! the tunnel processes themselves.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,12 +8,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Options, Progress, spawn_gen};
-use crate::bench::{self, DirectPair, TUNNEL_B, VETH_B};
+use crate::bench::{self, BORINGTUN_B, DirectPair, TUNNEL_B, VETH_B};
 
 /// CPU use under one kind of traffic.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuRun {
-    /// "plain veth" or "ASMN".
+    /// "plain veth", "ASMN" or "boringtun-cli".
     pub path: String,
     /// icmp, tcp or udp.
     pub protocol: String,
@@ -22,6 +23,11 @@ pub struct CpuRun {
     pub samples: Vec<f64>,
     /// Their mean.
     pub mean: f64,
+    /// CPU time of the tunnel's processes (both ends, all threads), milliseconds per
+    /// second; none for plain veth.
+    pub tunnel_ms_per_s: Option<f64>,
+    /// The load the generator reported, Mbit/s (ICMP: echoes answered per second).
+    pub delivered: f64,
 }
 
 /// Machine-wide CPU time counters from /proc/stat: (busy, total) jiffies.
@@ -66,8 +72,21 @@ pub(super) fn cpu(
 ) -> anyhow::Result<Vec<CpuRun>> {
     let secs = if o.quick { 3 } else { 25 };
     let mut pair = DirectPair::new(work)?;
-    pair.start_agents(false)?;
-    let sink_secs = (secs * 13 + 30).to_string();
+    let agents = pair.start_agents(false)?.to_vec();
+    let boringtun = if bench::tool("boringtun-cli").is_some() {
+        Some(pair.start_boringtun(1)?)
+    } else {
+        p.say("boringtun-cli is not installed: its CPU rows are skipped");
+        None
+    };
+    let mut paths = vec![
+        ("plain veth", VETH_B, Vec::new()),
+        ("ASMN", TUNNEL_B, agents),
+    ];
+    if let Some(bt) = &boringtun {
+        paths.push(("boringtun-cli", BORINGTUN_B, bt.pids()));
+    }
+    let sink_secs = (secs * 19 + 60).to_string();
     let _tcp_sink = spawn_gen(
         &pair.b,
         me,
@@ -80,28 +99,27 @@ pub(super) fn cpu(
         &["udp-sink", "--port", "7102", "--seconds", &sink_secs],
         &work.join("cpu-udp-sink.log"),
     )?;
-    // Both ends up (the tunnel's handshake done) before anything is timed.
-    for to in [VETH_B, TUNNEL_B] {
-        let _ = bench::generate(
-            &pair.a,
-            me,
-            &["ping", to, "--count", "3", "--interval-ms", "100"],
-        );
-    }
-    std::thread::sleep(Duration::from_millis(300));
     let mut runs = Vec::new();
     let s = secs.to_string();
     for protocol in ["icmp", "tcp", "udp"] {
         for size in [64usize, 4096] {
-            for (path, to) in [("plain veth", VETH_B), ("ASMN", TUNNEL_B)] {
+            for (path, to, pids) in &paths {
                 p.say(&format!("CPU: {protocol} {size} B over {path}, {secs} s"));
+                // The tunnel up (its handshake done, again after two idle minutes) before
+                // anything is timed.
+                let _ = bench::generate(
+                    &pair.a,
+                    me,
+                    &["ping", to, "--count", "3", "--interval-ms", "100"],
+                );
+                std::thread::sleep(Duration::from_millis(200));
                 let size_s = size.to_string();
                 // A steady load, as in a running NFV service: 100 echoes a second, or
                 // 10 Mbit/s.
                 let args: Vec<String> = match protocol {
                     "icmp" => vec![
                         "ping".into(),
-                        to.into(),
+                        to.to_string(),
                         "--count".into(),
                         (secs * 100).to_string(),
                         "--size".into(),
@@ -137,18 +155,30 @@ pub(super) fn cpu(
                     &args,
                     &work.join(format!("cpu-{protocol}-{size}.log")),
                 )?;
+                let cpu0: f64 = pids.iter().map(|p| bench::cpu_seconds(*p)).sum();
                 let samples = sample_cpu(secs);
+                let cpu1: f64 = pids.iter().map(|p| bench::cpu_seconds(*p)).sum();
                 g.wait_exit(Duration::from_secs(secs + 10));
+                let out = bench::last_json(&g.log()).unwrap_or_default();
+                let delivered = if protocol == "icmp" {
+                    out["rtt_us"].as_array().map_or(0, Vec::len) as f64 / secs as f64
+                } else {
+                    out["mbit_per_s"].as_f64().unwrap_or(0.0)
+                };
                 let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
                 runs.push(CpuRun {
-                    path: path.into(),
+                    path: (*path).into(),
                     protocol: protocol.into(),
                     size,
                     samples,
                     mean,
+                    tunnel_ms_per_s: (!pids.is_empty())
+                        .then(|| 1000.0 * (cpu1 - cpu0) / secs as f64),
+                    delivered,
                 });
             }
         }
     }
+    drop(boringtun);
     Ok(runs)
 }
