@@ -32,6 +32,12 @@ pub struct PathResult {
     pub udp_mbps: f64,
     /// UDP datagrams lost, percent.
     pub udp_loss_pct: f64,
+    /// Of the UDP datagrams sent, the share the receiving side's sockets dropped for lack
+    /// of buffer room (`RcvbufErrors` in its namespace), percent.
+    pub udp_rcvbuf_drop_pct: Option<f64>,
+    /// The same UDP load with 2 MiB socket buffers at both applications (`iperf3 -w 2M`),
+    /// as a UDP-heavy VNF sizes them: goodput, Mbit/s, and loss, percent.
+    pub udp_2m: Option<(f64, f64)>,
     /// CPU seconds of the tunnel processes per GB of TCP payload (None: the kernel's).
     pub cpu_s_per_gb: Option<f64>,
 }
@@ -260,6 +266,7 @@ fn measure_tools(
     let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
     let received = &tcp["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    let drops0 = udp_rcvbuf_errors(b);
     let udp = iperf3(
         run,
         (a, b),
@@ -268,8 +275,22 @@ fn measure_tools(
         &["-u", "-b", "1G", "-l", "1200"],
         &format!("{slug}-iperf-udp.log"),
     )?;
+    let drops = udp_rcvbuf_errors(b)
+        .zip(drops0)
+        .map(|(x, y)| x.saturating_sub(y));
     // iperf3 3.12 reports what the server received (and lost) in `sum_received`.
     let urx = &udp["end"]["sum_received"];
+    // Datagrams sent: the client's own count.
+    let sent = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0);
+    let udp2 = iperf3(
+        run,
+        (a, b),
+        to,
+        7002,
+        &["-u", "-b", "1G", "-l", "1200", "-w", "2M"],
+        &format!("{slug}-iperf-udp-2m.log"),
+    )?;
+    let urx2 = &udp2["end"]["sum_received"];
     Ok(PathResult {
         path: name.to_string(),
         tool: "ping + iperf3".into(),
@@ -279,8 +300,26 @@ fn measure_tools(
         tcp_mbps: received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
         udp_mbps: urx["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
         udp_loss_pct: urx["lost_percent"].as_f64().unwrap_or(100.0),
+        udp_rcvbuf_drop_pct: drops
+            .filter(|_| sent > 0.0)
+            .map(|d| 100.0 * d as f64 / sent),
+        udp_2m: Some((
+            urx2["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+            urx2["lost_percent"].as_f64().unwrap_or(100.0),
+        )),
         cpu_s_per_gb: (!procs.is_empty() && bytes > 0.0).then(|| (cpu1 - cpu0) / (bytes / 1e9)),
     })
+}
+
+/// UDP datagrams the sockets of `ns` dropped for lack of buffer room so far
+/// (`RcvbufErrors` of `/proc/net/snmp`, which is per namespace).
+fn udp_rcvbuf_errors(ns: &Netns) -> Option<u64> {
+    let out = ns.run("cat", &["/proc/net/snmp"]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// [`measure`] with the lab's own generators.
@@ -350,6 +389,8 @@ fn measure_lab(
         } else {
             100.0
         },
+        udp_rcvbuf_drop_pct: None,
+        udp_2m: None,
         cpu_s_per_gb: (!procs.is_empty() && bytes > 0.0).then(|| (cpu1 - cpu0) / (bytes / 1e9)),
     })
 }
@@ -942,9 +983,12 @@ pub fn markdown(results: &[PathResult]) -> String {
     let _ = writeln!(out, "Measured with {}.\n", plain.tool);
     let _ = writeln!(
         out,
-        "| path | RTT 64 B (us, median of {RTT_RUNS} runs) | its runs (us, least-most) | RTT 4 KiB (us, median) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | CPU s/GB |"
+        "| path | RTT 64 B (us, median of {RTT_RUNS} runs) | its runs (us, least-most) | RTT 4 KiB (us, median) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | of it at the receiving sockets (%) | UDP, 2 MiB buffers (Mbit/s) | its loss (%) | CPU s/GB |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in results {
         let lo = r
             .rtt64_runs_us
@@ -954,13 +998,17 @@ pub fn markdown(results: &[PathResult]) -> String {
         let hi = r.rtt64_runs_us.iter().copied().fold(0.0, f64::max);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {lo:.0}-{hi:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            "| {} | {:.0} | {lo:.0}-{hi:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} |",
             r.path,
             r.rtt64_us,
             r.rtt4096_us,
             r.tcp_mbps,
             r.udp_mbps,
             r.udp_loss_pct,
+            r.udp_rcvbuf_drop_pct
+                .map_or("-".to_string(), |d| format!("{d:.2}")),
+            r.udp_2m.map_or("-".to_string(), |u| format!("{:.0}", u.0)),
+            r.udp_2m.map_or("-".to_string(), |u| format!("{:.2}", u.1)),
             r.cpu_s_per_gb
                 .map_or("kernel".to_string(), |c| format!("{c:.1}"))
         );
@@ -969,11 +1017,20 @@ pub fn markdown(results: &[PathResult]) -> String {
     for r in results.iter().skip(1) {
         let _ = write!(
             out,
-            "- {}: RTT overhead over veth {:+.0} us (64 B); TCP {:.2}x veth",
+            "- {}: RTT overhead over veth {:+.0} us (64 B); TCP {:.2}x veth; UDP {:.2}x veth",
             r.path,
             r.rtt64_us - plain.rtt64_us,
-            r.tcp_mbps / plain.tcp_mbps.max(1e-9)
+            r.tcp_mbps / plain.tcp_mbps.max(1e-9),
+            r.udp_mbps / plain.udp_mbps.max(1e-9)
         );
+        if let (Some(u), Some(p)) = (r.udp_2m, plain.udp_2m) {
+            let _ = write!(
+                out,
+                " ({:.2}x with 2 MiB buffers, {:.2}% lost)",
+                u.0 / p.0.max(1e-9),
+                u.1
+            );
+        }
         if let (Some(t), Some(l)) = (bt_tcp, bt_rtt)
             && !r.path.starts_with("boringtun")
         {
