@@ -344,6 +344,23 @@ impl Tenant {
         Ok((t, c, s))
     }
 
+    /// A tenant with a client (`CLIENT_VNFD`), a server (`server_vnfd`) and a gateway
+    /// (`GATEWAY_VNFD`), on-boarded from images of `image_len` bytes and added but not
+    /// started; their indexes: gateway, client, server.
+    pub fn behind_gateway(server_vnfd: &str, image_len: usize) -> KitResult<(Tenant, [usize; 3])> {
+        let mut t = Tenant::new()?;
+        let imgs: Vec<PathBuf> = (1..=3)
+            .map(|i| t.file(&format!("{i}.img"), &image(i, image_len)))
+            .collect::<KitResult<_>>()?;
+        t.onboard(&imgs[0], CLIENT_VNFD)?;
+        t.onboard(&imgs[1], server_vnfd)?;
+        t.onboard(&imgs[2], GATEWAY_VNFD)?;
+        let g = t.add("gw-0", "gw", "gateway", &imgs[2])?;
+        let c = t.add("client-0", "client", "vnf", &imgs[0])?;
+        let s = t.add("server-0", "server", "vnf", &imgs[1])?;
+        Ok((t, [g, c, s]))
+    }
+
     /// Waits until VNF `i`'s agent logged its enrollment.
     pub fn wait_enrolled(&mut self, i: usize, limit: Duration) -> KitResult<()> {
         let v = &mut self.vnfs[i];

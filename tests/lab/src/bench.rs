@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use asmn_testkit::netns::{self, Netns, Proc};
-use asmn_testkit::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_testkit::tenant::Tenant;
 use asmn_testkit::{KitError, KitResult};
 
 /// One path's measurements.
@@ -913,26 +913,8 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
 
     if want.gateway {
         eprintln!("ASMN through the gateway ...");
-        let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
-        let imgs: Vec<PathBuf> = (1..=3)
-            .map(|i| t.file(&format!("{i}.img"), &image(i, 1 << 20)))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[0], CLIENT_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[1], BENCH_SERVER_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        t.onboard(&imgs[2], GATEWAY_VNFD)
-            .map_err(anyhow::Error::msg)?;
-        let g = t
-            .add("gw-0", "gw", "gateway", &imgs[2])
-            .map_err(anyhow::Error::msg)?;
-        let c = t
-            .add("client-0", "client", "vnf", &imgs[0])
-            .map_err(anyhow::Error::msg)?;
-        let s = t
-            .add("server-0", "server", "vnf", &imgs[1])
-            .map_err(anyhow::Error::msg)?;
+        let (mut t, [g, c, s]) =
+            Tenant::behind_gateway(BENCH_SERVER_VNFD, 1 << 20).map_err(anyhow::Error::msg)?;
         for i in [g, c, s] {
             t.start(i).map_err(anyhow::Error::msg)?;
             t.wait_enrolled(i, Duration::from_secs(30))

@@ -2,14 +2,14 @@
 //! server) and the latencies beyond the paper: catalog apply to enforcement, revocation to
 //! cut-off, enrollment.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::{CEILING_MBPS, Options, Progress, RULE_AT_S, epoch_ns, spawn_gen};
 use crate::bench;
-use asmn_testkit::tenant::{CLIENT_VNFD, GATEWAY_VNFD, Tenant, image};
+use asmn_testkit::tenant::Tenant;
 
 /// Fig. 9.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -111,27 +111,8 @@ pub(super) fn tenant_figures(
     p: &Progress,
 ) -> anyhow::Result<(Flood, Latency)> {
     let mut lat = Latency::default();
-    let mut t = Tenant::new().map_err(anyhow::Error::msg)?;
-    let imgs: Vec<PathBuf> = (1..=3)
-        .map(|i| t.file(&format!("{i}.img"), &image(i, 4 << 20)))
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
-    for (img, vnfd) in [
-        (&imgs[0], CLIENT_VNFD),
-        (&imgs[1], EVAL_SERVER_VNFD),
-        (&imgs[2], GATEWAY_VNFD),
-    ] {
-        t.onboard(img, vnfd).map_err(anyhow::Error::msg)?;
-    }
-    let g = t
-        .add("gw-0", "gw", "gateway", &imgs[2])
-        .map_err(anyhow::Error::msg)?;
-    let c = t
-        .add("client-0", "client", "vnf", &imgs[0])
-        .map_err(anyhow::Error::msg)?;
-    let s = t
-        .add("server-0", "server", "vnf", &imgs[1])
-        .map_err(anyhow::Error::msg)?;
+    let (mut t, [g, c, s]) =
+        Tenant::behind_gateway(EVAL_SERVER_VNFD, 4 << 20).map_err(anyhow::Error::msg)?;
     for (i, name) in [(g, "gw"), (c, "client"), (s, "server")] {
         let t0 = Instant::now();
         t.start(i).map_err(anyhow::Error::msg)?;
