@@ -6,7 +6,7 @@ use std::time::Duration;
 use asmn_lab::scenarios;
 use asmn_testkit::netns;
 use asmn_testkit::tenant::{
-    CLIENT_VNFD, GATEWAY_VNFD, Tenant, image, metric, metrics, ping_until_up,
+    CLIENT_VNFD, GATEWAY_VNFD, Tenant, dataplane_writes, image, metric, metrics, ping_until_up,
 };
 
 const SERVER_VNFD: &str = "vnfd:
@@ -71,6 +71,7 @@ fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
     assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
 
     // TCP and UDP on the listed port pass.
+    let writes_before = dataplane_writes(&t, s).expect("the server's data-plane thread");
     let tcp = t.vnfs[c]
         .ns
         .run(
@@ -94,6 +95,15 @@ fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
         .as_f64()
         .unwrap_or(0.0);
     assert!(bps > 1e6, "TCP goodput {bps} bit/s");
+    // The server's agent writes the stream to its TUN device coalesced: many segments
+    // (1,368 bytes of payload each at MTU 1420) per write. Buffers with room for one
+    // packet capped this at two segments a write.
+    let writes = dataplane_writes(&t, s).expect("the server's data-plane thread") - writes_before;
+    let segments = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / 1368.0;
+    assert!(
+        segments > 8.0 * writes as f64,
+        "{segments:.0} TCP segments in {writes} TUN writes"
+    );
     let udp = t.vnfs[c]
         .ns
         .run(

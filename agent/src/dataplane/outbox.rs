@@ -15,6 +15,11 @@ pub const HANDSHAKE: usize = 148;
 pub const GSO_BYTES: usize = 65_000;
 /// Room for the virtio-net header in front of each packet written to the TUN device.
 pub const TUN_HEADER: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Capacity of each TUN write buffer: tun-rs coalesces the packets of a TCP or UDP flow
+/// into one super-packet (up to 64 KiB) in place, and only where the buffer's capacity
+/// holds it (it keeps room for two headers); with room for one packet only, a flow left
+/// in writes of two segments and the receiving host paid for each.
+pub const SUPER_PACKET: usize = 2 * TUN_HEADER + u16::MAX as usize;
 
 /// Encrypted datagrams waiting to be sent, grouped for UDP GSO: consecutive datagrams to
 /// the same endpoint with the same size (the last of a group may be shorter).
@@ -131,11 +136,78 @@ impl Sends {
     }
 }
 
+/// One TUN write buffer: virtio-net header room, then a packet (or, once tun-rs has
+/// coalesced a flow into it, a super-packet). Its bytes are allocated once, at
+/// [`SUPER_PACKET`], and never cleared between batches: only `len` moves.
+pub struct TunBuf {
+    data: Box<[u8]>,
+    len: usize,
+}
+
+impl TunBuf {
+    fn new() -> TunBuf {
+        // Zeroed by the allocator (calloc): pages are only touched once used.
+        TunBuf {
+            data: vec![0; SUPER_PACKET].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    /// Grows the allocation to `len` bytes at least (tun-rs checks the capacity before it
+    /// coalesces, so this does not happen in practice).
+    fn reserve(&mut self, len: usize) {
+        if len > self.data.len() {
+            let mut v = std::mem::take(&mut self.data).into_vec();
+            v.resize(len, 0);
+            self.data = v.into_boxed_slice();
+        }
+    }
+}
+
+impl std::fmt::Debug for TunBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunBuf").field("len", &self.len).finish()
+    }
+}
+
+impl AsRef<[u8]> for TunBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for TunBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl tun_rs::ExpandBuffer for TunBuf {
+    fn buf_capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        self.reserve(new_len);
+        if new_len > self.len {
+            self.data[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = self.len + src.len();
+        self.reserve(end);
+        self.data[self.len..end].copy_from_slice(src);
+        self.len = end;
+    }
+}
+
 /// Decrypted packets for the TUN device, each written after room for the virtio-net
 /// header.
 #[derive(Debug)]
 pub struct TunBatch {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<TunBuf>,
     len: usize,
 }
 
@@ -143,20 +215,22 @@ impl TunBatch {
     /// Room for `packets` packets.
     pub fn new(packets: usize) -> TunBatch {
         TunBatch {
-            bufs: vec![vec![0; TUN_HEADER + PACKET]; packets.max(1)],
+            bufs: (0..packets.max(1)).map(|_| TunBuf::new()).collect(),
             len: 0,
         }
     }
 
-    /// Where the next packet is written (None when the batch is full).
+    /// Where the next packet is written ([`PACKET`] bytes; None when the batch is full).
     pub fn space(&mut self) -> Option<&mut [u8]> {
-        self.bufs.get_mut(self.len).map(|b| &mut b[TUN_HEADER..])
+        self.bufs
+            .get_mut(self.len)
+            .map(|b| &mut b.data[TUN_HEADER..TUN_HEADER + PACKET])
     }
 
     /// The next packet is the first `len` bytes of [`TunBatch::space`].
     pub fn commit(&mut self, len: usize) {
         if let Some(b) = self.bufs.get_mut(self.len) {
-            b.truncate(TUN_HEADER + len);
+            b.len = TUN_HEADER + len.min(PACKET);
             self.len += 1;
         }
     }
@@ -177,20 +251,19 @@ impl TunBatch {
     }
 
     /// The filled buffers, each with its header room (what tun-rs's batched write takes).
-    pub fn filled(&mut self) -> &mut [Vec<u8>] {
+    pub fn filled(&mut self) -> &mut [TunBuf] {
         &mut self.bufs[..self.len]
     }
 
     /// The packets, without header room.
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.bufs[..self.len].iter().map(|b| &b[TUN_HEADER..])
+        self.bufs[..self.len]
+            .iter()
+            .map(|b| &b.data[TUN_HEADER..b.len.max(TUN_HEADER)])
     }
 
-    /// Empties the batch; only the buffers that were used regrow.
+    /// Empties the batch (nothing is cleared: each packet overwrites its bytes).
     pub fn clear(&mut self) {
-        for b in &mut self.bufs[..self.len] {
-            b.resize(TUN_HEADER + PACKET, 0);
-        }
         self.len = 0;
     }
 }
@@ -294,5 +367,36 @@ mod tests {
         assert_eq!(t.packets().map(|p| p[0]).collect::<Vec<_>>(), vec![0, 1]);
         t.clear();
         assert!(t.is_empty() && t.space().is_some_and(|s| s.len() == PACKET));
+    }
+
+    #[test]
+    fn tun_buffers_have_room_for_a_coalesced_flow() {
+        use tun_rs::ExpandBuffer;
+        let mut t = TunBatch::new(2);
+        let space = t.space().expect("room");
+        space[..3].copy_from_slice(&[7, 8, 9]);
+        t.commit(3);
+        let b = &mut t.filled()[0];
+        // tun-rs coalesces into a buffer only if it holds 64 KiB and two headers.
+        assert!(b.buf_capacity() >= 2 * TUN_HEADER + usize::from(u16::MAX));
+        assert_eq!(b.as_ref().len(), TUN_HEADER + 3);
+        // Appending (as tun-rs coalesces) keeps what was there.
+        b.buf_resize(TUN_HEADER + 5, 0);
+        b.buf_extend_from_slice(&[1, 2]);
+        assert_eq!(&b.as_ref()[TUN_HEADER..], &[7, 8, 9, 0, 0, 1, 2]);
+        // Past the allocation it grows rather than losing bytes.
+        let big = b.buf_capacity() + 10;
+        b.buf_resize(big, 4);
+        assert_eq!(b.as_ref().len(), big);
+        assert_eq!(&b.as_ref()[TUN_HEADER..TUN_HEADER + 3], &[7, 8, 9]);
+        assert_eq!(b.as_ref()[big - 1], 4);
+        // A cleared batch offers a whole packet again, in the buffer that grew too.
+        t.clear();
+        assert_eq!(t.space().map(|s| s.len()), Some(PACKET));
+        t.commit(PACKET + 1);
+        assert_eq!(
+            t.packets().map(<[u8]>::len).collect::<Vec<_>>(),
+            vec![PACKET]
+        );
     }
 }

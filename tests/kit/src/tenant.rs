@@ -389,6 +389,28 @@ pub fn metrics(t: &Tenant, i: usize) -> String {
         .unwrap_or_default()
 }
 
+/// Write system calls made so far by VNF `i`'s data-plane thread (`syscw` in its
+/// `/proc` task): its writes to the TUN device, one per packet or coalesced
+/// super-packet. None when the agent or its thread is not found.
+pub fn dataplane_writes(t: &Tenant, i: usize) -> Option<u64> {
+    let pid = t.vnfs[i].agent.as_ref()?.pid();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim() == "asmn-dataplane" {
+            let io = std::fs::read_to_string(dir.join("io")).ok()?;
+            return io
+                .lines()
+                .find_map(|l| l.strip_prefix("syscw:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
+}
+
 /// The value of the unlabelled metric `name` in `text`.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
