@@ -694,8 +694,7 @@ impl<C: Clock + Clone> Plane<C> {
         }
         match source {
             Source::Direct(from_slot) if self.role == Role::Gateway => {
-                let packet = space[..len].to_vec();
-                self.forward(now, from_slot, src, dst, &packet, net);
+                self.forward(now, from_slot, src, dst, &space[..len], net);
             }
             _ => self.counters.no_route += 1,
         }
@@ -779,12 +778,12 @@ impl<C: Clock + Clone> Plane<C> {
     /// Forwards `packet` of an admitted pair, under the destination's catalog if this
     /// gateway protects it.
     fn forward_admitted(&mut self, from_slot: Slot, dst: IpAddr, packet: &[u8], net: &mut Sends) {
-        let Some(src_vnf) = self.peers.get(from_slot).map(|p| p.spec.vnf.clone()) else {
+        let Some(src_vnf) = self.peers.get(from_slot).map(|p| &p.spec.vnf) else {
             self.counters.no_route += 1;
             return;
         };
         // A gateway forwards only to its direct peers.
-        let Some(Route::Direct(to)) = self.routes.get(&dst).cloned() else {
+        let Some(&Route::Direct(to)) = self.routes.get(&dst) else {
             self.counters.no_route += 1;
             return;
         };
@@ -794,12 +793,13 @@ impl<C: Clock + Clone> Plane<C> {
         };
         // Protected: Sec-EM said so when it described the peer, or its catalog (which
         // names this gateway) has reached us since.
-        if to_peer.spec.protected || self.protected.contains_key(&to_peer.spec.vnf) {
-            let decision = match self.protected.get_mut(&to_peer.spec.vnf) {
+        let engine = self.protected.get_mut(&to_peer.spec.vnf);
+        if to_peer.spec.protected || engine.is_some() {
+            let decision = match engine {
                 // A VNF this gateway protects, without its catalog yet: nothing passes.
                 None => Decision::DropNotListed,
                 Some(engine) => {
-                    let key = engine.source_key(&src_vnf);
+                    let key = engine.source_key(src_vnf);
                     engine.handle_packet(key, packet)
                 }
             };
