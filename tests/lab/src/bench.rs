@@ -38,6 +38,9 @@ pub struct PathResult {
     /// The same UDP load with 2 MiB socket buffers at both applications (`iperf3 -w 2M`),
     /// as a UDP-heavy VNF sizes them: goodput, Mbit/s, and loss, percent.
     pub udp_2m: Option<(f64, f64)>,
+    /// UDP in 64-byte datagrams offered without a rate limit (`iperf3 -b 0`): thousands
+    /// of datagrams a second received.
+    pub udp64_kpps: Option<f64>,
     /// CPU seconds of the tunnel processes per GB of TCP payload (None: the kernel's).
     pub cpu_s_per_gb: Option<f64>,
 }
@@ -291,6 +294,19 @@ fn measure_tools(
         &format!("{slug}-iperf-udp-2m.log"),
     )?;
     let urx2 = &udp2["end"]["sum_received"];
+    let udp64 = iperf3(
+        run,
+        (a, b),
+        to,
+        7002,
+        &["-u", "-b", "0", "-l", "64"],
+        &format!("{slug}-iperf-udp-64.log"),
+    )?;
+    let urx64 = &udp64["end"]["sum_received"];
+    let kpps = urx64["bytes"].as_f64().unwrap_or(0.0)
+        / 64.0
+        / urx64["seconds"].as_f64().unwrap_or(0.0).max(1e-9)
+        / 1e3;
     Ok(PathResult {
         path: name.to_string(),
         tool: "ping + iperf3".into(),
@@ -307,6 +323,7 @@ fn measure_tools(
             urx2["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
             urx2["lost_percent"].as_f64().unwrap_or(100.0),
         )),
+        udp64_kpps: Some(kpps),
         cpu_s_per_gb: (!procs.is_empty() && bytes > 0.0).then(|| (cpu1 - cpu0) / (bytes / 1e9)),
     })
 }
@@ -391,6 +408,7 @@ fn measure_lab(
         },
         udp_rcvbuf_drop_pct: None,
         udp_2m: None,
+        udp64_kpps: None,
         cpu_s_per_gb: (!procs.is_empty() && bytes > 0.0).then(|| (cpu1 - cpu0) / (bytes / 1e9)),
     })
 }
@@ -962,14 +980,18 @@ pub fn markdown(results: &[PathResult]) -> String {
     // the least RTT overhead.
     let bt_tcp = bts().max_by(|a, b| a.tcp_mbps.total_cmp(&b.tcp_mbps));
     let bt_rtt = bts().min_by(|a, b| a.rtt64_us.total_cmp(&b.rtt64_us));
+    let bt_pps = bts()
+        .filter_map(|r| Some((r, r.udp64_kpps?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let direct = results.iter().find(|r| r.path == "ASMN direct");
     let _ = writeln!(out, "Measured with {}.\n", plain.tool);
     let _ = writeln!(
         out,
-        "| path | RTT 64 B (us, median of {RTT_RUNS} runs) | its runs (us, least-most) | RTT 4 KiB (us, median) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | of it at the receiving sockets (%) | UDP, 2 MiB buffers (Mbit/s) | its loss (%) | CPU s/GB |"
+        "| path | RTT 64 B (us, median of {RTT_RUNS} runs) | its runs (us, least-most) | RTT 4 KiB (us, median) | TCP (Mbit/s) | UDP (Mbit/s) | UDP loss (%) | of it at the receiving sockets (%) | UDP, 2 MiB buffers (Mbit/s) | its loss (%) | UDP 64 B, unlimited (kpps received) | CPU s/GB |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         let lo = r
@@ -980,7 +1002,7 @@ pub fn markdown(results: &[PathResult]) -> String {
         let hi = r.rtt64_runs_us.iter().copied().fold(0.0, f64::max);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {lo:.0}-{hi:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {lo:.0}-{hi:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
             r.path,
             r.rtt64_us,
             r.rtt4096_us,
@@ -991,6 +1013,7 @@ pub fn markdown(results: &[PathResult]) -> String {
                 .map_or("-".to_string(), |d| format!("{d:.2}")),
             r.udp_2m.map_or("-".to_string(), |u| format!("{:.0}", u.0)),
             r.udp_2m.map_or("-".to_string(), |u| format!("{:.2}", u.1)),
+            r.udp64_kpps.map_or("-".to_string(), |k| format!("{k:.0}")),
             r.cpu_s_per_gb
                 .map_or("kernel".to_string(), |c| format!("{c:.1}"))
         );
@@ -1030,6 +1053,26 @@ pub fn markdown(results: &[PathResult]) -> String {
                 (r.rtt64_us - plain.rtt64_us) / theirs.max(1e-9),
                 l.path,
                 r.rtt64_runs_us.len()
+            );
+        }
+        if let (Some((t, theirs)), Some(k)) = (bt_pps, r.udp64_kpps)
+            && !r.path.starts_with("boringtun")
+        {
+            let _ = write!(
+                out,
+                "; UDP 64 B {:.2}x the packets a second of {}",
+                k / theirs.max(1e-9),
+                t.path
+            );
+        }
+        if let Some(d) = direct
+            && r.path.contains("gateway")
+        {
+            let _ = write!(
+                out,
+                "; TCP {:.2}x ASMN direct; RTT overhead {:.2}x that of ASMN direct",
+                r.tcp_mbps / d.tcp_mbps.max(1e-9),
+                (r.rtt64_us - plain.rtt64_us) / (d.rtt64_us - plain.rtt64_us).max(1e-9)
             );
         }
         let _ = writeln!(out);

@@ -1,6 +1,7 @@
 //! Figs. 6 to 8: machine CPU use, second by second, under ICMP, TCP and UDP traffic over
-//! plain veth, over ASMN and over boringtun-cli (where installed), with the CPU time of
-//! the tunnel processes themselves.
+//! plain veth, over ASMN, over boringtun-cli (where installed) and over the null tunnel
+//! (no cryptography: the floor of a userspace tunnel that wakes for its packets), with the
+//! CPU time of the tunnel processes themselves.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,12 +9,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Options, Progress, spawn_gen};
-use crate::bench::{self, BORINGTUN_B, DirectPair, TUNNEL_B, VETH_B};
+use crate::bench::{self, BORINGTUN_B, DirectPair, NULL_B, Run, TUNNEL_B, VETH_B};
 
 /// CPU use under one kind of traffic.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuRun {
-    /// "plain veth", "ASMN" or "boringtun-cli".
+    /// "plain veth", "ASMN", "boringtun-cli" or [`NULL_TUNNEL`].
     pub path: String,
     /// icmp, tcp or udp.
     pub protocol: String,
@@ -29,6 +30,9 @@ pub struct CpuRun {
     /// The load the generator reported, Mbit/s (ICMP: echoes answered per second).
     pub delivered: f64,
 }
+
+/// The floor's path name: the lab's null tunnel, blocking.
+pub const NULL_TUNNEL: &str = "null tunnel";
 
 /// Machine-wide CPU time counters from /proc/stat: (busy, total) jiffies.
 pub(super) fn cpu_jiffies() -> (u64, u64) {
@@ -86,6 +90,14 @@ pub(super) fn cpu(
     if let Some(bt) = &boringtun {
         paths.push(("boringtun-cli", BORINGTUN_B, bt.pids()));
     }
+    let run = Run {
+        me,
+        seconds: secs,
+        work,
+        tools: false,
+    };
+    let null = bench::null_tunnels(run, &pair, false)?;
+    paths.push((NULL_TUNNEL, NULL_B, null.iter().map(|p| p.pid()).collect()));
     let sink_secs = (secs * 19 + 60).to_string();
     let _tcp_sink = spawn_gen(
         &pair.b,
@@ -180,5 +192,6 @@ pub(super) fn cpu(
         }
     }
     drop(boringtun);
+    drop(null);
     Ok(runs)
 }

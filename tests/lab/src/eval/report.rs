@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+use super::cpu::{self, CpuRun};
 use super::{CEILING_MBPS, LIMIT_MBPS, Options, RULE_AT_S, Report};
 use crate::bench::{self, PathResult};
 use crate::charts::{self, BarChart, LineChart, Marker, Series};
@@ -301,14 +302,21 @@ pub fn markdown(r: &Report) -> String {
          steady load to the server: 100 ICMP echoes a second, or 10 Mbit/s of TCP or UDP, \
          in 64- and 4096-byte packets (writes, for TCP). Baseline: the same load over plain \
          veth. The tunnel's own CPU time (both ends, all threads, from the scheduler's \
-         nanosecond counts) is beside it, less noisy than the machine-wide share. The ratio \
-         is ASMN's added CPU over boringtun-cli's (one thread), by both measures.\n"
+         nanosecond counts) is beside it, less noisy than the machine-wide share. The ratios \
+         are ASMN's added CPU over boringtun-cli's (one thread), by both measures, and the same \
+         for the null tunnel (the lab's, without cryptography, one packet per system call, \
+         sleeping between packets): the floor of a userspace tunnel that wakes for its \
+         packets on this machine.\n"
     );
     let _ = writeln!(
         w,
-        "| protocol | size (B) | plain veth (% CPU) | ASMN (% CPU, points over veth) | boringtun-cli (% CPU, points over veth) | added CPU, ASMN / boringtun-cli | tunnel processes (ms/s): ASMN, boringtun-cli, ratio |"
+        "| protocol | size (B) | plain veth (% CPU) | ASMN (% CPU, points over veth) | boringtun-cli (% CPU, points over veth) | null tunnel (% CPU, points over veth) | added CPU / boringtun-cli's: ASMN, null tunnel | tunnel processes (ms/s): ASMN, boringtun-cli, null tunnel | their ratio to boringtun-cli: ASMN, null tunnel |"
     );
-    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let ratio = |x: f64, y: Option<f64>| match y {
+        Some(y) if y > 0.0 => format!("{:.2}x", x / y),
+        _ => "-".into(),
+    };
     for protocol in ["icmp", "tcp", "udp"] {
         for size in [64usize, 4096] {
             let find = |path: &str| {
@@ -319,38 +327,29 @@ pub fn markdown(r: &Report) -> String {
             let Some((v, a)) = find("plain veth").zip(find("ASMN")) else {
                 continue;
             };
-            let bt = find("boringtun-cli");
-            let ratio = |x: f64, y: f64| {
-                if y > 0.0 {
-                    format!("{:.2}x", x / y)
-                } else {
-                    "-".into()
-                }
+            let (bt, null) = (find("boringtun-cli"), find(cpu::NULL_TUNNEL));
+            let added = |c: Option<&CpuRun>| c.map(|c| c.mean - v.mean);
+            let cell = |c: Option<&CpuRun>| {
+                c.map_or("-".to_string(), |c| {
+                    format!("{:.2} ({:+.2})", c.mean, c.mean - v.mean)
+                })
             };
-            let (bt_cell, added, procs) = match bt {
-                Some(b) => {
-                    let (ta, tb) = (
-                        a.tunnel_ms_per_s.unwrap_or(0.0),
-                        b.tunnel_ms_per_s.unwrap_or(0.0),
-                    );
-                    (
-                        format!("{:.2} ({:+.2})", b.mean, b.mean - v.mean),
-                        ratio(a.mean - v.mean, b.mean - v.mean),
-                        format!("{ta:.0}, {tb:.0}, {}", ratio(ta, tb)),
-                    )
-                }
-                None => (
-                    "-".into(),
-                    "-".into(),
-                    format!("{:.0}, -, -", a.tunnel_ms_per_s.unwrap_or(0.0)),
-                ),
-            };
+            let ms = |c: Option<&CpuRun>| c.and_then(|c| c.tunnel_ms_per_s);
+            let ms_cell = |c: Option<&CpuRun>| ms(c).map_or("-".to_string(), |m| format!("{m:.0}"));
+            let null_added = added(null).map_or("-".to_string(), |n| ratio(n, added(bt)));
+            let null_ms = ms(null).map_or("-".to_string(), |n| ratio(n, ms(bt)));
             let _ = writeln!(
                 w,
-                "| {protocol} | {size} | {:.2} | {:.2} ({:+.2}) | {bt_cell} | {added} | {procs} |",
+                "| {protocol} | {size} | {:.2} | {} | {} | {} | {}, {null_added} | {}, {}, {} | {}, {null_ms} |",
                 v.mean,
-                a.mean,
-                a.mean - v.mean
+                cell(Some(a)),
+                cell(bt),
+                cell(null),
+                ratio(a.mean - v.mean, added(bt)),
+                ms_cell(Some(a)),
+                ms_cell(bt),
+                ms_cell(null),
+                ms(Some(a)).map_or("-".to_string(), |m| ratio(m, ms(bt))),
             );
         }
     }
