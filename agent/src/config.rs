@@ -10,6 +10,8 @@
 //! metrics_addr = "127.0.0.1:9465"    # Prometheus metrics and /health
 //! reattest_interval_secs = 30        # default: what Sec-EM says
 //! polling = "adaptive"               # or "busy": no sleep while packets flow (a whole core)
+//! tun_queue = 500                    # packets the TUN device queues for the data plane
+//!                                    # (16..=65536; more for a UDP-heavy VNF)
 //! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed
 //!                                    # replica is tried (keep-alives every third of it)
 //! ```
@@ -42,6 +44,8 @@ pub struct Config {
     pub reattest_interval_secs: Option<u32>,
     /// How the data plane waits for packets.
     pub polling: Polling,
+    /// Packets the TUN device queues for the data plane (`tun_queue`).
+    pub tun_queue: u32,
     /// How fast a silent controller is declared dead and another one tried
     /// (`failover_ms`, default 450; keep-alives every third of it).
     pub liveness: asmn_channel::tls::Liveness,
@@ -75,6 +79,8 @@ struct Raw {
     polling: Polling,
     #[serde(default)]
     failover_ms: Option<u64>,
+    #[serde(default)]
+    tun_queue: Option<u32>,
 }
 
 /// Longest TUN name Linux accepts (IFNAMSIZ - 1).
@@ -138,6 +144,15 @@ impl Config {
                 "field `reattest_interval_secs`: {secs} is outside 1..=86400"
             )));
         }
+        let tun_queue = raw.tun_queue.unwrap_or(crate::daemon::TUN_TX_QUEUE);
+        if !crate::daemon::TUN_QUEUE_RANGE.contains(&tun_queue) {
+            return Err(err(format!(
+                "field `tun_queue`: {tun_queue} is outside {}..={} (packets the TUN device \
+                 queues for the data plane)",
+                crate::daemon::TUN_QUEUE_RANGE.start(),
+                crate::daemon::TUN_QUEUE_RANGE.end()
+            )));
+        }
         let liveness = match raw.failover_ms {
             None => asmn_channel::tls::Liveness::FAILOVER,
             Some(ms) if (300..=60_000).contains(&ms) => asmn_channel::tls::Liveness {
@@ -164,6 +179,7 @@ impl Config {
             metrics_addr,
             reattest_interval_secs: raw.reattest_interval_secs,
             polling: raw.polling,
+            tun_queue,
             liveness,
         })
     }
@@ -190,6 +206,11 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(busy.polling, Polling::Busy);
+        assert_eq!(c.tun_queue, crate::daemon::TUN_TX_QUEUE);
+        let deep =
+            parse("bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = 5000\n")
+                .expect("tun_queue");
+        assert_eq!(deep.tun_queue, 5000);
     }
 
     #[test]
@@ -219,6 +240,14 @@ mod tests {
             (
                 "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ncolour = 1\n",
                 "colour",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = 4\n",
+                "tun_queue",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = -1\n",
+                "tun_queue",
             ),
         ] {
             let e = parse(text).expect_err(text).to_string();

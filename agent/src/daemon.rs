@@ -28,32 +28,36 @@ use crate::io::{Driver, Polling};
 /// capability it asks for them and the kernel caps them.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Packets the kernel queues on the TUN device for the data plane to read: the kernel's
-/// default, 500. A queue of 5,000 was measured twice on the 2-core VM: a 1 Gbit/s stream
-/// of 1,200-byte datagrams lost none there (against 0.2-6% with 500, while the data plane
-/// thread is off the CPU), but in the SYN-flood test, where the attacker's agent reads
-/// that queue full of flood packets, the gateway then forwarded 9.23-9.29 Mbit/s of the
-/// 10 Mbit/s rule in 2 runs of 5 (9.49-9.76 in 5 of 5 with 500).
-const TUN_TX_QUEUE: u32 = 500;
+/// Packets the kernel queues on the TUN device for the data plane to read, by default:
+/// the kernel's 500. The TUN driver drops what does not fit (it never holds the sender
+/// back), so a UDP-heavy VNF loses datagrams whenever the data-plane thread is off the
+/// CPU for longer than the queue lasts. Measured on the 2-core VM, a 1 Gbit/s stream of
+/// 1,200-byte datagrams (2 MiB application buffers) lost 5-11% with 500, 2-4% with 2,000
+/// and 0-0.7% with 5,000; but in the SYN-flood test, where the attacker's agent reads
+/// that queue full of flood packets, 5,000 made the gateway forward 8.6-9.5 Mbit/s of the
+/// 10 Mbit/s rule (9.3-9.9 with 500): the attacker's deeper bursts stall the gateway.
+/// So the default stays, and `tun_queue` raises it where a VNF's own traffic needs it.
+pub const TUN_TX_QUEUE: u32 = 500;
+/// The range `tun_queue` accepts.
+pub const TUN_QUEUE_RANGE: std::ops::RangeInclusive<u32> = 16..=65_536;
 /// Longest wait for the QUIC connection to close cleanly at shutdown.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The TUN device with address `ip/prefix` (MTU 1420, virtio-net header and TSO/USO
-/// offloads for the batched I/O), and the overlay network it is in. Its transmit queue
-/// stays the kernel's 500 packets: a queue of 5,000 cut a 1 Gbit/s UDP stream's loss at
-/// the sender from 5% to 0.4%, but its bursts after a stall of the data plane thread
-/// made a 10 Mbit/s policer admit 8.5-9 Mbit/s under load (the SYN-flood test).
+/// offloads for the batched I/O) and a transmit queue of `queue` packets (see
+/// [`TUN_TX_QUEUE`]), and the overlay network it is in.
 pub fn open_tun(
     name: &str,
     ip: Ipv4Addr,
     prefix: u8,
+    queue: u32,
 ) -> Result<(tun_rs::SyncDevice, IpAddr), AgentError> {
     let tun = tun_rs::DeviceBuilder::new()
         .name(name)
         .ipv4(ip, prefix, None)
         .mtu(1420)
         .offload(true)
-        .tx_queue_len(TUN_TX_QUEUE)
+        .tx_queue_len(queue)
         .build_sync()
         .map_err(|e| {
             AgentError::Device(format!(
@@ -148,7 +152,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "IPv6 overlays are not supported yet".into(),
         ));
     };
-    let (tun, net) = open_tun(&config.tun, ip4, overlay.prefix)?;
+    let (tun, net) = open_tun(&config.tun, ip4, overlay.prefix, config.tun_queue)?;
     let mut plane = Plane::new(
         PlaneConfig {
             secret,
@@ -287,6 +291,8 @@ pub struct StaticConfig {
     pub psk: asmn_shared::crypto::PresharedKey,
     /// How the data plane waits.
     pub polling: Polling,
+    /// The TUN device's transmit queue, packets.
+    pub tun_queue: u32,
 }
 
 /// Runs the data plane of `config` until `shutdown` resolves.
@@ -296,7 +302,7 @@ pub async fn run_static(
 ) -> Result<(), AgentError> {
     let secret = boringtun::x25519::StaticSecret::from(config.private_key);
     let (ip, prefix) = config.address;
-    let (tun, net) = open_tun(&config.tun, ip, prefix)?;
+    let (tun, net) = open_tun(&config.tun, ip, prefix, config.tun_queue)?;
     let udp = underlay_socket(config.listen)?;
     let mut plane = Plane::new(
         PlaneConfig {

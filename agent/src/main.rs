@@ -82,6 +82,12 @@ struct StaticArgs {
     /// price of a whole core (the config file's `polling = "busy"`).
     #[arg(long)]
     busy_poll: bool,
+    /// Packets the TUN device queues for the data plane (the config file's `tun_queue`):
+    /// the kernel drops what does not fit while the data plane is off the CPU; more for
+    /// a UDP-heavy VNF.
+    #[arg(long, default_value_t = asmn_agent::daemon::TUN_TX_QUEUE,
+          value_parser = clap::value_parser!(u32).range(16..=65_536))]
+    tun_queue: u32,
 }
 
 fn logging(format: &str) {
@@ -141,6 +147,7 @@ fn static_config(a: &StaticArgs) -> Result<StaticConfig, AgentError> {
         } else {
             Polling::Adaptive
         },
+        tun_queue: a.tun_queue,
     })
 }
 

@@ -462,7 +462,13 @@ pub struct Paths {
     /// Null tunnels (no cryptography, blocking and busy-polling): the floor of a
     /// userspace tunnel on this machine.
     pub floor: bool,
+    /// An ASMN direct tunnel whose TUN devices queue [`UDP_HEAVY_QUEUE`] packets
+    /// (`--tun-queue`), as an operator sets it for a UDP-heavy VNF.
+    pub queue: bool,
 }
+
+/// The TUN queue of the bench's UDP-heavy path, packets.
+pub const UDP_HEAVY_QUEUE: u32 = 5000;
 
 /// The benchmark server's descriptor: it accepts the benchmark's traffic (and iperf3's control connections).
 pub const BENCH_SERVER_VNFD: &str = "vnfd:
@@ -564,6 +570,15 @@ impl DirectPair {
     /// Starts the agents (polling without pause with `busy_poll`); their PIDs once both
     /// data planes are up.
     pub fn start_agents(&mut self, busy_poll: bool) -> anyhow::Result<[u32; 2]> {
+        self.start_agents_with(busy_poll, &[])
+    }
+
+    /// [`DirectPair::start_agents`] with more arguments to `asmn-agent static`.
+    pub fn start_agents_with(
+        &mut self,
+        busy_poll: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<[u32; 2]> {
         let agent = netns::binary("asmn-agent").map_err(anyhow::Error::msg)?;
         let psk = self.keys.2.to_str().unwrap_or_default().to_string();
         let ends = [
@@ -611,6 +626,7 @@ impl DirectPair {
             if busy_poll {
                 args.push("--busy-poll");
             }
+            args.extend_from_slice(extra);
             let mut p = ns
                 .spawn(&agent, &args, &self.work.join(format!("agent-{i}.log")))
                 .map_err(anyhow::Error::msg)?;
@@ -885,13 +901,17 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
     results.push(
         measure(run, "plain veth", (&pair.a, &pair.b), VETH_B, &[]).map_err(anyhow::Error::msg)?,
     );
-    for (wanted, busy, name) in [
-        (want.direct, false, "ASMN direct"),
-        (want.busy, true, "ASMN direct, busy-poll"),
+    let queue = UDP_HEAVY_QUEUE.to_string();
+    let deep: &[&str] = &["--tun-queue", &queue];
+    let udp_heavy = format!("ASMN direct, TUN queue {UDP_HEAVY_QUEUE}");
+    for (wanted, busy, extra, name) in [
+        (want.direct, false, &[][..], "ASMN direct"),
+        (want.queue, false, deep, udp_heavy.as_str()),
+        (want.busy, true, &[][..], "ASMN direct, busy-poll"),
     ] {
         if wanted {
             eprintln!("{name} ...");
-            let pids = pair.start_agents(busy)?;
+            let pids = pair.start_agents_with(busy, extra)?;
             results.push(
                 measure(run, name, (&pair.a, &pair.b), TUNNEL_B, &pids)
                     .map_err(anyhow::Error::msg)?,

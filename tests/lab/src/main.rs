@@ -100,6 +100,9 @@ enum BenchPath {
     Busy,
     /// Null tunnels without cryptography, blocking and busy-polling: the floor.
     Floor,
+    /// An ASMN direct tunnel whose TUN devices queue 5,000 packets (`--tun-queue`), as
+    /// for a UDP-heavy VNF.
+    Queue,
     /// A full-rate flood of forged handshake initiations against a direct tunnel, beside
     /// junk datagrams: the agent's CPU per datagram, and the RTT meanwhile.
     Flood,
@@ -696,6 +699,7 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
             gateway: want(BenchPath::Gateway),
             busy: want(BenchPath::Busy),
             floor: want(BenchPath::Floor),
+            queue: want(BenchPath::Queue),
         },
     )?;
 

@@ -174,7 +174,7 @@ fn the_quick_evaluation_writes_the_full_report() {
 /// carry echoes both ways, poll while packets flow and sleep when idle, and the null
 /// tunnels (the floor) carry echoes.
 #[test]
-fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
+fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
     use asmn_lab::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
     if !netns::can_run("the busy-poll and null-tunnel paths") {
         return;
@@ -226,6 +226,35 @@ fn busy_polling_agents_and_the_null_tunnels_answer_echoes() {
         idle <= 0.2,
         "busy agents used {idle:.2} s of CPU in 2 idle seconds"
     );
+    pair.stop_agents();
+    // The TUN queue: the kernel's 500 by default, what `--tun-queue` asks otherwise (the
+    // bench's UDP-heavy path), and a value out of range refused before anything starts.
+    let qlen = |ns: &netns::Netns| {
+        let out = ns.run("ip", &["link", "show", "asmn0"]).expect("ip link");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .skip_while(|w| *w != "qlen")
+            .nth(1)
+            .and_then(|q| q.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no qlen in {text}"))
+    };
+    pair.start_agents(false).expect("agents up");
+    five_answered(&pair.a, TUNNEL_B, "default queue");
+    assert_eq!((qlen(&pair.a), qlen(&pair.b)), (500, 500));
+    pair.stop_agents();
+    let deep = bench::UDP_HEAVY_QUEUE.to_string();
+    pair.start_agents_with(false, &["--tun-queue", &deep])
+        .expect("agents with a deep queue up");
+    five_answered(&pair.a, TUNNEL_B, "deep queue");
+    assert_eq!(
+        (qlen(&pair.a), qlen(&pair.b)),
+        (bench::UDP_HEAVY_QUEUE, bench::UDP_HEAVY_QUEUE)
+    );
+    pair.stop_agents();
+    let refused = pair
+        .start_agents_with(false, &["--tun-queue", "8"])
+        .expect_err("a queue of 8 packets");
+    assert!(refused.to_string().contains("tun-queue"), "{refused}");
     pair.stop_agents();
     let me = std::path::Path::new(env!("CARGO_BIN_EXE_asmn-lab"));
     let run = Run {

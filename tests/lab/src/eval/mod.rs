@@ -196,9 +196,11 @@ pub fn run(o: &Options, me: &Path) -> anyhow::Result<Report> {
         direct: true,
         boringtun: true,
         gateway: true,
-        // The busy-polling agent and the null tunnels (the floor) in the full run only.
+        // The busy-polling agent, the UDP-heavy TUN queue and the null tunnels (the floor)
+        // in the full run only.
         busy: !o.quick,
         floor: !o.quick,
+        queue: !o.quick,
     };
     let paths = bench::paths(run, all)?;
     let paths_lab = if tools {
@@ -212,6 +214,7 @@ pub fn run(o: &Options, me: &Path) -> anyhow::Result<Report> {
                 boringtun: false,
                 busy: false,
                 floor: false,
+                queue: false,
                 ..all
             },
         )?
