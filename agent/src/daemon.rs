@@ -32,10 +32,11 @@ const SOCKET_BUFFER: usize = 4 << 20;
 /// the kernel's 500. The TUN driver drops what does not fit (it never holds the sender
 /// back), so a UDP-heavy VNF loses datagrams whenever the data-plane thread is off the
 /// CPU for longer than the queue lasts. Measured on the 2-core VM, a 1 Gbit/s stream of
-/// 1,200-byte datagrams (2 MiB application buffers) lost 5-11% with 500, 2-4% with 2,000
+/// 1,200-byte datagrams (2 MiB application buffers) lost 5-14% with 500, 2-4% with 2,000
 /// and 0-0.7% with 5,000; but in the SYN-flood test, where the attacker's agent reads
-/// that queue full of flood packets, 5,000 made the gateway forward 8.6-9.5 Mbit/s of the
-/// 10 Mbit/s rule (9.3-9.9 with 500): the attacker's deeper bursts stall the gateway.
+/// that queue full of flood packets, the gateway's 1 s averages of the 10 Mbit/s rule then
+/// fell to 8.6-10.0 Mbit/s, under the test's 9.0 in 1 run of 3 (9.3-9.9 in 4 of 4 with
+/// 500): the attacker's deeper bursts stall the gateway.
 /// So the default stays, and `tun_queue` raises it where a VNF's own traffic needs it.
 pub const TUN_TX_QUEUE: u32 = 500;
 /// The range `tun_queue` accepts.
