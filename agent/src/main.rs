@@ -85,8 +85,9 @@ struct StaticArgs {
     /// Packets the TUN device queues for the data plane (the config file's `tun_queue`):
     /// the kernel drops what does not fit while the data plane is off the CPU; more for
     /// a UDP-heavy VNF.
-    #[arg(long, default_value_t = asmn_agent::daemon::TUN_TX_QUEUE,
-          value_parser = clap::value_parser!(u32).range(16..=65_536))]
+    #[arg(long, default_value_t = daemon::TUN_TX_QUEUE,
+          value_parser = clap::value_parser!(u32).range(
+              i64::from(*daemon::TUN_QUEUE_RANGE.start())..=i64::from(*daemon::TUN_QUEUE_RANGE.end())))]
     tun_queue: u32,
 }
 

@@ -269,15 +269,19 @@ fn measure_tools(
     let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
     let received = &tcp["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().unwrap_or(0.0);
+    // UDP to port 7002 with iperf3's `args`, logged under `tag`.
+    let udp_run = |args: &[&str], tag: &str| {
+        iperf3(
+            run,
+            (a, b),
+            to,
+            7002,
+            args,
+            &format!("{slug}-iperf-{tag}.log"),
+        )
+    };
     let drops0 = udp_rcvbuf_errors(b);
-    let udp = iperf3(
-        run,
-        (a, b),
-        to,
-        7002,
-        &["-u", "-b", "1G", "-l", "1200"],
-        &format!("{slug}-iperf-udp.log"),
-    )?;
+    let udp = udp_run(&["-u", "-b", "1G", "-l", "1200"], "udp")?;
     let drops = udp_rcvbuf_errors(b)
         .zip(drops0)
         .map(|(x, y)| x.saturating_sub(y));
@@ -285,23 +289,9 @@ fn measure_tools(
     let urx = &udp["end"]["sum_received"];
     // Datagrams sent: the client's own count.
     let sent = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0);
-    let udp2 = iperf3(
-        run,
-        (a, b),
-        to,
-        7002,
-        &["-u", "-b", "1G", "-l", "1200", "-w", "2M"],
-        &format!("{slug}-iperf-udp-2m.log"),
-    )?;
+    let udp2 = udp_run(&["-u", "-b", "1G", "-l", "1200", "-w", "2M"], "udp-2m")?;
     let urx2 = &udp2["end"]["sum_received"];
-    let udp64 = iperf3(
-        run,
-        (a, b),
-        to,
-        7002,
-        &["-u", "-b", "0", "-l", "64"],
-        &format!("{slug}-iperf-udp-64.log"),
-    )?;
+    let udp64 = udp_run(&["-u", "-b", "0", "-l", "64"], "udp-64")?;
     let urx64 = &udp64["end"]["sum_received"];
     let kpps = urx64["bytes"].as_f64().unwrap_or(0.0)
         / 64.0
