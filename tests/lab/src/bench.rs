@@ -450,7 +450,8 @@ pub struct Paths {
     /// An ASMN direct tunnel whose agents poll without pause (`--busy-poll`, a core each).
     pub busy: bool,
     /// Null tunnels (no cryptography, blocking and busy-polling): the floor of a
-    /// userspace tunnel on this machine.
+    /// userspace tunnel on this machine; and null tunnels through a null relay, the floor
+    /// of a gateway.
     pub floor: bool,
     /// An ASMN direct tunnel whose TUN devices queue [`UDP_HEAVY_QUEUE`] packets
     /// (`--tun-queue`), as an operator sets it for a UDP-heavy VNF.
@@ -837,49 +838,140 @@ pub fn flood_markdown(f: &FloodResult) -> String {
 /// The overlay address of the second end of the null tunnels.
 pub const NULL_B: &str = "10.84.0.2";
 
+/// Starts one end of a null tunnel in `ns` (see [`crate::generators::null_tunnel`]):
+/// overlay address `me` (CIDR), its datagrams to `peer`.
+fn null_tunnel_end(
+    run: Run<'_>,
+    ns: &Netns,
+    (me, listen, peer): (&str, &str, &str),
+    busy: bool,
+) -> anyhow::Result<Proc> {
+    let tun = netns::unique("nul");
+    let mut args = vec![
+        "null-tunnel",
+        "--tun",
+        &tun,
+        "--address",
+        me,
+        "--listen",
+        listen,
+        "--peer",
+        peer,
+        "--seconds",
+        "900",
+    ];
+    if busy {
+        args.push("--busy-poll");
+    }
+    let log = run.work.join(format!("{tun}.log"));
+    let mut p = spawn_generator(ns, run.me, &args, &log).map_err(anyhow::Error::msg)?;
+    if !p.wait_log("null tunnel up", Duration::from_secs(10)) {
+        anyhow::bail!("the null tunnel did not start: {}", p.log());
+    }
+    Ok(p)
+}
+
 /// Starts a null tunnel at both ends of `pair` (see [`crate::generators::null_tunnel`]):
 /// the generators (stopped when dropped).
 pub fn null_tunnels(run: Run<'_>, pair: &DirectPair, busy: bool) -> anyhow::Result<Vec<Proc>> {
-    let mut procs = Vec::new();
-    for (ns, me, listen, peer) in [
-        (
+    Ok(vec![
+        null_tunnel_end(
+            run,
             &pair.a,
-            "10.84.0.1/24",
-            "10.96.0.1:51830",
-            "10.96.0.2:51830",
-        ),
-        (
+            ("10.84.0.1/24", "10.96.0.1:51830", "10.96.0.2:51830"),
+            busy,
+        )?,
+        null_tunnel_end(
+            run,
             &pair.b,
-            "10.84.0.2/24",
-            "10.96.0.2:51830",
-            "10.96.0.1:51830",
-        ),
-    ] {
-        let tun = netns::unique("nul");
-        let mut args = vec![
-            "null-tunnel",
-            "--tun",
-            &tun,
-            "--address",
-            me,
+            ("10.84.0.2/24", "10.96.0.2:51830", "10.96.0.1:51830"),
+            busy,
+        )?,
+    ])
+}
+
+/// The bench's name of the null tunnels' path (blocking, without a relay).
+pub const NULL_BLOCKING: &str = "null tunnel (no crypto), blocking";
+/// The bench's name of the relayed null tunnels' path.
+pub const NULL_RELAYED: &str = "null tunnel through a null relay";
+/// The overlay address of the second end of the relayed null tunnels.
+pub const RELAYED_B: &str = "10.83.0.2";
+/// The relay's address on the bridge of [`RelayedNull`].
+const RELAY_AT: &str = "10.93.0.3:51850";
+
+/// Null tunnels (blocking) whose datagrams go through a null relay
+/// ([`crate::generators::null_relay`]), in three namespaces on a bridge as a tenant's
+/// VNFs and its gateway are: the floor of a gateway, beside the null tunnels without a
+/// relay. Everything is removed when dropped.
+#[derive(Debug)]
+pub struct RelayedNull {
+    /// The relay and the tunnels' ends (stopped first).
+    procs: Vec<Proc>,
+    /// The first end (overlay 10.83.0.1).
+    pub a: Netns,
+    /// The second end (overlay [`RELAYED_B`]).
+    pub b: Netns,
+    _relay: Netns,
+    /// The bridge's namespace, removed last.
+    _hub: Netns,
+}
+
+impl RelayedNull {
+    /// The namespaces and the bridge, the relay and both ends.
+    pub fn start(run: Run<'_>) -> anyhow::Result<RelayedNull> {
+        let ns = |tag| Netns::new(tag).map_err(anyhow::Error::msg);
+        let hub = ns("asmnhub")?;
+        netns::bridge(&hub, "br0", "10.93.0.254/24").map_err(anyhow::Error::msg)?;
+        let (a, b, relay) = (ns("asmnvnf")?, ns("asmnvnf")?, ns("asmnvnf")?);
+        for (n, addr) in [
+            (&a, "10.93.0.1/24"),
+            (&b, "10.93.0.2/24"),
+            (&relay, "10.93.0.3/24"),
+        ] {
+            netns::attach(&hub, "br0", n, addr).map_err(anyhow::Error::msg)?;
+        }
+        let log = run.work.join(format!("{}.log", netns::unique("relay")));
+        let args = [
+            "null-relay",
             "--listen",
-            listen,
-            "--peer",
-            peer,
+            RELAY_AT,
+            "--a",
+            "10.93.0.1:51830",
+            "--b",
+            "10.93.0.2:51830",
             "--seconds",
             "900",
         ];
-        if busy {
-            args.push("--busy-poll");
+        let mut p = spawn_generator(&relay, run.me, &args, &log).map_err(anyhow::Error::msg)?;
+        if !p.wait_log("null relay up", Duration::from_secs(10)) {
+            anyhow::bail!("the null relay did not start: {}", p.log());
         }
-        let log = run.work.join(format!("{tun}.log"));
-        let mut p = spawn_generator(ns, run.me, &args, &log).map_err(anyhow::Error::msg)?;
-        if !p.wait_log("null tunnel up", Duration::from_secs(10)) {
-            anyhow::bail!("the null tunnel did not start: {}", p.log());
-        }
-        procs.push(p);
+        let mut procs = vec![p];
+        procs.push(null_tunnel_end(
+            run,
+            &a,
+            ("10.83.0.1/24", "10.93.0.1:51830", RELAY_AT),
+            false,
+        )?);
+        procs.push(null_tunnel_end(
+            run,
+            &b,
+            ("10.83.0.2/24", "10.93.0.2:51830", RELAY_AT),
+            false,
+        )?);
+        Ok(RelayedNull {
+            procs,
+            a,
+            b,
+            _relay: relay,
+            _hub: hub,
+        })
     }
-    Ok(procs)
+
+    /// The relay's and the ends' processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
 }
 
 /// Measures the plain veth path and the paths `want` asks for, in one run.
@@ -911,7 +1003,7 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
     }
     if want.floor {
         for (busy, name) in [
-            (false, "null tunnel (no crypto), blocking"),
+            (false, NULL_BLOCKING),
             (true, "null tunnel (no crypto), busy-poll"),
         ] {
             eprintln!("{name} ...");
@@ -922,6 +1014,18 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
                     .map_err(anyhow::Error::msg)?,
             );
         }
+        eprintln!("{NULL_RELAYED} ...");
+        let relayed = RelayedNull::start(run)?;
+        results.push(
+            measure(
+                run,
+                NULL_RELAYED,
+                (&relayed.a, &relayed.b),
+                RELAYED_B,
+                &relayed.pids(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
     }
     if !want.boringtun {
     } else if tool("boringtun-cli").is_some() {
@@ -994,6 +1098,7 @@ pub fn markdown(results: &[PathResult]) -> String {
         .filter_map(|r| Some((r, r.udp64_kpps?)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     let direct = results.iter().find(|r| r.path == "ASMN direct");
+    let null = results.iter().find(|r| r.path == NULL_BLOCKING);
     let _ = writeln!(out, "Measured with {}.\n", plain.tool);
     let _ = writeln!(
         out,
@@ -1083,6 +1188,16 @@ pub fn markdown(results: &[PathResult]) -> String {
                 "; TCP {:.2}x ASMN direct; RTT overhead {:.2}x that of ASMN direct",
                 r.tcp_mbps / d.tcp_mbps.max(1e-9),
                 (r.rtt64_us - plain.rtt64_us) / (d.rtt64_us - plain.rtt64_us).max(1e-9)
+            );
+        }
+        if let Some(n) = null
+            && r.path == NULL_RELAYED
+        {
+            let _ = write!(
+                out,
+                "; TCP {:.2}x {NULL_BLOCKING}; RTT overhead {:.2}x that of {NULL_BLOCKING} (the floor of a gateway's ratios to the direct tunnel)",
+                r.tcp_mbps / n.tcp_mbps.max(1e-9),
+                (r.rtt64_us - plain.rtt64_us) / (n.rtt64_us - plain.rtt64_us).max(1e-9)
             );
         }
         let _ = writeln!(out);

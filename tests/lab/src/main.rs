@@ -98,7 +98,8 @@ enum BenchPath {
     Gateway,
     /// An ASMN direct tunnel whose agents poll without pause (a core each).
     Busy,
-    /// Null tunnels without cryptography, blocking and busy-polling: the floor.
+    /// Null tunnels without cryptography, blocking and busy-polling: the floor; and null
+    /// tunnels through a null relay, the floor of a gateway.
     Floor,
     /// An ASMN direct tunnel whose TUN devices queue 5,000 packets (`--tun-queue`), as
     /// for a UDP-heavy VNF.
@@ -225,6 +226,18 @@ enum Gen {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// A relay without cryptography between two null tunnels (the benchmark's floor for a
+    /// gateway): datagrams from `--a` go to `--b` as they are, and back.
+    NullRelay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        a: SocketAddr,
+        #[arg(long)]
+        b: SocketAddr,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Sample a device's receive counter.
     RxRate {
         #[arg(long, default_value = "asmn0")]
@@ -336,6 +349,12 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             };
             serde_json::to_string(&generators::null_tunnel(&t, seconds)?)?
         }
+        Gen::NullRelay {
+            listen,
+            a,
+            b,
+            seconds,
+        } => serde_json::to_string(&generators::null_relay(listen, a, b, seconds)?)?,
         Gen::RxRate {
             dev,
             interval_ms,

@@ -172,7 +172,7 @@ fn the_quick_evaluation_writes_the_full_report() {
 
 /// The benchmark's extra paths work: agents that poll without pause (`--busy-poll`)
 /// carry echoes both ways, poll while packets flow and sleep when idle, and the null
-/// tunnels (the floor) carry echoes.
+/// tunnels (the floor), directly and through a null relay, carry echoes.
 #[test]
 fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
     use asmn_lab::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
@@ -266,5 +266,26 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
     for busy in [false, true] {
         let _tunnels = bench::null_tunnels(run, &pair, busy).expect("null tunnels up");
         five_answered(&pair.a, NULL_B, &format!("null tunnel, busy {busy}"));
+    }
+    // The gateway's floor: the same tunnels through a null relay, in namespaces of their
+    // own; it carries the echoes, and they are gone with it.
+    let relayed = bench::RelayedNull::start(run).expect("relayed null tunnels up");
+    five_answered(
+        &relayed.a,
+        bench::RELAYED_B,
+        "null tunnel through the relay",
+    );
+    let ends = [relayed.a.name().to_string(), relayed.b.name().to_string()];
+    drop(relayed);
+    let left = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list")
+            .stdout,
+    )
+    .into_owned();
+    for n in ends {
+        assert!(!left.contains(&n), "namespace {n} left behind: {left}");
     }
 }

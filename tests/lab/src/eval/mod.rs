@@ -196,8 +196,8 @@ pub fn run(o: &Options, me: &Path) -> anyhow::Result<Report> {
         direct: true,
         boringtun: true,
         gateway: true,
-        // The busy-polling agent, the UDP-heavy TUN queue and the null tunnels (the floor)
-        // in the full run only.
+        // The busy-polling agent, the UDP-heavy TUN queue and the null tunnels (the floor,
+        // directly and through a null relay) in the full run only.
         busy: !o.quick,
         floor: !o.quick,
         queue: !o.quick,
