@@ -13,6 +13,8 @@ use asmn_testkit::netns::{self, Netns, Proc};
 use asmn_testkit::tenant::Tenant;
 use asmn_testkit::{KitError, KitResult};
 
+use crate::generators::NullWait;
+
 /// One path's measurements.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PathResult {
@@ -449,8 +451,8 @@ pub struct Paths {
     pub gateway: bool,
     /// An ASMN direct tunnel whose agents poll without pause (`--busy-poll`, a core each).
     pub busy: bool,
-    /// Null tunnels (no cryptography, blocking and busy-polling): the floor of a
-    /// userspace tunnel on this machine; and null tunnels through a null relay, the floor
+    /// Null tunnels (no cryptography; blocking, one thread in epoll, busy-polling): the
+    /// floor of a userspace tunnel on this machine; and null tunnels through a null relay, the floor
     /// of a gateway.
     pub floor: bool,
     /// An ASMN direct tunnel whose TUN devices queue [`UDP_HEAVY_QUEUE`] packets
@@ -844,7 +846,7 @@ fn null_tunnel_end(
     run: Run<'_>,
     ns: &Netns,
     (me, listen, peer): (&str, &str, &str),
-    busy: bool,
+    wait: NullWait,
 ) -> anyhow::Result<Proc> {
     let tun = netns::unique("nul");
     let mut args = vec![
@@ -860,8 +862,10 @@ fn null_tunnel_end(
         "--seconds",
         "900",
     ];
-    if busy {
-        args.push("--busy-poll");
+    match wait {
+        NullWait::Blocking => {}
+        NullWait::Epoll => args.push("--epoll"),
+        NullWait::Busy => args.push("--busy-poll"),
     }
     let log = run.work.join(format!("{tun}.log"));
     let mut p = spawn_generator(ns, run.me, &args, &log).map_err(anyhow::Error::msg)?;
@@ -873,19 +877,19 @@ fn null_tunnel_end(
 
 /// Starts a null tunnel at both ends of `pair` (see [`crate::generators::null_tunnel`]):
 /// the generators (stopped when dropped).
-pub fn null_tunnels(run: Run<'_>, pair: &DirectPair, busy: bool) -> anyhow::Result<Vec<Proc>> {
+pub fn null_tunnels(run: Run<'_>, pair: &DirectPair, wait: NullWait) -> anyhow::Result<Vec<Proc>> {
     Ok(vec![
         null_tunnel_end(
             run,
             &pair.a,
             ("10.84.0.1/24", "10.96.0.1:51830", "10.96.0.2:51830"),
-            busy,
+            wait,
         )?,
         null_tunnel_end(
             run,
             &pair.b,
             ("10.84.0.2/24", "10.96.0.2:51830", "10.96.0.1:51830"),
-            busy,
+            wait,
         )?,
     ])
 }
@@ -951,13 +955,13 @@ impl RelayedNull {
             run,
             &a,
             ("10.83.0.1/24", "10.93.0.1:51830", RELAY_AT),
-            false,
+            NullWait::Blocking,
         )?);
         procs.push(null_tunnel_end(
             run,
             &b,
             ("10.83.0.2/24", "10.93.0.2:51830", RELAY_AT),
-            false,
+            NullWait::Blocking,
         )?);
         Ok(RelayedNull {
             procs,
@@ -1002,12 +1006,16 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
         }
     }
     if want.floor {
-        for (busy, name) in [
-            (false, NULL_BLOCKING),
-            (true, "null tunnel (no crypto), busy-poll"),
+        for (wait, name) in [
+            (NullWait::Blocking, NULL_BLOCKING),
+            (
+                NullWait::Epoll,
+                "null tunnel (no crypto), one thread in epoll",
+            ),
+            (NullWait::Busy, "null tunnel (no crypto), busy-poll"),
         ] {
             eprintln!("{name} ...");
-            let tunnels = null_tunnels(run, &pair, busy)?;
+            let tunnels = null_tunnels(run, &pair, wait)?;
             let pids: Vec<u32> = tunnels.iter().map(Proc::pid).collect();
             results.push(
                 measure(run, name, (&pair.a, &pair.b), NULL_B, &pids)

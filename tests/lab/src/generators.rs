@@ -417,8 +417,20 @@ pub struct NullTunnel {
     pub listen: SocketAddr,
     /// The other end's UDP address.
     pub peer: SocketAddr,
-    /// Poll without pause (one thread) instead of blocking (one thread per direction).
-    pub busy: bool,
+    /// How it waits for packets.
+    pub wait: NullWait,
+}
+
+/// How a [`null_tunnel`] waits for packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NullWait {
+    /// A thread per direction, each blocking in its read.
+    Blocking,
+    /// One thread for both directions, asleep in `epoll_wait` until either is readable
+    /// (as ASMN's agent and boringtun-cli's one-thread setting wait).
+    Epoll,
+    /// One thread polling both without pause.
+    Busy,
 }
 
 /// A tunnel without cryptography: every packet read from a TUN device goes to the peer
@@ -444,22 +456,54 @@ pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelRe
     let (out, inn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let end = Instant::now() + Duration::from_secs(seconds);
     let peer = t.peer;
-    if t.busy {
+    // Non-blocking: moves what both have, each way.
+    let drain = |buf: &mut [u8]| {
+        while let Ok(n) = dev.recv(buf) {
+            let _ = udp.send_to(&buf[..n], peer);
+            out.fetch_add(1, Ordering::Relaxed);
+        }
+        while let Ok((n, from)) = udp.recv_from(buf) {
+            if from == peer {
+                let _ = dev.send(&buf[..n]);
+                inn.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    if t.wait == NullWait::Epoll {
+        use mio::unix::SourceFd;
+        use std::os::fd::AsRawFd as _;
+        dev.set_nonblocking(true)?;
+        udp.set_nonblocking(true)?;
+        let mut poll = mio::Poll::new()?;
+        let (tun_fd, udp_fd) = (dev.as_raw_fd(), udp.as_raw_fd());
+        poll.registry().register(
+            &mut SourceFd(&tun_fd),
+            mio::Token(0),
+            mio::Interest::READABLE,
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&udp_fd),
+            mio::Token(1),
+            mio::Interest::READABLE,
+        )?;
+        let mut events = mio::Events::with_capacity(4);
+        let mut buf = vec![0u8; 65_536];
+        while Instant::now() < end {
+            // Edge-triggered: each wake drains both (a time-out too, to see the end).
+            match poll.poll(&mut events, Some(Duration::from_millis(100))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            drain(&mut buf);
+        }
+    } else if t.wait == NullWait::Busy {
         dev.set_nonblocking(true)?;
         udp.set_nonblocking(true)?;
         let mut buf = vec![0u8; 65_536];
         let mut rounds = 0u32;
         loop {
-            while let Ok(n) = dev.recv(&mut buf) {
-                let _ = udp.send_to(&buf[..n], peer);
-                out.fetch_add(1, Ordering::Relaxed);
-            }
-            while let Ok((n, from)) = udp.recv_from(&mut buf) {
-                if from == peer {
-                    let _ = dev.send(&buf[..n]);
-                    inn.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            drain(&mut buf);
             rounds = rounds.wrapping_add(1);
             if rounds.is_multiple_of(1024) && Instant::now() >= end {
                 break;

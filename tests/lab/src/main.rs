@@ -220,9 +220,13 @@ enum Gen {
         listen: SocketAddr,
         #[arg(long)]
         peer: SocketAddr,
-        /// Poll without pause instead of blocking.
-        #[arg(long)]
+        /// Poll without pause instead of blocking (one thread).
+        #[arg(long, conflicts_with = "epoll")]
         busy_poll: bool,
+        /// One thread asleep in epoll for both directions, instead of a blocking thread
+        /// per direction.
+        #[arg(long)]
+        epoll: bool,
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -334,6 +338,7 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             listen,
             peer,
             busy_poll,
+            epoll,
             seconds,
         } => {
             let address = address
@@ -345,7 +350,13 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
                 address,
                 listen,
                 peer,
-                busy: busy_poll,
+                wait: if busy_poll {
+                    generators::NullWait::Busy
+                } else if epoll {
+                    generators::NullWait::Epoll
+                } else {
+                    generators::NullWait::Blocking
+                },
             };
             serde_json::to_string(&generators::null_tunnel(&t, seconds)?)?
         }

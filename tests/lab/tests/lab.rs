@@ -176,6 +176,7 @@ fn the_quick_evaluation_writes_the_full_report() {
 #[test]
 fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
     use asmn_lab::bench::{self, DirectPair, NULL_B, Run, TUNNEL_A, TUNNEL_B};
+    use asmn_lab::generators::NullWait;
     if !netns::can_run("the busy-poll and null-tunnel paths") {
         return;
     }
@@ -263,9 +264,9 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
         work: dir.path(),
         tools: true,
     };
-    for busy in [false, true] {
-        let _tunnels = bench::null_tunnels(run, &pair, busy).expect("null tunnels up");
-        five_answered(&pair.a, NULL_B, &format!("null tunnel, busy {busy}"));
+    for wait in [NullWait::Blocking, NullWait::Epoll, NullWait::Busy] {
+        let _tunnels = bench::null_tunnels(run, &pair, wait).expect("null tunnels up");
+        five_answered(&pair.a, NULL_B, &format!("null tunnel, {wait:?}"));
     }
     // The gateway's floor: the same tunnels through a null relay, in namespaces of their
     // own; it carries the echoes, and they are gone with it.

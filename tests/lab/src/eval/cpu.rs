@@ -96,7 +96,7 @@ pub(super) fn cpu(
         work,
         tools: false,
     };
-    let null = bench::null_tunnels(run, &pair, false)?;
+    let null = bench::null_tunnels(run, &pair, crate::generators::NullWait::Blocking)?;
     paths.push((NULL_TUNNEL, NULL_B, null.iter().map(|p| p.pid()).collect()));
     let sink_secs = (secs * 19 + 60).to_string();
     let _tcp_sink = spawn_gen(
