@@ -10,7 +10,7 @@ APT_PACKAGES=(
   openssl coreutils python3               # baselines and cross-checks of the measurement tests
   libarchive-zip-perl                     # `crc32`, zlib's CRC32, a measurement baseline
   ca-certificates curl git
-  iproute2 iputils-ping iperf3 hping3 tcpdump   # the network-namespace tests of the agent
+  iproute2 iputils-ping iperf3 tcpdump          # the network-namespace tests of the agent
   procps                                        # `kill`: tests stop what they started, by PID
   wireguard-tools                               # `wg`: the interoperability test configures boringtun-cli
   fonts-dejavu-core                             # the font of asmn-lab eval's charts
