@@ -433,6 +433,16 @@ pub enum NullWait {
     Busy,
 }
 
+/// The UDP socket of a null tunnel or relay, bound to `listen`, with the agent's buffer
+/// size (the namespace's default loses packets under load).
+fn null_socket(listen: SocketAddr) -> std::io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&listen.into())?;
+    Ok(sock.into())
+}
+
 /// A tunnel without cryptography: every packet read from a TUN device goes to the peer
 /// in one UDP datagram as it is, and every datagram from the peer is written to the TUN
 /// device. It does what any userspace tunnel must do and nothing else (one system call
@@ -446,12 +456,7 @@ pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelRe
         .ipv4(t.address.0, t.address.1, None)
         .mtu(1420)
         .build_sync()?;
-    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    // The agent's buffer size (the namespace's default loses packets under load).
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    sock.bind(&t.listen.into())?;
-    let udp: UdpSocket = sock.into();
+    let udp = null_socket(t.listen)?;
     eprintln!("null tunnel up on {}", t.tun);
     let (out, inn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -469,74 +474,76 @@ pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelRe
             }
         }
     };
-    if t.wait == NullWait::Epoll {
-        use mio::unix::SourceFd;
-        use std::os::fd::AsRawFd as _;
+    if t.wait != NullWait::Blocking {
         dev.set_nonblocking(true)?;
         udp.set_nonblocking(true)?;
-        let mut poll = mio::Poll::new()?;
-        let (tun_fd, udp_fd) = (dev.as_raw_fd(), udp.as_raw_fd());
-        poll.registry().register(
-            &mut SourceFd(&tun_fd),
-            mio::Token(0),
-            mio::Interest::READABLE,
-        )?;
-        poll.registry().register(
-            &mut SourceFd(&udp_fd),
-            mio::Token(1),
-            mio::Interest::READABLE,
-        )?;
-        let mut events = mio::Events::with_capacity(4);
-        let mut buf = vec![0u8; 65_536];
-        while Instant::now() < end {
-            // Edge-triggered: each wake drains both (a time-out too, to see the end).
-            match poll.poll(&mut events, Some(Duration::from_millis(100))) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            drain(&mut buf);
-        }
-    } else if t.wait == NullWait::Busy {
-        dev.set_nonblocking(true)?;
-        udp.set_nonblocking(true)?;
-        let mut buf = vec![0u8; 65_536];
-        let mut rounds = 0u32;
-        loop {
-            drain(&mut buf);
-            rounds = rounds.wrapping_add(1);
-            if rounds.is_multiple_of(1024) && Instant::now() >= end {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-    } else {
-        // Blocking reads: the threads end with the process, after `seconds`.
-        let dev = Arc::new(dev);
-        let udp = Arc::new(udp);
-        {
-            let (dev, udp, out) = (Arc::clone(&dev), Arc::clone(&udp), Arc::clone(&out));
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while let Ok(n) = dev.recv(&mut buf) {
-                    let _ = udp.send_to(&buf[..n], peer);
-                    out.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut buf = vec![0u8; 65_536];
+    match t.wait {
+        NullWait::Epoll => {
+            use mio::unix::SourceFd;
+            use std::os::fd::AsRawFd as _;
+            let mut poll = mio::Poll::new()?;
+            let (tun_fd, udp_fd) = (dev.as_raw_fd(), udp.as_raw_fd());
+            poll.registry().register(
+                &mut SourceFd(&tun_fd),
+                mio::Token(0),
+                mio::Interest::READABLE,
+            )?;
+            poll.registry().register(
+                &mut SourceFd(&udp_fd),
+                mio::Token(1),
+                mio::Interest::READABLE,
+            )?;
+            let mut events = mio::Events::with_capacity(4);
+            while Instant::now() < end {
+                // Edge-triggered: each wake drains both (a time-out too, to see the end).
+                match poll.poll(&mut events, Some(Duration::from_millis(100))) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
                 }
-            });
+                drain(&mut buf);
+            }
         }
-        {
-            let inn = Arc::clone(&inn);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while let Ok((n, from)) = udp.recv_from(&mut buf) {
-                    if from == peer {
-                        let _ = dev.send(&buf[..n]);
-                        inn.fetch_add(1, Ordering::Relaxed);
+        NullWait::Busy => {
+            let mut rounds = 0u32;
+            loop {
+                drain(&mut buf);
+                rounds = rounds.wrapping_add(1);
+                if rounds.is_multiple_of(1024) && Instant::now() >= end {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        NullWait::Blocking => {
+            // Blocking reads: the threads end with the process, after `seconds`.
+            let dev = Arc::new(dev);
+            let udp = Arc::new(udp);
+            {
+                let (dev, udp, out) = (Arc::clone(&dev), Arc::clone(&udp), Arc::clone(&out));
+                std::thread::spawn(move || {
+                    while let Ok(n) = dev.recv(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], peer);
+                        out.fetch_add(1, Ordering::Relaxed);
                     }
-                }
-            });
+                });
+            }
+            {
+                let inn = Arc::clone(&inn);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        if from == peer {
+                            let _ = dev.send(&buf[..n]);
+                            inn.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
         }
-        std::thread::sleep(end.saturating_duration_since(Instant::now()));
     }
     Ok(NullTunnelResult {
         to_peer: out.load(Ordering::Relaxed),
@@ -567,13 +574,9 @@ pub fn null_relay(
     b: SocketAddr,
     seconds: u64,
 ) -> std::io::Result<NullRelayResult> {
-    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    // The null tunnel's buffer sizes.
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    sock.bind(&listen.into())?;
+    let udp = null_socket(listen)?;
     eprintln!("null relay up on {listen}");
-    relay(&sock.into(), a, b, Duration::from_secs(seconds))
+    relay(&udp, a, b, Duration::from_secs(seconds))
 }
 
 /// [`null_relay`] on a bound socket, for `time`.

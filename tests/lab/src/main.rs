@@ -98,8 +98,8 @@ enum BenchPath {
     Gateway,
     /// An ASMN direct tunnel whose agents poll without pause (a core each).
     Busy,
-    /// Null tunnels without cryptography, blocking and busy-polling: the floor; and null
-    /// tunnels through a null relay, the floor of a gateway.
+    /// Null tunnels without cryptography (blocking, one thread in epoll, busy-polling):
+    /// the floor; and null tunnels through a null relay, the floor of a gateway.
     Floor,
     /// An ASMN direct tunnel whose TUN devices queue 5,000 packets (`--tun-queue`), as
     /// for a UDP-heavy VNF.
