@@ -146,6 +146,16 @@ fn median_rtt(ns: &Netns, me: &Path, to: &str, size: usize) -> Result<f64, Strin
     median_of_echoes(v, to)
 }
 
+/// One run of the 64-byte RTT from `ns` to `to`: the median of [`ECHOES`] echoes, with
+/// iputils ping where `run.tools`, with the lab's generator otherwise; microseconds.
+pub fn rtt_run(run: Run<'_>, ns: &Netns, to: &str) -> Result<f64, String> {
+    if run.tools {
+        ping_rtt(ns, to, 56)
+    } else {
+        median_rtt(ns, run.me, to, 56)
+    }
+}
+
 /// The median of the RTTs of [`ECHOES`] echoes to `to`, if at least three in four came back.
 fn median_of_echoes(mut v: Vec<f64>, to: &str) -> Result<f64, String> {
     if v.len() < ECHOES * 3 / 4 {

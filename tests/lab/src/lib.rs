@@ -5,6 +5,8 @@
 //! - [`eval`]: the paper's evaluation (Table 2, Figs. 5-9) reproduced side by side with
 //!   baselines, its report and [`charts`];
 //! - [`ha`]: the highly available deployment under faults;
+//! - [`odds`]: how often the RTT targets hold in repeated trials, for ASMN and for a null
+//!   tunnel (the floor of a target that asks every run to win);
 //! - [`scenarios`]: the flood, the revocation cut-off and the gateway path, written once
 //!   for the demo, the evaluation and the integration tests;
 //! - [`generators`]: the traffic generators (`asmn-lab gen ...`) the others run inside
@@ -19,4 +21,5 @@ pub mod charts;
 pub mod eval;
 pub mod generators;
 pub mod ha;
+pub mod odds;
 pub mod scenarios;

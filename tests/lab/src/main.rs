@@ -49,6 +49,25 @@ enum Command {
         #[arg(long, value_enum)]
         only: Vec<BenchPath>,
     },
+    /// How often the RTT targets hold "in 5 of 5 runs": repeated trials of ASMN's direct
+    /// tunnel, the one-thread epoll null tunnel (the floor) and boringtun-cli (one thread,
+    /// the reference) side by side on one veth pair, their runs taken in turn.
+    RttOdds {
+        /// Independent trials (each starts the tunnels afresh; about 50 s each, 80 s with
+        /// --busy).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=200))]
+        trials: u16,
+        /// Also judge the busy-polling agents and the busy null tunnel (0.6x target),
+        /// each alone after the trial's side-by-side runs.
+        #[arg(long)]
+        busy: bool,
+        /// Measure with the lab's own generators even where ping is installed.
+        #[arg(long)]
+        lab_generators: bool,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Reproduce the paper's Section 4 (Tables 1-2, Figs. 5-9, and latencies beyond it):
     /// report.md, CSV and PNG + SVG charts in --out.
     Eval {
@@ -242,6 +261,14 @@ enum Gen {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Time boringtun's encapsulation and decapsulation of a 64-byte echo, back to back
+    /// and each right after the thread slept: the per-packet cost of sparse traffic.
+    CryptoWake {
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        packets: u32,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        sleep_ms: u64,
+    },
     /// Sample a device's receive counter.
     RxRate {
         #[arg(long, default_value = "asmn0")]
@@ -366,6 +393,10 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             b,
             seconds,
         } => serde_json::to_string(&generators::null_relay(listen, a, b, seconds)?)?,
+        Gen::CryptoWake { packets, sleep_ms } => serde_json::to_string(&generators::crypto_wake(
+            packets as usize,
+            Duration::from_millis(sleep_ms),
+        )?)?,
         Gen::RxRate {
             dev,
             interval_ms,
@@ -751,6 +782,26 @@ fn bench(seconds: u64, json: bool, lab_generators: bool, only: &[BenchPath]) -> 
     Ok(())
 }
 
+fn rtt_odds(trials: u16, busy: bool, lab_generators: bool, json: bool) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let work = tempfile::tempdir()?;
+    let run = asmn_lab::bench::Run {
+        me: &me,
+        seconds: 0,
+        work: work.path(),
+        tools: !lab_generators && asmn_lab::bench::have_tools(),
+    };
+    let o = asmn_lab::odds::rtt_odds(run, usize::from(trials), busy)?;
+    print!("{}", asmn_lab::odds::markdown(&o));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "paths": o.paths, "verdicts": o.verdicts(), "crypto": o.crypto })
+        );
+    }
+    Ok(())
+}
+
 /// On Ctrl-C the guards of what is running do not run: remove what this process made,
 /// then exit.
 fn interrupt_cleans_up() {
@@ -841,6 +892,25 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("asmn-lab bench: {e:#}");
+                    netns::cleanup_mine();
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::RttOdds {
+            trials,
+            busy,
+            lab_generators,
+            json,
+        } => {
+            if !netns::can_run("asmn-lab rtt-odds") {
+                return ExitCode::from(2);
+            }
+            interrupt_cleans_up();
+            match rtt_odds(trials, busy, lab_generators, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("asmn-lab rtt-odds: {e:#}");
                     netns::cleanup_mine();
                     ExitCode::FAILURE
                 }

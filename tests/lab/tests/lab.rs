@@ -290,3 +290,83 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
         assert!(!left.contains(&n), "namespace {n} left behind: {left}");
     }
 }
+
+/// `asmn-lab rtt-odds` runs a trial end to end: every path's runs measured side by side,
+/// each judged path given a verdict over the trial, the cryptography timed hot and woken,
+/// and nothing left behind.
+#[test]
+fn rtt_odds_judges_each_path_over_a_trial_and_leaves_nothing_behind() {
+    if !netns::can_run("asmn-lab rtt-odds") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    for t in ["boringtun-cli", "wg", "ping"] {
+        if asmn_lab::bench::tool(t).is_none() {
+            assert!(std::env::var("CI").is_err(), "{t} is required under CI");
+            asmn_shared::skip::note(&format!("{t} is not installed"));
+            return;
+        }
+    }
+    let namespaces = || {
+        String::from_utf8_lossy(
+            &std::process::Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .expect("ip netns list")
+                .stdout,
+        )
+        .into_owned()
+    };
+    let before = namespaces();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_asmn-lab"))
+        .args(["rtt-odds", "--trials", "1", "--json"])
+        .output()
+        .expect("run asmn-lab rtt-odds");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON line");
+    let paths = json["paths"].as_array().expect("paths");
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    for p in paths {
+        let trials = p["trials"].as_array().expect("trials");
+        assert_eq!(trials.len(), 1, "{p}");
+        let runs = trials[0].as_array().expect("runs");
+        assert_eq!(runs.len(), asmn_lab::bench::RTT_RUNS, "{p}");
+        // Each run is a median RTT: above zero, under the 2 s ping deadline.
+        assert!(
+            runs.iter()
+                .all(|r| r.as_f64().is_some_and(|us| us > 0.0 && us < 2e6)),
+            "{p}"
+        );
+    }
+    let verdicts = json["verdicts"].as_array().expect("verdicts");
+    let judged: Vec<&str> = verdicts.iter().filter_map(|v| v["path"].as_str()).collect();
+    assert_eq!(
+        judged,
+        [
+            "ASMN direct",
+            "null tunnel (no crypto), one thread in epoll"
+        ]
+    );
+    for v in verdicts {
+        assert_eq!(
+            (v["trials"].as_u64(), v["runs"].as_u64()),
+            (Some(1), Some(5)),
+            "{v}"
+        );
+    }
+    let c = &json["crypto"];
+    for k in ["hot_encapsulate_ns", "woken_decapsulate_ns"] {
+        assert!(c[k].as_u64().is_some_and(|ns| ns > 0), "{c}");
+    }
+    assert!(text.contains("trials with every run within it"), "{text}");
+    assert_eq!(namespaces(), before, "namespaces left behind");
+}
