@@ -381,12 +381,8 @@ pub fn rx_samples(
     interval: Duration,
     seconds: u64,
 ) -> std::io::Result<Vec<(u128, u64)>> {
+    use crate::scenarios::epoch_ns;
     let path = format!("/sys/class/net/{dev}/statistics/rx_bytes");
-    let epoch_ns = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    };
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut out = Vec::new();

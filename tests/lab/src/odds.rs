@@ -136,6 +136,8 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
             ),
         ],
     };
+    // Where the busy paths' runs go (they follow the side-by-side ones).
+    let (busy_asmn, busy_null) = (out.paths.len(), out.paths.len() + 1);
     if busy {
         out.paths
             .push(path("ASMN direct, busy-poll", Some(BUSY_TARGET)));
@@ -168,13 +170,13 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
             pair.start_agents(true)?;
             for _ in 0..RTT_RUNS {
                 let r = one_run(run, &pair.a, TUNNEL_B)?;
-                out.paths[4].trials[trial].push(r);
+                out.paths[busy_asmn].trials[trial].push(r);
             }
             pair.stop_agents();
             let nulls: Vec<Proc> = bench::null_tunnels(run, &pair, NullWait::Busy)?;
             for _ in 0..RTT_RUNS {
                 let r = one_run(run, &pair.a, NULL_B)?;
-                out.paths[5].trials[trial].push(r);
+                out.paths[busy_null].trials[trial].push(r);
             }
             drop(nulls);
         }
