@@ -12,6 +12,9 @@
 //! polling = "adaptive"               # or "busy": no sleep while packets flow (a whole core)
 //! tun_queue = 500                    # packets the TUN device queues for the data plane
 //!                                    # (16..=65536; more for a UDP-heavy VNF)
+//! realtime_priority = 10             # the data plane under SCHED_FIFO at this priority
+//!                                    # (1..=99; needs CAP_SYS_NICE or LimitRTPRIO=):
+//!                                    # for a gateway, whose limiters count time
 //! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed
 //!                                    # replica is tried (keep-alives every third of it)
 //! ```
@@ -46,6 +49,8 @@ pub struct Config {
     pub polling: Polling,
     /// Packets the TUN device queues for the data plane (`tun_queue`).
     pub tun_queue: u32,
+    /// The data plane's real-time (`SCHED_FIFO`) priority, if any (`realtime_priority`).
+    pub realtime_priority: Option<u8>,
     /// How fast a silent controller is declared dead and another one tried
     /// (`failover_ms`, default 450; keep-alives every third of it).
     pub liveness: asmn_channel::tls::Liveness,
@@ -81,6 +86,8 @@ struct Raw {
     failover_ms: Option<u64>,
     #[serde(default)]
     tun_queue: Option<u32>,
+    #[serde(default)]
+    realtime_priority: Option<u8>,
 }
 
 /// Longest TUN name Linux accepts (IFNAMSIZ - 1).
@@ -153,6 +160,24 @@ impl Config {
                 crate::daemon::TUN_QUEUE_RANGE.end()
             )));
         }
+        if let Some(p) = raw.realtime_priority {
+            if !crate::io::REALTIME_RANGE.contains(&p) {
+                return Err(err(format!(
+                    "field `realtime_priority`: {p} is outside {}..={} (SCHED_FIFO's \
+                     priorities; leave the field out for ordinary scheduling)",
+                    crate::io::REALTIME_RANGE.start(),
+                    crate::io::REALTIME_RANGE.end()
+                )));
+            }
+            if raw.polling == Polling::Busy {
+                return Err(err(
+                    "fields `realtime_priority` and `polling = \"busy\"`: a real-time thread \
+                     that polls without pause holds its CPU from every other task for as \
+                     long as packets flow; choose one"
+                        .into(),
+                ));
+            }
+        }
         let liveness = match raw.failover_ms {
             None => asmn_channel::tls::Liveness::FAILOVER,
             Some(ms) if (300..=60_000).contains(&ms) => asmn_channel::tls::Liveness {
@@ -180,6 +205,7 @@ impl Config {
             reattest_interval_secs: raw.reattest_interval_secs,
             polling: raw.polling,
             tun_queue,
+            realtime_priority: raw.realtime_priority,
             liveness,
         })
     }
@@ -211,6 +237,12 @@ mod tests {
             parse("bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = 5000\n")
                 .expect("tun_queue");
         assert_eq!(deep.tun_queue, 5000);
+        assert_eq!(c.realtime_priority, None);
+        let rt = parse(
+            "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 10\n",
+        )
+        .expect("realtime_priority");
+        assert_eq!(rt.realtime_priority, Some(10));
     }
 
     #[test]
@@ -248,6 +280,22 @@ mod tests {
             (
                 "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = -1\n",
                 "tun_queue",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 0\n",
+                "realtime_priority",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 100\n",
+                "realtime_priority",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 300\n",
+                "realtime_priority",
+            ),
+            (
+                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\npolling = \"busy\"\nrealtime_priority = 5\n",
+                "realtime_priority",
             ),
         ] {
             let e = parse(text).expect_err(text).to_string();

@@ -168,8 +168,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let vnf = enrolled.catalog.vnf.to_string();
     plane.set_catalog(enrolled.catalog.clone());
     let (asks_tx, asks_rx) = tokio::sync::mpsc::channel(256);
-    let (mut driver, handle) = Driver::start(plane, tun, udp, config.polling, asks_tx)
-        .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
+    let (mut driver, handle) = Driver::start(
+        plane,
+        tun,
+        udp,
+        config.polling,
+        config.realtime_priority,
+        asks_tx,
+    )
+    .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
     let control = Control::new(
         chain,
         (conn.clone(), at),
@@ -294,6 +301,8 @@ pub struct StaticConfig {
     pub polling: Polling,
     /// The TUN device's transmit queue, packets.
     pub tun_queue: u32,
+    /// The data plane's real-time priority, if any.
+    pub realtime_priority: Option<u8>,
 }
 
 /// Runs the data plane of `config` until `shutdown` resolves.
@@ -332,8 +341,15 @@ pub async fn run_static(
         protected: false,
     };
     let (asks_tx, mut asks_rx) = tokio::sync::mpsc::channel(16);
-    let (mut driver, handle) = Driver::start(plane, tun, udp, config.polling, asks_tx)
-        .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
+    let (mut driver, handle) = Driver::start(
+        plane,
+        tun,
+        udp,
+        config.polling,
+        config.realtime_priority,
+        asks_tx,
+    )
+    .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
     let psk = config.psk;
     handle
         .call(move |p, now, out| p.install(now, spec, &psk, out))

@@ -23,6 +23,11 @@
 //!   operator's choice for a VNF that owns a core, as DPDK data planes do) it does not
 //!   sleep while packets flow: no wake-up on any packet, at the price of a whole core;
 //!   after [`BUSY_IDLE`] without a packet it sleeps until the next one.
+//! - Priority: with a real-time priority (`realtime_priority`), the thread runs
+//!   `SCHED_FIFO`, above every ordinary task, as the kernel's own data path runs in softirq
+//!   above them. Its limiters count time: a thread kept off the CPU for longer than a
+//!   rule's burst lets less than the rule's rate through (the tokens of the time away are
+//!   lost), and one that delivers late delivers in bunches.
 
 use std::io;
 use std::net::UdpSocket;
@@ -119,6 +124,34 @@ pub enum Polling {
 
 type Job = Box<dyn FnOnce(&mut SystemPlane, Instant, &mut Outbox) + Send>;
 
+/// How long a real-time data plane runs without sleeping before it rests for
+/// [`REALTIME_REST`]: under a flood that keeps it busy, the other tasks of its CPU (the
+/// agent's control plane among them: revocations, catalog changes, Sec-EM's keep-alives)
+/// still get about a tenth of it within this long, where the kernel would leave them 5%
+/// (its fair server) in bursts up to a second apart.
+pub const REALTIME_SLICE: Duration = Duration::from_millis(10);
+/// The rest after [`REALTIME_SLICE`]. Packets wait in the socket meanwhile, and a limiter
+/// whose burst lasts longer than this loses no tokens to it.
+pub const REALTIME_REST: Duration = Duration::from_millis(1);
+
+/// The real-time priorities `realtime_priority` accepts (`SCHED_FIFO`'s range).
+pub const REALTIME_RANGE: std::ops::RangeInclusive<u8> = 1..=99;
+
+/// Puts the calling thread under `SCHED_FIFO` at `priority`; says why not when it cannot
+/// (the thread then keeps its ordinary priority).
+fn run_realtime(priority: u8) -> Result<(), String> {
+    use thread_priority::{
+        RealtimeThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+    };
+    let value = ThreadPriorityValue::try_from(priority).map_err(|e| e.to_string())?;
+    thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Crossplatform(value),
+        ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
+    )
+    .map_err(|e| format!("{e:?}"))
+}
+
 /// The data plane thread is gone (stopped, or failed).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the data plane has stopped")]
@@ -180,13 +213,15 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Starts the thread that runs `plane` on `tun` and `udp`. Verification requests
-    /// go to `asks` (dropped, and asked again later, when it is full).
+    /// Starts the thread that runs `plane` on `tun` and `udp`, at the real-time
+    /// `priority` if one is given (see the module's notes). Verification requests go to
+    /// `asks` (dropped, and asked again later, when it is full).
     pub fn start(
         plane: SystemPlane,
         tun: SyncDevice,
         udp: UdpSocket,
         polling: Polling,
+        priority: Option<u8>,
         asks: tokio::sync::mpsc::Sender<Ask>,
     ) -> io::Result<(Driver, PlaneHandle)> {
         let udp_state = UdpSocketState::new((&udp).into())?;
@@ -225,6 +260,7 @@ impl Driver {
             stats,
             stop: Arc::clone(&stop),
             polling,
+            realtime: false,
             b: Buffers {
                 tun_raw: vec![0; TUN_HEADER + DATAGRAM],
                 tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
@@ -239,6 +275,25 @@ impl Driver {
         let thread = std::thread::Builder::new()
             .name("asmn-dataplane".into())
             .spawn(move || {
+                if let Some(p) = priority {
+                    match run_realtime(p) {
+                        Ok(()) => {
+                            io.realtime = true;
+                            tracing::info!(
+                                priority = p,
+                                "the data plane runs at real-time priority (SCHED_FIFO)"
+                            );
+                        }
+                        Err(e) => tracing::warn!(
+                            priority = p,
+                            error = %e,
+                            "the data plane runs at ordinary priority: SCHED_FIFO was refused \
+                             (it needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least the \
+                             priority: systemd's LimitRTPRIO= without RestrictRealtime=); \
+                             under load its limiters can pass less than their rates"
+                        ),
+                    }
+                }
                 let r = io.run();
                 if let Err(e) = &r {
                     let _ = failed_tx.send(e.to_string());
@@ -318,6 +373,8 @@ struct Io {
     stats: Arc<Mutex<PlaneStats>>,
     stop: Arc<AtomicBool>,
     polling: Polling,
+    /// Whether the thread runs under `SCHED_FIFO` (and so rests now and then).
+    realtime: bool,
     b: Buffers,
 }
 
@@ -374,6 +431,7 @@ impl Io {
             udp_gso_segments = self.udp_state.max_gso_segments(),
             udp_gro_segments = self.udp_state.gro_segments(),
             polling = ?self.polling,
+            realtime = self.realtime,
             "data plane I/O running"
         );
         let mut events = mio::Events::with_capacity(4);
@@ -381,8 +439,15 @@ impl Io {
         let (mut tun_ready, mut udp_ready) = (true, true);
         let mut rate = Rate::new(Instant::now());
         let mut next_tick = Instant::now() + TICK;
+        // Since when the thread has run without sleeping.
+        let mut awake_since = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
-            let round = Instant::now();
+            let mut round = Instant::now();
+            if self.realtime && round.saturating_duration_since(awake_since) >= REALTIME_SLICE {
+                std::thread::sleep(REALTIME_REST);
+                round = Instant::now();
+                awake_since = round;
+            }
             if round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
                 self.flush()?;
@@ -423,11 +488,17 @@ impl Io {
             }
             // Both are drained: sleep until one is ready, a call comes (the waker), or
             // the next tick.
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let asleep = Instant::now();
+            let timeout = next_tick.saturating_duration_since(asleep);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout))
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 return Err(e);
+            }
+            // A sleep as long as the rest counts as one.
+            let woke = Instant::now();
+            if woke.saturating_duration_since(asleep) >= REALTIME_REST {
+                awake_since = woke;
             }
             for e in events.iter() {
                 match e.token() {

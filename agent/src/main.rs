@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use asmn_agent::config::Config;
 use asmn_agent::daemon::{self, StaticConfig};
 use asmn_agent::error::{AgentError, EXIT_CONFIG, EXIT_RUNTIME};
-use asmn_agent::io::Polling;
+use asmn_agent::io::{self, Polling};
 use clap::{Parser, Subcommand};
 
 /// The ASMN agent of one VNF instance.
@@ -89,6 +89,12 @@ struct StaticArgs {
           value_parser = clap::value_parser!(u32).range(
               i64::from(*daemon::TUN_QUEUE_RANGE.start())..=i64::from(*daemon::TUN_QUEUE_RANGE.end())))]
     tun_queue: u32,
+    /// Run the data plane under SCHED_FIFO at this priority, 1..=99 (the config file's
+    /// `realtime_priority`; needs CAP_SYS_NICE). Not with --busy-poll.
+    #[arg(long, conflicts_with = "busy_poll",
+          value_parser = clap::value_parser!(u8).range(
+              i64::from(*io::REALTIME_RANGE.start())..=i64::from(*io::REALTIME_RANGE.end())))]
+    realtime_priority: Option<u8>,
 }
 
 fn logging(format: &str) {
@@ -149,6 +155,7 @@ fn static_config(a: &StaticArgs) -> Result<StaticConfig, AgentError> {
             Polling::Adaptive
         },
         tun_queue: a.tun_queue,
+        realtime_priority: a.realtime_priority,
     })
 }
 

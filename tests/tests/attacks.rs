@@ -286,6 +286,93 @@ fn flood<R>(
     (v["datagrams"].as_u64().unwrap_or(0), cpu, r)
 }
 
+/// A data plane under `SCHED_FIFO` (`realtime_priority`), flooded hard enough to keep it
+/// busy, still leaves the other tasks of its CPU a slice at least every
+/// `REALTIME_SLICE`: the agent's control plane (revocations, catalog changes, Sec-EM's
+/// keep-alives) and the VNF itself are not starved by an attacker who can send packets.
+/// A thread pinned to the agent's CPU must never wait 50 ms; without the rest, it waits
+/// for the kernel's 5% reserve, up to most of a second.
+#[test]
+fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
+    use asmn_lab::bench::{self, DirectPair, VETH_B};
+    if !netns::can_run("the real-time data plane flood test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    if bench::tool("wg").is_none() || bench::tool("taskset").is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "wg (wireguard-tools) and taskset (util-linux) are required under CI"
+        );
+        asmn_shared::skip::note("wg or taskset is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut pair = DirectPair::new(dir.path()).expect("namespaces, veth and keys");
+    let [_, target] = pair
+        .start_agents_with(false, &["--realtime-priority", "10"])
+        .expect("agents up");
+    let log = std::fs::read_to_string(dir.path().join("agent-1.log")).expect("agent log");
+    assert!(
+        log.contains("the data plane runs at real-time priority"),
+        "the agent did not get SCHED_FIFO, so this test shows nothing: {log}"
+    );
+    // The agent's every thread on CPU 0, the attacker on CPU 1.
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-p", "1", &target.to_string()])
+        .output()
+        .expect("taskset");
+    assert!(pinned.status.success(), "taskset: {pinned:?}");
+    let key = pair.b_key_hex().expect("the agent's key");
+    let lab = netns::binary("asmn-lab").expect("asmn-lab");
+    let lab = lab.to_str().unwrap_or_default();
+    let to = format!("{VETH_B}:51820");
+    let mut attacker = pair
+        .a
+        .cmd(
+            "taskset",
+            &[
+                "-c",
+                "1",
+                lab,
+                "gen",
+                "handshake-flood",
+                &to,
+                "--key",
+                &key,
+                "--seconds",
+                "5",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flood generator");
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu0, t0) = (cpu_seconds(target), Instant::now());
+    let ticker = std::process::Command::new("taskset")
+        .args(["-c", "0", lab, "gen", "wake-gaps", "--seconds", "3"])
+        .output()
+        .expect("wake-gaps");
+    let busy = (cpu_seconds(target) - cpu0) / t0.elapsed().as_secs_f64();
+    let _ = attacker.wait();
+    let gaps: serde_json::Value = serde_json::from_slice(&ticker.stdout).expect("its report");
+    let longest_ms = gaps["longest_gap_us"].as_f64().expect("longest_gap_us") / 1e3;
+    eprintln!(
+        "flooded real-time agent: {busy:.2} of its CPU; longest wait on it {longest_ms:.1} ms ({gaps})"
+    );
+    // The premise: the flood kept the data plane busy (at most about 91% of the CPU with
+    // its rests, the rest the ticker's).
+    assert!(
+        busy >= 0.6,
+        "the agent used only {busy:.2} of its CPU: the flood did not keep it busy"
+    );
+    assert!(
+        longest_ms < 50.0,
+        "a thread on the flooded agent's CPU waited {longest_ms:.1} ms ({gaps}); the \
+         agent used {busy:.2} of the CPU"
+    );
+}
+
 /// UDP datagrams the kernel of `ns` dropped for want of socket buffer (`RcvbufErrors`).
 fn udp_rcvbuf_errors(ns: &netns::Netns) -> u64 {
     let out = ns.run("cat", &["/proc/net/snmp"]).expect("/proc/net/snmp");

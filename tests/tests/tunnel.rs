@@ -549,6 +549,10 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
         .expect("server");
     let w = t.add("web-0", "web", "vnf", &web_img).expect("web");
     let st = t.add("store-0", "store", "vnf", &store_img).expect("store");
+    // The victim's rate is measured in 100 ms windows: its agent runs its data plane at
+    // the gateway's real-time priority, or, kept off the CPU here, it delivers what the
+    // gateway passed in bunches (see `DATAPLANE_REALTIME`).
+    t.realtime(s).expect("realtime");
     for i in [g, c, s, w, st] {
         t.start(i).expect("start");
     }

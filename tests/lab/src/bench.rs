@@ -570,6 +570,14 @@ impl DirectPair {
         })
     }
 
+    /// The second end's public key in hex (what `gen handshake-flood --key` takes).
+    pub fn b_key_hex(&self) -> anyhow::Result<String> {
+        use base64::Engine as _;
+        Ok(base64::engine::general_purpose::STANDARD
+            .decode(self.public.1.trim())
+            .map(hex::encode)?)
+    }
+
     /// Starts the agents (polling without pause with `busy_poll`); their PIDs once both
     /// data planes are up.
     pub fn start_agents(&mut self, busy_poll: bool) -> anyhow::Result<[u32; 2]> {
@@ -785,13 +793,10 @@ pub struct FloodResult {
 /// Measures [`FloodResult`] on ASMN's direct tunnel: the floods come from the first
 /// namespace to the second agent's socket, at the generator's full rate.
 pub fn flood(run: Run<'_>) -> anyhow::Result<FloodResult> {
-    use base64::Engine as _;
     const SECONDS: u64 = 4;
     let mut pair = DirectPair::new(run.work)?;
     let pids = pair.start_agents(false)?;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(pair.public.1.trim())
-        .map(hex::encode)?;
+    let key = pair.b_key_hex()?;
     let quiet = median_rtt(&pair.a, run.me, TUNNEL_B, 64).map_err(anyhow::Error::msg)?;
     let to = format!("{VETH_B}:51820");
     let secs = SECONDS.to_string();

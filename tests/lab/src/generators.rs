@@ -810,3 +810,39 @@ mod tests {
         }
     }
 }
+
+/// What [`wake_gaps`] saw.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WakeGaps {
+    /// Wake-ups.
+    pub wakes: u64,
+    /// The longest time from one wake-up to the next, us.
+    pub longest_gap_us: u64,
+    /// Seconds it ran.
+    pub seconds: f64,
+}
+
+/// A thread that sleeps `every` again and again for `seconds`, and the longest it went
+/// without running: how long the other tasks of its CPU kept it waiting.
+pub fn wake_gaps(every: Duration, seconds: u64) -> WakeGaps {
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let (mut last, mut wakes, mut longest) = (start, 0u64, Duration::ZERO);
+    // Bounded by the clock, and by count should the sleep return at once.
+    let most = seconds.saturating_mul(1_000_000) / (every.as_micros().max(1) as u64) + 1;
+    while wakes < most.saturating_mul(2) {
+        std::thread::sleep(every);
+        let now = Instant::now();
+        longest = longest.max(now - last);
+        last = now;
+        wakes += 1;
+        if now >= until {
+            break;
+        }
+    }
+    WakeGaps {
+        wakes,
+        longest_gap_us: u64::try_from(longest.as_micros()).unwrap_or(u64::MAX),
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}

@@ -269,6 +269,14 @@ enum Gen {
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
         sleep_ms: u64,
     },
+    /// Sleep `--every-us` again and again, and report the longest time between two
+    /// wake-ups: how long the other tasks of this CPU kept a thread waiting.
+    WakeGaps {
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+        every_us: u64,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: u64,
+    },
     /// Sample a device's receive counter.
     RxRate {
         #[arg(long, default_value = "asmn0")]
@@ -397,6 +405,10 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             packets as usize,
             Duration::from_millis(sleep_ms),
         )?)?,
+        Gen::WakeGaps { every_us, seconds } => serde_json::to_string(&generators::wake_gaps(
+            Duration::from_micros(every_us),
+            seconds,
+        ))?,
         Gen::RxRate {
             dev,
             interval_ms,
@@ -549,6 +561,8 @@ fn demo(json: bool) -> anyhow::Result<bool> {
         ),
         true,
     );
+    // The flood's victim, measured in 100 ms windows, as the flood test runs it.
+    t.realtime(s).map_err(anyhow::Error::msg)?;
     for i in [g, c, s, f] {
         t.start(i).map_err(anyhow::Error::msg)?;
     }
