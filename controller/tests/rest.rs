@@ -357,6 +357,10 @@ async fn the_rest_api_keeps_the_quic_rules_and_answers_problems() {
             .expect("b64");
         let toml = String::from_utf8(toml).expect("utf-8");
         assert!(toml.contains("underlay = \"192.0.2.10:51820\""), "{toml}");
+        assert!(
+            !toml.contains("realtime_priority"),
+            "a VNF's default: {toml}"
+        );
         let ud = c.2["user_data"].as_str().expect("user_data");
         assert!(ud.starts_with("#cloud-config\n") && ud.contains("/etc/asmn/bundle"));
         let bundle = bundle_of(&c.2);
@@ -530,6 +534,55 @@ async fn the_rest_api_keeps_the_quic_rules_and_answers_problems() {
         "admin-certificate-revoked",
     );
     assert_eq!(api.get("/v1/instances").await.0, 200);
+
+    // A gateway's agent runs its data plane at real-time priority unless told otherwise;
+    // a priority out of SCHED_FIFO's range is refused.
+    let agent_toml_of = |c: &(u16, String, Value)| {
+        let b64 = c.2["config_drive"]["asmn/agent.toml"]
+            .as_str()
+            .expect("agent.toml")
+            .to_string();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("b64"),
+        )
+        .expect("utf-8")
+    };
+    for (name, priority, want) in [
+        ("gw-default", None, Some("realtime_priority = 10\n")),
+        ("gw-ordinary", Some(0), None),
+        ("gw-five", Some(5), Some("realtime_priority = 5\n")),
+    ] {
+        let mut agent = json!({"target": "/dev/vda", "underlay": "192.0.2.11:51820"});
+        if let Some(p) = priority {
+            agent["realtime_priority"] = json!(p);
+        }
+        let c = api
+            .post(
+                "/v1/instances",
+                &json!({"tenant": "t1", "vnf": "web-server", "name": name,
+                        "role": "gateway", "agent": agent}),
+            )
+            .await;
+        assert_eq!(c.0, 201, "{c:?}");
+        let toml = agent_toml_of(&c);
+        match want {
+            Some(line) => assert!(toml.contains(line), "{name}: {toml}"),
+            None => assert!(!toml.contains("realtime_priority"), "{name}: {toml}"),
+        }
+    }
+    assert_problem(
+        &api.post(
+            "/v1/instances",
+            &json!({"tenant": "t1", "vnf": "web-server", "role": "gateway",
+                    "agent": {"target": "/dev/vda", "underlay": "192.0.2.11:51820",
+                              "realtime_priority": 100}}),
+        )
+        .await,
+        400,
+        "bad-request",
+    );
 }
 
 /// What a receiver got: the signature header, the delivery header and the body.
