@@ -13,8 +13,9 @@
 //! tun_queue = 500                    # packets the TUN device queues for the data plane
 //!                                    # (16..=65536; more for a UDP-heavy VNF)
 //! realtime_priority = 10             # the data plane under SCHED_FIFO at this priority
-//!                                    # (1..=99; needs CAP_SYS_NICE or LimitRTPRIO=):
-//!                                    # for a gateway, whose limiters count time
+//!                                    # (1..=99; 0: ordinary scheduling; needs
+//!                                    # CAP_SYS_NICE or LimitRTPRIO=). Default: 10 on a
+//!                                    # gateway (its limiters count time), 0 on a VNF
 //! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed
 //!                                    # replica is tried (keep-alives every third of it)
 //! ```
@@ -49,7 +50,9 @@ pub struct Config {
     pub polling: Polling,
     /// Packets the TUN device queues for the data plane (`tun_queue`).
     pub tun_queue: u32,
-    /// The data plane's real-time (`SCHED_FIFO`) priority, if any (`realtime_priority`).
+    /// The data plane's real-time (`SCHED_FIFO`) priority as configured
+    /// (`realtime_priority`; 0: ordinary scheduling; `None`: the role's default, see
+    /// [`crate::io::realtime_for`]).
     pub realtime_priority: Option<u8>,
     /// How fast a silent controller is declared dead and another one tried
     /// (`failover_ms`, default 450; keep-alives every third of it).
@@ -161,15 +164,16 @@ impl Config {
             )));
         }
         if let Some(p) = raw.realtime_priority {
-            if !crate::io::REALTIME_RANGE.contains(&p) {
+            if p > *crate::io::REALTIME_RANGE.end() {
                 return Err(err(format!(
-                    "field `realtime_priority`: {p} is outside {}..={} (SCHED_FIFO's \
-                     priorities; leave the field out for ordinary scheduling)",
+                    "field `realtime_priority`: {p} is outside 0..={} (SCHED_FIFO's \
+                     priorities {}..={}, or 0 for ordinary scheduling)",
+                    crate::io::REALTIME_RANGE.end(),
                     crate::io::REALTIME_RANGE.start(),
                     crate::io::REALTIME_RANGE.end()
                 )));
             }
-            if raw.polling == Polling::Busy {
+            if p > 0 && raw.polling == Polling::Busy {
                 return Err(err(
                     "fields `realtime_priority` and `polling = \"busy\"`: a real-time thread \
                      that polls without pause holds its CPU from every other task for as \
@@ -243,6 +247,11 @@ mod tests {
         )
         .expect("realtime_priority");
         assert_eq!(rt.realtime_priority, Some(10));
+        let ordinary = parse(
+            "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\npolling = \"busy\"\nrealtime_priority = 0\n",
+        )
+        .expect("realtime_priority = 0 with busy polling");
+        assert_eq!(ordinary.realtime_priority, Some(0));
     }
 
     #[test]
@@ -280,10 +289,6 @@ mod tests {
             (
                 "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\ntun_queue = -1\n",
                 "tun_queue",
-            ),
-            (
-                "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 0\n",
-                "realtime_priority",
             ),
             (
                 "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 100\n",

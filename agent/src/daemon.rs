@@ -173,7 +173,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tun,
         udp,
         config.polling,
-        config.realtime_priority,
+        crate::io::realtime_for(config.realtime_priority, bundle.role, config.polling),
         asks_tx,
     )
     .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;

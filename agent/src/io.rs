@@ -23,11 +23,18 @@
 //!   operator's choice for a VNF that owns a core, as DPDK data planes do) it does not
 //!   sleep while packets flow: no wake-up on any packet, at the price of a whole core;
 //!   after [`BUSY_IDLE`] without a packet it sleeps until the next one.
-//! - Priority: with a real-time priority (`realtime_priority`), the thread runs
-//!   `SCHED_FIFO`, above every ordinary task, as the kernel's own data path runs in softirq
-//!   above them. Its limiters count time: a thread kept off the CPU for longer than a
-//!   rule's burst lets less than the rule's rate through (the tokens of the time away are
-//!   lost), and one that delivers late delivers in bunches.
+//! - Priority: with a real-time priority (`realtime_priority`; a gateway's default), the
+//!   thread runs `SCHED_FIFO`, ahead of every ordinary task, as the kernel's receive path
+//!   and `act_police` run in softirq ahead of them. Its limiters count time: a thread
+//!   that is runnable but kept off the CPU for longer than a rule's burst lets less than
+//!   the rule's rate through (the tokens of the time away are lost), and one that
+//!   delivers late delivers in bunches. A real-time thread that has been busy for
+//!   [`REALTIME_BUSY`] rests in the first [`REALTIME_REST`] of every [`REALTIME_GRID`] of
+//!   the machine's monotonic clock, so a flood cannot starve the other tasks of its CPU
+//!   (the agent's control plane among them), however many real-time agents share it:
+//!   they all rest at the same moments. It does not poll (a wake-up pre-empts ordinary
+//!   tasks at once), and waits for a full socket buffer by sleeping, not yielding
+//!   (`sched_yield` lets no ordinary task run).
 
 use std::io;
 use std::net::UdpSocket;
@@ -124,15 +131,110 @@ pub enum Polling {
 
 type Job = Box<dyn FnOnce(&mut SystemPlane, Instant, &mut Outbox) + Send>;
 
-/// How long a real-time data plane runs without sleeping before it rests for
-/// [`REALTIME_REST`]: under a flood that keeps it busy, the other tasks of its CPU (the
-/// agent's control plane among them: revocations, catalog changes, Sec-EM's keep-alives)
-/// still get about a tenth of it within this long, where the kernel would leave them 5%
-/// (its fair server) in bursts up to a second apart.
-pub const REALTIME_SLICE: Duration = Duration::from_millis(10);
-/// The rest after [`REALTIME_SLICE`]. Packets wait in the socket meanwhile, and a limiter
-/// whose burst lasts longer than this loses no tokens to it.
+/// The period of a real-time data plane's rests: while busy, it rests in the first
+/// [`REALTIME_REST`] of every period of the machine's monotonic clock. The other tasks of
+/// its CPU (the agent's control plane: revocations, catalog changes, Sec-EM's keep-alives;
+/// the VNF itself) get that tenth of it, in slots this far apart, where the kernel would
+/// leave them 5% (its fair server) in bursts up to a second apart.
+pub const REALTIME_GRID: Duration = Duration::from_millis(10);
+/// The rest. Packets wait in the socket meanwhile, and a limiter whose burst lasts
+/// longer than this loses no tokens to it.
 pub const REALTIME_REST: Duration = Duration::from_millis(1);
+/// A real-time data plane that has run this long without sleeping [`REALTIME_REST`] in
+/// all is busy, and rests; sparse or moderate traffic never makes it rest.
+pub const REALTIME_BUSY: Duration = Duration::from_millis(2);
+/// How long a real-time data plane waits between tries of a send that found the socket's
+/// buffer full (an ordinary one yields).
+const REALTIME_SEND_WAIT: Duration = Duration::from_micros(20);
+/// The priority of a gateway's data plane when its configuration names none.
+pub const GATEWAY_REALTIME: u8 = 10;
+
+/// The real-time priority the data plane runs at: the configured one (0: none), or the
+/// role's default, [`GATEWAY_REALTIME`] for a gateway that does not busy-poll.
+pub fn realtime_for(
+    configured: Option<u8>,
+    role: asmn_shared::ids::Role,
+    polling: Polling,
+) -> Option<u8> {
+    match configured {
+        Some(0) => None,
+        Some(p) => Some(p),
+        None => (role == asmn_shared::ids::Role::Gateway && polling == Polling::Adaptive)
+            .then_some(GATEWAY_REALTIME),
+    }
+}
+
+/// Where the machine's monotonic clock is within the current [`REALTIME_GRID`]: the same
+/// in every process, so every real-time data plane rests at the same moments.
+fn grid_phase() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let ns = u128::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u128::try_from(t.tv_nsec).unwrap_or(0);
+    let phase = ns % REALTIME_GRID.as_nanos();
+    Duration::from_nanos(u64::try_from(phase).unwrap_or(0))
+}
+
+/// When a real-time data plane rests (see [`REALTIME_GRID`]).
+#[derive(Debug)]
+struct Rests {
+    on: bool,
+    /// Since when the thread has run without sleeping [`REALTIME_REST`] in all.
+    awake_since: Instant,
+    /// What it slept since then, in naps too short to count alone.
+    napped: Duration,
+    /// When its last rest (or a sleep as long) ended.
+    rested: Instant,
+    /// Rests taken.
+    count: u64,
+}
+
+impl Rests {
+    fn new(on: bool, now: Instant) -> Rests {
+        Rests {
+            on,
+            awake_since: now,
+            napped: Duration::ZERO,
+            rested: now,
+            count: 0,
+        }
+    }
+
+    /// The thread slept `d` (waiting for packets) until `now`.
+    fn slept(&mut self, d: Duration, now: Instant) {
+        self.napped += d;
+        if self.napped >= REALTIME_REST {
+            (self.awake_since, self.rested, self.napped) = (now, now, Duration::ZERO);
+        }
+    }
+
+    /// How long to rest at `now`, `phase` into the grid's period; `None`: not now.
+    fn due(&self, now: Instant, phase: Duration) -> Option<Duration> {
+        if !self.on || now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
+            return None;
+        }
+        if phase < REALTIME_REST {
+            return Some(REALTIME_REST - phase);
+        }
+        // One step of the loop ran across a whole slot: rest now, off the grid.
+        (now.saturating_duration_since(self.rested) >= 2 * REALTIME_GRID).then_some(REALTIME_REST)
+    }
+
+    /// Rests if it is due.
+    fn take(&mut self) {
+        if !self.on {
+            return;
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
+            return;
+        }
+        if let Some(d) = self.due(now, grid_phase()) {
+            std::thread::sleep(d);
+            self.rested = Instant::now();
+            self.count += 1;
+        }
+    }
+}
 
 /// The real-time priorities `realtime_priority` accepts (`SCHED_FIFO`'s range).
 pub const REALTIME_RANGE: std::ops::RangeInclusive<u8> = 1..=99;
@@ -260,7 +362,7 @@ impl Driver {
             stats,
             stop: Arc::clone(&stop),
             polling,
-            realtime: false,
+            rests: Rests::new(false, Instant::now()),
             b: Buffers {
                 tun_raw: vec![0; TUN_HEADER + DATAGRAM],
                 tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
@@ -278,7 +380,7 @@ impl Driver {
                 if let Some(p) = priority {
                     match run_realtime(p) {
                         Ok(()) => {
-                            io.realtime = true;
+                            io.rests.on = true;
                             tracing::info!(
                                 priority = p,
                                 "the data plane runs at real-time priority (SCHED_FIFO)"
@@ -373,8 +475,8 @@ struct Io {
     stats: Arc<Mutex<PlaneStats>>,
     stop: Arc<AtomicBool>,
     polling: Polling,
-    /// Whether the thread runs under `SCHED_FIFO` (and so rests now and then).
-    realtime: bool,
+    /// Whether the thread runs under `SCHED_FIFO`, and when it rests.
+    rests: Rests,
     b: Buffers,
 }
 
@@ -391,8 +493,16 @@ fn fatal(e: &io::Error) -> bool {
 }
 
 /// Sends every group of `sends`; the number of datagrams that could not be sent.
-fn send_all(sends: &mut Sends, udp: &UdpSocket, state: &UdpSocketState) -> u64 {
+fn send_all(
+    sends: &mut Sends,
+    max_segments: usize,
+    mut send: impl FnMut(&Transmit<'_>) -> io::Result<()>,
+    wait: impl Fn(),
+) -> u64 {
     let mut lost = 0;
+    // Once a group has found the buffer full SEND_TRIES times, the rest of the batch is
+    // dropped at once: a buffer that stays full drains no faster for being retried.
+    let mut stuck = false;
     let (groups, arena) = sends.groups();
     for g in groups {
         let t = Transmit {
@@ -402,25 +512,33 @@ fn send_all(sends: &mut Sends, udp: &UdpSocket, state: &UdpSocketState) -> u64 {
             segment_size: (g.len > g.segment).then_some(g.segment),
             src_ip: None,
         };
-        let mut sent = false;
-        for _ in 0..SEND_TRIES {
-            match state.try_send(udp.into(), &t) {
+        let tries = if stuck { 1 } else { SEND_TRIES };
+        let (mut sent, mut full) = (false, false);
+        for attempt in 1..=tries {
+            match send(&t) {
                 Ok(()) => {
                     sent = true;
                     break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    full = true;
+                    if attempt < tries {
+                        wait();
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, to = %g.to, "underlay send failed");
+                    full = false;
                     break;
                 }
             }
         }
         if !sent {
             lost += g.len.div_ceil(g.segment) as u64;
+            stuck |= full;
         }
     }
-    sends.clear(state.max_gso_segments());
+    sends.clear(max_segments);
     lost
 }
 
@@ -431,7 +549,7 @@ impl Io {
             udp_gso_segments = self.udp_state.max_gso_segments(),
             udp_gro_segments = self.udp_state.gro_segments(),
             polling = ?self.polling,
-            realtime = self.realtime,
+            realtime = self.rests.on,
             "data plane I/O running"
         );
         let mut events = mio::Events::with_capacity(4);
@@ -439,15 +557,9 @@ impl Io {
         let (mut tun_ready, mut udp_ready) = (true, true);
         let mut rate = Rate::new(Instant::now());
         let mut next_tick = Instant::now() + TICK;
-        // Since when the thread has run without sleeping.
-        let mut awake_since = Instant::now();
         while !self.stop.load(Ordering::Acquire) {
-            let mut round = Instant::now();
-            if self.realtime && round.saturating_duration_since(awake_since) >= REALTIME_SLICE {
-                std::thread::sleep(REALTIME_REST);
-                round = Instant::now();
-                awake_since = round;
-            }
+            self.rests.take();
+            let round = Instant::now();
             if round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
                 self.flush()?;
@@ -477,7 +589,8 @@ impl Io {
                 Polling::Busy => rate.last + BUSY_IDLE,
                 Polling::Adaptive => rate.poll_until(),
             };
-            if Instant::now() < poll_until {
+            // A real-time thread does not poll: its wake-up pre-empts ordinary tasks.
+            if !self.rests.on && Instant::now() < poll_until {
                 // Polling, not woken by epoll: both sources are read on the next round.
                 (tun_ready, udp_ready) = (true, true);
                 match self.polling {
@@ -495,11 +608,9 @@ impl Io {
             {
                 return Err(e);
             }
-            // A sleep as long as the rest counts as one.
             let woke = Instant::now();
-            if woke.saturating_duration_since(asleep) >= REALTIME_REST {
-                awake_since = woke;
-            }
+            self.rests
+                .slept(woke.saturating_duration_since(asleep), woke);
             for e in events.iter() {
                 match e.token() {
                     TUN => tun_ready = true,
@@ -552,7 +663,19 @@ impl Io {
     fn flush(&mut self) -> io::Result<()> {
         let out = &mut self.b.out;
         if !out.net.is_empty() {
-            let lost = send_all(&mut out.net, &self.udp, &self.udp_state);
+            let (udp, state, realtime) = (&self.udp, &self.udp_state, self.rests.on);
+            let lost = send_all(
+                &mut out.net,
+                state.max_gso_segments(),
+                |t| state.try_send(udp.into(), t),
+                || {
+                    if realtime {
+                        std::thread::sleep(REALTIME_SEND_WAIT);
+                    } else {
+                        std::thread::yield_now();
+                    }
+                },
+            );
             if lost > 0 {
                 self.plane.count_io_dropped(lost);
             }
@@ -659,6 +782,9 @@ impl Io {
                 if in_batch == IDEAL_BATCH_SIZE {
                     self.flush()?;
                     in_batch = 0;
+                    // A batch of GRO reads is up to 2,048 datagrams: a busy real-time
+                    // thread rests within it too.
+                    self.rests.take();
                 }
             }
         }
@@ -703,6 +829,95 @@ mod tests {
     }
 
     #[test]
+    fn a_buffer_that_stays_full_costs_one_groups_tries_not_every_groups() {
+        let to: SocketAddr = "192.0.2.1:51820".parse().expect("addr");
+        let mut s = Sends::new(1 << 16, 64);
+        // Ten groups (one per destination port), 25 datagrams in all.
+        for i in 0..10u16 {
+            let to = SocketAddr::new(to.ip(), 51820 + i);
+            for _ in 0..if i == 0 { 16 } else { 1 } {
+                assert!(s.push(to, &[0u8; 100]));
+            }
+        }
+        let (tries, waits) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let lost = send_all(
+            &mut s,
+            64,
+            |_| {
+                tries.set(tries.get() + 1);
+                Err(io::ErrorKind::WouldBlock.into())
+            },
+            || waits.set(waits.get() + 1),
+        );
+        assert_eq!(lost, 25, "every datagram counted lost");
+        assert!(s.is_empty());
+        // The first group its tries (a wait between each), the nine others one each.
+        assert_eq!(tries.get(), SEND_TRIES + 9);
+        assert_eq!(waits.get(), SEND_TRIES - 1);
+        // A send that fails otherwise (one unreachable peer) does not drop the others.
+        for i in 0..3u16 {
+            assert!(s.push(SocketAddr::new(to.ip(), 51820 + i), &[0u8; 100]));
+        }
+        let sent = std::cell::Cell::new(0);
+        let lost = send_all(
+            &mut s,
+            64,
+            |t| {
+                if t.destination.port() == 51820 {
+                    return Err(io::ErrorKind::HostUnreachable.into());
+                }
+                sent.set(sent.get() + 1);
+                Ok(())
+            },
+            || {},
+        );
+        assert_eq!((lost, sent.get()), (1, 2));
+    }
+
+    #[test]
+    fn a_busy_real_time_plane_rests_on_the_shared_grid_and_an_idle_one_never() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Not real-time: never.
+        let off = Rests::new(false, t0);
+        assert_eq!(off.due(t0 + ms(50), Duration::ZERO), None);
+        let mut r = Rests::new(true, t0);
+        // Awake for less than REALTIME_BUSY: not even inside a slot.
+        assert_eq!(r.due(t0 + ms(1), Duration::ZERO), None);
+        // Busy: in a slot, for what is left of it; outside one, not.
+        let busy = t0 + REALTIME_BUSY + ms(1);
+        assert_eq!(
+            r.due(busy, Duration::from_micros(300)),
+            Some(REALTIME_REST - Duration::from_micros(300))
+        );
+        assert_eq!(r.due(busy, ms(5)), None);
+        // Naps add up: under REALTIME_REST in all they change nothing, at it the thread
+        // counts as rested and awake from then.
+        r.slept(Duration::from_micros(400), busy);
+        assert_eq!(r.due(busy, Duration::ZERO), Some(REALTIME_REST));
+        r.slept(Duration::from_micros(600), busy);
+        assert_eq!(r.due(busy + ms(1), Duration::ZERO), None);
+        // Busy across two whole periods without a slot (one long step): rest at once.
+        let late = busy + 2 * REALTIME_GRID;
+        assert_eq!(r.due(late, ms(5)), Some(REALTIME_REST));
+        assert_eq!(r.due(late - ms(1), ms(5)), None);
+        // The grid is the monotonic clock's: always within a period.
+        assert!(grid_phase() < REALTIME_GRID);
+    }
+
+    #[test]
+    fn a_gateway_runs_real_time_unless_told_otherwise_and_a_vnf_only_when_told() {
+        use asmn_shared::ids::Role;
+        let a = Polling::Adaptive;
+        assert_eq!(realtime_for(None, Role::Gateway, a), Some(GATEWAY_REALTIME));
+        assert_eq!(realtime_for(Some(0), Role::Gateway, a), None);
+        assert_eq!(realtime_for(Some(5), Role::Gateway, a), Some(5));
+        assert_eq!(realtime_for(None, Role::Gateway, Polling::Busy), None);
+        assert_eq!(realtime_for(None, Role::Vnf, a), None);
+        assert_eq!(realtime_for(Some(7), Role::Vnf, a), Some(7));
+    }
+
+    #[test]
     fn a_send_delivers_every_group_on_loopback() {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         rx.set_read_timeout(Some(Duration::from_secs(2)))
@@ -715,7 +930,9 @@ mod tests {
             let len = if i == 9 { 50 } else { 300 };
             assert!(s.push(to, &vec![i; len]));
         }
-        assert_eq!(send_all(&mut s, &tx, &state), 0);
+        let max = state.max_gso_segments();
+        let sent = send_all(&mut s, max, |t| state.try_send((&tx).into(), t), || {});
+        assert_eq!(sent, 0);
         assert!(s.is_empty());
         // Without GRO on the receiver, each segment arrives as its own datagram.
         let mut buf = [0u8; 2048];

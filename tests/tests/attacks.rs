@@ -287,11 +287,14 @@ fn flood<R>(
 }
 
 /// A data plane under `SCHED_FIFO` (`realtime_priority`), flooded hard enough to keep it
-/// busy, still leaves the other tasks of its CPU a slice at least every
-/// `REALTIME_SLICE`: the agent's control plane (revocations, catalog changes, Sec-EM's
-/// keep-alives) and the VNF itself are not starved by an attacker who can send packets.
-/// A thread pinned to the agent's CPU must never wait 50 ms; without the rest, it waits
-/// for the kernel's 5% reserve, up to most of a second.
+/// busy, still leaves the other tasks of its CPU a slot in every `REALTIME_GRID`: the
+/// agent's control plane (revocations, catalog changes, Sec-EM's keep-alives) and the VNF
+/// itself are not starved by an attacker who can send packets. A thread pinned to the
+/// agent's CPU (where the agent's own other threads and the kernel's compete for the same
+/// slots) must never wait five periods (it waited two or three here); without the rests,
+/// it waits for the kernel's 5% reserve: 950 ms. The attacker sends its forged
+/// initiations 64 to a send (GSO), which the agent reads as one (GRO) but answers one by
+/// one: a flood that costs its target more than its sender, as floods from elsewhere do.
 #[test]
 fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
     use asmn_lab::bench::{self, DirectPair, VETH_B};
@@ -313,10 +316,14 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
         .start_agents_with(false, &["--realtime-priority", "10"])
         .expect("agents up");
     let log = std::fs::read_to_string(dir.path().join("agent-1.log")).expect("agent log");
-    assert!(
-        log.contains("the data plane runs at real-time priority"),
-        "the agent did not get SCHED_FIFO, so this test shows nothing: {log}"
-    );
+    if !log.contains("the data plane runs at real-time priority") {
+        assert!(
+            std::env::var("CI").is_err(),
+            "the agent did not get SCHED_FIFO, so this test shows nothing: {log}"
+        );
+        asmn_shared::skip::note("SCHED_FIFO is refused here (no CAP_SYS_NICE?)");
+        return;
+    }
     // The agent's every thread on CPU 0, the attacker on CPU 1.
     let pinned = std::process::Command::new("taskset")
         .args(["-a", "-p", "1", &target.to_string()])
@@ -342,6 +349,8 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
                 &key,
                 "--seconds",
                 "5",
+                "--gso",
+                "64",
             ],
         )
         .stdout(std::process::Stdio::piped())
@@ -360,14 +369,15 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
     eprintln!(
         "flooded real-time agent: {busy:.2} of its CPU; longest wait on it {longest_ms:.1} ms ({gaps})"
     );
-    // The premise: the flood kept the data plane busy (at most about 91% of the CPU with
-    // its rests, the rest the ticker's).
+    // The premise: the flood kept the data plane busy (at most 90% of the CPU with its
+    // rests; 0.90-0.91 measured with them, 0.95-0.96 without).
     assert!(
-        busy >= 0.6,
+        busy >= 0.75,
         "the agent used only {busy:.2} of its CPU: the flood did not keep it busy"
     );
+    let bound_ms = 5.0 * asmn_agent::io::REALTIME_GRID.as_secs_f64() * 1e3;
     assert!(
-        longest_ms < 50.0,
+        longest_ms < bound_ms,
         "a thread on the flooded agent's CPU waited {longest_ms:.1} ms ({gaps}); the \
          agent used {busy:.2} of the CPU"
     );

@@ -560,6 +560,19 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
         t.wait_enrolled(i, Duration::from_secs(20))
             .expect("enrolled");
     }
+    // Both run their data plane real-time (the gateway by its role's default): without
+    // it this test would fail as if the limiter were wrong.
+    for i in [g, s] {
+        let agent = t.vnfs[i].agent.as_mut().expect("agent");
+        assert!(
+            agent.wait_log(
+                "the data plane runs at real-time priority",
+                Duration::from_secs(5)
+            ),
+            "no SCHED_FIFO: {}",
+            agent.log()
+        );
+    }
     let server_ip = t.vnfs[s].overlay.to_string();
     let store_ip = t.vnfs[st].overlay.to_string();
     assert!(ping_until_up(&t, c, &server_ip), "no path to the server");

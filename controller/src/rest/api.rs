@@ -670,16 +670,13 @@ pub struct AgentSettings {
     #[schema(max_length = 255)]
     state_dir: Option<String>,
     /// The real-time (`SCHED_FIFO`) priority of the agent's data plane, 1 to 99 (the
-    /// packaged unit allows up to 10), or 0 for ordinary scheduling. Absent: 10 for a
-    /// gateway (its limiters count time: kept off the CPU, it passes less than a rule's
-    /// rate), ordinary scheduling for a VNF.
+    /// packaged unit allows up to 10), or 0 for ordinary scheduling. Absent: not written,
+    /// and the agent's default applies: 10 for a gateway (its limiters count time: kept
+    /// off the CPU, it passes less than a rule's rate), ordinary scheduling for a VNF.
     #[serde(default)]
     #[schema(minimum = 0, maximum = 99)]
     realtime_priority: Option<u8>,
 }
-
-/// The data-plane priority a gateway's agent gets when the request names none.
-const GATEWAY_REALTIME: u8 = 10;
 
 /// An instance to create.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -734,7 +731,7 @@ fn plain_path(field: &str, p: &str) -> Answer<String> {
 /// The agent's configuration. Its bundle is `bundle` beside it (a relative path is
 /// the file's directory's): `/etc/asmn/bundle` in the VM, where the config drive's
 /// `asmn-bundle` unit and the cloud-init user-data put both files.
-fn agent_toml(a: &AgentSettings, role: Role) -> Answer<String> {
+fn agent_toml(a: &AgentSettings) -> Answer<String> {
     let target = plain_path("target", &a.target)?;
     let addr = |field: &str, v: &str| {
         v.parse::<std::net::SocketAddr>()
@@ -754,18 +751,15 @@ fn agent_toml(a: &AgentSettings, role: Role) -> Answer<String> {
             addr("metrics_addr", m)?
         ));
     }
-    let realtime = match (a.realtime_priority, role) {
-        (Some(p), _) if p > 99 => {
+    // Written only when asked: an agent older than the field refuses it.
+    match a.realtime_priority {
+        Some(p) if p > 99 => {
             return Err(Problem::bad_request(
                 "agent.realtime_priority: 1 to 99, or 0 for ordinary scheduling",
             ));
         }
-        (Some(p), _) => p,
-        (None, Role::Gateway) => GATEWAY_REALTIME,
-        (None, _) => 0,
-    };
-    if realtime > 0 {
-        t.push_str(&format!("realtime_priority = {realtime}\n"));
+        Some(p) => t.push_str(&format!("realtime_priority = {p}\n")),
+        None => {}
     }
     Ok(t)
 }
@@ -825,11 +819,7 @@ async fn create_instance<S: Store>(
         Some("gateway") => Role::Gateway,
         Some(_) => return Err(Problem::bad_request("role: vnf or gateway")),
     };
-    let toml = req
-        .agent
-        .as_ref()
-        .map(|a| agent_toml(a, role))
-        .transpose()?;
+    let toml = req.agent.as_ref().map(agent_toml).transpose()?;
     let bundle = crate::service::create_fresh_instance(
         &rest.registry,
         wire::CreateInstance {

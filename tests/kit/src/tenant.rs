@@ -65,14 +65,14 @@ pub struct Vnf {
     pub gateway: bool,
 }
 
-/// The real-time priority (`realtime_priority`) of the data plane of gateway agents,
-/// and of the protected VNFs that [`Tenant::realtime`] is asked for. A gateway is a
-/// data-plane appliance, and here it shares two cores with the traffic generators and the
-/// other agents. Its limiters count time: measured in the SYN-flood test, a gateway
-/// at `nice -10` was runnable but off the CPU for 250-500 ms of each second of the flood,
-/// and passed 9.1-9.3 Mbit/s of a 10 Mbit/s rule (tokens lost in the gaps); under
-/// SCHED_FIFO, 9.97-10.0. The protected VNF's agent delivers what the gateway passed:
-/// kept off the CPU, it delivers it in bunches (100 ms windows of 10.65 Mbit/s).
+/// The real-time priority (`realtime_priority`) that [`Tenant::realtime`] gives a
+/// protected VNF's data plane: the agent's default for gateways. Here two cores are
+/// shared by the agents, the traffic generators and iperf3, and limiters count time:
+/// measured in the SYN-flood test, a gateway at `nice -10` was runnable but off the CPU
+/// for 250-500 ms of each second of the flood and passed 9.0-9.6 Mbit/s of a 10 Mbit/s
+/// rule (tokens lost in the gaps); under SCHED_FIFO, 9.8-10.0. The protected VNF's agent
+/// delivers what the gateway passed: kept off the CPU, it delivers it in bunches (100 ms
+/// windows of 10.65 Mbit/s).
 pub const DATAPLANE_REALTIME: u8 = 10;
 
 /// The tenant.
@@ -279,15 +279,12 @@ impl Tenant {
             .and_then(|ip| ip.parse().ok())
             .ok_or_else(|| KitError::Unexpected(format!("instance show: no overlay: {show}")))?;
         let (ns, underlay) = self.vm_namespace()?;
-        let mut text = format!(
+        let text = format!(
             "bundle = \"{}\"\ntarget = \"{}\"\nunderlay = \"{underlay}:51820\"\ntun = \"asmn0\"\nstate_dir = \"{}\"\nmetrics_addr = \"{underlay}:9465\"\n",
             bundle.display(),
             image.display(),
             self.dir.path().join(format!("{name}.state")).display()
         );
-        if role == "gateway" {
-            text.push_str(&format!("realtime_priority = {DATAPLANE_REALTIME}\n"));
-        }
         let config = self.file(&format!("{name}.toml"), text.as_bytes())?;
         self.vnfs.push(Vnf {
             name: name.to_string(),

@@ -316,6 +316,7 @@ pub fn handshake_flood(
     to: SocketAddr,
     key: Option<[u8; 32]>,
     seconds: u64,
+    gso: usize,
 ) -> std::io::Result<StreamResult> {
     use rand::RngCore;
     let sock = UdpSocket::bind("0.0.0.0:0")?;
@@ -348,13 +349,32 @@ pub fn handshake_flood(
             }
         })
         .collect();
+    // With GSO, the messages back to back, `gso` of them per send.
+    let state = quinn_udp::UdpSocketState::new((&sock).into())?;
+    let gso = gso.clamp(1, state.max_gso_segments().max(1));
+    let joined: Vec<u8> = messages.iter().flatten().copied().collect();
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut sent = 0u64;
     while Instant::now() < end {
-        for m in &messages {
-            if sock.send_to(m, to).is_ok() {
-                sent += 1;
+        if gso == 1 {
+            for m in &messages {
+                if sock.send_to(m, to).is_ok() {
+                    sent += 1;
+                }
+            }
+            continue;
+        }
+        for chunk in joined.chunks(148 * gso) {
+            let t = quinn_udp::Transmit {
+                destination: to,
+                ecn: None,
+                contents: chunk,
+                segment_size: Some(148),
+                src_ip: None,
+            };
+            if state.try_send((&sock).into(), &t).is_ok() {
+                sent += (chunk.len() / 148) as u64;
             }
         }
     }

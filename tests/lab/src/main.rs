@@ -196,6 +196,10 @@ enum Gen {
         key: Option<String>,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Datagrams per send (UDP GSO; the receiver's GRO reads them as one): a flood
+        /// that costs the attacker far less per datagram than its target.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        gso: u16,
     },
     /// A compromised VNF (attack tests): enrolls with its genuine bundle and image, builds
     /// a tunnel with the gateway at overlay `--via`, then sends pings and SYNs through it
@@ -355,7 +359,12 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             serde_json::json!({ "answered": n }).to_string()
         }
-        Gen::HandshakeFlood { to, key, seconds } => {
+        Gen::HandshakeFlood {
+            to,
+            key,
+            seconds,
+            gso,
+        } => {
             let key = match key {
                 Some(h) => {
                     let mut k = [0u8; 32];
@@ -365,7 +374,12 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
                 }
                 None => None,
             };
-            serde_json::to_string(&generators::handshake_flood(to, key, seconds)?)?
+            serde_json::to_string(&generators::handshake_flood(
+                to,
+                key,
+                seconds,
+                usize::from(gso),
+            )?)?
         }
         Gen::NullTunnel {
             tun,
