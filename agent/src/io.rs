@@ -146,6 +146,9 @@ pub const REALTIME_BUSY: Duration = Duration::from_millis(2);
 /// How long a real-time data plane waits between tries of a send that found the socket's
 /// buffer full (an ordinary one yields).
 const REALTIME_SEND_WAIT: Duration = Duration::from_micros(20);
+/// Datagrams of a batch between two checks whether a busy real-time thread is due to
+/// rest (a check reads the clock).
+const REST_CHECK: usize = 8;
 /// The priority of a gateway's data plane when its configuration names none.
 pub const GATEWAY_REALTIME: u8 = 10;
 
@@ -184,8 +187,6 @@ struct Rests {
     napped: Duration,
     /// When its last rest (or a sleep as long) ended.
     rested: Instant,
-    /// Rests taken.
-    count: u64,
 }
 
 impl Rests {
@@ -195,7 +196,6 @@ impl Rests {
             awake_since: now,
             napped: Duration::ZERO,
             rested: now,
-            count: 0,
         }
     }
 
@@ -219,20 +219,16 @@ impl Rests {
         (now.saturating_duration_since(self.rested) >= 2 * REALTIME_GRID).then_some(REALTIME_REST)
     }
 
-    /// Rests if it is due.
-    fn take(&mut self) {
+    /// How long to rest now, if it is due.
+    fn due_now(&self) -> Option<Duration> {
         if !self.on {
-            return;
+            return None;
         }
         let now = Instant::now();
         if now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
-            return;
+            return None;
         }
-        if let Some(d) = self.due(now, grid_phase()) {
-            std::thread::sleep(d);
-            self.rested = Instant::now();
-            self.count += 1;
-        }
+        self.due(now, grid_phase())
     }
 }
 
@@ -266,7 +262,17 @@ pub struct PlaneHandle {
     jobs: Sender<Job>,
     waker: Arc<mio::Waker>,
     stats: Arc<Mutex<PlaneStats>>,
+    scheduling: Arc<Scheduling>,
     public: [u8; 32],
+}
+
+/// How the data-plane thread is scheduled, for the metrics.
+#[derive(Debug, Default)]
+pub struct Scheduling {
+    /// Its `SCHED_FIFO` priority (0: ordinary scheduling).
+    pub realtime_priority: std::sync::atomic::AtomicU8,
+    /// The rests it took (see [`REALTIME_GRID`]).
+    pub rests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for PlaneHandle {
@@ -302,6 +308,15 @@ impl PlaneHandle {
     /// This agent's WireGuard public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.public
+    }
+
+    /// How the data-plane thread is scheduled: its real-time priority (0: none) and the
+    /// rests it took.
+    pub fn scheduling(&self) -> (u8, u64) {
+        (
+            self.scheduling.realtime_priority.load(Ordering::Relaxed),
+            self.scheduling.rests.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -343,11 +358,13 @@ impl Driver {
         let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Mutex::new(plane.stats()));
+        let scheduling = Arc::new(Scheduling::default());
         let stop = Arc::new(AtomicBool::new(false));
         let handle = PlaneHandle {
             jobs: jobs_tx,
             waker: Arc::clone(&waker),
             stats: Arc::clone(&stats),
+            scheduling: Arc::clone(&scheduling),
             public: plane.public_key(),
         };
         let max_segments = udp_state.max_gso_segments();
@@ -363,6 +380,7 @@ impl Driver {
             stop: Arc::clone(&stop),
             polling,
             rests: Rests::new(false, Instant::now()),
+            scheduling,
             b: Buffers {
                 tun_raw: vec![0; TUN_HEADER + DATAGRAM],
                 tun_in: vec![vec![0; PACKET]; IDEAL_BATCH_SIZE],
@@ -381,6 +399,7 @@ impl Driver {
                     match run_realtime(p) {
                         Ok(()) => {
                             io.rests.on = true;
+                            io.scheduling.realtime_priority.store(p, Ordering::Relaxed);
                             tracing::info!(
                                 priority = p,
                                 "the data plane runs at real-time priority (SCHED_FIFO)"
@@ -477,6 +496,8 @@ struct Io {
     polling: Polling,
     /// Whether the thread runs under `SCHED_FIFO`, and when it rests.
     rests: Rests,
+    /// The same, for the metrics.
+    scheduling: Arc<Scheduling>,
     b: Buffers,
 }
 
@@ -558,7 +579,7 @@ impl Io {
         let mut rate = Rate::new(Instant::now());
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Acquire) {
-            self.rests.take();
+            self.rest()?;
             let round = Instant::now();
             if round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
@@ -650,6 +671,18 @@ impl Io {
                 tracing::debug!(?a, "verification requests full: not asked now");
             }
         }
+    }
+
+    /// Rests if a busy real-time thread is due to (see [`REALTIME_GRID`]), after sending
+    /// and writing what is ready.
+    fn rest(&mut self) -> io::Result<()> {
+        if let Some(d) = self.rests.due_now() {
+            self.flush()?;
+            std::thread::sleep(d);
+            self.rests.rested = Instant::now();
+            self.scheduling.rests.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn publish(&self) {
@@ -782,9 +815,11 @@ impl Io {
                 if in_batch == IDEAL_BATCH_SIZE {
                     self.flush()?;
                     in_batch = 0;
-                    // A batch of GRO reads is up to 2,048 datagrams: a busy real-time
-                    // thread rests within it too.
-                    self.rests.take();
+                }
+                // A batch of GRO reads is up to 2,048 datagrams, and one datagram can
+                // cost a handshake: a busy real-time thread rests within it too.
+                if datagrams % REST_CHECK == 0 {
+                    self.rest()?;
                 }
             }
         }

@@ -249,6 +249,18 @@ pub fn render(stats: &PlaneStats) -> String {
     out
 }
 
+/// The data-plane thread's scheduling: its real-time priority and its rests.
+fn render_scheduling((priority, rests): (u8, u64), out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_realtime_priority The data plane's SCHED_FIFO priority (0: ordinary scheduling; a gateway's default is 10, and 0 here on a gateway means SCHED_FIFO was refused).\n# TYPE asmn_agent_dataplane_realtime_priority gauge\nasmn_agent_dataplane_realtime_priority {priority}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_rests_total Rests a busy real-time data plane took to leave its CPU to other tasks (1 ms in every 10 ms while a flood keeps it busy).\n# TYPE asmn_agent_dataplane_rests_total counter\nasmn_agent_dataplane_rests_total {rests}"
+    );
+}
+
 /// Serves `/metrics` and `/health` on `listener` until the task is dropped
 /// (`asmn_channel::http`: at most 64 connections at once, 5 s deadlines).
 pub async fn serve(listener: TcpListener, plane: PlaneHandle, control: Arc<ControlStatus>) {
@@ -261,6 +273,7 @@ pub async fn serve(listener: TcpListener, plane: PlaneHandle, control: Arc<Contr
                 match path.as_str() {
                     "/metrics" => {
                         let mut text = render(&plane.stats().await);
+                        render_scheduling(plane.scheduling(), &mut text);
                         control.render(&mut text);
                         asmn_channel::http::Response::ok(text)
                     }

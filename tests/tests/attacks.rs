@@ -291,8 +291,8 @@ fn flood<R>(
 /// agent's control plane (revocations, catalog changes, Sec-EM's keep-alives) and the VNF
 /// itself are not starved by an attacker who can send packets. A thread pinned to the
 /// agent's CPU (where the agent's own other threads and the kernel's compete for the same
-/// slots) must never wait five periods (it waited two or three here); without the rests,
-/// it waits for the kernel's 5% reserve: 950 ms. The attacker sends its forged
+/// slots) must never wait six periods (it waited two to three and a half here); without
+/// the rests, it waits for the kernel's 5% reserve: 950 ms. The attacker sends its forged
 /// initiations 64 to a send (GSO), which the agent reads as one (GRO) but answers one by
 /// one: a flood that costs its target more than its sender, as floods from elsewhere do.
 #[test]
@@ -375,7 +375,7 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
         busy >= 0.75,
         "the agent used only {busy:.2} of its CPU: the flood did not keep it busy"
     );
-    let bound_ms = 5.0 * asmn_agent::io::REALTIME_GRID.as_secs_f64() * 1e3;
+    let bound_ms = 6.0 * asmn_agent::io::REALTIME_GRID.as_secs_f64() * 1e3;
     assert!(
         longest_ms < bound_ms,
         "a thread on the flooded agent's CPU waited {longest_ms:.1} ms ({gaps}); the \

@@ -572,6 +572,12 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
             "no SCHED_FIFO: {}",
             agent.log()
         );
+        let m = metrics(&t, i);
+        assert_eq!(
+            metric(&m, "asmn_agent_dataplane_realtime_priority"),
+            Some(f64::from(asmn_testkit::tenant::DATAPLANE_REALTIME)),
+            "{m}"
+        );
     }
     let server_ip = t.vnfs[s].overlay.to_string();
     let store_ip = t.vnfs[st].overlay.to_string();
