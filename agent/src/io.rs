@@ -207,47 +207,60 @@ impl Rests {
         }
     }
 
-    /// How long to rest at `now`, `phase` into the grid's period; `None`: not now.
-    fn due(&self, now: Instant, phase: Duration) -> Option<Duration> {
+    /// How long to rest at `now`, `phase()` into the grid's period (read only when the
+    /// thread is busy); `None`: not now.
+    fn due(&self, now: Instant, phase: impl FnOnce() -> Duration) -> Option<Duration> {
         if !self.on || now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
             return None;
         }
+        let phase = phase();
         if phase < REALTIME_REST {
             return Some(REALTIME_REST - phase);
         }
         // One step of the loop ran across a whole slot: rest now, off the grid.
         (now.saturating_duration_since(self.rested) >= 2 * REALTIME_GRID).then_some(REALTIME_REST)
     }
-
-    /// How long to rest now, if it is due.
-    fn due_now(&self) -> Option<Duration> {
-        if !self.on {
-            return None;
-        }
-        let now = Instant::now();
-        if now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
-            return None;
-        }
-        self.due(now, grid_phase())
-    }
 }
 
 /// The real-time priorities `realtime_priority` accepts (`SCHED_FIFO`'s range).
 pub const REALTIME_RANGE: std::ops::RangeInclusive<u8> = 1..=99;
 
-/// Puts the calling thread under `SCHED_FIFO` at `priority`; says why not when it cannot
-/// (the thread then keeps its ordinary priority).
-fn run_realtime(priority: u8) -> Result<(), String> {
+/// Puts the calling thread under `SCHED_FIFO` at `priority`; whether it could (logged
+/// either way: refused, the thread keeps its ordinary priority).
+fn run_realtime(priority: u8) -> bool {
     use thread_priority::{
         RealtimeThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
     };
-    let value = ThreadPriorityValue::try_from(priority).map_err(|e| e.to_string())?;
-    thread_priority::set_thread_priority_and_policy(
-        thread_priority::thread_native_id(),
-        ThreadPriority::Crossplatform(value),
-        ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
-    )
-    .map_err(|e| format!("{e:?}"))
+    let set = ThreadPriorityValue::try_from(priority)
+        .map_err(|e| e.to_string())
+        .and_then(|value| {
+            thread_priority::set_thread_priority_and_policy(
+                thread_priority::thread_native_id(),
+                ThreadPriority::Crossplatform(value),
+                ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
+            )
+            .map_err(|e| format!("{e:?}"))
+        });
+    match set {
+        Ok(()) => {
+            tracing::info!(
+                priority,
+                "the data plane runs at real-time priority (SCHED_FIFO)"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                priority,
+                error = %e,
+                "the data plane runs at ordinary priority: SCHED_FIFO was refused (it needs \
+                 CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least the priority: systemd's \
+                 LimitRTPRIO= without RestrictRealtime=); under load its limiters can pass \
+                 less than their rates"
+            );
+            false
+        }
+    }
 }
 
 /// The data plane thread is gone (stopped, or failed).
@@ -395,25 +408,9 @@ impl Driver {
         let thread = std::thread::Builder::new()
             .name("asmn-dataplane".into())
             .spawn(move || {
-                if let Some(p) = priority {
-                    match run_realtime(p) {
-                        Ok(()) => {
-                            io.rests.on = true;
-                            io.scheduling.realtime_priority.store(p, Ordering::Relaxed);
-                            tracing::info!(
-                                priority = p,
-                                "the data plane runs at real-time priority (SCHED_FIFO)"
-                            );
-                        }
-                        Err(e) => tracing::warn!(
-                            priority = p,
-                            error = %e,
-                            "the data plane runs at ordinary priority: SCHED_FIFO was refused \
-                             (it needs CAP_SYS_NICE, or an RLIMIT_RTPRIO of at least the \
-                             priority: systemd's LimitRTPRIO= without RestrictRealtime=); \
-                             under load its limiters can pass less than their rates"
-                        ),
-                    }
+                if let Some(p) = priority.filter(|p| run_realtime(*p)) {
+                    io.rests.on = true;
+                    io.scheduling.realtime_priority.store(p, Ordering::Relaxed);
                 }
                 let r = io.run();
                 if let Err(e) = &r {
@@ -676,7 +673,10 @@ impl Io {
     /// Rests if a busy real-time thread is due to (see [`REALTIME_GRID`]), after sending
     /// and writing what is ready.
     fn rest(&mut self) -> io::Result<()> {
-        if let Some(d) = self.rests.due_now() {
+        if !self.rests.on {
+            return Ok(());
+        }
+        if let Some(d) = self.rests.due(Instant::now(), grid_phase) {
             self.flush()?;
             std::thread::sleep(d);
             self.rests.rested = Instant::now();
@@ -915,27 +915,27 @@ mod tests {
         let ms = Duration::from_millis;
         // Not real-time: never.
         let off = Rests::new(false, t0);
-        assert_eq!(off.due(t0 + ms(50), Duration::ZERO), None);
+        assert_eq!(off.due(t0 + ms(50), || Duration::ZERO), None);
         let mut r = Rests::new(true, t0);
         // Awake for less than REALTIME_BUSY: not even inside a slot.
-        assert_eq!(r.due(t0 + ms(1), Duration::ZERO), None);
+        assert_eq!(r.due(t0 + ms(1), || Duration::ZERO), None);
         // Busy: in a slot, for what is left of it; outside one, not.
         let busy = t0 + REALTIME_BUSY + ms(1);
         assert_eq!(
-            r.due(busy, Duration::from_micros(300)),
+            r.due(busy, || Duration::from_micros(300)),
             Some(REALTIME_REST - Duration::from_micros(300))
         );
-        assert_eq!(r.due(busy, ms(5)), None);
+        assert_eq!(r.due(busy, || ms(5)), None);
         // Naps add up: under REALTIME_REST in all they change nothing, at it the thread
         // counts as rested and awake from then.
         r.slept(Duration::from_micros(400), busy);
-        assert_eq!(r.due(busy, Duration::ZERO), Some(REALTIME_REST));
+        assert_eq!(r.due(busy, || Duration::ZERO), Some(REALTIME_REST));
         r.slept(Duration::from_micros(600), busy);
-        assert_eq!(r.due(busy + ms(1), Duration::ZERO), None);
+        assert_eq!(r.due(busy + ms(1), || Duration::ZERO), None);
         // Busy across two whole periods without a slot (one long step): rest at once.
         let late = busy + 2 * REALTIME_GRID;
-        assert_eq!(r.due(late, ms(5)), Some(REALTIME_REST));
-        assert_eq!(r.due(late - ms(1), ms(5)), None);
+        assert_eq!(r.due(late, || ms(5)), Some(REALTIME_REST));
+        assert_eq!(r.due(late - ms(1), || ms(5)), None);
         // The grid is the monotonic clock's: always within a period.
         assert!(grid_phase() < REALTIME_GRID);
     }
