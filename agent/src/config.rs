@@ -13,7 +13,7 @@
 //! tun_queue = 500                    # packets the TUN device queues for the data plane
 //!                                    # (16..=65536; more for a UDP-heavy VNF)
 //! realtime_priority = 10             # the data plane under SCHED_FIFO at this priority
-//!                                    # (1..=99; 0: ordinary scheduling; needs
+//!                                    # under load (1..=99; 0: ordinary scheduling; needs
 //!                                    # CAP_SYS_NICE or LimitRTPRIO=). Default: 10 on a
 //!                                    # gateway (its limiters count time), 0 on a VNF
 //! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed

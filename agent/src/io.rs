@@ -24,17 +24,22 @@
 //!   sleep while packets flow: no wake-up on any packet, at the price of a whole core;
 //!   after [`BUSY_IDLE`] without a packet it sleeps until the next one.
 //! - Priority: with a real-time priority (`realtime_priority`; a gateway's default), the
-//!   thread runs `SCHED_FIFO`, ahead of every ordinary task, as the kernel's receive path
-//!   and `act_police` run in softirq ahead of them. Its limiters count time: a thread
-//!   that is runnable but kept off the CPU for longer than a rule's burst lets less than
-//!   the rule's rate through (the tokens of the time away are lost), and one that
-//!   delivers late delivers in bunches. A real-time thread that has been busy for
-//!   [`REALTIME_BUSY`] rests in the first [`REALTIME_REST`] of every [`REALTIME_GRID`] of
-//!   the machine's monotonic clock, so a flood cannot starve the other tasks of its CPU
-//!   (the agent's control plane among them), however many real-time agents share it:
-//!   they all rest at the same moments. It does not poll (a wake-up pre-empts ordinary
-//!   tasks at once), and waits for a full socket buffer by sleeping, not yielding
-//!   (`sched_yield` lets no ordinary task run).
+//!   thread runs `SCHED_FIFO` under load, ahead of every ordinary task, as the kernel's
+//!   receive path and `act_police` run in softirq ahead of them. Its limiters count time:
+//!   a thread that is runnable but kept off the CPU for longer than a rule's burst lets
+//!   less than the rule's rate through (the tokens of the time away are lost), and one
+//!   that delivers late delivers in bunches. Under load means busy: awake for
+//!   [`REALTIME_BUSY`] without sleeping [`REALTIME_REST`] in all (running, or runnable and
+//!   kept waiting). It goes back to ordinary scheduling after [`REALTIME_LINGER`] without
+//!   being busy: for sparse traffic the ordinary scheduler wakes the thread on the CPU of
+//!   its waker (the packet's), where the real-time one keeps it on its own CPU and pays a
+//!   cross-CPU wake-up per packet (measured through the gateway: about 60 us of a 550 us
+//!   RTT). A real-time thread that is busy rests in the first [`REALTIME_REST`] of every
+//!   [`REALTIME_GRID`] of the machine's monotonic clock, so a flood cannot starve the
+//!   other tasks of its CPU (the agent's control plane among them), however many
+//!   real-time agents share it: they all rest at the same moments. It does not poll (a
+//!   wake-up pre-empts ordinary tasks at once), and waits for a full socket buffer by
+//!   sleeping, not yielding (`sched_yield` lets no ordinary task run).
 
 use std::io;
 use std::net::UdpSocket;
@@ -102,6 +107,12 @@ impl Rate {
         self.last = now;
     }
 
+    /// Whether packets come closer together than [`REALTIME_GAP`] on average, the last
+    /// of them no longer ago than that.
+    fn dense(&self, now: Instant) -> bool {
+        self.gap < REALTIME_GAP && now.saturating_duration_since(self.last) < REALTIME_GAP
+    }
+
     /// Until when to poll rather than sleep: for [`POLL_FOR`] after the last packet while
     /// the gaps between packets average under [`POLL_GAP`], not at all otherwise.
     fn poll_until(&self) -> Instant {
@@ -140,14 +151,21 @@ pub const REALTIME_GRID: Duration = Duration::from_millis(10);
 /// The rest. Packets wait in the socket meanwhile, and a limiter whose burst lasts
 /// longer than this loses no tokens to it.
 pub const REALTIME_REST: Duration = Duration::from_millis(1);
-/// A real-time data plane that has run this long without sleeping [`REALTIME_REST`] in
-/// all is busy, and rests; sparse or moderate traffic never makes it rest.
+/// A data plane that has been awake this long without sleeping [`REALTIME_REST`] in all
+/// is busy: it is under load, and rests while real-time.
 pub const REALTIME_BUSY: Duration = Duration::from_millis(2);
+/// Packets closer together than this on average (over 1,000 a second) are a load too:
+/// traffic with a rate to police. Sparser traffic (echoes, keep-alives, 100 requests a
+/// second) leaves the thread ordinary, where each packet's wake-up is cheaper.
+pub const REALTIME_GAP: Duration = Duration::from_millis(1);
+/// A real-time data plane goes back to ordinary scheduling after this long without load
+/// (a short lull in a flood keeps it real-time).
+pub const REALTIME_LINGER: Duration = Duration::from_millis(200);
 /// How long a real-time data plane waits between tries of a send that found the socket's
 /// buffer full (an ordinary one yields).
 const REALTIME_SEND_WAIT: Duration = Duration::from_micros(20);
-/// Datagrams of a batch between two checks whether a busy real-time thread is due to
-/// rest (a check reads the clock).
+/// Datagrams of a batch between two checks whether the thread is busy (to go real-time)
+/// or, real-time, due to rest (a check reads the clock).
 const REST_CHECK: usize = 8;
 /// The priority of a gateway's data plane when its configuration names none.
 pub const GATEWAY_REALTIME: u8 = 10;
@@ -177,25 +195,40 @@ fn grid_phase() -> Duration {
     Duration::from_nanos(u64::try_from(phase).unwrap_or(0))
 }
 
-/// When a real-time data plane rests (see [`REALTIME_GRID`]).
+/// How the data plane is scheduled: ordinary, or real-time while busy; and when a
+/// real-time one rests (see [`REALTIME_GRID`]).
 #[derive(Debug)]
-struct Rests {
-    on: bool,
-    /// Since when the thread has run without sleeping [`REALTIME_REST`] in all.
+struct Schedule {
+    /// The priority it may run at (`None`: never real-time).
+    priority: Option<u8>,
+    /// Whether it runs real-time now.
+    realtime: bool,
+    /// Since when the thread has been awake without sleeping [`REALTIME_REST`] in all.
     awake_since: Instant,
     /// What it slept since then, in naps too short to count alone.
     napped: Duration,
     /// When its last rest (or a sleep as long) ended.
     rested: Instant,
+    /// When it was last under load.
+    loaded_at: Instant,
 }
 
-impl Rests {
-    fn new(on: bool, now: Instant) -> Rests {
-        Rests {
-            on,
+/// A change of scheduling that [`Schedule::switch`] calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    ToRealtime(u8),
+    ToOrdinary,
+}
+
+impl Schedule {
+    fn new(priority: Option<u8>, now: Instant) -> Schedule {
+        Schedule {
+            priority,
+            realtime: false,
             awake_since: now,
             napped: Duration::ZERO,
             rested: now,
+            loaded_at: now,
         }
     }
 
@@ -207,10 +240,37 @@ impl Rests {
         }
     }
 
+    fn busy(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.awake_since) >= REALTIME_BUSY
+    }
+
+    /// The change of scheduling due at `now`, if any, where packets come `dense`ly or
+    /// not (the caller makes it and reports it with [`Schedule::switched`]): real-time
+    /// under load (dense packets, or busy), ordinary after [`REALTIME_LINGER`] without.
+    fn switch(&mut self, now: Instant, dense: bool) -> Option<Switch> {
+        let priority = self.priority?;
+        if dense || self.busy(now) {
+            self.loaded_at = now;
+            return (!self.realtime).then_some(Switch::ToRealtime(priority));
+        }
+        (self.realtime && now.saturating_duration_since(self.loaded_at) >= REALTIME_LINGER)
+            .then_some(Switch::ToOrdinary)
+    }
+
+    /// The thread made `switch`, or could not.
+    fn switched(&mut self, switch: Switch, made: bool) {
+        match (switch, made) {
+            (Switch::ToRealtime(_), true) => self.realtime = true,
+            (Switch::ToOrdinary, true) => self.realtime = false,
+            // Refused: it stays as it is (real-time, it keeps resting) and tries no more.
+            (_, false) => self.priority = None,
+        }
+    }
+
     /// How long to rest at `now`, `phase()` into the grid's period (read only when the
-    /// thread is busy); `None`: not now.
+    /// thread is real-time and busy); `None`: not now.
     fn due(&self, now: Instant, phase: impl FnOnce() -> Duration) -> Option<Duration> {
-        if !self.on || now.saturating_duration_since(self.awake_since) < REALTIME_BUSY {
+        if !self.realtime || !self.busy(now) {
             return None;
         }
         let phase = phase();
@@ -225,27 +285,14 @@ impl Rests {
 /// The real-time priorities `realtime_priority` accepts (`SCHED_FIFO`'s range).
 pub const REALTIME_RANGE: std::ops::RangeInclusive<u8> = 1..=99;
 
-/// Puts the calling thread under `SCHED_FIFO` at `priority`; whether it could (logged
-/// either way: refused, the thread keeps its ordinary priority).
-fn run_realtime(priority: u8) -> bool {
-    use thread_priority::{
-        RealtimeThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-    };
-    let set = ThreadPriorityValue::try_from(priority)
-        .map_err(|e| e.to_string())
-        .and_then(|value| {
-            thread_priority::set_thread_priority_and_policy(
-                thread_priority::thread_native_id(),
-                ThreadPriority::Crossplatform(value),
-                ThreadSchedulePolicy::Realtime(RealtimeThreadSchedulePolicy::Fifo),
-            )
-            .map_err(|e| format!("{e:?}"))
-        });
-    match set {
+/// Whether the calling thread may run under `SCHED_FIFO` at `priority`: it tries, and
+/// goes back to ordinary scheduling (logged either way).
+fn may_run_realtime(priority: u8) -> bool {
+    match crate::sched::run_fifo(priority).and_then(|()| crate::sched::run_ordinary()) {
         Ok(()) => {
             tracing::info!(
                 priority,
-                "the data plane runs at real-time priority (SCHED_FIFO)"
+                "the data plane takes real-time priority (SCHED_FIFO) when busy"
             );
             true
         }
@@ -279,13 +326,26 @@ pub struct PlaneHandle {
     public: [u8; 32],
 }
 
-/// How the data-plane thread is scheduled, for the metrics.
+/// How the data-plane thread is scheduled, for the metrics (see [`SchedulingStats`]).
 #[derive(Debug, Default)]
-pub struct Scheduling {
-    /// Its `SCHED_FIFO` priority (0: ordinary scheduling).
-    pub realtime_priority: std::sync::atomic::AtomicU8,
+struct Scheduling {
+    realtime_priority: std::sync::atomic::AtomicU8,
+    realtime: AtomicBool,
+    realtime_entries: std::sync::atomic::AtomicU64,
+    rests: std::sync::atomic::AtomicU64,
+}
+
+/// How the data-plane thread is scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulingStats {
+    /// The `SCHED_FIFO` priority it takes when busy (0: none: not configured, or refused).
+    pub realtime_priority: u8,
+    /// Whether it runs real-time now.
+    pub realtime: bool,
+    /// How often it went real-time.
+    pub realtime_entries: u64,
     /// The rests it took (see [`REALTIME_GRID`]).
-    pub rests: std::sync::atomic::AtomicU64,
+    pub rests: u64,
 }
 
 impl std::fmt::Debug for PlaneHandle {
@@ -323,13 +383,15 @@ impl PlaneHandle {
         self.public
     }
 
-    /// How the data-plane thread is scheduled: its real-time priority (0: none) and the
-    /// rests it took.
-    pub fn scheduling(&self) -> (u8, u64) {
-        (
-            self.scheduling.realtime_priority.load(Ordering::Relaxed),
-            self.scheduling.rests.load(Ordering::Relaxed),
-        )
+    /// How the data-plane thread is scheduled.
+    pub fn scheduling(&self) -> SchedulingStats {
+        let s = &self.scheduling;
+        SchedulingStats {
+            realtime_priority: s.realtime_priority.load(Ordering::Relaxed),
+            realtime: s.realtime.load(Ordering::Relaxed),
+            realtime_entries: s.realtime_entries.load(Ordering::Relaxed),
+            rests: s.rests.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -392,7 +454,8 @@ impl Driver {
             stats,
             stop: Arc::clone(&stop),
             polling,
-            rests: Rests::new(false, Instant::now()),
+            rate: Rate::new(Instant::now()),
+            schedule: Schedule::new(None, Instant::now()),
             scheduling,
             b: Buffers {
                 tun_raw: vec![0; TUN_HEADER + DATAGRAM],
@@ -408,8 +471,8 @@ impl Driver {
         let thread = std::thread::Builder::new()
             .name("asmn-dataplane".into())
             .spawn(move || {
-                if let Some(p) = priority.filter(|p| run_realtime(*p)) {
-                    io.rests.on = true;
+                if let Some(p) = priority.filter(|p| may_run_realtime(*p)) {
+                    io.schedule.priority = Some(p);
                     io.scheduling.realtime_priority.store(p, Ordering::Relaxed);
                 }
                 let r = io.run();
@@ -491,8 +554,10 @@ struct Io {
     stats: Arc<Mutex<PlaneStats>>,
     stop: Arc<AtomicBool>,
     polling: Polling,
+    /// The packet rate (for polling, and for the real-time priority).
+    rate: Rate,
     /// Whether the thread runs under `SCHED_FIFO`, and when it rests.
-    rests: Rests,
+    schedule: Schedule,
     /// The same, for the metrics.
     scheduling: Arc<Scheduling>,
     b: Buffers,
@@ -567,16 +632,15 @@ impl Io {
             udp_gso_segments = self.udp_state.max_gso_segments(),
             udp_gro_segments = self.udp_state.gro_segments(),
             polling = ?self.polling,
-            realtime = self.rests.on,
+            realtime_priority = self.schedule.priority,
             "data plane I/O running"
         );
         let mut events = mio::Events::with_capacity(4);
         // What epoll (edge-triggered) reported and the loop has not drained since.
         let (mut tun_ready, mut udp_ready) = (true, true);
-        let mut rate = Rate::new(Instant::now());
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Acquire) {
-            self.rest()?;
+            self.reschedule()?;
             let round = Instant::now();
             if round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
@@ -599,16 +663,16 @@ impl Io {
                 udp_ready = !drained;
             }
             self.hand_out_asks();
-            rate.count(round, packets);
+            self.rate.count(round, packets);
             if tun_ready || udp_ready {
                 continue;
             }
             let poll_until = match self.polling {
-                Polling::Busy => rate.last + BUSY_IDLE,
-                Polling::Adaptive => rate.poll_until(),
+                Polling::Busy => self.rate.last + BUSY_IDLE,
+                Polling::Adaptive => self.rate.poll_until(),
             };
             // A real-time thread does not poll: its wake-up pre-empts ordinary tasks.
-            if !self.rests.on && Instant::now() < poll_until {
+            if !self.schedule.realtime && Instant::now() < poll_until {
                 // Polling, not woken by epoll: both sources are read on the next round.
                 (tun_ready, udp_ready) = (true, true);
                 match self.polling {
@@ -627,7 +691,7 @@ impl Io {
                 return Err(e);
             }
             let woke = Instant::now();
-            self.rests
+            self.schedule
                 .slept(woke.saturating_duration_since(asleep), woke);
             for e in events.iter() {
                 match e.token() {
@@ -670,16 +734,41 @@ impl Io {
         }
     }
 
-    /// Rests if a busy real-time thread is due to (see [`REALTIME_GRID`]), after sending
-    /// and writing what is ready.
-    fn rest(&mut self) -> io::Result<()> {
-        if !self.rests.on {
+    /// Makes the change of scheduling that the load calls for (see the module's notes),
+    /// then rests if a busy real-time thread is due to (see [`REALTIME_GRID`]), after
+    /// sending and writing what is ready.
+    fn reschedule(&mut self) -> io::Result<()> {
+        if self.schedule.priority.is_none() && !self.schedule.realtime {
             return Ok(());
         }
-        if let Some(d) = self.rests.due(Instant::now(), grid_phase) {
+        let now = Instant::now();
+        if let Some(switch) = self.schedule.switch(now, self.rate.dense(now)) {
+            let made = match switch {
+                Switch::ToRealtime(p) => crate::sched::run_fifo(p),
+                Switch::ToOrdinary => crate::sched::run_ordinary(),
+            };
+            match &made {
+                Ok(()) => tracing::debug!(?switch, "the data plane's scheduling changed"),
+                Err(e) => tracing::warn!(
+                    ?switch,
+                    error = %e,
+                    "the data plane could not change its scheduling: it stays as it is"
+                ),
+            }
+            self.schedule.switched(switch, made.is_ok());
+            let s = &self.scheduling;
+            s.realtime.store(self.schedule.realtime, Ordering::Relaxed);
+            if made.is_ok() && switch != Switch::ToOrdinary {
+                s.realtime_entries.fetch_add(1, Ordering::Relaxed);
+            }
+            if self.schedule.priority.is_none() {
+                s.realtime_priority.store(0, Ordering::Relaxed);
+            }
+        }
+        if let Some(d) = self.schedule.due(now, grid_phase) {
             self.flush()?;
             std::thread::sleep(d);
-            self.rests.rested = Instant::now();
+            self.schedule.rested = Instant::now();
             self.scheduling.rests.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -696,7 +785,7 @@ impl Io {
     fn flush(&mut self) -> io::Result<()> {
         let out = &mut self.b.out;
         if !out.net.is_empty() {
-            let (udp, state, realtime) = (&self.udp, &self.udp_state, self.rests.on);
+            let (udp, state, realtime) = (&self.udp, &self.udp_state, self.schedule.realtime);
             let lost = send_all(
                 &mut out.net,
                 state.max_gso_segments(),
@@ -817,9 +906,9 @@ impl Io {
                     in_batch = 0;
                 }
                 // A batch of GRO reads is up to 2,048 datagrams, and one datagram can
-                // cost a handshake: a busy real-time thread rests within it too.
+                // cost a handshake: a busy thread goes real-time, and rests, within it too.
                 if datagrams % REST_CHECK == 0 {
-                    self.rest()?;
+                    self.reschedule()?;
                 }
             }
         }
@@ -914,9 +1003,10 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         // Not real-time: never.
-        let off = Rests::new(false, t0);
+        let off = Schedule::new(Some(10), t0);
         assert_eq!(off.due(t0 + ms(50), || Duration::ZERO), None);
-        let mut r = Rests::new(true, t0);
+        let mut r = Schedule::new(Some(10), t0);
+        r.switched(Switch::ToRealtime(10), true);
         // Awake for less than REALTIME_BUSY: not even inside a slot.
         assert_eq!(r.due(t0 + ms(1), || Duration::ZERO), None);
         // Busy: in a slot, for what is left of it; outside one, not.
@@ -938,6 +1028,88 @@ mod tests {
         assert_eq!(r.due(late - ms(1), || ms(5)), None);
         // The grid is the monotonic clock's: always within a period.
         assert!(grid_phase() < REALTIME_GRID);
+    }
+
+    #[test]
+    fn a_plane_goes_real_time_when_busy_and_back_after_a_lull() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Without a priority: never.
+        let mut never = Schedule::new(None, t0);
+        assert_eq!(never.switch(t0 + ms(50), false), None);
+        let mut s = Schedule::new(Some(7), t0);
+        // Sparse traffic: awake 100 us at a time, asleep between.
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_micros(100);
+            assert_eq!(s.switch(now, false), None);
+            now += ms(5);
+            s.slept(ms(5), now);
+        }
+        // Awake (running, or runnable and kept waiting) for REALTIME_BUSY: real-time.
+        assert_eq!(s.switch(now + ms(1), false), None);
+        let busy = now + REALTIME_BUSY;
+        assert_eq!(s.switch(busy, false), Some(Switch::ToRealtime(7)));
+        s.switched(Switch::ToRealtime(7), true);
+        assert!(s.realtime);
+        // Still busy: nothing to change. A lull shorter than REALTIME_LINGER keeps it
+        // real-time; a longer one sends it back.
+        assert_eq!(s.switch(busy + ms(3), false), None);
+        let lull = busy + ms(3) + REALTIME_LINGER;
+        s.slept(REALTIME_LINGER - ms(1), lull - ms(1));
+        assert_eq!(s.switch(lull - ms(1), false), None);
+        assert_eq!(s.switch(lull, false), Some(Switch::ToOrdinary));
+        s.switched(Switch::ToOrdinary, true);
+        assert!(!s.realtime);
+        assert_eq!(s.due(lull + ms(50), || Duration::ZERO), None);
+        // A refused switch is not tried again; a thread that could not leave real-time
+        // keeps resting.
+        let mut refused = Schedule::new(Some(7), t0);
+        refused.switched(Switch::ToRealtime(7), false);
+        assert_eq!(refused.switch(t0 + ms(50), false), None);
+        let mut stuck = Schedule::new(Some(7), t0);
+        stuck.switched(Switch::ToRealtime(7), true);
+        stuck.switched(Switch::ToOrdinary, false);
+        assert_eq!(stuck.switch(t0 + ms(500), false), None);
+        assert!(stuck.due(t0 + ms(500), || Duration::ZERO).is_some());
+        // Dense packets are a load however little they cost: real-time at once, and
+        // until they have stopped for REALTIME_LINGER.
+        let mut dense = Schedule::new(Some(7), t0);
+        assert_eq!(dense.switch(t0, true), Some(Switch::ToRealtime(7)));
+        dense.switched(Switch::ToRealtime(7), true);
+        dense.slept(ms(1), t0 + ms(1));
+        assert_eq!(dense.switch(t0 + ms(1), true), None);
+        dense.slept(ms(150), t0 + ms(151));
+        assert_eq!(dense.switch(t0 + ms(151), false), None);
+        dense.slept(ms(50), t0 + ms(201));
+        assert_eq!(dense.switch(t0 + ms(201), false), Some(Switch::ToOrdinary));
+    }
+
+    #[test]
+    fn packets_over_a_thousand_a_second_are_dense_and_an_echo_a_millisecond_apart_is_not() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(t0);
+        assert!(!r.dense(t0));
+        // 100 echoes a second.
+        let mut now = t0;
+        for _ in 0..200 {
+            now += Duration::from_millis(10);
+            r.count(now, 1);
+            assert!(!r.dense(now));
+        }
+        // 10,000 packets a second, one by one: dense within a few dozen.
+        let mut after = 0;
+        for i in 1..=100 {
+            now += Duration::from_micros(100);
+            r.count(now, 1);
+            if r.dense(now) {
+                after = i;
+                break;
+            }
+        }
+        assert!((1..=60).contains(&after), "dense after {after} packets");
+        // Then a pause: no longer dense once it lasts REALTIME_GAP.
+        assert!(!r.dense(now + REALTIME_GAP));
     }
 
     #[test]

@@ -89,8 +89,9 @@ struct StaticArgs {
           value_parser = clap::value_parser!(u32).range(
               i64::from(*daemon::TUN_QUEUE_RANGE.start())..=i64::from(*daemon::TUN_QUEUE_RANGE.end())))]
     tun_queue: u32,
-    /// Run the data plane under SCHED_FIFO at this priority, 1..=99 (the config file's
-    /// `realtime_priority`; needs CAP_SYS_NICE). Not with --busy-poll.
+    /// Run the data plane under SCHED_FIFO at this priority while it is under load (over
+    /// 1,000 packets a second, or busy), 1..=99 (the config file's `realtime_priority`;
+    /// needs CAP_SYS_NICE). Not with --busy-poll.
     #[arg(long, conflicts_with = "busy_poll",
           value_parser = clap::value_parser!(u8).range(
               i64::from(*io::REALTIME_RANGE.start())..=i64::from(*io::REALTIME_RANGE.end())))]

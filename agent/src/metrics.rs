@@ -249,15 +249,28 @@ pub fn render(stats: &PlaneStats) -> String {
     out
 }
 
-/// The data-plane thread's scheduling: its real-time priority and its rests.
-fn render_scheduling((priority, rests): (u8, u64), out: &mut String) {
+/// The data-plane thread's scheduling: its real-time priority, whether it runs real-time
+/// now, and how often it went real-time and rested.
+fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_realtime_priority The data plane's SCHED_FIFO priority (0: ordinary scheduling; a gateway's default is 10, and 0 here on a gateway means SCHED_FIFO was refused).\n# TYPE asmn_agent_dataplane_realtime_priority gauge\nasmn_agent_dataplane_realtime_priority {priority}"
+        "# HELP asmn_agent_dataplane_realtime_priority The SCHED_FIFO priority the data plane takes when busy (0: none; a gateway's default is 10, and 0 here on a gateway means SCHED_FIFO was refused).\n# TYPE asmn_agent_dataplane_realtime_priority gauge\nasmn_agent_dataplane_realtime_priority {}",
+        s.realtime_priority
     );
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_rests_total Rests a busy real-time data plane took to leave its CPU to other tasks (1 ms in every 10 ms while a flood keeps it busy).\n# TYPE asmn_agent_dataplane_rests_total counter\nasmn_agent_dataplane_rests_total {rests}"
+        "# HELP asmn_agent_dataplane_realtime Whether the data plane runs real-time now (1: busy within the last 200 ms).\n# TYPE asmn_agent_dataplane_realtime gauge\nasmn_agent_dataplane_realtime {}",
+        u8::from(s.realtime)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_realtime_entries_total Times the data plane went real-time because it was busy.\n# TYPE asmn_agent_dataplane_realtime_entries_total counter\nasmn_agent_dataplane_realtime_entries_total {}",
+        s.realtime_entries
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_rests_total Rests a busy real-time data plane took to leave its CPU to other tasks (1 ms in every 10 ms while a flood keeps it busy).\n# TYPE asmn_agent_dataplane_rests_total counter\nasmn_agent_dataplane_rests_total {}",
+        s.rests
     );
 }
 

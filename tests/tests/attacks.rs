@@ -316,7 +316,7 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
         .start_agents_with(false, &["--realtime-priority", "10"])
         .expect("agents up");
     let log = std::fs::read_to_string(dir.path().join("agent-1.log")).expect("agent log");
-    if !log.contains("the data plane runs at real-time priority") {
+    if !log.contains("the data plane takes real-time priority") {
         assert!(
             std::env::var("CI").is_err(),
             "the agent did not get SCHED_FIFO, so this test shows nothing: {log}"
@@ -357,6 +357,12 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
         .spawn()
         .expect("flood generator");
     std::thread::sleep(Duration::from_millis(500));
+    // Busy, the data plane went real-time (it runs ordinary while idle).
+    assert_eq!(
+        dataplane_policy(target),
+        Some(SCHED_FIFO),
+        "the flooded data plane is not real-time"
+    );
     let (cpu0, t0) = (cpu_seconds(target), Instant::now());
     let ticker = std::process::Command::new("taskset")
         .args(["-c", "0", lab, "gen", "wake-gaps", "--seconds", "3"])
@@ -381,6 +387,37 @@ fn a_flooded_real_time_data_plane_leaves_its_cpu_to_other_tasks() {
         "a thread on the flooded agent's CPU waited {longest_ms:.1} ms ({gaps}); the \
          agent used {busy:.2} of the CPU"
     );
+    // The flood over, it goes back to ordinary scheduling within REALTIME_LINGER and a
+    // timer tick or two.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while dataplane_policy(target) != Some(SCHED_OTHER) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        dataplane_policy(target),
+        Some(SCHED_OTHER),
+        "the data plane stayed real-time after the flood"
+    );
+}
+
+/// The scheduling policies of `/proc/<pid>/task/<tid>/stat`.
+const SCHED_OTHER: u32 = 0;
+const SCHED_FIFO: u32 = 1;
+
+/// The scheduling policy of agent `pid`'s data-plane thread (the 41st field of its stat).
+fn dataplane_policy(pid: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if comm.trim() != "asmn-dataplane" {
+            return None;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the command name (which may hold spaces) closing with ')': the
+        // state is the third field.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(41 - 3)?.parse().ok()
+    })
 }
 
 /// UDP datagrams the kernel of `ns` dropped for want of socket buffer (`RcvbufErrors`).

@@ -1,0 +1,61 @@
+//! The calling thread's scheduling policy: `SCHED_FIFO` at a priority, or back to
+//! `SCHED_OTHER`. The data plane switches between them as its load changes (see
+//! [`crate::io`]), so the thread keeps its nice value across the switches
+//! (`sched_setscheduler` leaves it as it was, where the `thread-priority` crate would set
+//! one). The crate's only unsafe code.
+
+#![allow(unsafe_code)]
+
+use std::io;
+
+/// Puts the calling thread under `SCHED_FIFO` at `priority` (1..=99).
+pub fn run_fifo(priority: u8) -> io::Result<()> {
+    set(libc::SCHED_FIFO, i32::from(priority))
+}
+
+/// Puts the calling thread back under ordinary scheduling (`SCHED_OTHER`, its nice value
+/// unchanged).
+pub fn run_ordinary() -> io::Result<()> {
+    set(libc::SCHED_OTHER, 0)
+}
+
+fn set(policy: libc::c_int, priority: libc::c_int) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid `sched_param` that outlives the call, which only reads
+    // it; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_goes_back_to_ordinary_scheduling_with_its_nice_value() {
+        std::thread::spawn(|| {
+            // Ordinary scheduling is always allowed; SCHED_FIFO only with CAP_SYS_NICE or
+            // an RLIMIT_RTPRIO, so its refusal is an answer too, but a clear one.
+            // A nice value of its own (raising it needs no privilege), to see it kept.
+            rustix::process::setpriority_process(None, 3).expect("nice 3");
+            match run_fifo(1) {
+                Ok(()) => {}
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+            }
+            run_ordinary().expect("back to SCHED_OTHER");
+            assert_eq!(rustix::process::getpriority_process(None).expect("nice"), 3);
+            assert!(
+                run_fifo(0).is_err(),
+                "priority 0 is not a SCHED_FIFO priority"
+            );
+        })
+        .join()
+        .expect("thread");
+    }
+}
