@@ -254,18 +254,23 @@ pub fn render(stats: &PlaneStats) -> String {
 fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_realtime_priority The SCHED_FIFO priority the data plane takes when busy (0: none; a gateway's default is 10, and 0 here on a gateway means SCHED_FIFO was refused).\n# TYPE asmn_agent_dataplane_realtime_priority gauge\nasmn_agent_dataplane_realtime_priority {}",
+        "# HELP asmn_agent_dataplane_realtime_priority The SCHED_FIFO priority the data plane takes under load (0: none; a gateway's default is 10, and 0 here on a gateway means SCHED_FIFO was refused).\n# TYPE asmn_agent_dataplane_realtime_priority gauge\nasmn_agent_dataplane_realtime_priority {}",
         s.realtime_priority
     );
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_realtime Whether the data plane runs real-time now (1: busy within the last 200 ms).\n# TYPE asmn_agent_dataplane_realtime gauge\nasmn_agent_dataplane_realtime {}",
+        "# HELP asmn_agent_dataplane_realtime Whether the data plane runs real-time now (1: under load within the last 200 ms: packets over 1,000 a second, a limiter dropping, or the thread busy).\n# TYPE asmn_agent_dataplane_realtime gauge\nasmn_agent_dataplane_realtime {}",
         u8::from(s.realtime)
     );
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_realtime_entries_total Times the data plane went real-time because it was busy.\n# TYPE asmn_agent_dataplane_realtime_entries_total counter\nasmn_agent_dataplane_realtime_entries_total {}",
+        "# HELP asmn_agent_dataplane_realtime_entries_total Times the data plane went real-time under load.\n# TYPE asmn_agent_dataplane_realtime_entries_total counter\nasmn_agent_dataplane_realtime_entries_total {}",
         s.realtime_entries
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_realtime_seconds_total Time the data plane ran real-time (up to its last 100 ms timer tick).\n# TYPE asmn_agent_dataplane_realtime_seconds_total counter\nasmn_agent_dataplane_realtime_seconds_total {:.3}",
+        s.realtime_time.as_secs_f64()
     );
     let _ = writeln!(
         out,

@@ -1,8 +1,8 @@
 //! The calling thread's scheduling policy: `SCHED_FIFO` at a priority, or back to
 //! `SCHED_OTHER`. The data plane switches between them as its load changes (see
 //! [`crate::io`]), so the thread keeps its nice value across the switches
-//! (`sched_setscheduler` leaves it as it was, where the `thread-priority` crate would set
-//! one). The crate's only unsafe code.
+//! (`pthread_setschedparam` leaves it as it was, where the `thread-priority` crate would
+//! set one). The crate's only unsafe code.
 
 #![allow(unsafe_code)]
 
@@ -23,13 +23,11 @@ fn set(policy: libc::c_int, priority: libc::c_int) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
-    // SAFETY: `param` is a valid `sched_param` that outlives the call, which only reads
-    // it; pid 0 is the calling thread.
-    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    // SAFETY: `pthread_self()` is the calling thread, alive for the call; `param` is a
+    // valid `sched_param` that outlives it, and it is only read.
+    match unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, &param) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 
@@ -43,13 +41,17 @@ mod tests {
             // Ordinary scheduling is always allowed; SCHED_FIFO only with CAP_SYS_NICE or
             // an RLIMIT_RTPRIO, so its refusal is an answer too, but a clear one.
             // A nice value of its own (raising it needs no privilege), to see it kept.
-            rustix::process::setpriority_process(None, 3).expect("nice 3");
+            let nice = (rustix::process::getpriority_process(None).expect("nice") + 1).min(19);
+            rustix::process::setpriority_process(None, nice).expect("a higher nice value");
             match run_fifo(1) {
                 Ok(()) => {}
                 Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
             }
             run_ordinary().expect("back to SCHED_OTHER");
-            assert_eq!(rustix::process::getpriority_process(None).expect("nice"), 3);
+            assert_eq!(
+                rustix::process::getpriority_process(None).expect("nice"),
+                nice
+            );
             assert!(
                 run_fifo(0).is_err(),
                 "priority 0 is not a SCHED_FIFO priority"

@@ -258,6 +258,8 @@ pub struct Plane<C: Clock + Clone> {
     /// Handshake messages seen in the current second, and under load, per source.
     load: HandshakeLoad,
     counters: PlaneCounters,
+    /// Packets a rate limiter dropped (the driver's sign of a load whose timing matters).
+    limited: u64,
     asks: VecDeque<Ask>,
     /// Scratch for handshakes and queued packets.
     scratch: Vec<u8>,
@@ -389,6 +391,7 @@ impl<C: Clock + Clone> Plane<C> {
             policy: None,
             protected: HashMap::new(),
             counters: PlaneCounters::default(),
+            limited: 0,
             asks: VecDeque::new(),
             scratch: vec![0; 65_536],
         }
@@ -737,6 +740,7 @@ impl<C: Clock + Clone> Plane<C> {
             true
         } else {
             self.counters.policy_dropped += 1;
+            self.limited += u64::from(matches!(decision, Decision::DropLimited(_)));
             false
         }
     }
@@ -805,6 +809,7 @@ impl<C: Clock + Clone> Plane<C> {
             };
             if !decision.passes() {
                 self.counters.policy_dropped += 1;
+                self.limited += u64::from(matches!(decision, Decision::DropLimited(_)));
                 return;
             }
         }
@@ -1214,6 +1219,11 @@ impl<C: Clock + Clone> Plane<C> {
     /// Counts `n` packets the driver lost in I/O.
     pub fn count_io_dropped(&mut self, n: u64) {
         self.counters.io_dropped += n;
+    }
+
+    /// Packets a rate limiter dropped so far: while it drops, the time it counts matters.
+    pub fn limited(&self) -> u64 {
+        self.limited
     }
 
     /// Counters.

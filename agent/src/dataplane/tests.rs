@@ -315,6 +315,8 @@ fn a_vnf_enforces_its_catalog_and_without_one_nothing_passes() {
     lab.send(x, &tcp(4, 3, 80));
     assert_eq!(lab.take_received(b), vec![tcp(2, 3, 80)]);
     assert_eq!(lab.counters(b).policy_dropped, 2);
+    // Not listed is not limited.
+    assert_eq!(lab.nodes[b].plane.limited(), 0);
     // A plane without any catalog: fail closed.
     let mut lab = Lab::new();
     let a = lab.add("client", 2, Role::Vnf, 1);
@@ -1079,6 +1081,8 @@ fn what_the_named_gateway_policed_meets_a_wider_burst_and_anything_else_the_rule
         "{passed} replies passed"
     );
     assert_eq!(lab.counters(c).policy_dropped, 30 - passed as u64);
+    // Each of them a limiter's drop: the driver's sign that the limiter's timing matters.
+    assert_eq!(lab.nodes[c].plane.limited(), 30 - passed as u64);
 }
 
 /// The server has a new catalog (8 kbit/s) that the gateway has not got yet (it still
