@@ -31,7 +31,7 @@
 //!   that delivers late delivers in bunches. Under load means packets closer than
 //!   [`REALTIME_GAP`] on average, a limiter dropping packets (its timing matters then
 //!   whatever the rate), or the thread busy: awake for [`REALTIME_BUSY`] without sleeping
-//!   [`REALTIME_REST`] in all (running, or runnable and kept waiting: the time a woken
+//!   [`REALTIME_REST`] in all (running, or kept waiting: the time a woken real-time
 //!   thread waits for a CPU, from `/proc/thread-self/schedstat`, is not sleep). It goes
 //!   back to ordinary scheduling after [`REALTIME_LINGER`] without load: for sparse traffic the ordinary scheduler wakes the thread on the CPU of
 //!   its waker (the packet's), where the real-time one keeps it on its own CPU and pays a
@@ -676,7 +676,8 @@ struct Io {
     polling: Polling,
     /// The packet rate (for polling, and for the real-time priority).
     rate: Rate,
-    /// Its waits for a CPU (with a real-time priority only: a read per wake-up).
+    /// Its waits for a CPU (with a real-time priority only; read per wake-up while
+    /// real-time).
     run_delay: Option<RunDelay>,
     /// What [`SystemPlane::limited`] said at the end of the last round.
     limited: u64,
@@ -824,11 +825,13 @@ impl Io {
                 return Err(e);
             }
             let woke = Instant::now();
-            // What it waited for a CPU after it was woken is not sleep.
-            let waited = self
-                .run_delay
-                .as_mut()
-                .map_or(Duration::ZERO, RunDelay::grown);
+            // What a real-time thread waited for a CPU after it was woken (behind another
+            // real-time thread) is not sleep. (Ordinary, a read per wake-up would cost
+            // sparse traffic, and a wait that matters shows as a limiter dropping.)
+            let waited = match self.run_delay.as_mut() {
+                Some(r) if self.schedule.realtime => r.grown(),
+                _ => Duration::ZERO,
+            };
             self.schedule.slept(
                 woke.saturating_duration_since(asleep)
                     .saturating_sub(waited),
@@ -904,6 +907,10 @@ impl Io {
             match (switch, made.is_ok()) {
                 (Switch::ToRealtime(_), true) => {
                     s.realtime_entries.fetch_add(1, Ordering::Relaxed);
+                    // Waits from before are not this real-time stretch's.
+                    if let Some(r) = self.run_delay.as_mut() {
+                        r.grown();
+                    }
                 }
                 // Refused: no real-time priority (one it could not leave stays shown).
                 (Switch::ToRealtime(_), false) => s.realtime_priority.store(0, Ordering::Relaxed),
