@@ -33,10 +33,10 @@
 //!   whatever the rate), or the thread busy: awake for [`REALTIME_BUSY`] without sleeping
 //!   [`REALTIME_REST`] in all (running, or kept waiting: the time a woken real-time
 //!   thread waits for a CPU, from `/proc/thread-self/schedstat`, is not sleep). It goes
-//!   back to ordinary scheduling after [`REALTIME_LINGER`] without load: for sparse traffic the ordinary scheduler wakes the thread on the CPU of
-//!   its waker (the packet's), where the real-time one keeps it on its own CPU and pays a
-//!   cross-CPU wake-up per packet (measured through the gateway: about 60 us of a 550 us
-//!   RTT). A real-time thread that is busy rests in the first [`REALTIME_REST`] of every
+//!   back to ordinary scheduling after [`REALTIME_LINGER`] without load: for sparse
+//!   traffic the ordinary scheduler wakes the thread on the CPU of its waker (the
+//!   packet's), where the real-time one keeps it on its own CPU and pays a cross-CPU
+//!   wake-up per packet (measured through the gateway: about 60 us of a 550 us RTT). A real-time thread that is busy rests in the first [`REALTIME_REST`] of every
 //!   [`REALTIME_GRID`] of the machine's monotonic clock, so a flood cannot starve the
 //!   other tasks of its CPU (the agent's control plane among them), however many
 //!   real-time agents share it: they all rest at the same moments. It does not poll (a
@@ -440,7 +440,8 @@ struct Scheduling {
 /// How the data-plane thread is scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulingStats {
-    /// The `SCHED_FIFO` priority it takes when busy (0: none: not configured, or refused).
+    /// The `SCHED_FIFO` priority it takes under load (0: none: not configured, or
+    /// refused).
     pub realtime_priority: u8,
     /// Whether it runs real-time now.
     pub realtime: bool,
@@ -579,21 +580,7 @@ impl Driver {
             .name("asmn-dataplane".into())
             .spawn(move || {
                 if let Some(p) = priority {
-                    let trial = try_realtime(p);
-                    if trial != Trial::Refused {
-                        io.scheduling.realtime_priority.store(p, Ordering::Relaxed);
-                    }
-                    match trial {
-                        Trial::Allowed => io.schedule.priority = Some(p),
-                        Trial::Refused => {}
-                        Trial::Stuck => {
-                            let now = Instant::now();
-                            io.schedule.switched(Switch::ToRealtime(p), true, now);
-                            io.schedule.switched(Switch::ToOrdinary, false, now);
-                            io.scheduling.realtime.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    io.run_delay = Some(RunDelay::open());
+                    io.take_priority(p, try_realtime(p));
                 }
                 let r = io.run();
                 if let Err(e) = &r {
@@ -876,6 +863,26 @@ impl Io {
                 tracing::debug!(?a, "verification requests full: not asked now");
             }
         }
+    }
+
+    /// Sets the thread up to run at real-time `priority` under load, as its `trial` at
+    /// start allows (on the thread itself: the run delay it reads is its own).
+    fn take_priority(&mut self, priority: u8, trial: Trial) {
+        let now = Instant::now();
+        match trial {
+            Trial::Refused => return,
+            Trial::Allowed => self.schedule.priority = Some(priority),
+            Trial::Stuck => {
+                self.schedule
+                    .switched(Switch::ToRealtime(priority), true, now);
+                self.schedule.switched(Switch::ToOrdinary, false, now);
+                self.scheduling.realtime.store(true, Ordering::Relaxed);
+            }
+        }
+        self.scheduling
+            .realtime_priority
+            .store(priority, Ordering::Relaxed);
+        self.run_delay = Some(RunDelay::open());
     }
 
     /// Makes the change of scheduling that the load calls for (see the module's notes),

@@ -379,12 +379,8 @@ fn flooded_real_time_cpu(what: &str, both: bool) {
         both.then(|| generator(&["udp", &stream_to, "--mbps", "400", "--seconds", "6"]));
     // Busy, the data plane goes real-time (it runs ordinary while idle); a debug
     // generator takes a while to forge its first initiations.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while dataplane_policy(target) != Some(SCHED_FIFO) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     assert_eq!(
-        dataplane_policy(target),
+        wait_for_policy(target, SCHED_FIFO, Duration::from_secs(3)),
         Some(SCHED_FIFO),
         "the flooded data plane is not real-time"
     );
@@ -434,12 +430,8 @@ fn flooded_real_time_cpu(what: &str, both: bool) {
     );
     // The flood over, it goes back to ordinary scheduling within REALTIME_LINGER and a
     // timer tick or two.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while dataplane_policy(target) != Some(SCHED_OTHER) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert_eq!(
-        dataplane_policy(target),
+        wait_for_policy(target, SCHED_OTHER, Duration::from_secs(2)),
         Some(SCHED_OTHER),
         "the data plane stayed real-time after the flood"
     );
@@ -448,6 +440,16 @@ fn flooded_real_time_cpu(what: &str, both: bool) {
 /// The scheduling policies of `/proc/<pid>/task/<tid>/stat`.
 const SCHED_OTHER: u32 = 0;
 const SCHED_FIFO: u32 = 1;
+
+/// The scheduling policy of agent `pid`'s data-plane thread once it is `want`, or when
+/// `within` has passed.
+fn wait_for_policy(pid: u32, want: u32, within: Duration) -> Option<u32> {
+    let deadline = Instant::now() + within;
+    while dataplane_policy(pid) != Some(want) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dataplane_policy(pid)
+}
 
 /// The scheduling policy of agent `pid`'s data-plane thread (the 41st field of its stat).
 fn dataplane_policy(pid: u32) -> Option<u32> {
