@@ -392,6 +392,12 @@ fn flooded_real_time_cpu(what: &str, both: bool) {
             "the streaming data plane is not real-time"
         );
     }
+    // The builds before this test leave dirty pages, whose writeback (kernel workers,
+    // ordinary tasks) would compete for the same slots as the thread that measures: the
+    // measurement is of the flood. (One debug run in about fifteen, right after a build,
+    // waited 69.9 ms.)
+    let synced = std::process::Command::new("sync").status().expect("sync");
+    assert!(synced.success(), "sync: {synced}");
     let (cpu0, t0) = (cpu_seconds(target), Instant::now());
     let ticker = std::process::Command::new("taskset")
         .args(["-c", "0", lab, "gen", "wake-gaps", "--seconds", "3"])
