@@ -18,4 +18,5 @@ pub mod dataplane;
 pub mod error;
 pub mod io;
 pub mod metrics;
+mod ready;
 mod sched;

@@ -269,7 +269,7 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_realtime_seconds_total Time the data plane ran real-time (up to its last 100 ms timer tick).\n# TYPE asmn_agent_dataplane_realtime_seconds_total counter\nasmn_agent_dataplane_realtime_seconds_total {:.3}",
+        "# HELP asmn_agent_dataplane_realtime_seconds_total Time the data plane ran real-time (up to its last 250 ms timer tick).\n# TYPE asmn_agent_dataplane_realtime_seconds_total counter\nasmn_agent_dataplane_realtime_seconds_total {:.3}",
         s.realtime_time.as_secs_f64()
     );
     let _ = writeln!(

@@ -825,7 +825,7 @@ impl<C: Clock + Clone> Plane<C> {
     // ----- timers -----
 
     /// WireGuard timers (handshakes, keepalives, expiry), PSK retirement, the handshake
-    /// limiter's second, and stale queues. Call every 100 ms or so.
+    /// limiter's second, and stale queues. Call every 250 ms or so.
     pub fn handle_timers(&mut self, now: Instant, out: &mut Outbox) {
         self.limiter.reset_count();
         let mut retired = Vec::new();

@@ -1,0 +1,177 @@
+//! How the data plane waits for packets: one level-triggered epoll set over the TUN
+//! device, the underlay socket and a [`Waker`] (an eventfd) for the control side's calls.
+//!
+//! Level-triggered, a source that still holds packets is reported again by the next wait,
+//! so the loop may stop reading it before a read finds it empty: a sparse packet costs the
+//! read that finds it, and no read that finds the queue empty (edge-triggered, as mio's
+//! epoll is, the loop must read until one does, or a packet left behind waits for the
+//! next one to arrive).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::event::{EventfdFlags, epoll};
+
+const TUN: u64 = 0;
+const UDP: u64 = 1;
+const WAKER: u64 = 2;
+
+/// What a wait found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// The TUN device has packets.
+    pub tun: bool,
+    /// The socket has datagrams.
+    pub udp: bool,
+}
+
+/// The epoll set.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+    waker: Arc<Waker>,
+}
+
+impl Epoll {
+    /// A set over `tun` and `udp` (both non-blocking), and its waker.
+    pub fn new(tun: impl AsFd, udp: impl AsFd) -> io::Result<(Epoll, Arc<Waker>)> {
+        let fd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let waker = Arc::new(Waker {
+            fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+        });
+        for (source, token) in [
+            (tun.as_fd(), TUN),
+            (udp.as_fd(), UDP),
+            (waker.fd.as_fd(), WAKER),
+        ] {
+            epoll::add(
+                &fd,
+                source,
+                epoll::EventData::new_u64(token),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        let waker2 = Arc::clone(&waker);
+        Ok((Epoll { fd, waker }, waker2))
+    }
+
+    /// Waits up to `timeout` for packets or a wake-up (an interrupted wait finds nothing).
+    pub fn wait(&self, timeout: Duration) -> io::Result<Ready> {
+        let mut events = [epoll::Event {
+            flags: epoll::EventFlags::empty(),
+            data: epoll::EventData::new_u64(0),
+        }; 3];
+        let timeout = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let n = match epoll::wait(&self.fd, &mut events, Some(&timeout)) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let mut ready = Ready::default();
+        for e in events.iter().take(n) {
+            match e.data.u64() {
+                TUN => ready.tun = true,
+                UDP => ready.udp = true,
+                // Level-triggered: the eventfd is read, or every wait would find it.
+                _ => self.waker.reset(),
+            }
+        }
+        Ok(ready)
+    }
+}
+
+/// Wakes the loop from its wait (from any thread).
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+}
+
+impl Waker {
+    /// Makes the loop's current or next wait return.
+    pub fn wake(&self) -> io::Result<()> {
+        match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            // A full counter is a wake-up pending already.
+            Ok(_) | Err(rustix::io::Errno::AGAIN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn reset(&self) {
+        let mut count = [0u8; 8];
+        // Nothing to read (another wait reset it first) is as good.
+        let _ = rustix::io::read(&self.fd, &mut count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    fn pair() -> (UdpSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        a.set_nonblocking(true).expect("non-blocking");
+        (a, b)
+    }
+
+    #[test]
+    fn a_source_left_unread_is_reported_again() {
+        // The "TUN device" is a second socket here: what matters is the level.
+        let (tun, tun_tx) = pair();
+        let (udp, _) = pair();
+        let (ep, _waker) = Epoll::new(&tun, &udp).expect("epoll");
+        let idle = ep.wait(Duration::from_millis(1)).expect("wait");
+        assert_eq!(idle, Ready::default());
+        for _ in 0..2 {
+            tun_tx
+                .send_to(b"x", tun.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let first = ep.wait(Duration::from_secs(1)).expect("wait");
+        assert!(first.tun && !first.udp, "{first:?}");
+        let mut b = [0u8; 8];
+        tun.recv(&mut b).expect("first datagram");
+        // One datagram is left: level-triggered, the next wait says so at once.
+        let again = ep.wait(Duration::from_secs(1)).expect("wait");
+        assert!(again.tun, "{again:?}");
+        tun.recv(&mut b).expect("second datagram");
+        let drained = ep.wait(Duration::from_millis(1)).expect("wait");
+        assert!(!drained.tun, "{drained:?}");
+    }
+
+    #[test]
+    fn a_wake_up_ends_one_wait_and_is_not_seen_again() {
+        let (tun, _) = pair();
+        let (udp, _) = pair();
+        let (ep, waker) = Epoll::new(&tun, &udp).expect("epoll");
+        let w = Arc::clone(&waker);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.wake().expect("wake");
+        });
+        let start = std::time::Instant::now();
+        let r = ep.wait(Duration::from_secs(5)).expect("wait");
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "the wake-up ended the wait"
+        );
+        assert_eq!(r, Ready::default());
+        t.join().expect("waker thread");
+        // Twice before a wait: one wake-up, reset by the wait that saw it.
+        waker.wake().expect("wake");
+        waker.wake().expect("wake");
+        ep.wait(Duration::from_secs(1)).expect("wait");
+        let start = std::time::Instant::now();
+        ep.wait(Duration::from_millis(50)).expect("wait");
+        assert!(
+            start.elapsed() >= Duration::from_millis(40),
+            "a reset waker does not end the next wait"
+        );
+    }
+}
