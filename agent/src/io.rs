@@ -160,6 +160,18 @@ impl Answers {
     }
 }
 
+/// A wait that returns sooner than this did not sleep: what it reports was there before it.
+const AT_ONCE: Duration = Duration::from_micros(10);
+
+/// Whether a round reads the TUN device once and leaves what is left to epoll
+/// (level-triggered, it reports a packet left behind): while packets are sparse they come
+/// one at a time, and the read that finds one is the last, not a read that finds none.
+/// Not when the wait found packets `queued` at once: a burst is read whole, in one round,
+/// as the rate counts it (one round a packet would make it look dense).
+fn one_read(rate: &Rate, queued: bool) -> bool {
+    !queued && !rate.dense()
+}
+
 /// The plane as the agent runs it: its limiters on the system's clock.
 pub type SystemPlane = Plane<DefaultClock>;
 
@@ -782,6 +794,8 @@ impl Io {
         // Whether the next TUN read looks for an answer to what was written (see
         // [`Answers`]).
         let mut probing = false;
+        // Whether the last wait found TUN packets at once (see [`one_read`]).
+        let mut queued = false;
         let mut next_tick = Instant::now() + TICK;
         while !self.stop.load(Ordering::Acquire) {
             self.reschedule()?;
@@ -793,10 +807,10 @@ impl Io {
                 self.count_realtime(round);
                 next_tick = round + TICK;
             }
-            self.run_jobs(round)?;
+            let jobs_left = self.run_jobs(round)?;
             let mut packets = 0;
             if tun_ready {
-                let (n, drained) = self.tun_round()?;
+                let (n, drained) = self.tun_round(one_read(&self.rate, queued))?;
                 packets += n;
                 tun_ready = !drained;
                 if std::mem::take(&mut probing) {
@@ -804,6 +818,7 @@ impl Io {
                 }
             }
             if udp_ready {
+                self.wrote_tun = false;
                 let (n, drained) = self.udp_round()?;
                 packets += n;
                 udp_ready = !drained;
@@ -827,7 +842,7 @@ impl Io {
                 limited != self.limited,
             );
             self.limited = limited;
-            if tun_ready || udp_ready {
+            if tun_ready || udp_ready || jobs_left {
                 continue;
             }
             let poll_until = match self.polling {
@@ -852,6 +867,7 @@ impl Io {
             let ready = self.poll.wait(timeout)?;
             (tun_ready, udp_ready) = (ready.tun, ready.udp);
             let woke = Instant::now();
+            queued = ready.tun && woke.saturating_duration_since(asleep) < AT_ONCE;
             // What a real-time thread waited for a CPU after it was woken (behind another
             // real-time thread) is not sleep. (Ordinary, a read per wake-up would cost
             // sparse traffic, and a wait that matters shows as a limiter dropping.)
@@ -869,22 +885,24 @@ impl Io {
     }
 
     /// Runs what the control side asked for, sending what it produced.
-    fn run_jobs(&mut self, now: Instant) -> io::Result<()> {
-        let mut ran = false;
-        for _ in 0..JOBS_PER_ROUND {
+    /// Whether calls may be left (the round ran as many as it may: the loop must not
+    /// sleep on them, their wake-up is spent).
+    fn run_jobs(&mut self, now: Instant) -> io::Result<bool> {
+        let mut ran = 0;
+        while ran < JOBS_PER_ROUND {
             match self.jobs.try_recv() {
                 Ok(job) => {
                     job(&mut self.plane, now, &mut self.b.out);
                     self.flush()?;
-                    ran = true;
+                    ran += 1;
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        if ran {
+        if ran > 0 {
             self.publish();
         }
-        Ok(())
+        Ok(ran == JOBS_PER_ROUND)
     }
 
     fn hand_out_asks(&mut self) {
@@ -1021,18 +1039,15 @@ impl Io {
         Ok(())
     }
 
-    /// Reads what the TUN device has (a batch at most) and sends it into the tunnels.
-    /// How many packets there were, and whether to read it again only once epoll reports
-    /// it: a read found it empty, or the traffic is sparse and one found packets.
-    fn tun_round(&mut self) -> io::Result<(usize, bool)> {
+    /// Reads what the TUN device has (a batch at most, or with `one`, one read) and sends
+    /// it into the tunnels. How many packets there were, and whether to read it again
+    /// only once epoll reports it: a read found it empty, or `one` found packets.
+    fn tun_round(&mut self, one: bool) -> io::Result<(usize, bool)> {
         let b = &mut self.b;
         let (mut n, mut done) = (0, false);
-        // Sparse packets come one at a time: the read that finds one is the last, not the
-        // read that finds none (epoll, level-triggered, reports a packet left behind).
-        let sparse = !self.rate.dense();
         // Several reads per batch (a bounded number), while a whole super-packet fits.
         for _ in 0..IDEAL_BATCH_SIZE {
-            if sparse && n > 0 {
+            if one && n > 0 {
                 done = true;
                 break;
             }
@@ -1332,6 +1347,48 @@ mod tests {
         assert_eq!(loaded.switch(t0 + ms(150)), None);
         loaded.slept(ms(50), t0 + ms(200));
         assert_eq!(loaded.switch(t0 + ms(200)), Some(Switch::ToOrdinary));
+    }
+
+    /// 800 packets a second (sparse: under one per [`REALTIME_GAP`]) in bursts of 8 every
+    /// 10 ms, each burst queued on the TUN device when the thread wakes: whether the thread
+    /// goes real-time, when the loop reads as [`one_read`] says (the wait after the first
+    /// read finds the rest at once), or, with `split`, one packet a round throughout.
+    fn queued_bursts_go_real_time(split: bool) -> bool {
+        let t0 = Instant::now();
+        let (mut rate, mut schedule) = (Rate::new(t0), Schedule::new(Some(7), t0));
+        let mut asleep = t0;
+        for burst in 1..=300u32 {
+            // Asleep until the burst.
+            let mut now = t0 + Duration::from_millis(10) * burst;
+            schedule.slept(now.saturating_duration_since(asleep), now);
+            let (mut left, mut queued) = (8, false);
+            while left > 0 {
+                if let Some(Switch::ToRealtime(_)) = schedule.switch(now) {
+                    return true;
+                }
+                let n = if one_read(&rate, queued && !split) {
+                    1
+                } else {
+                    left
+                };
+                end_round(&mut rate, &mut schedule, now, n, false);
+                left -= n;
+                now += Duration::from_micros(5);
+                queued = true;
+            }
+            asleep = now;
+        }
+        false
+    }
+
+    #[test]
+    fn a_queued_burst_of_sparse_traffic_is_read_whole_and_leaves_it_sparse() {
+        assert!(
+            !queued_bursts_go_real_time(false),
+            "800 packets a second in queued bursts went real-time"
+        );
+        // What the rule prevents: read one a round, the bursts look dense.
+        assert!(queued_bursts_go_real_time(true));
     }
 
     /// The loop's order: the schedule is consulted at the top of a round, and told what

@@ -324,6 +324,71 @@ fn genuine_agents_ping_over_a_tunnel_and_a_fake_is_refused() {
     );
 }
 
+/// CPU time (user and system) of process `pid` so far, from its stat (in clock ticks of
+/// 10 ms).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name's closing parenthesis: fields 3 onwards; utime and stime
+    // are the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The data plane reads one packet of sparse traffic and leaves the rest to epoll
+/// (level-triggered): a burst of packets queued at once must all cross without waiting
+/// for a later packet or the 250 ms timer tick, and an idle data plane must sleep, not
+/// spin on what epoll reports.
+#[test]
+fn bursts_of_echoes_cross_at_once_and_an_idle_agent_sleeps() {
+    if !netns::can_run("the burst and idle test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = client_and_server();
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    // Ten bursts of five echoes sent at once (preloaded), a fresh burst 300 ms apart.
+    for burst in 0..10 {
+        let out = t.vnfs[c]
+            .ns
+            .cmd("ping", &["-c", "5", "-l", "5", "-W", "1", "-q", &server_ip])
+            .output()
+            .expect("ping");
+        let text = stdout(out);
+        assert!(text.contains(" 5 received"), "burst {burst}: {text}");
+        // rtt min/avg/max/mdev = a/b/c/d ms
+        let max_ms = text
+            .split("= ")
+            .nth(1)
+            .and_then(|v| v.split('/').nth(2))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::MAX);
+        assert!(
+            max_ms < 100.0,
+            "burst {burst}: an echo of the burst waited {max_ms} ms (a packet left in a \
+             queue until the next tick?)\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Idle: both agents' whole processes (data plane, control plane) over 5 s.
+    let pids: Vec<u32> = [c, s]
+        .iter()
+        .map(|&i| t.vnfs[i].agent.as_ref().expect("agent").pid())
+        .collect();
+    let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p).expect("stat")).collect();
+    std::thread::sleep(Duration::from_secs(5));
+    for (k, &p) in pids.iter().enumerate() {
+        let used = cpu_ticks(p).expect("stat") - before[k];
+        // A loop that spins on a level-triggered source burns the whole 500 ticks.
+        assert!(
+            used <= 25,
+            "an idle agent used {} ms of CPU in 5 s",
+            used * 10
+        );
+    }
+}
+
 /// A tenant with a client, a server whose catalog names the gateway, and the gateway.
 fn behind_gateway() -> (Tenant, usize, usize, usize) {
     let mut t = Tenant::new().expect("tenant");
