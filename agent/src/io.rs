@@ -37,7 +37,8 @@
 //!   back to ordinary scheduling after [`REALTIME_LINGER`] without load: for sparse
 //!   traffic the ordinary scheduler wakes the thread on the CPU of its waker (the
 //!   packet's), where the real-time one keeps it on its own CPU and pays a cross-CPU
-//!   wake-up per packet (measured through the gateway: about 60 us of a 550 us RTT). A real-time thread that is busy rests in the first [`REALTIME_REST`] of every
+//!   wake-up per packet (measured through the gateway: about 60 us of a 550 us RTT).
+//!   A real-time thread that is busy rests in the first [`REALTIME_REST`] of every
 //!   [`REALTIME_GRID`] of the machine's monotonic clock, so a flood cannot starve the
 //!   other tasks of its CPU (the agent's control plane among them), however many
 //!   real-time agents share it: they all rest at the same moments. It does not poll (a
