@@ -250,7 +250,7 @@ pub fn render(stats: &PlaneStats) -> String {
 }
 
 /// The data-plane thread's scheduling: its real-time priority, whether it runs real-time
-/// now, and how often it went real-time and rested.
+/// now, how often it went real-time and rested, and its busy-poll warm-ups.
 fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
         out,
@@ -276,6 +276,11 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
         out,
         "# HELP asmn_agent_dataplane_rests_total Rests a busy real-time data plane took to leave its CPU to other tasks (1 ms in every 10 ms while a flood keeps it busy).\n# TYPE asmn_agent_dataplane_rests_total counter\nasmn_agent_dataplane_rests_total {}",
         s.rests
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_warm_ups_total Throwaway packets a busy-polling data plane sealed and opened on tunnels of its own while it polled without packets, to keep the cryptography in the CPU's caches (one every 200 us).\n# TYPE asmn_agent_dataplane_warm_ups_total counter\nasmn_agent_dataplane_warm_ups_total {}",
+        s.warm_ups
     );
 }
 

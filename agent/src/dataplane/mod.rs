@@ -32,6 +32,7 @@ mod queue;
 mod routing;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -54,6 +55,7 @@ pub use outbox::{
 pub use peers::{PeerSpec, RETIRE_AFTER, ROTATION_LIMIT};
 pub use queue::{QUEUE_KEYS, QUEUE_PER_KEY, QUEUE_WAIT, REFUSED_FOR, WaitKey};
 pub use routing::in_net;
+pub use warm::Warmer;
 
 use peers::{Peer, PeerTable, Retiring, Slot, Tunnel};
 use queue::{Queued, WaitQueue};

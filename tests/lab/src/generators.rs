@@ -655,29 +655,44 @@ fn relay(
     Ok(r)
 }
 
-/// What one WireGuard data packet costs boringtun, hot and on a thread just woken.
+/// What one WireGuard data packet costs boringtun, hot and after a pause.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct CryptoWake {
     /// Packets timed each way.
     pub packets: usize,
-    /// How long the thread slept before each woken packet, microseconds.
+    /// How long the pause before each of the later packets was, microseconds.
     pub sleep_us: u64,
+    /// How the thread passed it: `"sleep"`, or `"poll"` (a non-blocking read again and
+    /// again, as a busy-polling data plane does).
+    pub pause: &'static str,
+    /// While polling: how often it sealed and opened a throwaway packet on a session of
+    /// its own, microseconds (as `asmn-agent --busy-poll` does), or none.
+    pub warm_every_us: Option<u64>,
     /// Median encapsulation of a 64-byte echo (84-byte IPv4 packet), back to back, ns.
     pub hot_encapsulate_ns: u64,
     /// Median decapsulation of it, back to back, ns.
     pub hot_decapsulate_ns: u64,
-    /// Median encapsulation as the first work after the sleep, ns.
+    /// Median encapsulation as the first work after the pause, ns.
     pub woken_encapsulate_ns: u64,
     /// Median decapsulation right after it, ns.
     pub woken_decapsulate_ns: u64,
 }
 
-/// Times boringtun's encapsulation and decapsulation of one echo-sized packet between two
-/// tunnels with a session, `packets` times back to back and `packets` times each after
-/// the thread slept `sleep`: what a data plane pays per packet when packets are sparse
-/// and its thread sleeps between them (the caches it left are cold when it wakes), beside
-/// the figure a hot loop gives.
-pub fn crypto_wake(packets: usize, sleep: Duration) -> anyhow::Result<CryptoWake> {
+/// How [`crypto_wake`]'s thread passes the pause before a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Asleep.
+    Sleep,
+    /// Polling a non-blocking socket that stays empty, with a warm-up every so often if
+    /// given.
+    Poll {
+        /// How often a throwaway packet passes a session of its own.
+        warm_every: Option<Duration>,
+    },
+}
+
+/// Two boringtun tunnels with a session between them (one handshake).
+fn session_pair() -> anyhow::Result<(boringtun::noise::Tunn, boringtun::noise::Tunn)> {
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
     let mut rng = rand::rng();
@@ -703,6 +718,41 @@ pub fn crypto_wake(packets: usize, sleep: Duration) -> anyhow::Result<CryptoWake
         let keepalive = k.to_vec();
         let _ = b.decapsulate(None, &keepalive, &mut y);
     }
+    Ok((a, b))
+}
+
+/// Seals `packet` on `a` and opens it on `b` (buffers `x`, `y`): the time of each, ns.
+fn seal_and_open(
+    (a, b): (&mut boringtun::noise::Tunn, &mut boringtun::noise::Tunn),
+    packet: &[u8],
+    (x, y): (&mut [u8], &mut [u8]),
+) -> anyhow::Result<(u64, u64)> {
+    use boringtun::noise::TunnResult;
+    let t0 = Instant::now();
+    let len = match a.encapsulate(packet, x) {
+        TunnResult::WriteToNetwork(p) => p.len(),
+        _ => anyhow::bail!("no data packet from the session"),
+    };
+    let t1 = Instant::now();
+    if !matches!(
+        b.decapsulate(None, &x[..len], y),
+        TunnResult::WriteToTunnelV4(..)
+    ) {
+        anyhow::bail!("the data packet did not decrypt");
+    }
+    let t2 = Instant::now();
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Ok((ns(t1 - t0), ns(t2 - t1)))
+}
+
+/// Times boringtun's encapsulation and decapsulation of one echo-sized packet between two
+/// tunnels with a session, `packets` times back to back and `packets` times each after a
+/// pause of `sleep`, passed as `pause` says: what a data plane pays per packet when
+/// packets are sparse (the caches its last packet left are cold when the next comes,
+/// whether the thread slept or polled), beside the figure a hot loop gives.
+pub fn crypto_wake(packets: usize, sleep: Duration, pause: Pause) -> anyhow::Result<CryptoWake> {
+    let (mut a, mut b) = session_pair()?;
+    let (mut x, mut y) = (vec![0u8; 2048], vec![0u8; 2048]);
     // An ICMP echo of 64 bytes: 20 + 8 + 56.
     let mut packet = [0u8; 84];
     packet[0] = 0x45;
@@ -710,24 +760,6 @@ pub fn crypto_wake(packets: usize, sleep: Duration) -> anyhow::Result<CryptoWake
     packet[9] = 1;
     packet[12..16].copy_from_slice(&[10, 0, 0, 1]);
     packet[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let mut one = |enc: &mut Vec<u64>, dec: &mut Vec<u64>| -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        let len = match a.encapsulate(&packet, &mut x) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => anyhow::bail!("no data packet from the session"),
-        };
-        let t1 = Instant::now();
-        if !matches!(
-            b.decapsulate(None, &x[..len], &mut y),
-            TunnResult::WriteToTunnelV4(..)
-        ) {
-            anyhow::bail!("the data packet did not decrypt");
-        }
-        let t2 = Instant::now();
-        enc.push(u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX));
-        dec.push(u64::try_from((t2 - t1).as_nanos()).unwrap_or(u64::MAX));
-        Ok(())
-    };
     let median = |v: &mut Vec<u64>| {
         v.sort_unstable();
         v.get(v.len() / 2).copied().unwrap_or(0)
@@ -735,15 +767,55 @@ pub fn crypto_wake(packets: usize, sleep: Duration) -> anyhow::Result<CryptoWake
     let packets = packets.max(1);
     let (mut he, mut hd, mut we, mut wd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..packets {
-        one(&mut he, &mut hd)?;
+        let (e, d) = seal_and_open((&mut a, &mut b), &packet, (&mut x, &mut y))?;
+        he.push(e);
+        hd.push(d);
     }
+    // What a polling thread reads (nothing comes), and the warm-ups' own session.
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_nonblocking(true)?;
+    let mut warm = match pause {
+        Pause::Poll {
+            warm_every: Some(_),
+        } => Some(session_pair()?),
+        _ => None,
+    };
+    let (mut wx, mut wy, mut buf) = (vec![0u8; 2048], vec![0u8; 2048], [0u8; 64]);
     for _ in 0..packets {
-        std::thread::sleep(sleep);
-        one(&mut we, &mut wd)?;
+        match pause {
+            Pause::Sleep => std::thread::sleep(sleep),
+            Pause::Poll { warm_every } => {
+                let start = Instant::now();
+                let mut last = start;
+                while start.elapsed() < sleep {
+                    let _ = socket.recv(&mut buf);
+                    if let (Some(every), Some((c, d))) = (warm_every, warm.as_mut())
+                        && last.elapsed() >= every
+                    {
+                        last = Instant::now();
+                        seal_and_open((c, d), &packet, (&mut wx, &mut wy))?;
+                    }
+                }
+            }
+        }
+        let (e, d) = seal_and_open((&mut a, &mut b), &packet, (&mut x, &mut y))?;
+        we.push(e);
+        wd.push(d);
     }
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     Ok(CryptoWake {
         packets,
-        sleep_us: u64::try_from(sleep.as_micros()).unwrap_or(u64::MAX),
+        sleep_us: us(sleep),
+        pause: match pause {
+            Pause::Sleep => "sleep",
+            Pause::Poll { .. } => "poll",
+        },
+        warm_every_us: match pause {
+            Pause::Poll {
+                warm_every: Some(w),
+            } => Some(us(w)),
+            _ => None,
+        },
         hot_encapsulate_ns: median(&mut he),
         hot_decapsulate_ns: median(&mut hd),
         woken_encapsulate_ns: median(&mut we),
@@ -817,16 +889,24 @@ mod tests {
 
     #[test]
     fn crypto_wake_times_real_packets_both_ways() {
-        let c = crypto_wake(20, Duration::from_millis(1)).expect("a session between two tunnels");
-        assert_eq!((c.packets, c.sleep_us), (20, 1000));
-        for ns in [
-            c.hot_encapsulate_ns,
-            c.hot_decapsulate_ns,
-            c.woken_encapsulate_ns,
-            c.woken_decapsulate_ns,
-        ] {
-            // Something was timed, and no packet took a second.
-            assert!(ns > 0 && ns < 1_000_000_000, "{c:?}");
+        let poll = Pause::Poll {
+            warm_every: Some(Duration::from_micros(100)),
+        };
+        for pause in [Pause::Sleep, Pause::Poll { warm_every: None }, poll] {
+            let c = crypto_wake(20, Duration::from_millis(1), pause)
+                .expect("a session between two tunnels");
+            assert_eq!((c.packets, c.sleep_us), (20, 1000));
+            assert_eq!(c.pause == "sleep", pause == Pause::Sleep);
+            assert_eq!(c.warm_every_us, (pause == poll).then_some(100));
+            for ns in [
+                c.hot_encapsulate_ns,
+                c.hot_decapsulate_ns,
+                c.woken_encapsulate_ns,
+                c.woken_decapsulate_ns,
+            ] {
+                // Something was timed, and no packet took a second.
+                assert!(ns > 0 && ns < 1_000_000_000, "{c:?}");
+            }
         }
     }
 }

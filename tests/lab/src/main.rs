@@ -266,12 +266,21 @@ enum Gen {
         seconds: u64,
     },
     /// Time boringtun's encapsulation and decapsulation of a 64-byte echo, back to back
-    /// and each right after the thread slept: the per-packet cost of sparse traffic.
+    /// and each right after a pause (asleep, or polling): the per-packet cost of sparse
+    /// traffic.
     CryptoWake {
         #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         packets: u32,
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
         sleep_ms: u64,
+        /// Pass each pause polling a non-blocking socket, as a busy-polling data plane
+        /// does, instead of asleep
+        #[arg(long)]
+        poll: bool,
+        /// With --poll: seal and open a throwaway packet on a session of its own this
+        /// often while polling (`asmn-agent --busy-poll` does every 200 us)
+        #[arg(long, requires = "poll", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        keep_warm_us: Option<u64>,
     },
     /// Sleep `--every-us` again and again, and report the longest time between two
     /// wake-ups: how long the other tasks of this CPU kept a thread waiting.
@@ -415,9 +424,21 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             b,
             seconds,
         } => serde_json::to_string(&generators::null_relay(listen, a, b, seconds)?)?,
-        Gen::CryptoWake { packets, sleep_ms } => serde_json::to_string(&generators::crypto_wake(
+        Gen::CryptoWake {
+            packets,
+            sleep_ms,
+            poll,
+            keep_warm_us,
+        } => serde_json::to_string(&generators::crypto_wake(
             packets as usize,
             Duration::from_millis(sleep_ms),
+            if poll {
+                generators::Pause::Poll {
+                    warm_every: keep_warm_us.map(Duration::from_micros),
+                }
+            } else {
+                generators::Pause::Sleep
+            },
         )?)?,
         Gen::WakeGaps { every_us, seconds } => serde_json::to_string(&generators::wake_gaps(
             Duration::from_micros(every_us),

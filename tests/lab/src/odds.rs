@@ -184,6 +184,7 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
     out.crypto = Some(crate::generators::crypto_wake(
         CRYPTO_PACKETS,
         std::time::Duration::from_millis(5),
+        crate::generators::Pause::Sleep,
     )?);
     Ok(out)
 }
