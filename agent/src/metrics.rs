@@ -279,7 +279,7 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     );
     let _ = writeln!(
         out,
-        "# HELP asmn_agent_dataplane_warm_ups_total Throwaway packets a busy-polling data plane sealed and opened on tunnels of its own while it polled without packets, to keep the cryptography in the CPU's caches (one every 200 us).\n# TYPE asmn_agent_dataplane_warm_ups_total counter\nasmn_agent_dataplane_warm_ups_total {}",
+        "# HELP asmn_agent_dataplane_warm_ups_total Warm-up echoes a busy-polling data plane passed between two planes of its own while it polled without packets, to keep the per-packet code in the CPU's caches (one every 200 us).\n# TYPE asmn_agent_dataplane_warm_ups_total counter\nasmn_agent_dataplane_warm_ups_total {}",
         s.warm_ups
     );
 }

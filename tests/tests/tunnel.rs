@@ -7,7 +7,8 @@ use asmn_lab::bench::cpu_seconds;
 use asmn_lab::scenarios;
 use asmn_testkit::netns;
 use asmn_testkit::tenant::{
-    CLIENT_VNFD, GATEWAY_VNFD, Tenant, dataplane_writes, image, metric, metrics, ping_until_up,
+    CLIENT_VNFD, GATEWAY_VNFD, Tenant, dataplane_writes, image, metric, metrics, ping_once,
+    ping_until_up,
 };
 
 const SERVER_VNFD: &str = "vnfd:
@@ -375,6 +376,96 @@ fn bursts_of_echoes_cross_at_once_and_an_idle_agent_sleeps() {
             used <= 0.25,
             "an idle agent used {:.0} ms of CPU in 5 s",
             used * 1000.0
+        );
+    }
+}
+
+/// Packets through the TUN device `asmn0` of VNF `i`: received and sent.
+fn tun_packets(t: &Tenant, i: usize) -> (u64, u64) {
+    let read = |what: &str| {
+        let path = format!("/sys/class/net/asmn0/statistics/{what}_packets");
+        let out = t.vnfs[i].ns.run("cat", &[&path]).expect("TUN counters");
+        stdout(out).trim().parse::<u64>().expect("a packet count")
+    };
+    (read("rx"), read("tx"))
+}
+
+/// Busy-polling agents pass an echo between planes of their own while they poll without
+/// packets (io.rs, `WARM_EVERY`): the warm-ups run while they poll, never while they are
+/// idle or with the default polling, and nothing of them reaches the TUN device or the
+/// real plane (its packets and drops stay as they were).
+#[test]
+fn busy_polling_agents_warm_up_between_packets_and_nothing_of_it_leaves_them() {
+    if !netns::can_run("the busy-poll warm-up test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = Tenant::client_and_server(SERVER_VNFD, "polling = \"busy\"\n").expect("tenant");
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let warm_ups = |i: usize| metric(&metrics(&t, i), "asmn_agent_dataplane_warm_ups_total");
+    let counters = |i: usize| {
+        let m = metrics(&t, i);
+        [
+            "asmn_agent_tx_packets_total",
+            "asmn_agent_rx_packets_total",
+            "asmn_agent_rejected_total",
+            "asmn_agent_malformed_total",
+            "asmn_agent_unknown_peer_total",
+            "asmn_agent_policy_dropped_total",
+            "asmn_agent_io_dropped_total",
+        ]
+        .map(|n| metric(&m, n).unwrap_or(-1.0))
+    };
+    // An echo starts busy polling (for a second after the last packet); then 500 ms
+    // without packets, read at both ends.
+    assert!(ping_once(&t, c, &server_ip), "echo");
+    let before = [c, s].map(|i| (warm_ups(i), counters(i), tun_packets(&t, i)));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = [c, s].map(|i| (warm_ups(i), counters(i), tun_packets(&t, i)));
+    for (k, name) in ["client", "server"].iter().enumerate() {
+        let (w0, c0, t0) = &before[k];
+        let (w1, c1, t1) = &after[k];
+        let ups = w1.unwrap_or(0.0) - w0.unwrap_or(0.0);
+        eprintln!("{name}: {ups} warm-ups in 500 ms of busy polling");
+        // One every 200 us of polling: 2,500 in 500 ms on a core of its own; at least a
+        // tenth of that on a CI machine's shared one.
+        assert!(
+            ups >= 250.0,
+            "{name}: {ups} warm-ups in 500 ms of busy polling ({w0:?} -> {w1:?})"
+        );
+        assert_eq!(
+            c0, c1,
+            "{name}: the warm-ups moved the plane's own counters"
+        );
+        assert_eq!(t0, t1, "{name}: the warm-ups reached the TUN device");
+    }
+    // The tunnel still carries echoes both ways.
+    assert!(ping_once(&t, c, &server_ip), "echo after the warm-ups");
+    // A second without packets: the agents sleep, and warm up no more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let asleep = [c, s].map(warm_ups);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(asleep, [c, s].map(warm_ups), "warm-ups while asleep");
+}
+
+/// With the default polling there are no warm-ups.
+#[test]
+fn agents_that_do_not_busy_poll_never_warm_up() {
+    if !netns::can_run("the adaptive-polling warm-up test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = client_and_server();
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    for _ in 0..5 {
+        assert!(ping_once(&t, c, &server_ip), "echo");
+    }
+    for i in [c, s] {
+        assert_eq!(
+            metric(&metrics(&t, i), "asmn_agent_dataplane_warm_ups_total"),
+            Some(0.0)
         );
     }
 }

@@ -1,102 +1,179 @@
-//! Keeping the per-packet cryptography warm while a busy-polling data plane waits.
+//! Keeping the per-packet code warm while a busy-polling data plane waits.
 //!
-//! A packet that comes after a pause finds boringtun's and ring's code and tables out of
-//! the CPU's caches and TLB, even on a thread that never slept: the polling loop's system
-//! calls and the other tasks of the machine evict them. On the 2-core VM of `asmn-lab`,
-//! sealing or opening a 64-byte echo costs 0.24-0.32 us back to back, and 7-9 us after
-//! 50 ms of polling; sealing and opening a throwaway packet every 200 us while polling
-//! keeps it at 1.3-1.4 us (`asmn-lab gen crypto-wake --sleep-ms 50 --poll
-//! --keep-warm-us 200`). In the agent, opening an echo's packet took 6.9-10.3 us without
-//! the warm-ups and 1.2-1.7 us with them. A warm-up costs about 1 us: a busy-polling
-//! thread owns its core anyway, and spends half a percent of it on them.
+//! A packet that comes after a pause finds the plane's, boringtun's and ring's code and
+//! tables out of the CPU's caches and TLB, even on a thread that never slept: the polling
+//! loop's system calls and the other tasks of the machine evict them. On the 2-core VM of
+//! `asmn-lab`, sealing or opening a 64-byte echo costs 0.24-0.32 us back to back, and 7-9
+//! us after 50 ms of polling; sealing and opening a throwaway packet every 200 us while
+//! polling keeps it at 1.3-1.4 us (`asmn-lab gen crypto-wake --sleep-ms 50 --poll
+//! --keep-warm-us 200`).
 //!
-//! The warm-up runs on a pair of tunnels of its own, with throwaway keys, that never
-//! reach the network, so the real sessions' counters, timers and keys are not touched.
+//! [`Warmer`] passes an echo and its reply between two planes of its own, through the
+//! same calls a real packet takes ([`Plane::handle_tun`], [`Plane::handle_datagram`]:
+//! routing, sealing, opening, cryptokey routing, the catalog), so the next real packet
+//! finds that code in the caches. The two planes have throwaway keys, test-network
+//! addresses (192.0.2.0/24) and their own outboxes, and never reach the network or the
+//! TUN device: the real plane's peers, counters, limiters and keys are not touched.
 
-use boringtun::noise::{Tunn, TunnResult};
-use boringtun::x25519::{PublicKey, StaticSecret};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use asmn_shared::catalog::parse_catalog;
+use asmn_shared::crypto::PresharedKey;
+use asmn_shared::ids::{InstanceKey, Role, VnfId};
+use asmn_shared::policy::packet::{build, proto};
+use boringtun::x25519::StaticSecret;
+use governor::clock::DefaultClock;
 use rand::RngCore;
 
-/// An IPv4 ICMP echo of 64 bytes (20 + 8 + 56), what the warm-up seals and opens.
-const ECHO: usize = 84;
+use super::{Installed, Outbox, PeerSpec, Plane, PlaneConfig};
 
-/// Two tunnels with a session between them, and a packet to pass through it.
+/// The warm-up planes' network (RFC 5737's TEST-NET-1: never a tenant's).
+const NET: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 0);
+/// Datagrams passed between the two planes in one exchange, at most (a handshake and
+/// the packets it released take a few).
+const EXCHANGE: usize = 8;
+
+/// Two planes that know each other, and an echo to pass between them.
 pub struct Warmer {
-    seal: Tunn,
-    open: Tunn,
-    packet: [u8; ECHO],
-    sealed: Vec<u8>,
-    opened: Vec<u8>,
+    planes: [Plane<DefaultClock>; 2],
+    outs: [Outbox; 2],
+    /// Each plane's packet for the other: an echo request and its reply.
+    packets: [Vec<u8>; 2],
 }
 
 impl std::fmt::Debug for Warmer {
-    // boringtun's `Debug` can print key material: name the type only.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Warmer").finish_non_exhaustive()
     }
 }
 
+fn host(i: usize) -> Ipv4Addr {
+    let [a, b, c, _] = NET.octets();
+    Ipv4Addr::new(a, b, c, 1 + u8::from(i == 1))
+}
+
+fn endpoint(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(host(i)), 51820)
+}
+
 impl Warmer {
-    /// A pair of tunnels with fresh random keys and an established session (one
-    /// handshake, four X25519), or `None` if boringtun did not complete it.
-    pub fn new() -> Option<Warmer> {
+    /// Two planes with fresh random keys, each the other's peer under a catalog that
+    /// admits the echo, and a session between them (one handshake); `None` if an echo
+    /// did not pass both ways.
+    pub fn new(now: Instant) -> Option<Warmer> {
         let mut rng = rand::rng();
-        let mut key = || {
+        let mut bytes = || {
             let mut k = [0u8; 32];
             rng.fill_bytes(&mut k);
-            StaticSecret::from(k)
+            k
         };
-        let (a, b) = (key(), key());
-        let (pa, pb) = (PublicKey::from(&a), PublicKey::from(&b));
-        let mut seal = Tunn::new(a, pb, None, None, 1, None);
-        let mut open = Tunn::new(b, pa, None, None, 2, None);
-        let (mut x, mut y) = (vec![0u8; 2048], vec![0u8; 2048]);
-        let init = match seal.format_handshake_initiation(&mut x, false) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => return None,
-        };
-        let response = match open.decapsulate(None, &init, &mut y) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => return None,
-        };
-        // The initiator answers the response with a keepalive, which starts the
-        // responder's session.
-        let keepalive = match seal.decapsulate(None, &response, &mut x) {
-            TunnResult::WriteToNetwork(p) => p.to_vec(),
-            _ => return None,
-        };
-        if !matches!(open.decapsulate(None, &keepalive, &mut y), TunnResult::Done) {
-            return None;
+        let psk = PresharedKey::new(bytes());
+        let ids = [
+            InstanceKey::from_bytes(bytes()),
+            InstanceKey::from_bytes(bytes()),
+        ];
+        let names = ["warm-up-a", "warm-up-b"];
+        let mut planes = [0, 1].map(|i| {
+            let mut p = Plane::new(
+                PlaneConfig {
+                    secret: StaticSecret::from(bytes()),
+                    overlay: IpAddr::V4(host(i)),
+                    overlay_net: (IpAddr::V4(NET), 24),
+                    role: Role::Vnf,
+                    index_seed: 1 << 12,
+                },
+                DefaultClock::default(),
+            );
+            let catalog = format!(
+                "vnf: {}\nsec_catalog:\n  default_action:\n    police:\n      \
+                 ingress_policing_rate: 100000000\n      ingress_policing_burst: 4000000\n",
+                names[i]
+            );
+            if let Ok(c) = parse_catalog("warm-up", catalog.as_bytes()) {
+                p.set_catalog(c);
+            }
+            p
+        });
+        let mut outs = [Outbox::new(4, 1), Outbox::new(4, 1)];
+        for i in 0..2 {
+            let spec = PeerSpec {
+                id: ids[1 - i],
+                vnf: VnfId::new(names[1 - i]).ok()?,
+                overlay: IpAddr::V4(host(1 - i)),
+                endpoint: endpoint(1 - i),
+                wg_public: planes[1 - i].public_key(),
+                role: Role::Vnf,
+                protected: false,
+            };
+            if !matches!(
+                planes[i].install(now, spec, &psk, &mut outs[i]),
+                Installed::New
+            ) {
+                return None;
+            }
         }
-        let mut packet = [0u8; ECHO];
-        packet[0] = 0x45;
-        packet[3] = ECHO as u8;
-        packet[8] = 64;
-        packet[9] = 1;
-        packet[12..16].copy_from_slice(&[192, 0, 2, 1]);
-        packet[16..20].copy_from_slice(&[192, 0, 2, 2]);
-        Some(Warmer {
-            seal,
-            open,
-            packet,
-            sealed: vec![0; 256],
-            opened: vec![0; 256],
-        })
+        let echo = |from: usize, kind: u8| {
+            build::ipv4(
+                host(from),
+                host(1 - from),
+                proto::ICMP,
+                &[kind, 0, 0, 0, 0, 1, 0, 1],
+            )
+        };
+        let mut w = Warmer {
+            planes,
+            outs,
+            packets: [echo(0, 8), echo(1, 0)],
+        };
+        // The first exchange carries the handshake too.
+        w.exchange(now);
+        w.warm(now).then_some(w)
     }
 
-    /// Seals the packet on one tunnel and opens it on the other: whether it came through.
-    /// (The session is never timed out: nothing calls its timers, and its counter would
-    /// take centuries to run out at one packet per warm-up.)
-    pub fn warm(&mut self) -> bool {
-        let len = match self.seal.encapsulate(&self.packet, &mut self.sealed) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => return false,
-        };
-        matches!(
-            self.open
-                .decapsulate(None, &self.sealed[..len], &mut self.opened),
-            TunnResult::WriteToTunnelV4(p, _) if p == self.packet
-        )
+    /// Passes what each outbox holds to the other plane until both are quiet (bounded):
+    /// how many packets each plane delivered.
+    fn exchange(&mut self, now: Instant) -> [usize; 2] {
+        let mut delivered = [0, 0];
+        let mut buf = Vec::new();
+        for _ in 0..EXCHANGE {
+            let mut quiet = true;
+            for (i, got) in delivered.iter_mut().enumerate() {
+                *got += self.outs[i].tun.packets().count();
+                self.outs[i].tun.clear();
+                buf.clear();
+                buf.extend(
+                    self.outs[i]
+                        .net
+                        .datagrams()
+                        .filter(|(to, _)| *to == endpoint(1 - i))
+                        .map(|(_, d)| d.to_vec()),
+                );
+                self.outs[i].net.clear(1);
+                for d in &buf {
+                    quiet = false;
+                    let (p, o) = (&mut self.planes[1 - i], &mut self.outs[1 - i]);
+                    p.handle_datagram(now, endpoint(i), d, o);
+                }
+            }
+            if quiet {
+                break;
+            }
+        }
+        delivered
+    }
+
+    /// An echo from the first plane to the second and its reply back: whether each
+    /// arrived once.
+    pub fn warm(&mut self, now: Instant) -> bool {
+        let mut ok = true;
+        for i in 0..2 {
+            let (p, o) = (&mut self.planes[i], &mut self.outs[i]);
+            p.handle_tun(now, &self.packets[i], o);
+            let delivered = self.exchange(now);
+            ok &= delivered[1 - i] == 1 && delivered[i] == 0;
+        }
+        ok
     }
 }
 
@@ -105,31 +182,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_warm_up_passes_its_packet_through_its_own_session_every_time() {
-        let mut w = Warmer::new().expect("a session between the two tunnels");
-        for _ in 0..1000 {
-            assert!(w.warm());
+    fn a_warm_up_passes_its_echo_both_ways_through_the_planes_every_time() {
+        let now = Instant::now();
+        let mut w = Warmer::new(now).expect("two planes with a session");
+        for k in 0..1000 {
+            assert!(w.warm(now), "warm-up {k}");
         }
-        // Each warm-up is a new data packet: a replay of the last one is refused, so the
-        // session's counter moves as a real one does.
-        let len = match w.seal.encapsulate(&w.packet, &mut w.sealed) {
-            TunnResult::WriteToNetwork(p) => p.len(),
-            _ => panic!("no data packet"),
-        };
-        let again = w.sealed[..len].to_vec();
-        assert!(matches!(
-            w.open.decapsulate(None, &again, &mut w.opened),
-            TunnResult::WriteToTunnelV4(..)
-        ));
-        assert!(matches!(
-            w.open.decapsulate(None, &again, &mut w.opened),
-            TunnResult::Err(_)
-        ));
-        // Two warmers share no key: one's packet does not open on the other.
-        let mut other = Warmer::new().expect("second");
-        assert!(!matches!(
-            other.open.decapsulate(None, &again, &mut other.opened),
-            TunnResult::WriteToTunnelV4(..)
-        ));
+        let [a, b] = [0, 1].map(|i| w.planes[i].stats().counters);
+        // Each plane sent one packet a warm-up and delivered the other's; nothing was
+        // dropped, nothing asked of Sec-EM.
+        assert_eq!((a.tx_packets, a.rx_packets), (1001, 1001));
+        assert_eq!((b.tx_packets, b.rx_packets), (1001, 1001));
+        for c in [a, b] {
+            assert_eq!(
+                (c.rejected, c.policy_dropped, c.queue_dropped, c.no_route),
+                (0, 0, 0, 0),
+                "{c:?}"
+            );
+        }
+        assert!(w.planes.iter_mut().all(|p| p.poll_ask().is_none()));
+        // A datagram of a warm-up does not open on another pair's planes.
+        let mut other = Warmer::new(now).expect("second");
+        other.planes[0].handle_tun(now, &other.packets[0], &mut other.outs[0]);
+        let d: Vec<u8> = other.outs[0]
+            .net
+            .datagrams()
+            .next()
+            .map(|(_, d)| d.to_vec())
+            .expect("a datagram");
+        w.planes[1].handle_datagram(now, endpoint(0), &d, &mut w.outs[1]);
+        assert_eq!(w.outs[1].tun.packets().count(), 0);
+        assert_eq!(
+            w.planes[1].stats().counters.rx_packets,
+            1001,
+            "a stranger's packet was delivered"
+        );
     }
 }
