@@ -95,7 +95,8 @@ impl Warmer {
             }
             p
         });
-        let mut outs = [Outbox::new(4, 1), Outbox::new(4, 1)];
+        // Room for two packets each (an exchange delivers one): about 140 KiB.
+        let mut outs = [Outbox::new(2, 1), Outbox::new(2, 1)];
         for i in 0..2 {
             let spec = PeerSpec {
                 id: ids[1 - i],
@@ -188,11 +189,15 @@ mod tests {
         for k in 0..1000 {
             assert!(w.warm(now), "warm-up {k}");
         }
+        // The planes' timers never run: an hour on, their session still passes the echo
+        // (no rekey, no expiry to rebuild them for).
+        let later = now + std::time::Duration::from_secs(3600);
+        assert!(w.warm(later), "an hour on");
         let [a, b] = [0, 1].map(|i| w.planes[i].stats().counters);
         // Each plane sent one packet a warm-up and delivered the other's; nothing was
         // dropped, nothing asked of Sec-EM.
-        assert_eq!((a.tx_packets, a.rx_packets), (1001, 1001));
-        assert_eq!((b.tx_packets, b.rx_packets), (1001, 1001));
+        assert_eq!((a.tx_packets, a.rx_packets), (1002, 1002));
+        assert_eq!((b.tx_packets, b.rx_packets), (1002, 1002));
         for c in [a, b] {
             assert_eq!(
                 (c.rejected, c.policy_dropped, c.queue_dropped, c.no_route),
@@ -214,7 +219,7 @@ mod tests {
         assert_eq!(w.outs[1].tun.packets().count(), 0);
         assert_eq!(
             w.planes[1].stats().counters.rx_packets,
-            1001,
+            1002,
             "a stranger's packet was delivered"
         );
     }
