@@ -617,13 +617,14 @@ impl Driver {
             answers: Answers::default(),
             warmer: match polling {
                 Polling::Busy => {
-                    let w = Warmer::new(Instant::now());
-                    if w.is_none() {
-                        tracing::warn!(
-                            "the warm-up planes did not pass their echo: busy polling runs without warm-ups"
-                        );
+                    let now = Instant::now();
+                    match Warmer::new(now, &mut rand::rng(), DefaultClock::default()) {
+                        Ok(w) => Some((w, now)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "busy polling runs without warm-ups");
+                            None
+                        }
                     }
-                    w.map(|w| (w, Instant::now()))
                 }
                 Polling::Adaptive => None,
             },
@@ -744,7 +745,7 @@ struct Io {
     answers: Answers,
     /// With [`Polling::Busy`]: what keeps the per-packet code warm while it polls, and
     /// when it last ran.
-    warmer: Option<(Warmer, Instant)>,
+    warmer: Option<(Warmer<DefaultClock>, Instant)>,
     /// Whether the thread runs under `SCHED_FIFO`, and when it rests.
     schedule: Schedule,
     /// The same, for the metrics.
@@ -885,13 +886,14 @@ impl Io {
                 Polling::Busy => self.rate.last + BUSY_IDLE,
                 Polling::Adaptive => self.rate.poll_until(),
             };
+            let polled = Instant::now();
             // A real-time thread does not poll: its wake-up pre-empts ordinary tasks.
-            if !self.schedule.realtime && Instant::now() < poll_until {
+            if !self.schedule.realtime && polled < poll_until {
                 // Polling, not woken by epoll: both sources are read on the next round
                 // (two reads measured faster here than asking epoll without waiting).
                 (tun_ready, udp_ready) = (true, true);
                 match self.polling {
-                    Polling::Busy => self.keep_warm(),
+                    Polling::Busy => self.keep_warm(polled),
                     Polling::Adaptive => std::thread::yield_now(),
                 }
                 continue;
@@ -920,14 +922,13 @@ impl Io {
         Ok(())
     }
 
-    /// One turn of busy polling without packets: a warm-up if [`WARM_EVERY`] passed since
-    /// the last packet or warm-up.
-    fn keep_warm(&mut self) {
+    /// One turn of busy polling without packets at `now`: a warm-up if [`WARM_EVERY`]
+    /// passed since the last packet or warm-up.
+    fn keep_warm(&mut self, now: Instant) {
         std::hint::spin_loop();
         let Some((w, last)) = self.warmer.as_mut() else {
             return;
         };
-        let now = Instant::now();
         if !warm_due(now, *last, self.rate.last) {
             return;
         }
@@ -935,13 +936,10 @@ impl Io {
         if w.warm(now) {
             self.scheduling.warm_ups.fetch_add(1, Ordering::Relaxed);
         } else {
-            // Planes that stopped passing their echo (never seen): a new pair, or no more
-            // warm-ups.
-            self.warmer = Warmer::new(now).map(|w| (w, now));
-            tracing::warn!(
-                renewed = self.warmer.is_some(),
-                "the busy-poll warm-up planes stopped passing their echo"
-            );
+            // Planes that stopped passing their echo (never seen): no more warm-ups, and
+            // no new planes made on this thread (a handshake and allocations each time).
+            self.warmer = None;
+            tracing::warn!("the warm-up planes stopped passing their echo: no more warm-ups");
         }
     }
 

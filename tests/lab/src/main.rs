@@ -278,7 +278,8 @@ enum Gen {
         #[arg(long)]
         poll: bool,
         /// With --poll: seal and open a throwaway packet on a session of its own this
-        /// often while polling (`asmn-agent --busy-poll` does every 200 us)
+        /// often while polling (the agent with `polling = "busy"` warms its whole
+        /// per-packet path every 200 us)
         #[arg(long, requires = "poll", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         keep_warm_us: Option<u64>,
     },
