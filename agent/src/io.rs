@@ -586,7 +586,7 @@ impl Driver {
     ) -> io::Result<(Driver, PlaneHandle)> {
         let udp_state = UdpSocketState::new((&udp).into())?;
         tun.set_nonblocking(true)?;
-        let (poll, waker) = Epoll::new(&tun, &udp)?;
+        let (poll, waker) = Epoll::new(&tun, &udp, TICK)?;
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Mutex::new(plane.stats()));
         let scheduling = Arc::new(Scheduling::default());
@@ -834,10 +834,19 @@ impl Io {
         // Whether the last wait found TUN packets at once (see [`one_read`]).
         let mut queued = false;
         let mut next_tick = Instant::now() + TICK;
+        // Whether the last wait saw the ticker expire (the timers' turn while the loop
+        // sleeps; while it runs, `next_tick` says when).
+        let mut ticked = false;
+        // When the last wait ended: the next round's time (each clock read after a system
+        // call costs a few hundred nanoseconds here, cold).
+        let mut woke_at = None;
         while !self.stop.load(Ordering::Acquire) {
             self.reschedule()?;
-            let round = Instant::now();
-            if round >= next_tick {
+            let round = match woke_at.take() {
+                Some(t) if !self.schedule.realtime => t,
+                _ => Instant::now(),
+            };
+            if round >= next_tick || std::mem::take(&mut ticked) {
                 self.plane.handle_timers(round, &mut self.b.out);
                 self.flush()?;
                 self.publish();
@@ -847,7 +856,7 @@ impl Io {
             let jobs_left = self.run_jobs(round)?;
             let mut packets = 0;
             if tun_ready {
-                let (n, drained) = self.tun_round(one_read(&self.rate, queued))?;
+                let (n, drained) = self.tun_round(round, one_read(&self.rate, queued))?;
                 packets += n;
                 tun_ready = !drained;
                 if std::mem::take(&mut probing) {
@@ -856,7 +865,7 @@ impl Io {
             }
             if udp_ready {
                 self.wrote_tun = false;
-                let (n, drained) = self.udp_round()?;
+                let (n, drained) = self.udp_round(round)?;
                 packets += n;
                 udp_ready = !drained;
                 // What was written to the TUN device may have been answered as it was:
@@ -886,25 +895,29 @@ impl Io {
                 Polling::Busy => self.rate.last + BUSY_IDLE,
                 Polling::Adaptive => self.rate.poll_until(),
             };
-            let polled = Instant::now();
-            // A real-time thread does not poll: its wake-up pre-empts ordinary tasks.
-            if !self.schedule.realtime && polled < poll_until {
-                // Polling, not woken by epoll: both sources are read on the next round
-                // (two reads measured faster here than asking epoll without waiting).
-                (tun_ready, udp_ready) = (true, true);
-                match self.polling {
-                    Polling::Busy => self.keep_warm(polled),
-                    Polling::Adaptive => std::thread::yield_now(),
+            // A real-time thread does not poll: its wake-up pre-empts ordinary tasks. Nor
+            // is there anything to poll for if the polling ended before the round began
+            // (sparse packets, whose last came in this round: no clock read then).
+            if !self.schedule.realtime && poll_until > round {
+                let polled = Instant::now();
+                if polled < poll_until {
+                    // Polling, not woken by epoll: both sources are read on the next round
+                    // (two reads measured faster here than asking epoll without waiting).
+                    (tun_ready, udp_ready) = (true, true);
+                    match self.polling {
+                        Polling::Busy => self.keep_warm(polled),
+                        Polling::Adaptive => std::thread::yield_now(),
+                    }
+                    continue;
                 }
-                continue;
             }
             // Both are drained: sleep until one is ready, a call comes (the waker), or
-            // the next tick.
+            // the ticker expires.
             let asleep = Instant::now();
-            let timeout = next_tick.saturating_duration_since(asleep);
-            let ready = self.poll.wait(timeout)?;
-            (tun_ready, udp_ready) = (ready.tun, ready.udp);
+            let ready = self.poll.wait(None)?;
+            (tun_ready, udp_ready, ticked) = (ready.tun, ready.udp, ready.tick);
             let woke = Instant::now();
+            woke_at = Some(woke);
             queued = ready.tun && woke.saturating_duration_since(asleep) < AT_ONCE;
             // What a real-time thread waited for a CPU after it was woken (behind another
             // real-time thread) is not sleep. (Ordinary, a read per wake-up would cost
@@ -1100,8 +1113,9 @@ impl Io {
 
     /// Reads what the TUN device has (a batch at most, or with `one`, one read) and sends
     /// it into the tunnels. How many packets there were, and whether to read it again
-    /// only once epoll reports it: a read found it empty, or `one` found packets.
-    fn tun_round(&mut self, one: bool) -> io::Result<(usize, bool)> {
+    /// only once epoll reports it: a read found it empty, or `one` found packets. The
+    /// packets are handled at the `round`'s time (no clock read per batch).
+    fn tun_round(&mut self, round: Instant, one: bool) -> io::Result<(usize, bool)> {
         let b = &mut self.b;
         let (mut n, mut done) = (0, false);
         // Several reads per batch (a bounded number), while a whole super-packet fits.
@@ -1134,7 +1148,7 @@ impl Io {
         if n == 0 {
             return Ok((0, done));
         }
-        let mut now = Instant::now();
+        let mut now = round;
         for i in 0..n {
             let len = self.b.tun_sizes[i].min(self.b.tun_in[i].len());
             self.plane
@@ -1152,15 +1166,15 @@ impl Io {
 
     /// Reads what the socket has (a batch at most), decrypts it and writes it to the TUN
     /// device (or forwards it, on a gateway). How many datagrams there were, and whether
-    /// the socket is drained (a read returned less than a batch).
-    fn udp_round(&mut self) -> io::Result<(usize, bool)> {
+    /// the socket is drained (a read returned less than a batch). Handled at the `round`'s
+    /// time, as [`Io::tun_round`]'s packets.
+    fn udp_round(&mut self, round: Instant) -> io::Result<(usize, bool)> {
         let b = &mut self.b;
         let n = {
-            let mut iovs: Vec<io::IoSliceMut<'_>> = b
-                .udp_in
-                .iter_mut()
-                .map(|v| io::IoSliceMut::new(v))
-                .collect();
+            // On the stack: no allocation per round. `udp_in` holds BATCH_SIZE buffers.
+            let mut bufs = b.udp_in.iter_mut();
+            let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                std::array::from_fn(|_| io::IoSliceMut::new(bufs.next().map_or(&mut [], |v| v)));
             match self
                 .udp_state
                 .recv((&self.udp).into(), &mut iovs, &mut b.metas)
@@ -1177,7 +1191,7 @@ impl Io {
             }
         };
         let drained = n < self.b.udp_in.len();
-        let mut now = Instant::now();
+        let mut now = round;
         let (mut datagrams, mut in_batch) = (0, 0);
         for i in 0..n {
             let (addr, len, stride) = {
