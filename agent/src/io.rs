@@ -707,6 +707,13 @@ fn warm_due(now: Instant, last_warm: Instant, last_packet: Instant) -> bool {
     now.saturating_duration_since(last_warm.max(last_packet)) >= WARM_EVERY
 }
 
+/// The time to handle a round's socket batch at: the round's own time (no clock read),
+/// unless the round handled `before` packets first, which may have taken long (a batch of
+/// TUN packets, sends that retried a full buffer, a real-time rest): then `now`.
+fn batch_time(round: Instant, before: usize, now: impl FnOnce() -> Instant) -> Instant {
+    if before > 0 { now().max(round) } else { round }
+}
+
 /// The buffers of the loop, allocated once.
 struct Buffers {
     /// A raw TUN read: virtio-net header and a packet or super-packet.
@@ -846,7 +853,10 @@ impl Io {
                 Some(t) if !self.schedule.realtime => t,
                 _ => Instant::now(),
             };
-            if round >= next_tick || std::mem::take(&mut ticked) {
+            // The ticker's report is spent here either way (or timers could run twice in
+            // a row, on the report and on the time).
+            let tick = std::mem::take(&mut ticked);
+            if tick || round >= next_tick {
                 self.plane.handle_timers(round, &mut self.b.out);
                 self.flush()?;
                 self.publish();
@@ -865,7 +875,8 @@ impl Io {
             }
             if udp_ready {
                 self.wrote_tun = false;
-                let (n, drained) = self.udp_round(round)?;
+                let at = batch_time(round, packets, Instant::now);
+                let (n, drained) = self.udp_round(at)?;
                 packets += n;
                 udp_ready = !drained;
                 // What was written to the TUN device may have been answered as it was:
@@ -1254,6 +1265,18 @@ mod tests {
             }
         }
         assert_eq!(ups, 10_000 / every);
+    }
+
+    #[test]
+    fn a_socket_batch_after_tun_packets_is_handled_at_a_fresh_time_and_alone_at_the_rounds() {
+        let round = Instant::now();
+        let later = round + Duration::from_millis(7);
+        // Alone in its round: the round's time, and no clock read.
+        let alone = batch_time(round, 0, || panic!("no clock read for a batch alone"));
+        assert_eq!(alone, round);
+        // After TUN packets: the time after them, never before the round's.
+        assert_eq!(batch_time(round, 128, || later), later);
+        assert_eq!(batch_time(later, 1, || round), later);
     }
 
     #[test]

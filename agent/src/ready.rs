@@ -59,8 +59,13 @@ impl Epoll {
             TimerfdClockId::Monotonic,
             TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
         )?;
+        // A zero interval would disarm the timer: the timers would never run.
         let every = Timespec::try_from(tick)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "tick out of range"))?;
+            .ok()
+            .filter(|_| !tick.is_zero())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "tick zero or out of range")
+            })?;
         timerfd_settime(
             &ticker,
             TimerfdTimerFlags::empty(),
@@ -188,33 +193,45 @@ mod tests {
         let (tun, _) = pair();
         let (udp, _) = pair();
         let tick = Duration::from_millis(40);
-        let (ep, _waker) = Epoll::new(&tun, &udp, tick).expect("epoll");
+        // Bounded waits (a broken ticker fails the test, never hangs it), and only the
+        // bounds the kernel guarantees (a slow machine delays a wait's return, never
+        // hastens it).
+        let bound = Some(Duration::from_secs(5));
         let start = std::time::Instant::now();
-        let r = ep.wait(None).expect("wait");
-        let took = start.elapsed();
+        let (ep, _waker) = Epoll::new(&tun, &udp, tick).expect("epoll");
+        let first = ep.wait(bound).expect("wait");
         assert_eq!(
-            r,
+            first,
             Ready {
                 tick: true,
                 ..Ready::default()
-            }
+            },
+            "the first tick ended the wait"
         );
+        assert!(start.elapsed() >= tick, "not before the first tick");
+        // Reported once: the next wait ends at the second tick, not at once.
+        assert!(ep.wait(bound).expect("wait").tick, "the second tick");
+        assert!(start.elapsed() >= tick * 2, "not before the second tick");
+        // Ticks missed while the loop ran are one report, not a burst of them: two ticks
+        // pass, then two waits see one. (A third tick, not before `created + 900 ms`,
+        // could end the second wait only on a machine stalled that long.)
+        let created = std::time::Instant::now();
+        let (slow, _waker) = Epoll::new(&tun, &udp, Duration::from_millis(300)).expect("epoll");
+        std::thread::sleep(Duration::from_millis(650));
+        assert!(slow.wait(Some(Duration::ZERO)).expect("wait").tick);
+        let next = slow.wait(Some(Duration::ZERO)).expect("wait");
         assert!(
-            took >= Duration::from_millis(30) && took < Duration::from_secs(4),
-            "the first tick ended the wait after {took:?}"
+            !next.tick || created.elapsed() >= Duration::from_millis(900),
+            "the missed ticks were reported once"
         );
-        // Reported once: the next wait sleeps until the next tick, not at once.
-        let again = std::time::Instant::now();
-        assert!(ep.wait(None).expect("wait").tick);
-        assert!(
-            again.elapsed() >= Duration::from_millis(20),
-            "the second tick came {:?} after the first",
-            again.elapsed()
-        );
-        // Ticks missed while the loop ran are one tick, not a burst of them.
-        std::thread::sleep(tick * 3);
-        assert!(ep.wait(Some(Duration::ZERO)).expect("wait").tick);
-        assert!(!ep.wait(Some(Duration::ZERO)).expect("wait").tick);
+    }
+
+    #[test]
+    fn a_zero_tick_is_refused_rather_than_a_ticker_that_never_ticks() {
+        let (tun, _) = pair();
+        let (udp, _) = pair();
+        let e = Epoll::new(&tun, &udp, Duration::ZERO).expect_err("a zero tick");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
