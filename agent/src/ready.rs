@@ -114,14 +114,12 @@ impl Epoll {
             match e.data.u64() {
                 TUN => ready.tun = true,
                 UDP => ready.udp = true,
+                // Level-triggered: the counters are read, or every wait would find them.
                 TICKER => {
                     ready.tick = true;
-                    // Level-triggered: the count of expiries is read, as the eventfd's.
-                    let mut count = [0u8; 8];
-                    let _ = rustix::io::read(&self.ticker, &mut count);
+                    reset(&self.ticker);
                 }
-                // Level-triggered: the eventfd is read, or every wait would find it.
-                _ => self.waker.reset(),
+                _ => reset(&self.waker.fd),
             }
         }
         Ok(ready)
@@ -143,12 +141,13 @@ impl Waker {
             Err(e) => Err(e.into()),
         }
     }
+}
 
-    fn reset(&self) {
-        let mut count = [0u8; 8];
-        // Nothing to read (another wait reset it first) is as good.
-        let _ = rustix::io::read(&self.fd, &mut count);
-    }
+/// Reads a counter (the waker's eventfd, the ticker's timerfd) back to zero.
+fn reset(counter: impl AsFd) {
+    let mut count = [0u8; 8];
+    // Nothing to read (another wait reset it first) is as good.
+    let _ = rustix::io::read(counter, &mut count);
 }
 
 #[cfg(test)]
