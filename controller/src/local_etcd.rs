@@ -25,9 +25,14 @@ pub enum LocalEtcdError {
     /// The temporary directory could not be made.
     #[error("etcd data directory: {0}")]
     Dir(std::io::Error),
-    /// The cluster did not answer in time.
-    #[error("etcd did not answer within {0:?}")]
-    Timeout(Duration),
+    /// The cluster did not answer in time; what its members logged last.
+    #[error("etcd did not answer within {limit:?}; its members' last log lines:\n{logs}")]
+    Timeout {
+        /// How long it was given.
+        limit: Duration,
+        /// The tail of each member's log, and whether it still runs.
+        logs: String,
+    },
     /// The cluster's certificates could not be made.
     #[error("etcd certificates: {0}")]
     Pki(String),
@@ -194,8 +199,24 @@ pub fn binary() -> Option<PathBuf> {
     })
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Ports for members are drawn below Linux's ephemeral range (32768 and up by default):
+/// a port from `bind(0)` is free only until the listener closes, and before the member
+/// binds it any outgoing connection (another member's, a client's) may take it as its
+/// source port, which left a member unable to listen and the cluster without quorum.
+const MEMBER_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port in [`MEMBER_PORTS`] that is free now and not among `taken`.
+fn free_port(taken: &[u16]) -> std::io::Result<u16> {
+    for _ in 0..200 {
+        let port = rand::random_range(MEMBER_PORTS);
+        if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free loopback port in {MEMBER_PORTS:?} after 200 tries"),
+    ))
 }
 
 impl LocalEtcd {
@@ -223,11 +244,16 @@ impl LocalEtcd {
         };
         let tag = format!("asmn{}", std::process::id());
         let mut list = Vec::new();
+        let mut taken = Vec::new();
         for i in 0..members.max(1) {
+            let client = free_port(&taken).map_err(LocalEtcdError::Spawn)?;
+            taken.push(client);
+            let peer = free_port(&taken).map_err(LocalEtcdError::Spawn)?;
+            taken.push(peer);
             list.push(Member {
                 name: format!("{tag}-{i}-{}", rand::random::<u32>()),
-                client: free_port().map_err(LocalEtcdError::Spawn)?,
-                peer: free_port().map_err(LocalEtcdError::Spawn)?,
+                client,
+                peer,
                 child: None,
             });
         }
@@ -258,6 +284,13 @@ impl LocalEtcd {
             .collect();
         let m = &self.members[i];
         let data: &Path = self.dir.path();
+        // Each start appends to the member's log, read back when the cluster fails to
+        // answer.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join(format!("{}.log", m.name)))
+            .map_err(LocalEtcdError::Spawn)?;
         let mut command = Command::new(&self.bin);
         if let Some(t) = &self.tls {
             command
@@ -298,7 +331,7 @@ impl LocalEtcd {
             // replaced in about a second even on a loaded 2-core machine.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(LocalEtcdError::Spawn)?;
         self.members[i].child = Some(child);
@@ -335,16 +368,48 @@ impl LocalEtcd {
     pub async fn wait_ready(&self, limit: Duration) -> Result<(), LocalEtcdError> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Ok(s) = EtcdStore::connect_with(&self.url(), &self.options()).await
-                && s.put("/asmn/v1/probe", b"1".to_vec()).await.is_ok()
-            {
+            // Each try is bounded by the deadline: a port that accepts but never answers
+            // must not hold the wait past it.
+            let attempt = async {
+                let s = EtcdStore::connect_with(&self.url(), &self.options()).await?;
+                s.put("/asmn/v1/probe", b"1".to_vec()).await
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Ok(_)) = tokio::time::timeout(left, attempt).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(LocalEtcdError::Timeout(limit));
+                return Err(LocalEtcdError::Timeout {
+                    limit,
+                    logs: self.log_tails(8),
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The last `lines` lines of each member's log, headed by its name, ports and whether
+    /// it still runs.
+    fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let running = match &m.child {
+                None => "stopped".to_string(),
+                Some(c) => format!("pid {}", c.id()),
+            };
+            out.push_str(&format!(
+                "-- {} (client {}, peer {}, {running})\n",
+                m.name, m.client, m.peer
+            ));
+            let text = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                .unwrap_or_else(|e| format!("(no log: {e})"));
+            let all: Vec<&str> = text.lines().collect();
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// `etcd://127.0.0.1:PORT[,...]` (`etcds://` with TLS): every member's client
@@ -493,5 +558,60 @@ impl LocalEtcd {
             return self.members.iter().position(|m| m.name == name);
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_member_that_cannot_listen_is_shown_with_its_log_when_the_wait_ends() {
+        let Some(bin) = binary() else {
+            assert!(std::env::var("CI").is_err(), "etcd is required under CI");
+            asmn_shared::skip::note("etcd is not installed (apt-get install etcd-server)");
+            return;
+        };
+        // Another listener holds the member's client port, so etcd cannot start.
+        let blocker = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = blocker.local_addr().expect("addr").port();
+        let peer = free_port(&[client]).expect("port");
+        let mut cluster = LocalEtcd {
+            bin,
+            dir: tempfile::tempdir().expect("tmp"),
+            token: "asmn-blocked".into(),
+            members: vec![Member {
+                name: format!("asmn-blocked-{}", std::process::id()),
+                client,
+                peer,
+                child: None,
+            }],
+            tls: None,
+        };
+        cluster.spawn(0).expect("spawn");
+        let started = Instant::now();
+        let err = cluster
+            .wait_ready(Duration::from_secs(3))
+            .await
+            .expect_err("a member that cannot listen never answers");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the wait outlived its limit: {:?}",
+            started.elapsed()
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("client {client}")), "{text}");
+        assert!(text.contains("address already in use"), "{text}");
+    }
+
+    #[test]
+    fn member_ports_are_drawn_below_the_ephemeral_range_and_never_twice() {
+        let mut taken = Vec::new();
+        for _ in 0..20 {
+            let p = free_port(&taken).expect("port");
+            assert!(MEMBER_PORTS.contains(&p), "{p}");
+            assert!(!taken.contains(&p), "{p} twice");
+            taken.push(p);
+        }
     }
 }
