@@ -461,9 +461,9 @@ pub struct Paths {
     pub gateway: bool,
     /// An ASMN direct tunnel whose agents poll without pause (`--busy-poll`, a core each).
     pub busy: bool,
-    /// Null tunnels (no cryptography; blocking, one thread in epoll, busy-polling): the
-    /// floor of a userspace tunnel on this machine; and null tunnels through a null relay, the floor
-    /// of a gateway.
+    /// Null tunnels (no cryptography; blocking, one thread in epoll, busy-polling, and
+    /// batched with ASMN's offloads): the floor of a userspace tunnel on this machine, and
+    /// of ASMN's own I/O; and null tunnels through a null relay, the floor of a gateway.
     pub floor: bool,
     /// An ASMN direct tunnel whose TUN devices queue [`UDP_HEAVY_QUEUE`] packets
     /// (`--tun-queue`), as an operator sets it for a UDP-heavy VNF.
@@ -881,6 +881,7 @@ fn null_tunnel_end(
         NullWait::Blocking => {}
         NullWait::Epoll => args.push("--epoll"),
         NullWait::Busy => args.push("--busy-poll"),
+        NullWait::Batched => args.push("--batched"),
     }
     let log = run.work.join(format!("{tun}.log"));
     let mut p = spawn_generator(ns, run.me, &args, &log).map_err(anyhow::Error::msg)?;
@@ -911,6 +912,8 @@ pub fn null_tunnels(run: Run<'_>, pair: &DirectPair, wait: NullWait) -> anyhow::
 
 /// The bench's name of the null tunnels' path (blocking, without a relay).
 pub const NULL_BLOCKING: &str = "null tunnel (no crypto), blocking";
+/// The bench's name of the batched null tunnels' path (ASMN's I/O without cryptography).
+pub const NULL_BATCHED: &str = "null tunnel (no crypto), batched with offloads";
 /// The bench's name of the relayed null tunnels' path.
 pub const NULL_RELAYED: &str = "null tunnel through a null relay";
 /// The overlay address of the second end of the relayed null tunnels.
@@ -1028,6 +1031,7 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
                 "null tunnel (no crypto), one thread in epoll",
             ),
             (NullWait::Busy, "null tunnel (no crypto), busy-poll"),
+            (NullWait::Batched, NULL_BATCHED),
         ] {
             eprintln!("{name} ...");
             let tunnels = null_tunnels(run, &pair, wait)?;
@@ -1122,6 +1126,7 @@ pub fn markdown(results: &[PathResult]) -> String {
         .max_by(|a, b| a.1.total_cmp(&b.1));
     let direct = results.iter().find(|r| r.path == "ASMN direct");
     let null = results.iter().find(|r| r.path == NULL_BLOCKING);
+    let batched = results.iter().find(|r| r.path == NULL_BATCHED);
     let _ = writeln!(out, "Measured with {}.\n", plain.tool);
     let _ = writeln!(
         out,
@@ -1211,6 +1216,22 @@ pub fn markdown(results: &[PathResult]) -> String {
                 "; TCP {:.2}x ASMN direct; RTT overhead {:.2}x that of ASMN direct",
                 r.tcp_mbps / d.tcp_mbps.max(1e-9),
                 (r.rtt64_us - plain.rtt64_us) / (d.rtt64_us - plain.rtt64_us).max(1e-9)
+            );
+        }
+        if let Some(n) = batched
+            && r.path.starts_with("ASMN direct")
+        {
+            let _ = write!(
+                out,
+                "; TCP {:.2}x and UDP 64 B {:.2}x the packets a second of {NULL_BATCHED} (ASMN's I/O without cryptography)",
+                r.tcp_mbps / n.tcp_mbps.max(1e-9),
+                r.udp64_kpps.unwrap_or(0.0) / n.udp64_kpps.unwrap_or(0.0).max(1e-9),
+            );
+        }
+        if r.path == NULL_BATCHED {
+            let _ = write!(
+                out,
+                " (the floor of ASMN's ratios to boringtun-cli for 64-byte UDP: one TUN read per datagram that arrives alone)"
             );
         }
         if let Some(n) = null

@@ -471,6 +471,12 @@ pub enum NullWait {
     Epoll,
     /// One thread polling both without pause.
     Busy,
+    /// One thread asleep in epoll that moves whole batches with the I/O of ASMN's agent:
+    /// TUN reads with TSO/USO offloads (a super-packet split in user space), writes
+    /// coalesced again (tun-rs's GRO table), datagrams sent with UDP GSO and received
+    /// with GRO. No cryptography and no per-peer state: the floor of ASMN's own batched
+    /// data plane, where [`NullWait::Epoll`] is the floor of one packet per system call.
+    Batched,
 }
 
 /// The UDP socket of a null tunnel or relay, bound to `listen`, with the agent's buffer
@@ -491,13 +497,16 @@ fn null_socket(listen: SocketAddr) -> std::io::Result<UdpSocket> {
 pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelResult> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
+    let batched = t.wait == NullWait::Batched;
     let dev = tun_rs::DeviceBuilder::new()
         .name(&t.tun)
         .ipv4(t.address.0, t.address.1, None)
         .mtu(1420)
+        .offload(batched)
         .build_sync()?;
     let udp = null_socket(t.listen)?;
     eprintln!("null tunnel up on {}", t.tun);
+
     let (out, inn) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let end = Instant::now() + Duration::from_secs(seconds);
     let peer = t.peer;
@@ -520,31 +529,13 @@ pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelRe
     }
     let mut buf = vec![0u8; 65_536];
     match t.wait {
+        NullWait::Batched => return BatchedNull::new(dev, udp, peer)?.run(end),
         NullWait::Epoll => {
-            use mio::unix::SourceFd;
             use std::os::fd::AsRawFd as _;
-            let mut poll = mio::Poll::new()?;
-            let (tun_fd, udp_fd) = (dev.as_raw_fd(), udp.as_raw_fd());
-            poll.registry().register(
-                &mut SourceFd(&tun_fd),
-                mio::Token(0),
-                mio::Interest::READABLE,
-            )?;
-            poll.registry().register(
-                &mut SourceFd(&udp_fd),
-                mio::Token(1),
-                mio::Interest::READABLE,
-            )?;
-            let mut events = mio::Events::with_capacity(4);
-            while Instant::now() < end {
-                // Edge-triggered: each wake drains both (a time-out too, to see the end).
-                match poll.poll(&mut events, Some(Duration::from_millis(100))) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
+            epoll_until(dev.as_raw_fd(), udp.as_raw_fd(), end, || {
                 drain(&mut buf);
-            }
+                Ok(())
+            })?;
         }
         NullWait::Busy => {
             let mut rounds = 0u32;
@@ -589,6 +580,259 @@ pub fn null_tunnel(t: &NullTunnel, seconds: u64) -> std::io::Result<NullTunnelRe
         to_peer: out.load(Ordering::Relaxed),
         from_peer: inn.load(Ordering::Relaxed),
     })
+}
+
+/// Sleeps in epoll (edge-triggered) until `tun` or `udp` is readable, or 100 ms passed
+/// (to see the end), and calls `drain`, which must empty both; until `end`.
+fn epoll_until(
+    tun: std::os::fd::RawFd,
+    udp: std::os::fd::RawFd,
+    end: Instant,
+    mut drain: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use mio::unix::SourceFd;
+    let mut poll = mio::Poll::new()?;
+    for (i, fd) in [tun, udp].iter().enumerate() {
+        poll.registry()
+            .register(&mut SourceFd(fd), mio::Token(i), mio::Interest::READABLE)?;
+    }
+    let mut events = mio::Events::with_capacity(4);
+    while Instant::now() < end {
+        match poll.poll(&mut events, Some(Duration::from_millis(100))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        drain()?;
+    }
+    Ok(())
+}
+
+/// The state of a [`NullWait::Batched`] null tunnel: its device and socket, and buffers
+/// allocated once.
+struct BatchedNull {
+    dev: tun_rs::SyncDevice,
+    udp: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    peer: SocketAddr,
+    /// The raw read of the TUN device (virtio-net header and up to 64 KiB).
+    raw: Vec<u8>,
+    /// The packets of a read batch, split from super-packets, and their sizes.
+    tun_in: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Datagrams of one GSO send, back to back.
+    arena: Vec<u8>,
+    /// Socket reads (each may hold several GRO-coalesced datagrams) and their metadata.
+    udp_in: Vec<Vec<u8>>,
+    metas: Vec<quinn_udp::RecvMeta>,
+    /// Packets for the TUN device, each after room for the virtio-net header.
+    tun_out: Vec<Vec<u8>>,
+    filled: usize,
+    gro: tun_rs::GROTable,
+    moved: NullTunnelResult,
+}
+
+/// The largest TUN read or UDP datagram (GRO-coalesced), in bytes.
+const BATCHED_MAX: usize = 65_535;
+/// How many batches one wake-up moves each way at most before it looks at the other
+/// direction (and the clock) again.
+const BATCHES_PER_TURN: usize = 16;
+/// How many times a GSO send finds the socket's buffer full before its datagrams are
+/// dropped.
+const BATCHED_SEND_TRIES: u32 = 4;
+
+impl BatchedNull {
+    fn new(dev: tun_rs::SyncDevice, udp: UdpSocket, peer: SocketAddr) -> std::io::Result<Self> {
+        use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+        dev.set_nonblocking(true)?;
+        udp.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new((&udp).into())?;
+        let batch = quinn_udp::BATCH_SIZE;
+        Ok(BatchedNull {
+            dev,
+            state,
+            udp,
+            peer,
+            raw: vec![0; VIRTIO_NET_HDR_LEN + BATCHED_MAX],
+            tun_in: vec![vec![0; BATCHED_MAX]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            arena: Vec::with_capacity(BATCHED_MAX),
+            udp_in: vec![vec![0; BATCHED_MAX]; batch],
+            metas: vec![quinn_udp::RecvMeta::default(); batch],
+            tun_out: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + BATCHED_MAX))
+                .collect(),
+            filled: 0,
+            gro: tun_rs::GROTable::default(),
+            moved: NullTunnelResult {
+                to_peer: 0,
+                from_peer: 0,
+            },
+        })
+    }
+
+    /// Moves packets both ways until `end`: asleep in epoll (edge-triggered) until
+    /// either side is readable, then up to [`BATCHES_PER_TURN`] batches each way per
+    /// turn until both are drained.
+    fn run(mut self, end: Instant) -> std::io::Result<NullTunnelResult> {
+        use std::os::fd::AsRawFd as _;
+        let (tun, udp) = (self.dev.as_raw_fd(), self.udp.as_raw_fd());
+        // Drain both before sleeping again (bounded by the clock).
+        epoll_until(tun, udp, end, || {
+            while Instant::now() < end {
+                let (to_peer, tun_empty) = self.tun_to_peer()?;
+                let (from_peer, udp_empty) = self.peer_to_tun()?;
+                if tun_empty && udp_empty || to_peer + from_peer == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(self.moved)
+    }
+
+    /// Up to [`BATCHES_PER_TURN`] batches from the TUN device to the peer: packets moved,
+    /// and whether the device was found empty.
+    fn tun_to_peer(&mut self) -> std::io::Result<(u64, bool)> {
+        let mut moved = 0;
+        for _ in 0..BATCHES_PER_TURN {
+            let n =
+                match self
+                    .dev
+                    .recv_multiple(&mut self.raw, &mut self.tun_in, &mut self.sizes, 0)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Ok((moved, true));
+                    }
+                    Err(e) if e.raw_os_error().is_some_and(|c| c != libc::EINVAL) => {
+                        return Err(e);
+                    }
+                    // A packet tun-rs cannot split: dropped, as the agent drops it.
+                    Err(_) => continue,
+                };
+            self.send_batch(n);
+            moved += n as u64;
+        }
+        Ok((moved, false))
+    }
+
+    /// Sends the `n` packets read, as GSO runs of equal-sized datagrams (the last of a run
+    /// may be shorter), each run one `sendmsg`.
+    fn send_batch(&mut self, n: usize) {
+        let max = self.state.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < n {
+            let size = self.sizes[i].min(BATCHED_MAX);
+            self.arena.clear();
+            let mut count = 0;
+            while i < n && count < max {
+                let len = self.sizes[i].min(BATCHED_MAX);
+                if len > size || self.arena.len() + len > BATCHED_MAX {
+                    break;
+                }
+                self.arena.extend_from_slice(&self.tun_in[i][..len]);
+                count += 1;
+                i += 1;
+                if len < size {
+                    break;
+                }
+            }
+            let t = quinn_udp::Transmit {
+                destination: self.peer,
+                ecn: None,
+                contents: &self.arena,
+                segment_size: (count > 1).then_some(size),
+                src_ip: None,
+            };
+            for attempt in 1..=BATCHED_SEND_TRIES {
+                match self.state.try_send((&self.udp).into(), &t) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if attempt < BATCHED_SEND_TRIES {
+                            std::thread::yield_now();
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            self.moved.to_peer += count as u64;
+        }
+    }
+
+    /// Up to [`BATCHES_PER_TURN`] socket reads to the TUN device: datagrams moved, and
+    /// whether the socket was found empty.
+    fn peer_to_tun(&mut self) -> std::io::Result<(u64, bool)> {
+        use tun_rs::VIRTIO_NET_HDR_LEN;
+        let mut moved = 0;
+        let mut empty = false;
+        for _ in 0..BATCHES_PER_TURN {
+            let n = {
+                let mut iovs: Vec<std::io::IoSliceMut<'_>> = self
+                    .udp_in
+                    .iter_mut()
+                    .map(|b| std::io::IoSliceMut::new(b))
+                    .collect();
+                match self
+                    .state
+                    .recv((&self.udp).into(), &mut iovs, &mut self.metas)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        empty = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            for i in 0..n {
+                let m = self.metas[i];
+                if m.addr != self.peer {
+                    continue;
+                }
+                let (len, stride) = (m.len.min(BATCHED_MAX), m.stride.max(1));
+                let mut at = 0;
+                while at < len {
+                    let seg = at..(at + stride).min(len);
+                    let out = &mut self.tun_out[self.filled];
+                    out.clear();
+                    out.resize(VIRTIO_NET_HDR_LEN, 0);
+                    out.extend_from_slice(&self.udp_in[i][seg.clone()]);
+                    self.filled += 1;
+                    moved += 1;
+                    at = seg.end;
+                    if self.filled == self.tun_out.len() {
+                        self.write_tun()?;
+                    }
+                }
+            }
+            self.write_tun()?;
+            if n < self.udp_in.len() {
+                empty = true;
+                break;
+            }
+        }
+        self.moved.from_peer += moved;
+        Ok((moved, empty))
+    }
+
+    /// Writes the packets gathered for the TUN device, coalesced where tun-rs can.
+    fn write_tun(&mut self) -> std::io::Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let out = &mut self.tun_out[..self.filled];
+        if let Err(e) = self
+            .dev
+            .send_multiple(&mut self.gro, out, tun_rs::VIRTIO_NET_HDR_LEN)
+            && e.raw_os_error()
+                .is_some_and(|c| !matches!(c, libc::EAGAIN | libc::EINVAL | libc::EIO))
+        {
+            return Err(e);
+        }
+        self.filled = 0;
+        Ok(())
+    }
 }
 
 /// What a [`null_relay`] moved.

@@ -117,8 +117,9 @@ enum BenchPath {
     Gateway,
     /// An ASMN direct tunnel whose agents poll without pause (a core each).
     Busy,
-    /// Null tunnels without cryptography (blocking, one thread in epoll, busy-polling):
-    /// the floor; and null tunnels through a null relay, the floor of a gateway.
+    /// Null tunnels without cryptography (blocking, one thread in epoll, busy-polling,
+    /// and batched with ASMN's offloads): the floor; and null tunnels through a null
+    /// relay, the floor of a gateway.
     Floor,
     /// An ASMN direct tunnel whose TUN devices queue 5,000 packets (`--tun-queue`), as
     /// for a UDP-heavy VNF.
@@ -244,12 +245,16 @@ enum Gen {
         #[arg(long)]
         peer: SocketAddr,
         /// Poll without pause instead of blocking (one thread).
-        #[arg(long, conflicts_with = "epoll")]
+        #[arg(long, conflicts_with_all = ["epoll", "batched"])]
         busy_poll: bool,
         /// One thread asleep in epoll for both directions, instead of a blocking thread
         /// per direction.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "batched")]
         epoll: bool,
+        /// One thread asleep in epoll that moves batches with the agent's offloads (TUN
+        /// TSO/USO and GRO, UDP GSO and GRO): the floor of ASMN's batched I/O.
+        #[arg(long)]
+        batched: bool,
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -398,6 +403,7 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
             peer,
             busy_poll,
             epoll,
+            batched,
             seconds,
         } => {
             let address = address
@@ -411,6 +417,8 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
                 peer,
                 wait: if busy_poll {
                     generators::NullWait::Busy
+                } else if batched {
+                    generators::NullWait::Batched
                 } else if epoll {
                     generators::NullWait::Epoll
                 } else {

@@ -264,7 +264,12 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
         work: dir.path(),
         tools: true,
     };
-    for wait in [NullWait::Blocking, NullWait::Epoll, NullWait::Busy] {
+    for wait in [
+        NullWait::Blocking,
+        NullWait::Epoll,
+        NullWait::Busy,
+        NullWait::Batched,
+    ] {
         let _tunnels = bench::null_tunnels(run, &pair, wait).expect("null tunnels up");
         five_answered(&pair.a, NULL_B, &format!("null tunnel, {wait:?}"));
     }
