@@ -1108,6 +1108,22 @@ pub fn paths(run: Run<'_>, want: Paths) -> anyhow::Result<Vec<PathResult>> {
     Ok(results)
 }
 
+/// The most TCP a path through the gateway can carry, as a fraction of the direct
+/// tunnel's, when the tunnel's processes saturate the machine's cores (as they do here:
+/// both ends of a direct tunnel keep two cores busy with one iperf3 stream), so that
+/// throughput goes as the inverse of the CPU time per byte. Through the gateway each byte
+/// costs what it costs on the direct tunnel (both ends' I/O, one encryption and one
+/// decryption) plus the gateway's decryption and encryption. One cryptographic operation
+/// per byte costs half of what the direct tunnel spends above the batched null tunnel
+/// (the same I/O without cryptography), both measured in the same run. The gateway's own
+/// I/O is counted as free, so the real ceiling is lower. `None` without both rows' CPU
+/// figures.
+pub fn gateway_tcp_ceiling(direct: &PathResult, batched: Option<&PathResult>) -> Option<f64> {
+    let d = direct.cpu_s_per_gb?;
+    let crypto_op = ((d - batched?.cpu_s_per_gb?) / 2.0).max(0.0);
+    (d > 0.0).then(|| d / (d + 2.0 * crypto_op))
+}
+
 /// The results as a Markdown table, then each path's ratios against the veth baseline
 /// (the first row) and against boringtun-cli in its fastest thread setting.
 pub fn markdown(results: &[PathResult]) -> String {
@@ -1217,6 +1233,12 @@ pub fn markdown(results: &[PathResult]) -> String {
                 r.tcp_mbps / d.tcp_mbps.max(1e-9),
                 (r.rtt64_us - plain.rtt64_us) / (d.rtt64_us - plain.rtt64_us).max(1e-9)
             );
+            if let Some(c) = gateway_tcp_ceiling(d, batched) {
+                let _ = write!(
+                    out,
+                    " (its TCP ceiling on this machine: {c:.2}x, with the gateway's own I/O free; see `gateway_tcp_ceiling`)"
+                );
+            }
         }
         if let Some(n) = batched
             && r.path.starts_with("ASMN direct")
@@ -1251,7 +1273,7 @@ pub fn markdown(results: &[PathResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{PathResult, gateway_tcp_ceiling, median};
 
     #[test]
     fn the_median_is_the_middle_or_the_mean_of_the_two_middles() {
@@ -1260,5 +1282,41 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
         // An outlier moves the mean, not the median.
         assert_eq!(median(&mut [100.0, 110.0, 7000.0]), Some(110.0));
+    }
+
+    fn with_cpu(path: &str, cpu_s_per_gb: Option<f64>) -> PathResult {
+        PathResult {
+            path: path.into(),
+            tool: "test".into(),
+            rtt64_us: 0.0,
+            rtt64_runs_us: Vec::new(),
+            rtt4096_us: 0.0,
+            tcp_mbps: 0.0,
+            udp_mbps: 0.0,
+            udp_loss_pct: 0.0,
+            udp_rcvbuf_drop_pct: None,
+            udp_2m: None,
+            udp64_kpps: None,
+            cpu_s_per_gb,
+        }
+    }
+
+    #[test]
+    fn the_gateways_tcp_ceiling_adds_two_cryptographic_operations_to_the_direct_cost() {
+        // Direct 3.0 s/GB of which 1.0 is I/O: 1.0 s/GB per operation; through the gateway
+        // 3.0 + 2.0 = 5.0 s/GB, so at most 3/5 of the direct tunnel's throughput.
+        let direct = with_cpu("ASMN direct", Some(3.0));
+        let null = with_cpu("null", Some(1.0));
+        let c = gateway_tcp_ceiling(&direct, Some(&null)).expect("both measured");
+        assert!((c - 0.6).abs() < 1e-9, "{c}");
+        // Free cryptography: no ceiling below the direct tunnel.
+        let free = with_cpu("null", Some(3.0));
+        assert_eq!(gateway_tcp_ceiling(&direct, Some(&free)), Some(1.0));
+        // A figure missing: no claim.
+        assert_eq!(gateway_tcp_ceiling(&direct, None), None);
+        assert_eq!(
+            gateway_tcp_ceiling(&with_cpu("ASMN direct", None), Some(&null)),
+            None
+        );
     }
 }
