@@ -1250,12 +1250,6 @@ pub fn markdown(results: &[PathResult]) -> String {
                 r.udp64_kpps.unwrap_or(0.0) / n.udp64_kpps.unwrap_or(0.0).max(1e-9),
             );
         }
-        if r.path == NULL_BATCHED {
-            let _ = write!(
-                out,
-                " (the floor of ASMN's ratios to boringtun-cli for 64-byte UDP: one TUN read per datagram that arrives alone)"
-            );
-        }
         if let Some(n) = null
             && r.path == NULL_RELAYED
         {

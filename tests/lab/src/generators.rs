@@ -471,11 +471,12 @@ pub enum NullWait {
     Epoll,
     /// One thread polling both without pause.
     Busy,
-    /// One thread asleep in epoll that moves whole batches with the I/O of ASMN's agent:
-    /// TUN reads with TSO/USO offloads (a super-packet split in user space), writes
-    /// coalesced again (tun-rs's GRO table), datagrams sent with UDP GSO and received
-    /// with GRO. No cryptography and no per-peer state: the floor of ASMN's own batched
-    /// data plane, where [`NullWait::Epoll`] is the floor of one packet per system call.
+    /// One thread that moves whole batches with the I/O of ASMN's agent: TUN reads with
+    /// TSO/USO offloads (a super-packet split in user space), writes coalesced again
+    /// (tun-rs's GRO table), datagrams sent with UDP GSO and received with GRO; asleep
+    /// in epoll, polling instead while packets are dense, as the agent does. No
+    /// cryptography and no per-peer state: the floor of ASMN's own batched data plane,
+    /// where [`NullWait::Epoll`] is the floor of one packet per system call.
     Batched,
 }
 
@@ -637,6 +638,12 @@ const BATCHED_MAX: usize = 65_535;
 /// How many batches one wake-up moves each way at most before it looks at the other
 /// direction (and the clock) again.
 const BATCHES_PER_TURN: usize = 16;
+/// Packets closer together than this on average are polled for rather than slept for
+/// (the agent's `io::POLL_GAP`).
+const NULL_POLL_GAP: Duration = Duration::from_micros(20);
+/// How long a dense flow is polled for after its last packet (the agent's
+/// `io::POLL_FOR`).
+const NULL_POLL_FOR: Duration = Duration::from_micros(200);
 /// How many times a GSO send finds the socket's buffer full before its datagrams are
 /// dropped.
 const BATCHED_SEND_TRIES: u32 = 4;
@@ -677,14 +684,33 @@ impl BatchedNull {
     fn run(mut self, end: Instant) -> std::io::Result<NullTunnelResult> {
         use std::os::fd::AsRawFd as _;
         let (tun, udp) = (self.dev.as_raw_fd(), self.udp.as_raw_fd());
-        // Drain both before sleeping again (bounded by the clock).
+        // The packet rate as the agent's loop sees it: when the last packet came, and
+        // the average gap between packets (weighted by each turn's packets).
+        let (mut last, mut gap) = (Instant::now(), Duration::from_secs(1));
+        // Drain both before sleeping again, and poll on while packets are dense, as the
+        // agent does (bounded by the clock).
         epoll_until(tun, udp, end, || {
-            while Instant::now() < end {
-                let (to_peer, tun_empty) = self.tun_to_peer()?;
-                let (from_peer, udp_empty) = self.peer_to_tun()?;
-                if tun_empty && udp_empty || to_peer + from_peer == 0 {
+            loop {
+                let now = Instant::now();
+                if now >= end {
                     break;
                 }
+                let (to_peer, tun_empty) = self.tun_to_peer()?;
+                let (from_peer, udp_empty) = self.peer_to_tun()?;
+                let n = to_peer + from_peer;
+                if n > 0 {
+                    let weight = u32::try_from(n.min(1 << 16)).unwrap_or(1 << 16);
+                    gap = (gap * 7 + now.saturating_duration_since(last)) / (weight + 7);
+                    last = now;
+                    if !(tun_empty && udp_empty) {
+                        continue;
+                    }
+                }
+                if gap < NULL_POLL_GAP && now < last + NULL_POLL_FOR {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                break;
             }
             Ok(())
         })?;
@@ -692,27 +718,41 @@ impl BatchedNull {
     }
 
     /// Up to [`BATCHES_PER_TURN`] batches from the TUN device to the peer: packets moved,
-    /// and whether the device was found empty.
+    /// and whether the device was found empty. A batch gathers reads (one packet each,
+    /// or a super-packet's segments) while a whole super-packet's segments still fit, and
+    /// is sent at once, as the agent's are.
     fn tun_to_peer(&mut self) -> std::io::Result<(u64, bool)> {
+        let batch = self.tun_in.len();
         let mut moved = 0;
         for _ in 0..BATCHES_PER_TURN {
-            let n =
-                match self
-                    .dev
-                    .recv_multiple(&mut self.raw, &mut self.tun_in, &mut self.sizes, 0)
-                {
-                    Ok(n) => n,
+            let (mut n, mut empty) = (0, false);
+            for _ in 0..batch {
+                if batch - n < 64 {
+                    break;
+                }
+                match self.dev.recv_multiple(
+                    &mut self.raw,
+                    &mut self.tun_in[n..],
+                    &mut self.sizes[n..],
+                    0,
+                ) {
+                    Ok(k) => n += k,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        return Ok((moved, true));
+                        empty = true;
+                        break;
                     }
                     Err(e) if e.raw_os_error().is_some_and(|c| c != libc::EINVAL) => {
                         return Err(e);
                     }
                     // A packet tun-rs cannot split: dropped, as the agent drops it.
-                    Err(_) => continue,
-                };
+                    Err(_) => {}
+                }
+            }
             self.send_batch(n);
             moved += n as u64;
+            if empty {
+                return Ok((moved, true));
+            }
         }
         Ok((moved, false))
     }
