@@ -21,6 +21,7 @@ use crate::control::{self, Chain, Control};
 use crate::dataplane::{PeerSpec, Plane, PlaneConfig};
 use crate::error::AgentError;
 use crate::io::{Driver, Polling};
+use crate::underlay::Underlay;
 
 /// Underlay socket buffers. The agent has CAP_NET_ADMIN, so it forces them
 /// (`SO_RCVBUFFORCE`, as wireguard-go does) past `net.core.rmem_max`/`wmem_max`, which is
@@ -104,16 +105,10 @@ pub fn size_buffers(s: &socket2::Socket, size: usize) {
     }
 }
 
-/// The non-blocking underlay socket on `addr`.
-pub fn underlay_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, AgentError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let device = |e: std::io::Error| AgentError::Device(format!("the underlay socket {addr}: {e}"));
-    let s =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(device)?;
-    size_buffers(&s, SOCKET_BUFFER);
-    s.set_nonblocking(true).map_err(device)?;
-    s.bind(&addr.into()).map_err(device)?;
-    Ok(s.into())
+/// The non-blocking underlay sockets on `addr` (see [`Underlay`]), for a plane whose
+/// receiver indexes start at `index_seed`.
+pub fn underlay_socket(addr: SocketAddr, index_seed: u32) -> Result<Underlay, AgentError> {
+    Underlay::bind(addr, SOCKET_BUFFER, crate::dataplane::index_tag(index_seed))
 }
 
 /// A fresh WireGuard static key (a new one every run: peers learn it through Sec-EM).
@@ -138,7 +133,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let secret = fresh_key();
     let wg_public = boringtun::x25519::PublicKey::from(&secret).to_bytes();
 
-    let udp = underlay_socket(config.underlay)?;
+    let index_seed = rand::rng().next_u32();
+    let udp = underlay_socket(config.underlay, index_seed)?;
     let endpoint = control::client(
         &bundle.ca_pem,
         config.liveness,
@@ -160,7 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             overlay: overlay.ip,
             overlay_net: (net, overlay.prefix),
             role: bundle.role,
-            index_seed: rand::rng().next_u32(),
+            index_seed,
         },
         DefaultClock::default(),
     );
@@ -313,14 +309,15 @@ pub async fn run_static(
     let secret = boringtun::x25519::StaticSecret::from(config.private_key);
     let (ip, prefix) = config.address;
     let (tun, net) = open_tun(&config.tun, ip, prefix, config.tun_queue)?;
-    let udp = underlay_socket(config.listen)?;
+    let index_seed = rand::rng().next_u32();
+    let udp = underlay_socket(config.listen, index_seed)?;
     let mut plane = Plane::new(
         PlaneConfig {
             secret,
             overlay: IpAddr::V4(ip),
             overlay_net: (net, prefix),
             role: Role::Vnf,
-            index_seed: rand::rng().next_u32(),
+            index_seed,
         },
         DefaultClock::default(),
     );
@@ -446,8 +443,10 @@ mod tests {
         assert!(s.recv_buffer_size().expect("rcvbuf") >= 2 * want);
         assert!(s.send_buffer_size().expect("sndbuf") >= 2 * want);
         // The underlay socket gets at least its own size the same way.
-        let u = underlay_socket("127.0.0.1:0".parse().expect("addr")).expect("socket");
-        let u = socket2::SockRef::from(&u);
-        assert!(u.recv_buffer_size().expect("rcvbuf") >= SOCKET_BUFFER);
+        let u = underlay_socket("127.0.0.1:0".parse().expect("addr"), 7).expect("socket");
+        for s in std::iter::once(&u.data).chain(&u.handshakes) {
+            let s = socket2::SockRef::from(s);
+            assert!(s.recv_buffer_size().expect("rcvbuf") >= SOCKET_BUFFER);
+        }
     }
 }

@@ -10,6 +10,12 @@
 //!   UDP GSO (quinn-udp), up to 64 KiB at a time.
 //! - The socket is read with `recvmmsg` and UDP GRO (quinn-udp); what is decrypted is
 //!   written to the TUN device coalesced back into super-packets (tun-rs's GRO table).
+//!   Handshake messages and junk come on a socket of their own ([`crate::underlay`]),
+//!   read after the data socket in each round: a flood that fills it drops none of the
+//!   tunnels' packets. While a source stays undrained, the loop asks epoll (without
+//!   waiting) what else is ready, in every round a handshake flood leaves undrained and
+//!   every [`RECHECK_EVERY`] rounds otherwise, so that no source that never drains (a
+//!   flood, a bulk sender) keeps the loop from the others.
 //! - Waking: the loop reads only what epoll (level-triggered, see [`crate::ready`])
 //!   reported ready. It reads a source until a read finds it empty while packets are
 //!   dense; sparse ones come one at a time, so a packet that wakes the thread costs the
@@ -63,6 +69,7 @@ use tun_rs::{GROTable, IDEAL_BATCH_SIZE, SyncDevice};
 
 use crate::dataplane::{Ask, Outbox, PACKET, Plane, PlaneStats, Sends, TUN_HEADER, Warmer};
 use crate::ready::{Epoll, Waker};
+use crate::underlay::Underlay;
 
 /// Largest datagram (a GRO batch) read from the socket.
 const DATAGRAM: usize = 65_536;
@@ -83,6 +90,13 @@ pub const BUSY_IDLE: Duration = Duration::from_secs(1);
 /// WireGuard's timers are seconds apart, and each tick wakes an idle data plane (about
 /// 100 us of CPU on a 2-core VM, where 100 ms ticks cost an idle agent 1 ms a second).
 pub const TICK: Duration = Duration::from_millis(250);
+/// While the loop polls, it reads the handshake socket once in this many turns (it polls
+/// for packets; a handshake can wait a few microseconds).
+const HANDSHAKE_POLL_EVERY: u32 = 8;
+/// While a source stays undrained, the loop asks epoll (without waiting) what else is
+/// ready once in this many rounds: a source that never drains (a flood, a bulk sender)
+/// keeps the loop from the others no longer than that.
+const RECHECK_EVERY: u32 = 8;
 /// Tries of a send that finds the socket's buffer full, before its batch is dropped.
 const SEND_TRIES: usize = 200;
 /// Calls from the control side handled per round (the rest wait for the next round).
@@ -573,20 +587,32 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Starts the thread that runs `plane` on `tun` and `udp`, at the real-time
+    /// Starts the thread that runs `plane` on `tun` and the `udp` sockets, at the real-time
     /// `priority` if one is given (see the module's notes). Verification requests go to
     /// `asks` (dropped, and asked again later, when it is full).
     pub fn start(
         plane: SystemPlane,
         tun: SyncDevice,
-        udp: UdpSocket,
+        udp: Underlay,
         polling: Polling,
         priority: Option<u8>,
         asks: tokio::sync::mpsc::Sender<Ask>,
     ) -> io::Result<(Driver, PlaneHandle)> {
+        let Underlay {
+            data: udp,
+            handshakes,
+        } = udp;
         let udp_state = UdpSocketState::new((&udp).into())?;
+        let handshakes = handshakes.and_then(|h| match UdpSocketState::new((&h).into()) {
+            Ok(state) => Some((h, state)),
+            Err(e) => {
+                // Dropped: the group is the data socket alone, which then gets it all.
+                tracing::warn!(error = %e, "no separate socket for handshakes");
+                None
+            }
+        });
         tun.set_nonblocking(true)?;
-        let (poll, waker) = Epoll::new(&tun, &udp, TICK)?;
+        let (poll, waker) = Epoll::new(&tun, &udp, handshakes.as_ref().map(|h| &h.0), TICK)?;
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Mutex::new(plane.stats()));
         let scheduling = Arc::new(Scheduling::default());
@@ -604,6 +630,7 @@ impl Driver {
             tun,
             udp,
             udp_state,
+            handshakes,
             poll,
             jobs: jobs_rx,
             asks,
@@ -733,6 +760,8 @@ struct Io {
     tun: SyncDevice,
     udp: UdpSocket,
     udp_state: UdpSocketState,
+    /// The socket for everything but transport data, where the kernel steers it.
+    handshakes: Option<(UdpSocket, UdpSocketState)>,
     poll: Epoll,
     jobs: Receiver<Job>,
     asks: tokio::sync::mpsc::Sender<Ask>,
@@ -835,6 +864,11 @@ impl Io {
         // What to read in the next round: what epoll (level-triggered) reported, and what
         // the last round did not finish.
         let (mut tun_ready, mut udp_ready) = (true, true);
+        let mut hs_ready = self.handshakes.is_some();
+        // Turns of polling, for [`HANDSHAKE_POLL_EVERY`].
+        let mut polls = 0u32;
+        // Rounds in a row that left a source undrained, for [`RECHECK_EVERY`].
+        let mut undrained = 0u32;
         // Whether the next TUN read looks for an answer to what was written (see
         // [`Answers`]).
         let mut probing = false;
@@ -876,7 +910,7 @@ impl Io {
             if udp_ready {
                 self.wrote_tun = false;
                 let at = batch_time(round, packets, Instant::now);
-                let (n, drained) = self.udp_round(at)?;
+                let (n, drained) = self.udp_round(at, false)?;
                 packets += n;
                 udp_ready = !drained;
                 // What was written to the TUN device may have been answered as it was:
@@ -889,6 +923,11 @@ impl Io {
                     (tun_ready, probing) = (true, true);
                 }
             }
+            if hs_ready {
+                let (n, drained) = self.udp_round(Instant::now(), true)?;
+                packets += n;
+                hs_ready = !drained;
+            }
             self.hand_out_asks();
             let limited = self.plane.limited();
             end_round(
@@ -899,9 +938,22 @@ impl Io {
                 limited != self.limited,
             );
             self.limited = limited;
-            if tun_ready || udp_ready || jobs_left {
+            if tun_ready || udp_ready || hs_ready || jobs_left {
+                // Left for the next round. What was drained is read again only when epoll
+                // says so: ask it, without waiting, in every round a handshake flood
+                // leaves undrained and every few rounds of other work (or a source that
+                // never drains would keep the loop from the others).
+                undrained = undrained.wrapping_add(1);
+                if hs_ready || undrained.is_multiple_of(RECHECK_EVERY) {
+                    let r = self.poll.wait(Some(Duration::ZERO))?;
+                    tun_ready |= r.tun;
+                    udp_ready |= r.udp;
+                    hs_ready |= r.handshakes;
+                    ticked |= r.tick;
+                }
                 continue;
             }
+            undrained = 0;
             let poll_until = match self.polling {
                 Polling::Busy => self.rate.last + BUSY_IDLE,
                 Polling::Adaptive => self.rate.poll_until(),
@@ -915,6 +967,9 @@ impl Io {
                     // Polling, not woken by epoll: both sources are read on the next round
                     // (two reads measured faster here than asking epoll without waiting).
                     (tun_ready, udp_ready) = (true, true);
+                    polls = polls.wrapping_add(1);
+                    hs_ready =
+                        self.handshakes.is_some() && polls.is_multiple_of(HANDSHAKE_POLL_EVERY);
                     match self.polling {
                         Polling::Busy => self.keep_warm(polled),
                         Polling::Adaptive => std::thread::yield_now(),
@@ -926,7 +981,8 @@ impl Io {
             // the ticker expires.
             let asleep = Instant::now();
             let ready = self.poll.wait(None)?;
-            (tun_ready, udp_ready, ticked) = (ready.tun, ready.udp, ready.tick);
+            (tun_ready, udp_ready, hs_ready, ticked) =
+                (ready.tun, ready.udp, ready.handshakes, ready.tick);
             let woke = Instant::now();
             woke_at = Some(woke);
             queued = ready.tun && woke.saturating_duration_since(asleep) < AT_ONCE;
@@ -1175,21 +1231,23 @@ impl Io {
         Ok((n, done))
     }
 
-    /// Reads what the socket has (a batch at most), decrypts it and writes it to the TUN
-    /// device (or forwards it, on a gateway). How many datagrams there were, and whether
-    /// the socket is drained (a read returned less than a batch). Handled at the `round`'s
-    /// time, as [`Io::tun_round`]'s packets.
-    fn udp_round(&mut self, round: Instant) -> io::Result<(usize, bool)> {
+    /// Reads what the data socket (or with `handshakes`, the handshake socket) has (a
+    /// batch at most), decrypts it and writes it to the TUN device (or forwards it, on a
+    /// gateway). How many datagrams there were, and whether the socket is drained (a read
+    /// returned less than a batch). Handled at the `round`'s time, as [`Io::tun_round`]'s
+    /// packets.
+    fn udp_round(&mut self, round: Instant, handshakes: bool) -> io::Result<(usize, bool)> {
         let b = &mut self.b;
+        let (socket, state) = match (&self.handshakes, handshakes) {
+            (Some((s, state)), true) => (s, state),
+            _ => (&self.udp, &self.udp_state),
+        };
         let n = {
             // On the stack: no allocation per round. `udp_in` holds BATCH_SIZE buffers.
             let mut bufs = b.udp_in.iter_mut();
             let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
                 std::array::from_fn(|_| io::IoSliceMut::new(bufs.next().map_or(&mut [], |v| v)));
-            match self
-                .udp_state
-                .recv((&self.udp).into(), &mut iovs, &mut b.metas)
-            {
+            match state.recv(socket.into(), &mut iovs, &mut b.metas) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((0, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok((0, false)),

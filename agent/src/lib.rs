@@ -8,7 +8,7 @@
 //! logic it drives lives in `asmn-shared`; this crate owns the sockets, the TUN device
 //! and the timers.
 
-// Unsafe only in `sched` (one system call, commented).
+// Unsafe only in `sched` and `underlay` (one system call each, commented).
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -20,3 +20,4 @@ pub mod io;
 pub mod metrics;
 mod ready;
 mod sched;
+pub mod underlay;

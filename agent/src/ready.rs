@@ -1,6 +1,7 @@
 //! How the data plane waits for packets: one level-triggered epoll set over the TUN
-//! device, the underlay socket, a [`Waker`] (an eventfd) for the control side's calls and a
-//! ticker (a periodic timerfd) for the timers.
+//! device, the underlay sockets (data, and handshakes: see [`crate::underlay`]), a
+//! [`Waker`] (an eventfd) for the control side's calls and a ticker (a periodic timerfd)
+//! for the timers.
 //!
 //! The ticker, not a timeout, ends a wait for the timers: a timeout arms and cancels a
 //! kernel timer on every sleep, once per sparse packet (about 2% of an echo's CPU in the
@@ -27,14 +28,17 @@ const TUN: u64 = 0;
 const UDP: u64 = 1;
 const WAKER: u64 = 2;
 const TICKER: u64 = 3;
+const HANDSHAKES: u64 = 4;
 
 /// What a wait found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ready {
     /// The TUN device has packets.
     pub tun: bool,
-    /// The socket has datagrams.
+    /// The data socket has datagrams.
     pub udp: bool,
+    /// The handshake socket has datagrams.
+    pub handshakes: bool,
     /// The ticker expired (once or more) since the last wait that said so.
     pub tick: bool,
 }
@@ -48,9 +52,14 @@ pub struct Epoll {
 }
 
 impl Epoll {
-    /// A set over `tun` and `udp` (both non-blocking), with a ticker every `tick` (from
-    /// now), and its waker.
-    pub fn new(tun: impl AsFd, udp: impl AsFd, tick: Duration) -> io::Result<(Epoll, Arc<Waker>)> {
+    /// A set over `tun`, `udp` and `handshakes` if given (all non-blocking), with a
+    /// ticker every `tick` (from now), and its waker.
+    pub fn new<S: AsFd>(
+        tun: impl AsFd,
+        udp: impl AsFd,
+        handshakes: Option<S>,
+        tick: Duration,
+    ) -> io::Result<(Epoll, Arc<Waker>)> {
         let fd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let waker = Arc::new(Waker {
             fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
@@ -79,7 +88,10 @@ impl Epoll {
             (udp.as_fd(), UDP),
             (waker.fd.as_fd(), WAKER),
             (ticker.as_fd(), TICKER),
-        ] {
+        ]
+        .into_iter()
+        .chain(handshakes.as_ref().map(|h| (h.as_fd(), HANDSHAKES)))
+        {
             epoll::add(
                 &fd,
                 source,
@@ -97,7 +109,7 @@ impl Epoll {
         let mut events = [epoll::Event {
             flags: epoll::EventFlags::empty(),
             data: epoll::EventData::new_u64(0),
-        }; 4];
+        }; 5];
         let timeout = timeout.map(|t| {
             Timespec::try_from(t).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
@@ -114,6 +126,7 @@ impl Epoll {
             match e.data.u64() {
                 TUN => ready.tun = true,
                 UDP => ready.udp = true,
+                HANDSHAKES => ready.handshakes = true,
                 // Level-triggered: the counters are read, or every wait would find them.
                 TICKER => {
                     ready.tick = true;
@@ -167,7 +180,9 @@ mod tests {
         // The "TUN device" is a second socket here: what matters is the level.
         let (tun, tun_tx) = pair();
         let (udp, _) = pair();
-        let (ep, _waker) = Epoll::new(&tun, &udp, Duration::from_secs(3600)).expect("epoll");
+        let (hs, _) = pair();
+        let (ep, _waker) =
+            Epoll::new(&tun, &udp, Some(&hs), Duration::from_secs(3600)).expect("epoll");
         let idle = ep.wait(Some(Duration::from_millis(1))).expect("wait");
         assert_eq!(idle, Ready::default());
         for _ in 0..2 {
@@ -185,6 +200,12 @@ mod tests {
         tun.recv(&mut b).expect("second datagram");
         let drained = ep.wait(Some(Duration::from_millis(1))).expect("wait");
         assert!(!drained.tun, "{drained:?}");
+        // The handshake socket is a source of its own.
+        tun_tx
+            .send_to(b"h", hs.local_addr().expect("addr"))
+            .expect("send");
+        let h = ep.wait(Some(Duration::from_secs(1))).expect("wait");
+        assert!(h.handshakes && !h.udp && !h.tun, "{h:?}");
     }
 
     #[test]
@@ -197,7 +218,7 @@ mod tests {
         // hastens it).
         let bound = Some(Duration::from_secs(5));
         let start = std::time::Instant::now();
-        let (ep, _waker) = Epoll::new(&tun, &udp, tick).expect("epoll");
+        let (ep, _waker) = Epoll::new(&tun, &udp, None::<&UdpSocket>, tick).expect("epoll");
         let first = ep.wait(bound).expect("wait");
         assert_eq!(
             first,
@@ -215,7 +236,8 @@ mod tests {
         // pass, then two waits see one. (A third tick, not before `created + 900 ms`,
         // could end the second wait only on a machine stalled that long.)
         let created = std::time::Instant::now();
-        let (slow, _waker) = Epoll::new(&tun, &udp, Duration::from_millis(300)).expect("epoll");
+        let (slow, _waker) =
+            Epoll::new(&tun, &udp, None::<&UdpSocket>, Duration::from_millis(300)).expect("epoll");
         std::thread::sleep(Duration::from_millis(650));
         assert!(slow.wait(Some(Duration::ZERO)).expect("wait").tick);
         let next = slow.wait(Some(Duration::ZERO)).expect("wait");
@@ -229,7 +251,8 @@ mod tests {
     fn a_zero_tick_is_refused_rather_than_a_ticker_that_never_ticks() {
         let (tun, _) = pair();
         let (udp, _) = pair();
-        let e = Epoll::new(&tun, &udp, Duration::ZERO).expect_err("a zero tick");
+        let e =
+            Epoll::new(&tun, &udp, None::<&UdpSocket>, Duration::ZERO).expect_err("a zero tick");
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
@@ -237,7 +260,8 @@ mod tests {
     fn a_wake_up_ends_one_wait_and_is_not_seen_again() {
         let (tun, _) = pair();
         let (udp, _) = pair();
-        let (ep, waker) = Epoll::new(&tun, &udp, Duration::from_secs(3600)).expect("epoll");
+        let (ep, waker) =
+            Epoll::new(&tun, &udp, None::<&UdpSocket>, Duration::from_secs(3600)).expect("epoll");
         let w = Arc::clone(&waker);
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));

@@ -2,7 +2,7 @@
 //! `SCHED_OTHER`. The data plane switches between them as its load changes (see
 //! [`crate::io`]), so the thread keeps its nice value across the switches
 //! (`pthread_setschedparam` leaves it as it was, where the `thread-priority` crate would
-//! set one). The crate's only unsafe code.
+//! set one). One of the crate's two unsafe calls (the other: `underlay`).
 
 #![allow(unsafe_code)]
 

@@ -262,7 +262,7 @@ fn rtt(t: &Tenant, from: usize, ip: &str, count: usize) -> (f64, usize) {
 fn flood<R>(
     attacker: &netns::Netns,
     to: &str,
-    key: Option<&str>,
+    kind: &[&str],
     seconds: u64,
     pid: u32,
     during: impl FnOnce() -> R,
@@ -270,9 +270,7 @@ fn flood<R>(
     let lab = netns::binary("asmn-lab").expect("asmn-lab");
     let secs = seconds.to_string();
     let mut args = vec!["gen", "handshake-flood", to, "--seconds", &secs];
-    if let Some(k) = key {
-        args.extend(["--key", k]);
-    }
+    args.extend(kind);
     let cpu0 = cpu_seconds(pid);
     let mut cmd = attacker.cmd(lab.to_str().unwrap_or_default(), &args);
     let child = cmd
@@ -514,14 +512,14 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
     let (base_rtt, base_answered) = rtt(&t, c, &server_ip, 40);
     assert_eq!(base_answered, 40, "baseline pings");
     // Junk at full rate: the cost of a datagram that is no WireGuard message at all.
-    let (junk, junk_cpu, (junk_rtt, _)) = flood(&attacker, &target, None, 4, pid, || {
+    let (junk, junk_cpu, (junk_rtt, _)) = flood(&attacker, &target, &[], 4, pid, || {
         rtt(&t, c, &server_ip, 40)
     });
     // Forged initiations with a valid mac1, at full rate, with pings across the tunnel.
     let before = metrics(&t, s);
     let kernel_before = udp_rcvbuf_errors(&t.vnfs[s].ns);
     let (forged, forged_cpu, (flood_rtt, answered)) =
-        flood(&attacker, &target, Some(&key), 4, pid, || {
+        flood(&attacker, &target, &["--key", &key], 4, pid, || {
             rtt(&t, c, &server_ip, 40)
         });
     let after = metrics(&t, s);
@@ -573,6 +571,244 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
     assert!(
         ping_once(&t, s, &client_ip),
         "server -> client after the flood"
+    );
+}
+
+/// Sends SIGCONT to the process it names when dropped (also when the test fails).
+struct Stopped(u32);
+
+impl Stopped {
+    /// Stops `pid` (a process this test started) with SIGSTOP.
+    fn new(pid: u32) -> Stopped {
+        let sent = signal(pid, "-STOP");
+        assert!(sent.is_ok(), "{sent:?}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // No panic here: a test that fails already unwinds through this.
+        if let Err(e) = signal(self.0, "-CONT") {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// Sends `sig` to `pid` with kill(1).
+fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    match std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+    {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => Err(format!("kill {sig} {pid}: {st}")),
+        Err(e) => Err(format!("kill {sig} {pid}: {e}")),
+    }
+}
+
+/// A flood that outruns an agent fills its socket, and the kernel then drops whatever
+/// comes to that socket. The tunnels' packets come to a socket of their own
+/// (`asmn_agent::underlay`): with the server's agent stopped for a second and a half in a
+/// flood of forged initiations, the kernel drops tens of thousands of datagrams, and yet
+/// every ping sent across the tunnel meanwhile is answered once the agent runs again.
+/// (With one socket for all, the pings were dropped with the flood.)
+#[test]
+fn pings_sent_while_a_flood_of_initiations_overflows_a_stalled_agent_are_all_answered() {
+    stalled_agent_flood("initiations");
+}
+
+/// The same with a flood shaped as transport-data messages, from an attacker off the
+/// path: their receiver indexes do not carry the agent's tag, and the kernel sorts them
+/// to the handshake socket.
+#[test]
+fn pings_sent_while_a_flood_of_forged_data_overflows_a_stalled_agent_are_all_answered() {
+    stalled_agent_flood("data");
+}
+
+fn stalled_agent_flood(kind: &str) {
+    if !netns::can_run("the stalled agent flood test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = client_and_server("");
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let key = server_key(&t, s);
+    let forged = match kind {
+        "initiations" => vec!["--key", &key],
+        _ => vec!["--data"],
+    };
+    let attacker = netns::Netns::new("asmnstall").expect("attacker namespace");
+    netns::attach(&t.hub, "br0", &attacker, "10.99.0.201/24").expect("attach");
+    let target = format!("{}:51820", t.vnfs[s].underlay);
+    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    let kernel_before = udp_rcvbuf_errors(&t.vnfs[s].ns);
+    const PINGS: usize = 20;
+    let (sent, _, out) = flood(&attacker, &target, &forged, 4, pid, || {
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = Stopped::new(pid);
+        // 20 pings in the first second of the stop, then up to 8 s for their answers
+        // (ping ends when all are in).
+        let ping = t.vnfs[c]
+            .ns
+            .cmd(
+                "ping",
+                &[
+                    "-c",
+                    &PINGS.to_string(),
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "8",
+                    &server_ip,
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ping");
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(stopped);
+        ping.wait_with_output().expect("ping output")
+    });
+    let kernel_dropped = udp_rcvbuf_errors(&t.vnfs[s].ns).saturating_sub(kernel_before);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (transmitted, answered) = ping_counts(&text);
+    eprintln!(
+        "flood: {sent} forged {kind}, {kernel_dropped} dropped by the kernel; pings \
+         answered {answered} of {transmitted}"
+    );
+    // The premise: the flood overflowed a socket of the stalled agent.
+    assert!(
+        kernel_dropped >= 10_000,
+        "the kernel dropped only {kernel_dropped} datagrams: the flood ({sent}) did not \
+         overflow the stalled agent's socket"
+    );
+    assert!(
+        transmitted == PINGS && answered == PINGS,
+        "pings lost to the flood:\n{text}\n{}",
+        log(&t, s)
+    );
+    assert!(
+        ping_once(&t, s, &t.vnfs[c].overlay.to_string()),
+        "server -> client after the flood"
+    );
+}
+
+/// The server's WireGuard public key (hex), from Sec-EM.
+fn server_key(t: &Tenant, s: usize) -> String {
+    let show = t
+        .asmnctl(&["--json", "instance", "show", &t.vnfs[s].id])
+        .expect("instance show");
+    let rec: serde_json::Value = serde_json::from_str(&show).expect("json");
+    rec["wg_public_key"]
+        .as_str()
+        .expect("the server's key")
+        .to_string()
+}
+
+/// ping's "N packets transmitted, M received" as (N, M); (0, 0) if it printed none.
+fn ping_counts(text: &str) -> (usize, usize) {
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default();
+    let count = |what: &str| -> usize {
+        summary
+            .split(',')
+            .find(|p| p.contains(what))
+            .and_then(|p| p.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (count("transmitted"), count("received"))
+}
+
+/// An attacker on the path reads the agent's index tag from its traffic and floods it
+/// with forged data messages that carry it: they come on the data socket, where the
+/// tunnels' packets are. The agent keeps reading its handshake socket all the same: its
+/// peer's agent, restarted during the flood (a new key, so a new handshake), reaches it
+/// within seconds, and the flood costs the plane an index lookup each (counted as
+/// unknown-peer datagrams).
+#[test]
+fn a_restarted_peers_handshake_completes_during_an_on_path_flood_of_forged_data() {
+    if !netns::can_run("the on-path forged data flood test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (mut t, c, s) = client_and_server("");
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let server_log = log(&t, s);
+    let tag = server_log
+        .split("index_tag=")
+        .nth(1)
+        .and_then(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u8>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no index tag in the server's log:\n{server_log}"));
+    let attacker = netns::Netns::new("asmnpath").expect("attacker namespace");
+    netns::attach(&t.hub, "br0", &attacker, "10.99.0.202/24").expect("attach");
+    let target = format!("{}:51820", t.vnfs[s].underlay);
+    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    let before = metrics(&t, s);
+    let tag = tag.to_string();
+    let flooded = ["--data", "--tag", &tag];
+    const FLOOD: Duration = Duration::from_secs(12);
+    let flood_start = Instant::now();
+    let (sent, _, back) = flood(&attacker, &target, &flooded, FLOOD.as_secs(), pid, || {
+        std::thread::sleep(Duration::from_millis(500));
+        // The client's agent restarts with a new key, enrolls and handshakes with the
+        // server at once.
+        if let Some(p) = t.vnfs[c].agent.take() {
+            drop(p);
+        }
+        // Started again if it exits, as systemd's `Restart=on-failure` does in the
+        // images: here the flood shares the CPUs' receive backlog with the client's new
+        // connection to Sec-EM, which can time out (in a deployment, another host's).
+        let mut enrolled = Err(String::new());
+        let mut started = Instant::now();
+        for _ in 0..3 {
+            t.start(c).expect("restart the client's agent");
+            started = Instant::now();
+            match t.wait_enrolled(c, Duration::from_secs(20)) {
+                Ok(()) => {
+                    enrolled = Ok(());
+                    break;
+                }
+                Err(e) => enrolled = Err(e.to_string()),
+            }
+        }
+        enrolled.expect("client again");
+        let up = within(Duration::from_secs(5), || ping_once(&t, c, &server_ip));
+        (up.is_some(), started.elapsed(), flood_start.elapsed())
+    });
+    let after = metrics(&t, s);
+    let unknown = metric(&after, "asmn_agent_unknown_peer_total").unwrap_or(0.0)
+        - metric(&before, "asmn_agent_unknown_peer_total").unwrap_or(0.0);
+    eprintln!(
+        "flood: {sent} forged data messages with tag {tag}, {unknown} reached the plane; \
+         tunnel up {:?} after the restart: {}",
+        back.1, back.0
+    );
+    assert!(
+        back.0,
+        "no tunnel to the restarted peer under the flood\n{}\n{}",
+        log(&t, c),
+        log(&t, s)
+    );
+    assert!(
+        back.2 < FLOOD,
+        "the tunnel came up {:?} into a {FLOOD:?} flood, maybe after it",
+        back.2
+    );
+    // The premise: the flood came through the data path (what the plane did not read,
+    // the kernel dropped at the full socket).
+    assert!(
+        unknown >= 100_000.0,
+        "the flood did not reach the plane: {unknown} of {sent}"
     );
 }
 

@@ -52,7 +52,7 @@ use zeroize::Zeroize;
 pub use outbox::{
     GSO_BYTES, Group, HANDSHAKE, OVERHEAD, Outbox, PACKET, Sends, TUN_HEADER, TunBatch,
 };
-pub use peers::{PeerSpec, RETIRE_AFTER, ROTATION_LIMIT};
+pub use peers::{PeerSpec, RETIRE_AFTER, ROTATION_LIMIT, index_tag};
 pub use queue::{QUEUE_KEYS, QUEUE_PER_KEY, QUEUE_WAIT, REFUSED_FOR, WaitKey};
 pub use routing::in_net;
 pub use warm::Warmer;
@@ -212,7 +212,8 @@ pub struct PlaneConfig {
     pub overlay_net: (IpAddr, u8),
     /// This instance's role.
     pub role: Role,
-    /// Where receiver indexes start (random).
+    /// Where receiver indexes start (random); its [`index_tag`] marks the data messages
+    /// sent to this plane.
     pub index_seed: u32,
 }
 

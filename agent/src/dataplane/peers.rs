@@ -126,9 +126,20 @@ pub struct PeerTable {
     next_index: u32,
 }
 
+/// The tag of the receiver indexes made from `index_seed`: their top 8 bits (of 24), the
+/// last byte of the receiver field (bytes 4-7, little-endian, boringtun's session number
+/// first) of every transport-data message sent to this agent. The underlay steers data
+/// messages with another tag to the handshake socket ([`crate::underlay`]): an off-path
+/// flood shaped as data messages shares the data socket with the tunnels in 1 of 256
+/// datagrams.
+pub fn index_tag(index_seed: u32) -> u8 {
+    (index_seed >> 16) as u8
+}
+
 impl PeerTable {
     /// An empty table whose receiver indexes start at `index_seed` (random, so that
-    /// indexes do not tell how many tunnels an agent made).
+    /// indexes do not tell how many tunnels an agent made) and carry its
+    /// [`index_tag`].
     pub fn new(index_seed: u32) -> PeerTable {
         PeerTable {
             slots: Vec::new(),
@@ -139,12 +150,24 @@ impl PeerTable {
         }
     }
 
-    /// A fresh receiver index for `slot`.
+    /// A fresh receiver index for `slot`: one with the table's tag while one of those
+    /// 65,536 is free, else any (its data then comes on the handshake socket, and is
+    /// handled the same).
     pub fn new_index(&mut self, slot: Slot) -> u32 {
+        let tag = u32::from(index_tag(self.next_index)) << 16;
+        for _ in 0..=0xffff {
+            let i = tag | (self.next_index & 0xffff);
+            self.next_index = tag | (self.next_index.wrapping_add(1) & 0xffff);
+            if i != 0 && !self.indexes.contains_key(&i) {
+                self.indexes.insert(i, slot);
+                return i;
+            }
+        }
         // At most one index per live tunnel is taken, far fewer than 2^24: this ends.
+        let mut any = self.next_index.wrapping_add(0x1_0000);
         loop {
-            let i = self.next_index & 0x00ff_ffff;
-            self.next_index = self.next_index.wrapping_add(1);
+            let i = any & 0x00ff_ffff;
+            any = any.wrapping_add(1);
             if i != 0 && !self.indexes.contains_key(&i) {
                 self.indexes.insert(i, slot);
                 return i;
@@ -243,5 +266,44 @@ impl PeerTable {
     /// How many receiver indexes are in use (each live tunnel holds one).
     pub fn indexes_in_use(&self) -> usize {
         self.indexes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receiver_indexes_carry_the_seeds_tag_while_it_has_free_ones_and_are_unique() {
+        let seed = 0xdead_fffe;
+        let tag = index_tag(seed);
+        assert_eq!(tag, 0xad);
+        let mut t = PeerTable::new(seed);
+        let mut seen = std::collections::HashSet::new();
+        // Every tagged index once (the counter wraps in the low 16 bits: 0xfffe, 0xffff,
+        // then 0x0000 and up), none 0.
+        for _ in 0..0x1_0000 {
+            let i = t.new_index(0);
+            assert_eq!((i >> 16) as u8, tag, "{i:#x}");
+            assert!(i != 0 && i <= 0x00ff_ffff && seen.insert(i), "{i:#x}");
+        }
+        // All taken: an index with another tag, still unique.
+        let other = t.new_index(1);
+        assert!(other != 0 && other <= 0x00ff_ffff && (other >> 16) as u8 != tag);
+        assert!(seen.insert(other));
+        // One freed: the next tagged index is that one.
+        let freed = tag as u32 * 0x1_0000 + 0x1234;
+        t.free_index(freed);
+        assert_eq!(t.new_index(2), freed);
+        assert_eq!(t.slot_of_index(freed), Some(2));
+    }
+
+    #[test]
+    fn a_zero_tag_never_gives_index_zero() {
+        let mut t = PeerTable::new(0xff00_ffff);
+        assert_eq!(index_tag(0xff00_ffff), 0);
+        let first = t.new_index(0);
+        assert_eq!(first, 0xffff);
+        assert_eq!(t.new_index(0), 1, "0 skipped");
     }
 }

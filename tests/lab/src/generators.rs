@@ -307,14 +307,26 @@ pub fn syn_flood(
     })
 }
 
-/// Sends WireGuard handshake initiations to `to` as fast as it can for `seconds`: forged
-/// ones from random static keys with a valid mac1 for the responder key `key` (what an
-/// attacker who learnt the key can make), or, without a key, random datagrams of the same
-/// size that are no WireGuard message at all (the baseline cost of a datagram). Returns
-/// what it sent.
+/// What [`handshake_flood`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forged {
+    /// Random datagrams that are no WireGuard message at all (the baseline cost of a
+    /// datagram).
+    Junk,
+    /// Handshake initiations from random static keys with a valid mac1 for the
+    /// responder's key (what an attacker who learnt the key can make).
+    Initiations([u8; 32]),
+    /// Transport-data messages with random receiver indexes, counters and ciphertext;
+    /// the indexes' last byte is `tag` if given (an attacker on the path reads the
+    /// target's from its traffic).
+    Data { tag: Option<u8> },
+}
+
+/// Sends `forged` WireGuard messages of 148 bytes to `to` as fast as it can for
+/// `seconds`. Returns what it sent.
 pub fn handshake_flood(
     to: SocketAddr,
-    key: Option<[u8; 32]>,
+    forged: Forged,
     seconds: u64,
     gso: usize,
 ) -> std::io::Result<StreamResult> {
@@ -323,8 +335,8 @@ pub fn handshake_flood(
     let mut rng = rand::rng();
     // A few hundred distinct messages, made before the clock starts.
     let messages: Vec<Vec<u8>> = (0..256u32)
-        .map(|i| match key {
-            Some(k) => {
+        .map(|i| match forged {
+            Forged::Initiations(k) => {
                 let mut secret = [0u8; 32];
                 rng.fill_bytes(&mut secret);
                 let mut t = boringtun::noise::Tunn::new(
@@ -341,10 +353,19 @@ pub fn handshake_flood(
                     _ => vec![0xff; 148],
                 }
             }
-            None => {
+            Forged::Junk => {
                 let mut d = vec![0u8; 148];
                 rng.fill_bytes(&mut d);
                 d[0] = 0xff;
+                d
+            }
+            Forged::Data { tag } => {
+                let mut d = vec![0u8; 148];
+                rng.fill_bytes(&mut d);
+                d[..4].copy_from_slice(&[4, 0, 0, 0]);
+                if let Some(t) = tag {
+                    d[7] = t;
+                }
                 d
             }
         })

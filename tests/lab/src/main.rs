@@ -189,12 +189,21 @@ enum Gen {
         seconds: u64,
     },
     /// A flood of WireGuard handshake initiations at full rate: forged with a valid mac1
-    /// for the responder's public key (hex), or random datagrams without `--key`.
+    /// for the responder's public key (hex), or random datagrams without `--key`, or
+    /// forged transport-data messages with `--data`.
     HandshakeFlood {
         to: SocketAddr,
         /// The responder's WireGuard public key, hex.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "data")]
         key: Option<String>,
+        /// Datagrams shaped as transport-data messages (type 4, random receiver index,
+        /// counter and ciphertext): what the agent steers by their index's tag.
+        #[arg(long)]
+        data: bool,
+        /// With `--data`: the last byte of every receiver index (the target's index tag,
+        /// as an attacker on the path reads it from its traffic), instead of random.
+        #[arg(long, requires = "data")]
+        tag: Option<u8>,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         /// Datagrams per send (UDP GSO; the receiver's GRO reads them as one): a flood
@@ -377,21 +386,24 @@ fn generate(kind: Gen) -> anyhow::Result<String> {
         Gen::HandshakeFlood {
             to,
             key,
+            data,
+            tag,
             seconds,
             gso,
         } => {
-            let key = match key {
+            let forged = match key {
                 Some(h) => {
                     let mut k = [0u8; 32];
                     hex::decode_to_slice(h.trim(), &mut k)
                         .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
-                    Some(k)
+                    generators::Forged::Initiations(k)
                 }
-                None => None,
+                None if data => generators::Forged::Data { tag },
+                None => generators::Forged::Junk,
             };
             serde_json::to_string(&generators::handshake_flood(
                 to,
-                key,
+                forged,
                 seconds,
                 usize::from(gso),
             )?)?
