@@ -55,17 +55,12 @@ impl Underlay {
         let device = |e: io::Error| AgentError::Device(format!("the underlay socket {addr}: {e}"));
         // A port no socket holds (the kernel picks one for port 0 that no socket holds
         // either, where a socket with `SO_REUSEPORT` may be given its own user's).
-        let free = {
-            let probe = socket(addr, buffer, false).map_err(device)?;
-            local(&probe).map_err(device)?
-        };
+        let free = UdpSocket::bind(addr)
+            .and_then(|probe| probe.local_addr())
+            .map_err(device)?;
         let data = socket(free, buffer, true).map_err(device)?;
         if let Err(e) = steer(&data, tag) {
-            tracing::warn!(
-                error = %e,
-                "no separate socket for handshakes (the kernel refused the steering \
-                 program): a flood that fills the underlay socket drops tunnel packets too"
-            );
+            alone(&e);
             drop(data);
             let alone = socket(free, buffer, false).map_err(device)?;
             return Ok(Underlay {
@@ -78,11 +73,7 @@ impl Underlay {
         let handshakes = match socket(free, buffer, true) {
             Ok(h) => Some(h.into()),
             Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "no separate socket for handshakes: a flood that fills the underlay \
-                     socket drops tunnel packets too"
-                );
+                alone(&e);
                 None
             }
         };
@@ -100,10 +91,13 @@ impl Underlay {
     }
 }
 
-fn local(s: &socket2::Socket) -> io::Result<SocketAddr> {
-    s.local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("no IP address"))
+/// Says that the underlay is one socket, because of `e`.
+fn alone(e: &io::Error) {
+    tracing::warn!(
+        error = %e,
+        "no separate socket for handshakes: a flood that fills the underlay socket drops \
+         tunnel packets too"
+    );
 }
 
 fn socket(addr: SocketAddr, buffer: usize, reuse_port: bool) -> io::Result<socket2::Socket> {
@@ -290,7 +284,11 @@ mod tests {
         let e = Underlay::bind(at, 1 << 16, TAG).expect_err("a held port");
         assert!(e.to_string().contains(&at.to_string()), "{e}");
         let shared = socket("127.0.0.1:0".parse().expect("addr"), 1 << 16, true).expect("bind");
-        let at = local(&shared).expect("addr");
+        let at = shared
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("an IP address");
         Underlay::bind(at, 1 << 16, TAG).expect_err("a port held with SO_REUSEPORT");
         // Free again, it is taken.
         drop((plain, shared));

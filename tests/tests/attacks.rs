@@ -496,18 +496,8 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
     let (t, c, s) = client_and_server("");
     let (client_ip, server_ip) = (t.vnfs[c].overlay.to_string(), t.vnfs[s].overlay.to_string());
     assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
-    let show = t
-        .asmnctl(&["--json", "instance", "show", &t.vnfs[s].id])
-        .expect("instance show");
-    let rec: serde_json::Value = serde_json::from_str(&show).expect("json");
-    let key = rec["wg_public_key"]
-        .as_str()
-        .expect("the server's key")
-        .to_string();
-    let attacker = netns::Netns::new("asmnatk").expect("attacker namespace");
-    netns::attach(&t.hub, "br0", &attacker, "10.99.0.200/24").expect("attach");
-    let target = format!("{}:51820", t.vnfs[s].underlay);
-    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    let key = server_key(&t, s);
+    let (attacker, target, pid) = attacker_against(&t, s, "asmnatk", "10.99.0.200");
 
     let (base_rtt, base_answered) = rtt(&t, c, &server_ip, 40);
     assert_eq!(base_answered, 40, "baseline pings");
@@ -639,10 +629,7 @@ fn stalled_agent_flood(kind: &str) {
         "initiations" => vec!["--key", &key],
         _ => vec!["--data"],
     };
-    let attacker = netns::Netns::new("asmnstall").expect("attacker namespace");
-    netns::attach(&t.hub, "br0", &attacker, "10.99.0.201/24").expect("attach");
-    let target = format!("{}:51820", t.vnfs[s].underlay);
-    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    let (attacker, target, pid) = attacker_against(&t, s, "asmnstall", "10.99.0.201");
     let kernel_before = udp_rcvbuf_errors(&t.vnfs[s].ns);
     const PINGS: usize = 20;
     let (sent, _, out) = flood(&attacker, &target, &forged, 4, pid, || {
@@ -693,6 +680,16 @@ fn stalled_agent_flood(kind: &str) {
         ping_once(&t, s, &t.vnfs[c].overlay.to_string()),
         "server -> client after the flood"
     );
+}
+
+/// An attacker's namespace `name` on the tenant's bridge at `ip` (/24), the underlay
+/// endpoint of VNF `s`'s agent, and that agent's PID.
+fn attacker_against(t: &Tenant, s: usize, name: &str, ip: &str) -> (netns::Netns, String, u32) {
+    let attacker = netns::Netns::new(name).expect("attacker namespace");
+    netns::attach(&t.hub, "br0", &attacker, &format!("{ip}/24")).expect("attach");
+    let target = format!("{}:51820", t.vnfs[s].underlay);
+    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    (attacker, target, pid)
 }
 
 /// The server's WireGuard public key (hex), from Sec-EM.
@@ -770,10 +767,7 @@ fn a_restarted_peers_handshake_completes_during_an_on_path_flood_of_forged_data(
         !ping_once(&t, c, &server_ip),
         "the client reached the server through the blackhole"
     );
-    let attacker = netns::Netns::new("asmnpath").expect("attacker namespace");
-    netns::attach(&t.hub, "br0", &attacker, "10.99.0.202/24").expect("attach");
-    let target = format!("{}:51820", t.vnfs[s].underlay);
-    let pid = t.vnfs[s].agent.as_ref().expect("server agent").pid();
+    let (attacker, target, pid) = attacker_against(&t, s, "asmnpath", "10.99.0.202");
     let before = metrics(&t, s);
     let tag = tag.to_string();
     let flooded = ["--data", "--tag", &tag];
