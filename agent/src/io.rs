@@ -498,7 +498,8 @@ pub struct PlaneHandle {
     public: [u8; 32],
 }
 
-/// How the data-plane thread is scheduled, for the metrics (see [`SchedulingStats`]).
+/// How the data-plane thread is scheduled, and how its underlay is split, for the metrics
+/// (see [`SchedulingStats`]).
 #[derive(Debug, Default)]
 struct Scheduling {
     realtime_priority: std::sync::atomic::AtomicU8,
@@ -507,9 +508,11 @@ struct Scheduling {
     realtime_nanos: std::sync::atomic::AtomicU64,
     rests: std::sync::atomic::AtomicU64,
     warm_ups: std::sync::atomic::AtomicU64,
+    split_underlay: AtomicBool,
+    handshake_datagrams: std::sync::atomic::AtomicU64,
 }
 
-/// How the data-plane thread is scheduled.
+/// How the data-plane thread is scheduled, and how its underlay is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulingStats {
     /// The `SCHED_FIFO` priority it takes under load (0: none: not configured, or
@@ -526,6 +529,13 @@ pub struct SchedulingStats {
     /// The warm-up echoes it passed between planes of its own while busy polling without
     /// packets (see [`WARM_EVERY`]).
     pub warm_ups: u64,
+    /// Whether handshakes and junk have a socket of their own (the kernel sorts tagged
+    /// transport data to the other one; see [`crate::underlay`]), or everything shares one
+    /// socket (the fallback where the kernel refused the steering program).
+    pub split_underlay: bool,
+    /// Datagrams read from the handshake socket: handshakes, cookie replies, and whatever
+    /// does not look like the agent's own transport data.
+    pub handshake_datagrams: u64,
 }
 
 impl std::fmt::Debug for PlaneHandle {
@@ -573,6 +583,8 @@ impl PlaneHandle {
             realtime_time: Duration::from_nanos(s.realtime_nanos.load(Ordering::Relaxed)),
             rests: s.rests.load(Ordering::Relaxed),
             warm_ups: s.warm_ups.load(Ordering::Relaxed),
+            split_underlay: s.split_underlay.load(Ordering::Relaxed),
+            handshake_datagrams: s.handshake_datagrams.load(Ordering::Relaxed),
         }
     }
 }
@@ -616,6 +628,9 @@ impl Driver {
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(Mutex::new(plane.stats()));
         let scheduling = Arc::new(Scheduling::default());
+        scheduling
+            .split_underlay
+            .store(handshakes.is_some(), Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let handle = PlaneHandle {
             jobs: jobs_tx,
@@ -927,6 +942,9 @@ impl Io {
                 let (n, drained) = self.udp_round(Instant::now(), true)?;
                 packets += n;
                 hs_ready = !drained;
+                self.scheduling
+                    .handshake_datagrams
+                    .fetch_add(n as u64, Ordering::Relaxed);
             }
             self.hand_out_asks();
             let limited = self.plane.limited();

@@ -250,7 +250,8 @@ pub fn render(stats: &PlaneStats) -> String {
 }
 
 /// The data-plane thread's scheduling: its real-time priority, whether it runs real-time
-/// now, how often it went real-time and rested, and its busy-poll warm-ups.
+/// now, how often it went real-time and rested, and its busy-poll warm-ups; and its
+/// underlay sockets (one, or two with handshakes apart) and the handshake socket's reads.
 fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
         out,
@@ -281,6 +282,16 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
         out,
         "# HELP asmn_agent_dataplane_warm_ups_total Warm-up echoes a busy-polling data plane passed between two planes of its own while it polled without packets, to keep the per-packet code in the CPU's caches (one every 200 us).\n# TYPE asmn_agent_dataplane_warm_ups_total counter\nasmn_agent_dataplane_warm_ups_total {}",
         s.warm_ups
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_underlay_sockets The agent's UDP sockets on its underlay port: 2 when handshakes and anything that is not its own transport data have a socket of their own (a flood of them cannot crowd data out of the kernel's queue), 1 when the kernel refused the steering program and one socket takes everything.\n# TYPE asmn_agent_underlay_sockets gauge\nasmn_agent_underlay_sockets {}",
+        if s.split_underlay { 2 } else { 1 }
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_underlay_handshake_datagrams_total Datagrams read from the handshake socket: handshakes, cookie replies, and whatever does not carry the agent's receiver-index tag (junk and forged transport data included).\n# TYPE asmn_agent_underlay_handshake_datagrams_total counter\nasmn_agent_underlay_handshake_datagrams_total {}",
+        s.handshake_datagrams
     );
 }
 

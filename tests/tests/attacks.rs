@@ -631,6 +631,7 @@ fn stalled_agent_flood(kind: &str) {
     };
     let (attacker, target, pid) = attacker_against(&t, s, "asmnstall", "10.99.0.201");
     let kernel_before = udp_rcvbuf_errors(&t.vnfs[s].ns);
+    let before = metrics(&t, s);
     const PINGS: usize = 20;
     let (sent, _, out) = flood(&attacker, &target, &forged, 4, pid, || {
         std::thread::sleep(Duration::from_millis(300));
@@ -659,11 +660,27 @@ fn stalled_agent_flood(kind: &str) {
         ping.wait_with_output().expect("ping output")
     });
     let kernel_dropped = udp_rcvbuf_errors(&t.vnfs[s].ns).saturating_sub(kernel_before);
+    let after = metrics(&t, s);
+    let sockets = metric(&after, "asmn_agent_underlay_sockets");
+    let read_apart = metric(&after, "asmn_agent_underlay_handshake_datagrams_total")
+        .zip(metric(
+            &before,
+            "asmn_agent_underlay_handshake_datagrams_total",
+        ))
+        .map(|(a, b)| a - b);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (transmitted, answered) = ping_counts(&text);
     eprintln!(
-        "flood: {sent} forged {kind}, {kernel_dropped} dropped by the kernel; pings \
-         answered {answered} of {transmitted}"
+        "flood: {sent} forged {kind}, {kernel_dropped} dropped by the kernel, \
+         {read_apart:?} read from the handshake socket; pings answered {answered} of \
+         {transmitted}"
+    );
+    // The metrics tell an operator what happened: two sockets, and the flood read from
+    // the handshake one.
+    assert_eq!(sockets, Some(2.0), "underlay sockets in the metrics");
+    assert!(
+        read_apart.is_some_and(|n| n >= 1_000.0),
+        "the flood was not read from the handshake socket: {read_apart:?} datagrams"
     );
     // The premise: the flood overflowed a socket of the stalled agent.
     assert!(
