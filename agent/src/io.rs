@@ -97,6 +97,12 @@ const HANDSHAKE_POLL_EVERY: u32 = 8;
 /// ready once in this many rounds: a source that never drains (a flood, a bulk sender)
 /// keeps the loop from the others no longer than that.
 const RECHECK_EVERY: u32 = 8;
+/// Messages (each up to 64 datagrams with GRO) the loop reads from the handshake socket in
+/// a round: a flood that outruns the agent keeps that socket full, and a full batch of it
+/// (up to 2,048 datagrams, milliseconds of checking) would hold the tunnel's packets back
+/// for as long; one message is at most about 100 us of work between two looks at the
+/// data socket.
+const HANDSHAKE_BATCH: usize = 1;
 /// Tries of a send that finds the socket's buffer full, before its batch is dropped.
 const SEND_TRIES: usize = 200;
 /// Calls from the control side handled per round (the rest wait for the next round).
@@ -1260,12 +1266,18 @@ impl Io {
             (Some((s, state)), true) => (s, state),
             _ => (&self.udp, &self.udp_state),
         };
+        let batch = if handshakes {
+            HANDSHAKE_BATCH
+        } else {
+            b.udp_in.len()
+        };
         let n = {
             // On the stack: no allocation per round. `udp_in` holds BATCH_SIZE buffers.
             let mut bufs = b.udp_in.iter_mut();
             let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
                 std::array::from_fn(|_| io::IoSliceMut::new(bufs.next().map_or(&mut [], |v| v)));
-            match state.recv(socket.into(), &mut iovs, &mut b.metas) {
+            let iovs = &mut iovs[..batch.min(quinn_udp::BATCH_SIZE)];
+            match state.recv(socket.into(), iovs, &mut b.metas) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((0, true)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok((0, false)),
@@ -1277,7 +1289,7 @@ impl Io {
                 }
             }
         };
-        let drained = n < self.b.udp_in.len();
+        let drained = n < batch;
         let mut now = round;
         let (mut datagrams, mut in_batch) = (0, 0);
         for i in 0..n {
