@@ -504,72 +504,122 @@ fn dataplane_policy(pid: u32) -> Option<u32> {
 
 /// UDP datagrams the kernel of `ns` dropped for want of socket buffer (`RcvbufErrors`).
 fn udp_rcvbuf_errors(ns: &netns::Netns) -> u64 {
-    let out = ns.run("cat", &["/proc/net/snmp"]).expect("/proc/net/snmp");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        panic!("no Udp lines in /proc/net/snmp: {text}")
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .expect("RcvbufErrors")
+    asmn_lab::bench::udp_rcvbuf_errors(ns).expect("RcvbufErrors in the namespace's /proc/net/snmp")
+}
+
+/// One flood for 4 s at an agent, with pings across its tunnel meanwhile.
+struct FloodPhase {
+    /// Datagrams the attacker sent.
+    sent: u64,
+    /// Of them, dropped by the kernel with the agent's socket full: they never reached
+    /// the agent and cost it nothing.
+    dropped: u64,
+    /// The agent's CPU seconds.
+    cpu: f64,
+    /// Mean RTT of the pings, ms, and how many of 40 were answered.
+    rtt: f64,
+    answered: usize,
+}
+
+impl FloodPhase {
+    /// Floods `ft`'s server with `kind` from `attack` (what [`attacker_against`] gives).
+    fn run(ft: &FloodTarget, attack: &(netns::Netns, String, u32), kind: &[&str]) -> Self {
+        let (attacker, target, pid) = attack;
+        let ns = &ft.t.vnfs[ft.s].ns;
+        let kernel_before = udp_rcvbuf_errors(ns);
+        let (sent, cpu, (rtt, answered)) = flood(attacker, target, kind, 4, *pid, || {
+            rtt(&ft.t, ft.c, &ft.server_ip, 40)
+        });
+        let dropped = udp_rcvbuf_errors(ns).saturating_sub(kernel_before);
+        FloodPhase {
+            sent,
+            dropped,
+            cpu,
+            rtt,
+            answered,
+        }
+    }
+
+    /// Datagrams the agent read.
+    fn read(&self) -> u64 {
+        self.sent.saturating_sub(self.dropped)
+    }
+
+    /// The agent's CPU per datagram it read, microseconds.
+    fn us_per_read(&self) -> f64 {
+        self.cpu / self.read().max(1) as f64 * 1e6
+    }
 }
 
 #[test]
 fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_tunnel() {
-    let Some(FloodTarget {
-        t,
-        c,
-        s,
-        server_ip,
-        key,
-        ..
-    }) = flood_target("the forged-handshake flood test")
-    else {
+    let Some(ft) = flood_target("the forged-handshake flood test") else {
         return;
     };
+    let (t, c, s, server_ip) = (&ft.t, ft.c, ft.s, &ft.server_ip);
     let client_ip = t.vnfs[c].overlay.to_string();
-    let (attacker, target, pid) = attacker_against(&t, s, "asmnatk", "10.99.0.200");
+    let attack = attacker_against(t, s, "asmnatk", "10.99.0.200");
 
-    let (base_rtt, base_answered) = rtt(&t, c, &server_ip, 40);
+    let (base_rtt, base_answered) = rtt(t, c, server_ip, 40);
     assert_eq!(base_answered, 40, "baseline pings");
-    // Junk at full rate: the cost of a datagram that is no WireGuard message at all.
-    let (junk, junk_cpu, (junk_rtt, _)) = flood(&attacker, &target, &[], 4, pid, || {
-        rtt(&t, c, &server_ip, 40)
-    });
-    // Forged initiations with a valid mac1, at full rate, with pings across the tunnel.
-    let before = metrics(&t, s);
-    let kernel_before = udp_rcvbuf_errors(&t.vnfs[s].ns);
-    let (forged, forged_cpu, (flood_rtt, answered)) =
-        flood(&attacker, &target, &["--key", &key], 4, pid, || {
-            rtt(&t, c, &server_ip, 40)
-        });
-    let after = metrics(&t, s);
-    // Datagrams the kernel dropped because the agent's socket was full never reached the
-    // agent: they cost it nothing either.
-    let kernel_dropped = udp_rcvbuf_errors(&t.vnfs[s].ns).saturating_sub(kernel_before);
+    // Junk at full rate (the cost of a datagram that is no WireGuard message at all),
+    // then forged initiations with a valid mac1 at full rate. What a datagram costs
+    // depends on the rate it comes at: the agent polls once the rate makes that pay, and
+    // a poll costs the same CPU however few packets it finds (here 5 us per junk datagram
+    // read at 88k a second, 8-9 us at 110-130k). So the two are compared only where the
+    // agent read them at rates within 1.25x of each other: a pair that another task on
+    // the two CPUs disturbed (once, junk at 36k a second where the generator makes
+    // 110-130k, beside which the forged ones cost 2.27x) is measured again, at most four
+    // times in all. An agent that spent more on forged initiations would read fewer of
+    // them, the kernel dropping the rest: that fails here too.
+    let phase = |kind: &[&str]| FloodPhase::run(&ft, &attack, kind);
+    let mut attempt = 0;
+    let (junk, forged, before, after) = loop {
+        attempt += 1;
+        let junk = phase(&[]);
+        let before = metrics(t, s);
+        let forged = phase(&["--key", &ft.key]);
+        let after = metrics(t, s);
+        let (r1, r2) = (junk.read().max(1) as f64, forged.read().max(1) as f64);
+        let comparable = r1.max(r2) / r1.min(r2) <= 1.25;
+        if comparable {
+            break (junk, forged, before, after);
+        }
+        assert!(
+            attempt < 4,
+            "in 4 tries the agent never read the junk and the forged initiations at rates \
+             within 1.25x of each other: {r1} and {r2} datagrams the last time"
+        );
+        eprintln!(
+            "attempt {attempt}: the agent read {r1} junk datagrams and {r2} forged ones, \
+             rates too far apart to compare; measuring again"
+        );
+    };
     let delta =
         |name: &str| metric(&after, name).unwrap_or(0.0) - metric(&before, name).unwrap_or(0.0);
-    let (junk_us, forged_us) = (
-        junk_cpu / junk.max(1) as f64 * 1e6,
-        forged_cpu / forged.max(1) as f64 * 1e6,
-    );
+    let (junk_us, forged_us) = (junk.us_per_read(), forged.us_per_read());
+    let (flood_rtt, answered, kernel_dropped) = (forged.rtt, forged.answered, forged.dropped);
     eprintln!(
-        "junk: {junk} datagrams, {junk_us:.2} us of agent CPU each; forged: {forged}, \
-         {forged_us:.2} us each ({:.2}x); ping {base_rtt:.3} ms, {junk_rtt:.3} ms under \
-         junk, {flood_rtt:.3} ms under forged initiations; cookie replies {}, shed {}, \
-         unknown-peer {}, dropped by the kernel {kernel_dropped}",
+        "junk: {} datagrams ({} dropped by the kernel), {junk_us:.2} us of agent CPU per \
+         one read; forged: {} ({kernel_dropped} dropped by the kernel), {forged_us:.2} us \
+         per one read ({:.2}x); handshake datagrams read {}; ping {base_rtt:.3} ms, {:.3} \
+         ms under junk, {flood_rtt:.3} ms under forged initiations; cookie replies {}, \
+         shed {}, unknown-peer {}",
+        junk.sent,
+        junk.dropped,
+        forged.sent,
         forged_us / junk_us.max(1e-9),
+        delta("asmn_agent_underlay_handshake_datagrams_total"),
+        junk.rtt,
         delta("asmn_agent_cookie_replies_total"),
         delta("asmn_agent_handshakes_shed_total"),
         delta("asmn_agent_unknown_peer_total"),
     );
+    let forged_sent = forged.sent;
     assert!(
-        junk > 10_000 && forged > 10_000,
-        "floods: {junk} and {forged} datagrams"
+        junk.sent > 10_000 && forged_sent > 10_000,
+        "floods: {} and {forged_sent} datagrams",
+        junk.sent
     );
     // Past the handshake budget (100 a second) the forged ones get a cookie reply or,
     // past their source's budget, are shed unread: no Diffie-Hellman for them.
@@ -577,8 +627,8 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
         + delta("asmn_agent_handshakes_shed_total")
         + kernel_dropped as f64;
     assert!(
-        cheap >= forged as f64 * 0.99,
-        "{cheap} of {forged} forged initiations dropped before any Diffie-Hellman \
+        cheap >= forged_sent as f64 * 0.99,
+        "{cheap} of {forged_sent} forged initiations dropped before any Diffie-Hellman \
          ({kernel_dropped} of them by the kernel, the agent's socket full)"
     );
     assert!(delta("asmn_agent_unknown_peer_total") <= 100.0 * 6.0);
@@ -594,7 +644,7 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
     );
     // And afterwards the server still reaches the client where it really is.
     assert!(
-        ping_once(&t, s, &client_ip),
+        ping_once(t, s, &client_ip),
         "server -> client after the flood"
     );
 }
