@@ -293,6 +293,11 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
         "# HELP asmn_agent_underlay_handshake_datagrams_total Datagrams read from the handshake socket: handshakes, cookie replies, and whatever does not carry the agent's receiver-index tag (junk and forged transport data included).\n# TYPE asmn_agent_underlay_handshake_datagrams_total counter\nasmn_agent_underlay_handshake_datagrams_total {}",
         s.handshake_datagrams
     );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_polls_total Turns the data plane polled for packets rather than slept: while the tunnels' packets come closer than 20 us apart (junk and handshakes do not count), or all the time with polling = \"busy\".\n# TYPE asmn_agent_dataplane_polls_total counter\nasmn_agent_dataplane_polls_total {}",
+        s.polls
+    );
 }
 
 /// Serves `/metrics` and `/health` on `listener` until the task is dropped
