@@ -22,12 +22,13 @@
 //!   read that finds it and the send, and no read that finds the queue empty.
 //! - Polling, as NAPI does: a thread asleep in `epoll_wait` pays a wake-up for each
 //!   batch of packets. Only while the tunnels' packets (from the TUN device, and
-//!   datagrams that decrypted) come closer than [`POLL_GAP`] on average does the loop
-//!   keep polling, for [`POLL_FOR`] after the last one, before it sleeps; sparse traffic
-//!   (an echo every 10 ms, keep-alives, 20,000 small packets a second) never polls, nor
-//!   does a flood of junk or forged handshakes, which polling would serve nobody (it made
-//!   each junk datagram cost 7.7-9.3 us of CPU, against 5.4-6.0 us read as epoll reports
-//!   it). Measured on a 2-core VM: polling after each send into a tunnel cost
+//!   datagrams that decrypted and were delivered, forwarded or dropped by the catalog,
+//!   whose limiters judge their timing) come closer than [`POLL_GAP`] on average does the
+//!   loop keep polling, for [`POLL_FOR`] after the last one, before it sleeps; sparse
+//!   traffic (an echo every 10 ms, keep-alives, 20,000 small packets a second) never
+//!   polls, nor does a flood of junk or forged handshakes, which polling would serve
+//!   nobody (it made each junk datagram of a flood cost 7.1-9.3 us of CPU, against
+//!   5.7-6.6 us read as epoll reports it). Measured on a 2-core VM: polling after each send into a tunnel cost
 //!   2.4 times the CPU of waking at 100 echoes a second, and polling at 20,000 packets a
 //!   second 3.4 times, for no lower round-trip time. With [`Polling::Busy`] (an
 //!   operator's choice for a VNF that owns a core, as DPDK data planes do) it does not
@@ -111,7 +112,8 @@ const SEND_TRIES: usize = 200;
 /// Calls from the control side handled per round (the rest wait for the next round).
 const JOBS_PER_ROUND: usize = 64;
 
-/// The packet rate as the loop's polling sees it: when the last packet came, and the
+/// A packet rate as the loop sees it (of every datagram, or of the tunnels' packets
+/// alone: see [`Io`]'s `rate` and `tunnel_rate`): when the last packet came, and the
 /// average gap between packets.
 #[derive(Debug, Clone, Copy)]
 struct Rate {
@@ -212,12 +214,12 @@ pub type SystemPlane = Plane<DefaultClock>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Polling {
-    /// Sleep in `epoll_wait` when idle; poll only while packets come more than one per
-    /// [`POLL_GAP`] on average (for [`POLL_FOR`] after the last).
+    /// Sleep in `epoll_wait` when idle; poll only while the tunnels' packets come more
+    /// than one per [`POLL_GAP`] on average (for [`POLL_FOR`] after the last).
     #[default]
     Adaptive,
-    /// Poll the TUN device and the socket without pause while packets flow (a whole
-    /// core); sleep after [`BUSY_IDLE`] without one.
+    /// Poll the TUN device and the socket without pause while the tunnels' packets flow
+    /// (a whole core); sleep after [`BUSY_IDLE`] without one (junk does not count).
     Busy,
 }
 
@@ -759,7 +761,8 @@ impl Drop for Driver {
 }
 
 /// Whether busy polling without packets is due a warm-up at `now`: [`WARM_EVERY`] since
-/// the last one and since the last packet (which warmed the same code).
+/// the last one and since the last packet of a tunnel (which warmed the same code; junk
+/// runs none of it).
 fn warm_due(now: Instant, last_warm: Instant, last_packet: Instant) -> bool {
     now.saturating_duration_since(last_warm.max(last_packet)) >= WARM_EVERY
 }
@@ -998,7 +1001,7 @@ impl Io {
             }
             undrained = 0;
             let poll_until = match self.polling {
-                Polling::Busy => self.rate.last + BUSY_IDLE,
+                Polling::Busy => self.tunnel_rate.last + BUSY_IDLE,
                 Polling::Adaptive => self.tunnel_rate.poll_until(),
             };
             // A real-time thread does not poll: its wake-up pre-empts ordinary tasks. Nor
@@ -1053,7 +1056,7 @@ impl Io {
         let Some((w, last)) = self.warmer.as_mut() else {
             return;
         };
-        if !warm_due(now, *last, self.rate.last) {
+        if !warm_due(now, *last, self.tunnel_rate.last) {
             return;
         }
         *last = now;
