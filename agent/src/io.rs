@@ -28,9 +28,9 @@
 //!   traffic (an echo every 10 ms, keep-alives, 20,000 small packets a second) never
 //!   polls, nor does a flood of junk or forged handshakes, which polling would serve
 //!   nobody (it made each junk datagram of a flood cost 7.1-9.3 us of CPU, against
-//!   5.7-6.6 us read as epoll reports it). Measured on a 2-core VM: polling after each send into a tunnel cost
-//!   2.4 times the CPU of waking at 100 echoes a second, and polling at 20,000 packets a
-//!   second 3.4 times, for no lower round-trip time. With [`Polling::Busy`] (an
+//!   5.7-6.6 us read as epoll reports it). Measured on a 2-core VM: polling after each
+//!   send into a tunnel cost 2.4 times the CPU of waking at 100 echoes a second, and
+//!   polling at 20,000 packets a second 3.4 times, for no lower round-trip time. With [`Polling::Busy`] (an
 //!   operator's choice for a VNF that owns a core, as DPDK data planes do) it does not
 //!   sleep while packets flow: no wake-up on any packet, at the price of a whole core;
 //!   after [`BUSY_IDLE`] without a packet it sleeps until the next one. While it polls
