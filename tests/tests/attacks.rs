@@ -39,9 +39,9 @@ fn client_and_server(options: &str) -> (Tenant, usize, usize) {
     Tenant::client_and_server(SERVER_VNFD, options).expect("client and server")
 }
 
-/// A flood test's target: a client and a server with their tunnel up (one test at a time
-/// on the machine), the server's overlay address and public key (hex); None where the
-/// test cannot run here (it says why).
+/// A flood test's target: a client and a server (agents with `options`) with their
+/// tunnel up (one test at a time on the machine), the server's overlay address and public
+/// key (hex); None where the test cannot run here (it says why).
 struct FloodTarget {
     _one_at_a_time: std::sync::MutexGuard<'static, ()>,
     t: Tenant,
@@ -51,12 +51,12 @@ struct FloodTarget {
     key: String,
 }
 
-fn flood_target(what: &str) -> Option<FloodTarget> {
+fn flood_target(what: &str, options: &str) -> Option<FloodTarget> {
     if !netns::can_run(what) {
         return None;
     }
     let one_at_a_time = netns::serial();
-    let (t, c, s) = client_and_server("");
+    let (t, c, s) = client_and_server(options);
     let server_ip = t.vnfs[s].overlay.to_string();
     assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
     let key = server_key(&t, s);
@@ -577,7 +577,7 @@ impl FloodPhase {
 
 #[test]
 fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_tunnel() {
-    let Some(ft) = flood_target("the forged-handshake flood test") else {
+    let Some(ft) = flood_target("the forged-handshake flood test", "") else {
         return;
     };
     let (t, c, s, server_ip) = (&ft.t, ft.c, ft.s, &ft.server_ip);
@@ -683,6 +683,45 @@ fn a_flood_of_forged_handshakes_costs_the_agent_no_more_than_junk_and_breaks_no_
     );
 }
 
+/// A busy-polling agent (`polling = "busy"`) spins while its tunnels' packets flow and
+/// sleeps a second after the last: a junk flood, which no tunnel carries, must not keep
+/// it spinning on a core. Counting every datagram, it polled as long as the flood lasted.
+#[test]
+fn a_junk_flood_does_not_keep_a_busy_polling_agent_spinning() {
+    let Some(ft) = flood_target("the busy-poll junk flood test", "polling = \"busy\"\n") else {
+        return;
+    };
+    let (attacker, target, pid) = attacker_against(&ft.t, ft.s, "asmnbusy", "10.99.0.203");
+    let polls = || {
+        metric(&metrics(&ft.t, ft.s), "asmn_agent_dataplane_polls_total")
+            .expect("asmn_agent_dataplane_polls_total in the agent's metrics")
+    };
+    let before = polls();
+    // The tunnel's last packet, then the flood; the agent may poll for the first second
+    // after the packet (BUSY_IDLE), not in the two seconds that follow.
+    assert!(ping_once(&ft.t, ft.c, &ft.server_ip), "echo");
+    let (sent, _, (after_echo, late)) = flood(&attacker, &target, &[], 4, pid, || {
+        std::thread::sleep(Duration::from_millis(1_500));
+        let p0 = polls();
+        std::thread::sleep(Duration::from_secs(2));
+        (p0 - before, polls() - p0)
+    });
+    eprintln!(
+        "{sent} junk datagrams; {after_echo} poll turns in the 1.5 s after the echo, {late} \
+         in the 2 s after that"
+    );
+    assert!(sent > 10_000, "flood: {sent} datagrams");
+    assert!(
+        after_echo > 0.0,
+        "the busy agent never polled after the echo"
+    );
+    assert!(
+        late <= 1_000.0,
+        "the busy agent polled {late} turns under a junk flood, long after its tunnel's \
+         last packet"
+    );
+}
+
 /// A flood that outruns the agent (forged initiations 64 to a send, GSO, which cost the
 /// attacker far less than they cost the agent) keeps its handshake socket full for
 /// seconds: the data plane then never finds it drained, and must still read the tunnel's
@@ -699,7 +738,7 @@ fn pings_through_an_agent_that_a_flood_outruns_are_answered_in_time() {
         server_ip,
         key,
         ..
-    }) = flood_target("the outrunning flood test")
+    }) = flood_target("the outrunning flood test", "")
     else {
         return;
     };
@@ -796,7 +835,7 @@ fn stalled_agent_flood(kind: &str) {
         server_ip,
         key,
         ..
-    }) = flood_target("the stalled agent flood test")
+    }) = flood_target("the stalled agent flood test", "")
     else {
         return;
     };
