@@ -16,6 +16,9 @@
 //!                                    # under load (1..=99; 0: ordinary scheduling; needs
 //!                                    # CAP_SYS_NICE or LimitRTPRIO=). Default: 10 on a
 //!                                    # gateway (its limiters count time), 0 on a VNF
+//! batch_under_load = true            # without a priority, the data plane of a VNF runs
+//!                                    # SCHED_BATCH under load (a burst read whole,
+//!                                    # about half the CPU at 10-20 kpps); false: never
 //! failover_ms = 450                  # a silent Sec-EM is dead after this; the next listed
 //!                                    # replica is tried (keep-alives every third of it)
 //! ```
@@ -54,6 +57,9 @@ pub struct Config {
     /// (`realtime_priority`; 0: ordinary scheduling; `None`: the role's default, see
     /// [`crate::io::realtime_for`]).
     pub realtime_priority: Option<u8>,
+    /// Whether a VNF's data plane without a priority runs `SCHED_BATCH` under load
+    /// (`batch_under_load`, default true; see [`crate::io::UnderLoad::Batch`]).
+    pub batch_under_load: bool,
     /// How fast a silent controller is declared dead and another one tried
     /// (`failover_ms`, default 450; keep-alives every third of it).
     pub liveness: asmn_channel::tls::Liveness,
@@ -91,6 +97,8 @@ struct Raw {
     tun_queue: Option<u32>,
     #[serde(default)]
     realtime_priority: Option<u8>,
+    #[serde(default)]
+    batch_under_load: Option<bool>,
 }
 
 /// Longest TUN name Linux accepts (IFNAMSIZ - 1).
@@ -210,6 +218,7 @@ impl Config {
             polling: raw.polling,
             tun_queue,
             realtime_priority: raw.realtime_priority,
+            batch_under_load: raw.batch_under_load.unwrap_or(true),
             liveness,
         })
     }
@@ -242,6 +251,12 @@ mod tests {
                 .expect("tun_queue");
         assert_eq!(deep.tun_queue, 5000);
         assert_eq!(c.realtime_priority, None);
+        assert!(c.batch_under_load);
+        let unbatched = parse(
+            "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nbatch_under_load = false\n",
+        )
+        .expect("batch_under_load");
+        assert!(!unbatched.batch_under_load);
         let rt = parse(
             "bundle = \"b\"\ntarget = \"t\"\nunderlay = \"10.0.0.2:1\"\nrealtime_priority = 10\n",
         )

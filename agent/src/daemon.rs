@@ -169,7 +169,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tun,
         udp,
         config.polling,
-        crate::io::realtime_for(config.realtime_priority, bundle.role, config.polling),
+        crate::io::under_load(
+            config.realtime_priority,
+            bundle.role,
+            config.polling,
+            config.batch_under_load,
+        ),
         asks_tx,
     )
     .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;
@@ -299,6 +304,8 @@ pub struct StaticConfig {
     pub tun_queue: u32,
     /// The data plane's real-time priority, if any.
     pub realtime_priority: Option<u8>,
+    /// Whether the data plane may run `SCHED_BATCH` under load.
+    pub batch_under_load: bool,
 }
 
 /// Runs the data plane of `config` until `shutdown` resolves.
@@ -343,7 +350,12 @@ pub async fn run_static(
         tun,
         udp,
         config.polling,
-        config.realtime_priority,
+        crate::io::under_load(
+            config.realtime_priority,
+            Role::Vnf,
+            config.polling,
+            config.batch_under_load,
+        ),
         asks_tx,
     )
     .map_err(|e| AgentError::Device(format!("starting the data plane: {e}")))?;

@@ -59,6 +59,18 @@
 //!   real-time agents share it: they all rest at the same moments. It does not poll (a
 //!   wake-up pre-empts ordinary tasks at once), and waits for a full socket buffer by
 //!   sleeping, not yielding (`sched_yield` lets no ordinary task run).
+//! - Batch: without a priority, a VNF's thread runs `SCHED_BATCH` under load (the same
+//!   test, the same way back), where a wake-up does not pre-empt the task that woke it.
+//!   Ordinary, each packet of a sender's burst woke the thread at once on the sender's
+//!   CPU and it ran for that one packet: at 19.5 kpps of 64-byte UDP in bursts of about
+//!   4, 6,200 wake-ups a second with a packet each; as a batch task it ran when the
+//!   sender yielded, with the burst queued (3,200 wake-ups, about 6 packets each) and
+//!   about half the CPU (the two agents 171 ms a second against 348 in `asmn-lab eval
+//!   --quick`, boringtun-cli 235 and 294 in the same runs). The price: a
+//!   packet that comes while its CPU runs another task waits for that task to sleep or
+//!   for the tick (up to 4 ms at HZ=250); sparse traffic, which stays ordinary, never
+//!   pays it. Not a gateway's (its limiters count time: real-time, or ordinary) nor a
+//!   busy-polling thread's (it does not sleep while packets flow).
 
 use std::io;
 use std::net::UdpSocket;
@@ -270,6 +282,42 @@ pub fn realtime_for(
     }
 }
 
+/// How the data-plane thread runs under load (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderLoad {
+    /// As it runs without load: `SCHED_OTHER` (a gateway without a real-time priority,
+    /// whose limiters count time, and a busy-polling plane).
+    Ordinary,
+    /// `SCHED_BATCH`: its wake-ups do not pre-empt the task that woke it, so the packets
+    /// of a burst are read together (a VNF's default).
+    Batch,
+    /// `SCHED_FIFO` at this priority.
+    Realtime(u8),
+}
+
+/// How the data plane of `role` runs under load: real-time at the priority
+/// [`realtime_for`] gives, if any; otherwise batch if `batch` allows, unless it
+/// busy-polls (it does not sleep while packets flow) or is a gateway (its limiters count
+/// time, and a batch thread woken on a busy CPU waits for the running task's slice to
+/// end).
+pub fn under_load(
+    configured: Option<u8>,
+    role: asmn_shared::ids::Role,
+    polling: Polling,
+    batch: bool,
+) -> UnderLoad {
+    match realtime_for(configured, role, polling) {
+        Some(p) => UnderLoad::Realtime(p),
+        None if batch
+            && polling == Polling::Adaptive
+            && role != asmn_shared::ids::Role::Gateway =>
+        {
+            UnderLoad::Batch
+        }
+        None => UnderLoad::Ordinary,
+    }
+}
+
 /// Where the machine's monotonic clock is within the current [`REALTIME_GRID`]: the same
 /// in every process, so every real-time data plane rests at the same moments.
 fn grid_phase() -> Duration {
@@ -280,14 +328,20 @@ fn grid_phase() -> Duration {
     Duration::from_nanos(u64::try_from(phase).unwrap_or(0))
 }
 
-/// How the data plane is scheduled: ordinary, or real-time under load; and when a
-/// real-time one rests (see [`REALTIME_GRID`]).
+/// How the data plane is scheduled: ordinary, or real-time (or batch) under load; and
+/// when a real-time one rests (see [`REALTIME_GRID`]).
 #[derive(Debug)]
 struct Schedule {
-    /// The priority it may run at (`None`: never real-time, or no more switches).
+    /// The priority it may run at (`None`: never real-time).
     priority: Option<u8>,
+    /// Whether it may run `SCHED_BATCH` under load (without a priority).
+    batch: bool,
+    /// A switch was refused: it stays as it is, and tries no more.
+    frozen: bool,
     /// Whether it runs real-time now.
     realtime: bool,
+    /// Whether it runs `SCHED_BATCH` now.
+    batched: bool,
     /// Since when the thread has been awake (running, or runnable and waiting for a CPU)
     /// without sleeping [`REALTIME_REST`] in all.
     awake_since: Instant,
@@ -304,21 +358,30 @@ struct Schedule {
 /// A change of scheduling that [`Schedule::switch`] calls for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Switch {
-    ToRealtime(u8),
-    ToOrdinary,
+    Realtime(u8),
+    Batch,
+    Ordinary,
 }
 
 impl Schedule {
     fn new(priority: Option<u8>, now: Instant) -> Schedule {
         Schedule {
             priority,
+            batch: false,
+            frozen: false,
             realtime: false,
+            batched: false,
             awake_since: now,
             napped: Duration::ZERO,
             rested: now,
             loaded_at: None,
             counted_to: now,
         }
+    }
+
+    /// The thread's loop starts at `now` (what it did since [`Schedule::new`] was set-up).
+    fn started(&mut self, now: Instant) {
+        (self.awake_since, self.rested, self.napped) = (now, now, Duration::ZERO);
     }
 
     /// The thread slept `d` (waiting for packets, not for a CPU) until `now`.
@@ -338,20 +401,29 @@ impl Schedule {
         self.loaded_at = Some(now);
     }
 
+    /// Whether it may change its scheduling at all.
+    fn switches(&self) -> bool {
+        !self.frozen && (self.priority.is_some() || self.batch)
+    }
+
     /// The change of scheduling due at `now`, if any (the caller makes it and reports it
-    /// with [`Schedule::switched`]): real-time under load (see [`Schedule::load`], or
-    /// busy), ordinary after [`REALTIME_LINGER`] without.
+    /// with [`Schedule::switched`]): real-time (or batch) under load (see
+    /// [`Schedule::load`], or busy), ordinary after [`REALTIME_LINGER`] without.
     fn switch(&mut self, now: Instant) -> Option<Switch> {
-        let priority = self.priority?;
+        if !self.switches() {
+            return None;
+        }
         if self.busy(now) {
             self.load(now);
         }
         let loaded = self
             .loaded_at
             .is_some_and(|t| now.saturating_duration_since(t) < REALTIME_LINGER);
-        match (self.realtime, loaded) {
-            (false, true) => Some(Switch::ToRealtime(priority)),
-            (true, false) => Some(Switch::ToOrdinary),
+        let ordinary = !self.realtime && !self.batched;
+        match (loaded, self.priority) {
+            (true, Some(p)) if !self.realtime => Some(Switch::Realtime(p)),
+            (true, None) if ordinary => Some(Switch::Batch),
+            (false, _) if !ordinary => Some(Switch::Ordinary),
             _ => None,
         }
     }
@@ -359,10 +431,13 @@ impl Schedule {
     /// The thread made `switch` at `now`, or could not.
     fn switched(&mut self, switch: Switch, made: bool, now: Instant) {
         match (switch, made) {
-            (Switch::ToRealtime(_), true) => (self.realtime, self.counted_to) = (true, now),
-            (Switch::ToOrdinary, true) => self.realtime = false,
+            (Switch::Realtime(_), true) => {
+                (self.realtime, self.batched, self.counted_to) = (true, false, now);
+            }
+            (Switch::Batch, true) => self.batched = true,
+            (Switch::Ordinary, true) => (self.realtime, self.batched) = (false, false),
             // Refused: it stays as it is (real-time, it keeps resting) and tries no more.
-            (_, false) => self.priority = None,
+            (_, false) => self.frozen = true,
         }
     }
 
@@ -517,6 +592,8 @@ struct Scheduling {
     realtime: AtomicBool,
     realtime_entries: std::sync::atomic::AtomicU64,
     realtime_nanos: std::sync::atomic::AtomicU64,
+    batch: AtomicBool,
+    batch_entries: std::sync::atomic::AtomicU64,
     rests: std::sync::atomic::AtomicU64,
     warm_ups: std::sync::atomic::AtomicU64,
     split_underlay: AtomicBool,
@@ -536,6 +613,10 @@ pub struct SchedulingStats {
     pub realtime_entries: u64,
     /// How long it ran real-time, in all (up to its last timer tick or switch).
     pub realtime_time: Duration,
+    /// Whether it runs `SCHED_BATCH` now (see [`UnderLoad::Batch`]).
+    pub batch: bool,
+    /// How often it went `SCHED_BATCH` under load.
+    pub batch_entries: u64,
     /// The rests it took (see [`REALTIME_GRID`]).
     pub rests: u64,
     /// The warm-up echoes it passed between planes of its own while busy polling without
@@ -596,6 +677,8 @@ impl PlaneHandle {
             realtime: s.realtime.load(Ordering::Relaxed),
             realtime_entries: s.realtime_entries.load(Ordering::Relaxed),
             realtime_time: Duration::from_nanos(s.realtime_nanos.load(Ordering::Relaxed)),
+            batch: s.batch.load(Ordering::Relaxed),
+            batch_entries: s.batch_entries.load(Ordering::Relaxed),
             rests: s.rests.load(Ordering::Relaxed),
             warm_ups: s.warm_ups.load(Ordering::Relaxed),
             split_underlay: s.split_underlay.load(Ordering::Relaxed),
@@ -615,15 +698,15 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Starts the thread that runs `plane` on `tun` and the `udp` sockets, at the real-time
-    /// `priority` if one is given (see the module's notes). Verification requests go to
+    /// Starts the thread that runs `plane` on `tun` and the `udp` sockets, scheduled as
+    /// `under_load` says under load (see the module's notes). Verification requests go to
     /// `asks` (dropped, and asked again later, when it is full).
     pub fn start(
         plane: SystemPlane,
         tun: SyncDevice,
         udp: Underlay,
         polling: Polling,
-        priority: Option<u8>,
+        under_load: UnderLoad,
         asks: tokio::sync::mpsc::Sender<Ask>,
     ) -> io::Result<(Driver, PlaneHandle)> {
         let Underlay {
@@ -703,8 +786,10 @@ impl Driver {
         let thread = std::thread::Builder::new()
             .name("asmn-dataplane".into())
             .spawn(move || {
-                if let Some(p) = priority {
-                    io.take_priority(p, try_realtime(p));
+                match under_load {
+                    UnderLoad::Realtime(p) => io.take_priority(p, try_realtime(p)),
+                    UnderLoad::Batch => io.schedule.batch = true,
+                    UnderLoad::Ordinary => {}
                 }
                 let r = io.run();
                 if let Err(e) = &r {
@@ -897,6 +982,7 @@ impl Io {
             udp_gro_segments = self.udp_state.gro_segments(),
             polling = ?self.polling,
             realtime_priority = self.schedule.priority,
+            batch_under_load = self.schedule.batch,
             "data plane I/O running"
         );
         // What to read in the next round: what epoll (level-triggered) reported, and what
@@ -912,7 +998,10 @@ impl Io {
         let mut probing = false;
         // Whether the last wait found TUN packets at once (see [`one_read`]).
         let mut queued = false;
-        let mut next_tick = Instant::now() + TICK;
+        let started = Instant::now();
+        let mut next_tick = started + TICK;
+        // Awake from here: the thread's start-up is not a load.
+        self.schedule.started(started);
         // Whether the last wait saw the ticker expire (the timers' turn while the loop
         // sleeps; while it runs, `next_tick` says when).
         let mut ticked = false;
@@ -920,7 +1009,7 @@ impl Io {
         // call costs a few hundred nanoseconds here, cold).
         let mut woke_at = None;
         while !self.stop.load(Ordering::Acquire) {
-            self.reschedule()?;
+            self.reschedule(woke_at)?;
             let round = match woke_at.take() {
                 Some(t) if !self.schedule.realtime => t,
                 _ => Instant::now(),
@@ -1111,8 +1200,8 @@ impl Io {
             Trial::Allowed => self.schedule.priority = Some(priority),
             Trial::Stuck => {
                 self.schedule
-                    .switched(Switch::ToRealtime(priority), true, now);
-                self.schedule.switched(Switch::ToOrdinary, false, now);
+                    .switched(Switch::Realtime(priority), true, now);
+                self.schedule.switched(Switch::Ordinary, false, now);
                 self.scheduling.realtime.store(true, Ordering::Relaxed);
             }
         }
@@ -1125,16 +1214,22 @@ impl Io {
     /// Makes the change of scheduling that the load calls for (see the module's notes),
     /// then rests if a busy real-time thread is due to (see [`REALTIME_GRID`]), after
     /// sending and writing what is ready.
-    fn reschedule(&mut self) -> io::Result<()> {
-        if self.schedule.priority.is_none() && !self.schedule.realtime {
+    /// `woke` is when the thread last woke, if nothing ran since (a clock read saved: an
+    /// ordinary thread's switches need no finer time).
+    fn reschedule(&mut self, woke: Option<Instant>) -> io::Result<()> {
+        if !self.schedule.switches() && !self.schedule.realtime {
             return Ok(());
         }
-        let now = Instant::now();
+        let now = match woke {
+            Some(t) if !self.schedule.realtime => t,
+            _ => Instant::now(),
+        };
         if let Some(switch) = self.schedule.switch(now) {
             self.count_realtime(now);
             let made = match switch {
-                Switch::ToRealtime(p) => crate::sched::run_fifo(p),
-                Switch::ToOrdinary => crate::sched::run_ordinary(),
+                Switch::Realtime(p) => crate::sched::run_fifo(p),
+                Switch::Batch => crate::sched::run_batch(),
+                Switch::Ordinary => crate::sched::run_ordinary(),
             };
             match &made {
                 Ok(()) => tracing::debug!(?switch, "the data plane's scheduling changed"),
@@ -1148,8 +1243,12 @@ impl Io {
             self.schedule.switched(switch, made.is_ok(), now);
             let s = &self.scheduling;
             s.realtime.store(self.schedule.realtime, Ordering::Relaxed);
+            s.batch.store(self.schedule.batched, Ordering::Relaxed);
             match (switch, made.is_ok()) {
-                (Switch::ToRealtime(_), true) => {
+                (Switch::Batch, true) => {
+                    s.batch_entries.fetch_add(1, Ordering::Relaxed);
+                }
+                (Switch::Realtime(_), true) => {
                     s.realtime_entries.fetch_add(1, Ordering::Relaxed);
                     // Waits from before are not this real-time stretch's.
                     if let Some(r) = self.run_delay.as_mut() {
@@ -1157,8 +1256,8 @@ impl Io {
                     }
                 }
                 // Refused: no real-time priority (one it could not leave stays shown).
-                (Switch::ToRealtime(_), false) => s.realtime_priority.store(0, Ordering::Relaxed),
-                (Switch::ToOrdinary, _) => {}
+                (Switch::Realtime(_), false) => s.realtime_priority.store(0, Ordering::Relaxed),
+                (Switch::Ordinary | Switch::Batch, _) => {}
             }
         }
         if let Some(d) = self.schedule.due(now, grid_phase) {
@@ -1270,7 +1369,7 @@ impl Io {
             // A batch is up to IDEAL_BATCH_SIZE packets, each encrypted: a busy thread
             // goes real-time, and rests, within it too.
             if (i + 1) % REST_CHECK == 0 {
-                self.reschedule()?;
+                self.reschedule(None)?;
                 now = Instant::now();
             }
         }
@@ -1337,7 +1436,7 @@ impl Io {
                 // A batch of GRO reads is up to 2,048 datagrams, and one datagram can
                 // cost a handshake: a busy thread goes real-time, and rests, within it too.
                 if datagrams % REST_CHECK == 0 {
-                    self.reschedule()?;
+                    self.reschedule(None)?;
                     now = Instant::now();
                 }
             }
@@ -1498,7 +1597,7 @@ mod tests {
         let off = Schedule::new(Some(10), t0);
         assert_eq!(off.due(t0 + ms(50), || Duration::ZERO), None);
         let mut r = Schedule::new(Some(10), t0);
-        r.switched(Switch::ToRealtime(10), true, t0);
+        r.switched(Switch::Realtime(10), true, t0);
         // Awake for less than REALTIME_BUSY: not even inside a slot.
         assert_eq!(r.due(t0 + ms(1), || Duration::ZERO), None);
         // Busy: in a slot, for what is left of it; outside one, not.
@@ -1542,8 +1641,8 @@ mod tests {
         // Awake (running, or runnable and kept waiting) for REALTIME_BUSY: real-time.
         assert_eq!(s.switch(now + ms(1)), None);
         let busy = now + REALTIME_BUSY;
-        assert_eq!(s.switch(busy), Some(Switch::ToRealtime(7)));
-        s.switched(Switch::ToRealtime(7), true, busy);
+        assert_eq!(s.switch(busy), Some(Switch::Realtime(7)));
+        s.switched(Switch::Realtime(7), true, busy);
         assert!(s.realtime);
         // Still busy: nothing to change. A lull shorter than REALTIME_LINGER keeps it
         // real-time; a longer one sends it back.
@@ -1551,35 +1650,35 @@ mod tests {
         let lull = busy + ms(3) + REALTIME_LINGER;
         s.slept(REALTIME_LINGER - ms(1), lull - ms(1));
         assert_eq!(s.switch(lull - ms(1)), None);
-        assert_eq!(s.switch(lull), Some(Switch::ToOrdinary));
+        assert_eq!(s.switch(lull), Some(Switch::Ordinary));
         // Its time real-time, counted before it switches.
         assert_eq!(s.realtime_time(lull), lull - busy);
         assert_eq!(s.realtime_time(lull), Duration::ZERO);
-        s.switched(Switch::ToOrdinary, true, lull);
+        s.switched(Switch::Ordinary, true, lull);
         assert!(!s.realtime);
         assert_eq!(s.realtime_time(lull + ms(50)), Duration::ZERO);
         assert_eq!(s.due(lull + ms(50), || Duration::ZERO), None);
         // A refused switch is not tried again; a thread that could not leave real-time
         // keeps resting.
         let mut refused = Schedule::new(Some(7), t0);
-        refused.switched(Switch::ToRealtime(7), false, t0);
+        refused.switched(Switch::Realtime(7), false, t0);
         refused.load(t0 + ms(50));
         assert_eq!(refused.switch(t0 + ms(50)), None);
         let mut stuck = Schedule::new(Some(7), t0);
-        stuck.switched(Switch::ToRealtime(7), true, t0);
-        stuck.switched(Switch::ToOrdinary, false, t0);
+        stuck.switched(Switch::Realtime(7), true, t0);
+        stuck.switched(Switch::Ordinary, false, t0);
         assert_eq!(stuck.switch(t0 + ms(500)), None);
         assert!(stuck.due(t0 + ms(500), || Duration::ZERO).is_some());
         // Load however little it costs: real-time at once, and until it has stopped for
         // REALTIME_LINGER.
         let mut loaded = Schedule::new(Some(7), t0);
         loaded.load(t0);
-        assert_eq!(loaded.switch(t0), Some(Switch::ToRealtime(7)));
-        loaded.switched(Switch::ToRealtime(7), true, t0);
+        assert_eq!(loaded.switch(t0), Some(Switch::Realtime(7)));
+        loaded.switched(Switch::Realtime(7), true, t0);
         loaded.slept(ms(150), t0 + ms(150));
         assert_eq!(loaded.switch(t0 + ms(150)), None);
         loaded.slept(ms(50), t0 + ms(200));
-        assert_eq!(loaded.switch(t0 + ms(200)), Some(Switch::ToOrdinary));
+        assert_eq!(loaded.switch(t0 + ms(200)), Some(Switch::Ordinary));
     }
 
     /// 800 packets a second (sparse: under one per [`REALTIME_GAP`]) in bursts of 8 every
@@ -1596,7 +1695,7 @@ mod tests {
             schedule.slept(now.saturating_duration_since(asleep), now);
             let (mut left, mut queued) = (8, false);
             while left > 0 {
-                if let Some(Switch::ToRealtime(_)) = schedule.switch(now) {
+                if let Some(Switch::Realtime(_)) = schedule.switch(now) {
                     return true;
                 }
                 let n = if one_read(&rate, queued && !split) {
@@ -1638,7 +1737,7 @@ mod tests {
         let (mut rate, mut schedule) = (Rate::new(t0), Schedule::new(Some(7), t0));
         let mut now = t0;
         for i in 0..rounds {
-            if let Some(Switch::ToRealtime(_)) = schedule.switch(now) {
+            if let Some(Switch::Realtime(_)) = schedule.switch(now) {
                 return Some(i);
             }
             let round = now;
@@ -1690,6 +1789,91 @@ mod tests {
         assert_eq!(realtime_for(None, Role::Gateway, Polling::Busy), None);
         assert_eq!(realtime_for(None, Role::Vnf, a), None);
         assert_eq!(realtime_for(Some(7), Role::Vnf, a), Some(7));
+        // Under load, without a priority: a VNF's plane runs batch; a gateway's, whose
+        // limiters count time, and a busy-polling one stay ordinary.
+        assert_eq!(under_load(None, Role::Vnf, a, true), UnderLoad::Batch);
+        assert_eq!(under_load(Some(0), Role::Vnf, a, true), UnderLoad::Batch);
+        assert_eq!(
+            under_load(Some(7), Role::Vnf, a, true),
+            UnderLoad::Realtime(7)
+        );
+        assert_eq!(
+            under_load(None, Role::Vnf, Polling::Busy, true),
+            UnderLoad::Ordinary
+        );
+        assert_eq!(
+            under_load(None, Role::Gateway, a, true),
+            UnderLoad::Realtime(GATEWAY_REALTIME)
+        );
+        assert_eq!(
+            under_load(Some(0), Role::Gateway, a, true),
+            UnderLoad::Ordinary
+        );
+        // Told not to: ordinary without a priority, real-time with one.
+        assert_eq!(under_load(None, Role::Vnf, a, false), UnderLoad::Ordinary);
+        assert_eq!(
+            under_load(Some(7), Role::Vnf, a, false),
+            UnderLoad::Realtime(7)
+        );
+    }
+
+    #[test]
+    fn a_plane_without_a_priority_goes_batch_under_load_and_back_after_a_lull() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Schedule::new(None, t0);
+        s.batch = true;
+        // Sparse traffic: ordinary.
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_micros(100);
+            assert_eq!(s.switch(now), None);
+            now += ms(5);
+            s.slept(ms(5), now);
+        }
+        // Dense packets: batch, and no rests (it is not real-time).
+        s.load(now);
+        assert_eq!(s.switch(now), Some(Switch::Batch));
+        s.switched(Switch::Batch, true, now);
+        assert!(s.batched && !s.realtime);
+        let at = now + ms(1);
+        s.slept(ms(1), at);
+        assert_eq!(s.switch(at), None);
+        assert_eq!(s.due(at, || Duration::ZERO), None);
+        assert_eq!(s.realtime_time(at), Duration::ZERO);
+        // A lull of REALTIME_LINGER sends it back.
+        let lull = now + REALTIME_LINGER;
+        s.slept(REALTIME_LINGER - ms(2), lull - ms(1));
+        assert_eq!(s.switch(lull - ms(1)), None);
+        s.slept(ms(1), lull);
+        assert_eq!(s.switch(lull), Some(Switch::Ordinary));
+        s.switched(Switch::Ordinary, true, lull);
+        assert!(!s.batched);
+        assert_eq!(s.switch(lull + ms(1)), None);
+        // The thread's start-up (from its schedule's making to its loop) is not a load.
+        let mut fresh = Schedule::new(None, t0);
+        fresh.batch = true;
+        assert_eq!(fresh.switch(t0 + ms(5)), Some(Switch::Batch));
+        let mut fresh = Schedule::new(None, t0);
+        fresh.batch = true;
+        fresh.started(t0 + ms(5));
+        assert_eq!(fresh.switch(t0 + ms(6)), None);
+        // Without leave to: never.
+        let mut never = Schedule::new(None, t0);
+        never.load(t0);
+        assert_eq!(never.switch(t0), None);
+        // Refused: not tried again, either way.
+        let mut refused = Schedule::new(None, t0);
+        refused.batch = true;
+        refused.load(t0);
+        refused.switched(Switch::Batch, false, t0);
+        assert_eq!(refused.switch(t0 + ms(1)), None);
+        let mut stuck = Schedule::new(None, t0);
+        stuck.batch = true;
+        stuck.switched(Switch::Batch, true, t0);
+        stuck.switched(Switch::Ordinary, false, t0 + ms(300));
+        assert_eq!(stuck.switch(t0 + ms(600)), None);
+        assert!(stuck.batched);
     }
 
     #[test]

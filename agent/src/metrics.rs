@@ -250,7 +250,7 @@ pub fn render(stats: &PlaneStats) -> String {
 }
 
 /// The data-plane thread's scheduling: its real-time priority, whether it runs real-time
-/// now, how often it went real-time and rested, and its busy-poll warm-ups; and its
+/// (or batch) now, how often it went real-time (or batch) and rested, and its busy-poll warm-ups; and its
 /// underlay sockets (one, or two with handshakes apart) and the handshake socket's reads.
 fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
@@ -272,6 +272,16 @@ fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
         out,
         "# HELP asmn_agent_dataplane_realtime_seconds_total Time the data plane ran real-time (up to its last 250 ms timer tick).\n# TYPE asmn_agent_dataplane_realtime_seconds_total counter\nasmn_agent_dataplane_realtime_seconds_total {:.3}",
         s.realtime_time.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_batch Whether the data plane runs SCHED_BATCH now (1: a VNF's plane under load within the last 200 ms, where its wake-ups leave the task that woke it running, so that a burst is read whole).\n# TYPE asmn_agent_dataplane_batch gauge\nasmn_agent_dataplane_batch {}",
+        u8::from(s.batch)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP asmn_agent_dataplane_batch_entries_total Times the data plane went SCHED_BATCH under load.\n# TYPE asmn_agent_dataplane_batch_entries_total counter\nasmn_agent_dataplane_batch_entries_total {}",
+        s.batch_entries
     );
     let _ = writeln!(
         out,

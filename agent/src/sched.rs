@@ -1,5 +1,5 @@
-//! The calling thread's scheduling policy: `SCHED_FIFO` at a priority, or back to
-//! `SCHED_OTHER`. The data plane switches between them as its load changes (see
+//! The calling thread's scheduling policy: `SCHED_FIFO` at a priority, `SCHED_BATCH`, or
+//! back to `SCHED_OTHER`. The data plane switches between them as its load changes (see
 //! [`crate::io`]), so the thread keeps its nice value across the switches
 //! (`pthread_setschedparam` leaves it as it was, where the `thread-priority` crate would
 //! set one). One of the crate's two unsafe calls (the other: `underlay`).
@@ -11,6 +11,12 @@ use std::io;
 /// Puts the calling thread under `SCHED_FIFO` at `priority` (1..=99).
 pub fn run_fifo(priority: u8) -> io::Result<()> {
     set(libc::SCHED_FIFO, i32::from(priority))
+}
+
+/// Puts the calling thread under `SCHED_BATCH` (its nice value unchanged): ordinary
+/// scheduling, except that its wake-ups do not pre-empt the running task (any thread may).
+pub fn run_batch() -> io::Result<()> {
+    set(libc::SCHED_BATCH, 0)
 }
 
 /// Puts the calling thread back under ordinary scheduling (`SCHED_OTHER`, its nice value
@@ -52,6 +58,13 @@ mod tests {
                 rustix::process::getpriority_process(None).expect("nice"),
                 nice
             );
+            // Batch and back need no privilege, and keep it too.
+            run_batch().expect("SCHED_BATCH");
+            assert_eq!(
+                rustix::process::getpriority_process(None).expect("nice"),
+                nice
+            );
+            run_ordinary().expect("back to SCHED_OTHER from SCHED_BATCH");
             assert!(
                 run_fifo(0).is_err(),
                 "priority 0 is not a SCHED_FIFO priority"

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use asmn_lab::bench::cpu_seconds;
 use asmn_testkit::netns;
+use asmn_testkit::netns::{SCHED_FIFO, SCHED_OTHER, dataplane_policy, wait_for_policy};
 use asmn_testkit::tenant::{
     CLIENT_VNFD, Tenant, image, metric, metrics, ping_once, ping_until_up, within,
 };
@@ -470,36 +471,6 @@ fn flooded_real_time_cpu(what: &str, both: bool) {
         Some(SCHED_OTHER),
         "the data plane stayed real-time after the flood"
     );
-}
-
-/// The scheduling policies of `/proc/<pid>/task/<tid>/stat`.
-const SCHED_OTHER: u32 = 0;
-const SCHED_FIFO: u32 = 1;
-
-/// The scheduling policy of agent `pid`'s data-plane thread once it is `want`, or when
-/// `within` has passed.
-fn wait_for_policy(pid: u32, want: u32, within: Duration) -> Option<u32> {
-    let deadline = Instant::now() + within;
-    while dataplane_policy(pid) != Some(want) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    dataplane_policy(pid)
-}
-
-/// The scheduling policy of agent `pid`'s data-plane thread (the 41st field of its stat).
-fn dataplane_policy(pid: u32) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks.flatten().find_map(|t| {
-        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-        if comm.trim() != "asmn-dataplane" {
-            return None;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        // Fields after the command name (which may hold spaces) closing with ')': the
-        // state is the third field.
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().nth(41 - 3)?.parse().ok()
-    })
 }
 
 /// UDP datagrams the kernel of `ns` dropped for want of socket buffer (`RcvbufErrors`).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use asmn_lab::bench::cpu_seconds;
 use asmn_lab::scenarios;
-use asmn_testkit::netns;
+use asmn_testkit::netns::{self, SCHED_OTHER, dataplane_policy, wait_for_policy};
 use asmn_testkit::tenant::{
     CLIENT_VNFD, GATEWAY_VNFD, Tenant, dataplane_writes, image, metric, metrics, ping_once,
     ping_until_up,
@@ -474,24 +474,43 @@ fn busy_polling_agents_warm_up_between_packets_and_nothing_of_it_leaves_them() {
 /// With the default polling there are no warm-ups, and the agents poll only for dense
 /// tunnel traffic: never for sparse echoes, but for echoes 64 at a time.
 #[test]
-fn agents_that_do_not_busy_poll_never_warm_up_and_poll_only_for_dense_traffic() {
+fn agents_that_do_not_busy_poll_never_warm_up_and_poll_and_batch_only_for_dense_traffic() {
     if !netns::can_run("the adaptive-polling warm-up test") {
         return;
     }
     let _one_at_a_time = netns::serial();
     let (t, c, s) = client_and_server();
     let server_ip = t.vnfs[s].overlay.to_string();
+    let batched = |i: usize| {
+        metric(&metrics(&t, i), "asmn_agent_dataplane_batch_entries_total")
+            .expect("asmn_agent_dataplane_batch_entries_total")
+    };
+    let pid = |i: usize| t.vnfs[i].agent.as_ref().expect("agent").pid();
+    let started: Vec<f64> = [c, s].iter().map(|&i| batched(i)).collect();
     assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    // Start-up and the first handshake can be a burst of work (a busy plane is under
+    // load); what counts is that sparse echoes after it are not.
+    let up: Vec<f64> = [c, s].iter().map(|&i| batched(i)).collect();
+    eprintln!("batch entries at start {started:?}, once the tunnel was up {up:?}");
+    for i in [c, s] {
+        assert_eq!(
+            wait_for_policy(pid(i), SCHED_OTHER, Duration::from_secs(2)),
+            Some(SCHED_OTHER)
+        );
+    }
     for _ in 0..5 {
         assert!(ping_once(&t, c, &server_ip), "echo");
     }
     let polls = |i: usize| metric(&metrics(&t, i), "asmn_agent_dataplane_polls_total");
-    for i in [c, s] {
+    for (n, i) in [c, s].into_iter().enumerate() {
         assert_eq!(
             metric(&metrics(&t, i), "asmn_agent_dataplane_warm_ups_total"),
             Some(0.0)
         );
         assert_eq!(polls(i), Some(0.0), "polled for sparse echoes");
+        // Nor do sparse echoes make the plane a batch task: its wake-ups pre-empt.
+        assert_eq!(batched(i), up[n], "agent {i} went batch for sparse echoes");
+        assert_eq!(dataplane_policy(pid(i)), Some(SCHED_OTHER));
     }
     // 64 echoes in flight at a time: each end reads them in batches.
     let out = t.vnfs[c]
@@ -504,10 +523,28 @@ fn agents_that_do_not_busy_poll_never_warm_up_and_poll_only_for_dense_traffic() 
     // (Not every echo is answered: the server's catalog polices ICMP at 10 Mbit/s, which
     // a flood ping exceeds; what it drops was decrypted, and counts as tunnel traffic.)
     eprintln!("{}", stdout(out));
-    for i in [c, s] {
+    for (n, i) in [c, s].into_iter().enumerate() {
         let p = polls(i).expect("asmn_agent_dataplane_polls_total");
         eprintln!("agent {i}: {p} poll turns for 5,000 echoes 64 at a time");
         assert!(p > 0.0, "agent {i} never polled for dense tunnel traffic");
+        // Under load it runs SCHED_BATCH (a packet's wake-up does not pre-empt its
+        // sender, so a burst is read together), and ordinary again after a lull (the
+        // ticker wakes it to switch back).
+        assert!(
+            batched(i) > up[n],
+            "agent {i} never went batch under load: {} entries, {} before it",
+            batched(i),
+            up[n]
+        );
+        assert_eq!(
+            wait_for_policy(pid(i), SCHED_OTHER, Duration::from_secs(2)),
+            Some(SCHED_OTHER),
+            "agent {i} stayed batch after the load"
+        );
+        assert_eq!(
+            metric(&metrics(&t, i), "asmn_agent_dataplane_batch"),
+            Some(0.0)
+        );
     }
 }
 

@@ -312,3 +312,36 @@ pub fn binary(name: &str) -> KitResult<PathBuf> {
         Err(KitError::NotBuilt(p))
     }
 }
+
+/// The scheduling policies of `/proc/<pid>/task/<tid>/stat` ([`dataplane_policy`]).
+pub const SCHED_OTHER: u32 = 0;
+/// `SCHED_FIFO`.
+pub const SCHED_FIFO: u32 = 1;
+/// `SCHED_BATCH`.
+pub const SCHED_BATCH: u32 = 3;
+
+/// The scheduling policy of agent `pid`'s data-plane thread once it is `want`, or when
+/// `within` has passed.
+pub fn wait_for_policy(pid: u32, want: u32, within: Duration) -> Option<u32> {
+    let deadline = Instant::now() + within;
+    while dataplane_policy(pid) != Some(want) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dataplane_policy(pid)
+}
+
+/// The scheduling policy of agent `pid`'s data-plane thread (the 41st field of its stat).
+pub fn dataplane_policy(pid: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if comm.trim() != "asmn-dataplane" {
+            return None;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the command name (which may hold spaces) closing with ')': the
+        // state is the third field.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(41 - 3)?.parse().ok()
+    })
+}
