@@ -27,7 +27,8 @@ pub struct CpuRun {
     /// CPU time of the tunnel's processes (both ends, all threads), milliseconds per
     /// second; none for plain veth.
     pub tunnel_ms_per_s: Option<f64>,
-    /// The load the generator reported, Mbit/s (ICMP: echoes answered per second).
+    /// The load delivered, Mbit/s, as the TCP sender or the UDP sink saw it (ICMP: echoes
+    /// answered per second).
     pub delivered: f64,
 }
 
@@ -105,12 +106,6 @@ pub(super) fn cpu(
         &["tcp-sink", "--port", "7101", "--seconds", &sink_secs],
         &work.join("cpu-tcp-sink.log"),
     )?;
-    let _udp_sink = spawn_gen(
-        &pair.b,
-        me,
-        &["udp-sink", "--port", "7102", "--seconds", &sink_secs],
-        &work.join("cpu-udp-sink.log"),
-    )?;
     let mut runs = Vec::new();
     let s = secs.to_string();
     for protocol in ["icmp", "tcp", "udp"] {
@@ -161,6 +156,28 @@ pub(super) fn cpu(
                     ],
                 };
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // A UDP sink per run: it ends a second after its stream does (one for
+                // all runs would leave every run after the first without a receiver).
+                let udp_sink = if protocol == "udp" {
+                    let sink_path = path.replace(' ', "-");
+                    let sink = spawn_gen(
+                        &pair.b,
+                        me,
+                        &[
+                            "udp-sink",
+                            "--port",
+                            "7102",
+                            "--seconds",
+                            &(secs + 10).to_string(),
+                        ],
+                        &work.join(format!("cpu-udp-sink-{size}-{sink_path}.log")),
+                    )?;
+                    // Bound before the first datagram comes.
+                    std::thread::sleep(Duration::from_millis(300));
+                    Some(sink)
+                } else {
+                    None
+                };
                 let mut g = spawn_gen(
                     &pair.a,
                     me,
@@ -172,10 +189,18 @@ pub(super) fn cpu(
                 let cpu1: f64 = pids.iter().map(|p| bench::cpu_seconds(*p)).sum();
                 g.wait_exit(Duration::from_secs(secs + 10));
                 let out = bench::last_json(&g.log()).unwrap_or_default();
-                let delivered = if protocol == "icmp" {
-                    out["rtt_us"].as_array().map_or(0, Vec::len) as f64 / secs as f64
-                } else {
-                    out["mbit_per_s"].as_f64().unwrap_or(0.0)
+                let delivered = match (protocol, udp_sink) {
+                    ("icmp", _) => {
+                        out["rtt_us"].as_array().map_or(0, Vec::len) as f64 / secs as f64
+                    }
+                    // UDP: what the sink received (the sender's figure counts datagrams
+                    // that found no receiver).
+                    (_, Some(mut sink)) => {
+                        sink.wait_exit(Duration::from_secs(5));
+                        let got = bench::last_json(&sink.log()).unwrap_or_default();
+                        got["mbit_per_s"].as_f64().unwrap_or(0.0)
+                    }
+                    _ => out["mbit_per_s"].as_f64().unwrap_or(0.0),
                 };
                 let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
                 runs.push(CpuRun {
