@@ -167,6 +167,77 @@ fn listed_ports_pass_unlisted_are_dropped_and_revocation_cuts_the_tunnel() {
     assert_eq!(metric(&m, "asmn_agent_tunnel_indexes"), Some(0.0), "{m}");
 }
 
+/// A UDP datagram larger than the tunnel's MTU crosses in fragments to a port the
+/// catalog lists (its later fragments carry no port and answer to the rule its first
+/// matched), and not at all to one it does not list.
+#[test]
+fn udp_datagrams_larger_than_the_mtu_cross_in_fragments_to_listed_ports_only() {
+    if !netns::can_run("the fragmented-datagram test") {
+        return;
+    }
+    let _one_at_a_time = netns::serial();
+    let (t, c, s) = client_and_server();
+    let server_ip = t.vnfs[s].overlay.to_string();
+    assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
+    let lab = netns::binary("asmn-lab").expect("asmn-lab");
+    let dropped = || metric(&metrics(&t, s), "asmn_agent_policy_dropped_total").unwrap_or(0.0);
+    // 4,000-byte datagrams (three fragments each at the tunnel's 1,420-byte MTU) for a
+    // second: what the sender sent and the sink received.
+    let stream = |port: &str| -> (u64, u64) {
+        let mut sink = t.vnfs[s]
+            .ns
+            .spawn(
+                &lab,
+                &["gen", "udp-sink", "--port", port, "--seconds", "4"],
+                &t.dir.path().join(format!("sink-{port}.log")),
+            )
+            .expect("sink");
+        std::thread::sleep(Duration::from_millis(300));
+        let out = t.vnfs[c]
+            .ns
+            .run(
+                lab.to_str().expect("path"),
+                &[
+                    "gen",
+                    "udp",
+                    &format!("{server_ip}:{port}"),
+                    "--seconds",
+                    "1",
+                    "--size",
+                    "4000",
+                    "--mbps",
+                    "2",
+                ],
+            )
+            .expect("sender");
+        assert!(sink.wait_exit(Duration::from_secs(6)).is_some(), "sink");
+        let json = |text: &str| {
+            text.lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .and_then(|v| v["datagrams"].as_u64())
+                .unwrap_or(0)
+        };
+        (json(&stdout(out)), json(&sink.log()))
+    };
+    let (sent, got) = stream("5201");
+    eprintln!("to the listed port: {got} of {sent} datagrams of 4,000 bytes");
+    assert!(sent >= 50, "the sender sent {sent}");
+    assert!(
+        got * 10 >= sent * 9,
+        "{got} of {sent} fragmented datagrams crossed to a listed port"
+    );
+    let before = dropped();
+    let (sent, got) = stream("5202");
+    let fragments = dropped() - before;
+    eprintln!("to an unlisted port: {got} of {sent}, {fragments} packets dropped by policy");
+    assert_eq!(got, 0, "a fragmented datagram crossed to an unlisted port");
+    assert!(
+        fragments >= (3 * sent) as f64 * 0.9,
+        "{fragments} packets dropped by policy for {sent} datagrams of three fragments"
+    );
+}
+
 #[test]
 fn genuine_agents_ping_over_a_tunnel_and_a_fake_is_refused() {
     if !netns::can_run("the tunnel test") {

@@ -71,6 +71,19 @@ pub struct PacketMeta {
     pub transport: Transport,
     /// Length of the IP packet in bytes (from its header, checked against the buffer).
     pub len: usize,
+    /// Its place in a fragmented datagram, if it is a fragment.
+    pub fragment: Option<Fragment>,
+}
+
+/// A fragment of an IP datagram: its identification (with the addresses and protocol,
+/// what names the datagram) and whether it is the first (offset 0, more to come), the
+/// one that carries the transport header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fragment {
+    /// The IPv4 identification or the IPv6 fragment header's.
+    pub id: u32,
+    /// Offset 0: the transport header is in it.
+    pub first: bool,
 }
 
 impl PacketMeta {
@@ -148,13 +161,18 @@ fn parse_v4(buf: &[u8]) -> Result<PacketMeta, PacketError> {
     }
     let frag = be16(buf, 6);
     let offset = frag & 0x1fff;
+    let more = frag & 0x2000 != 0;
+    let fragment = (offset != 0 || more).then(|| Fragment {
+        id: u32::from(be16(buf, 4)),
+        first: offset == 0,
+    });
     let protocol = buf[9];
     let src = IpAddr::V4(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]));
     let transport = if offset != 0 {
         Transport::Fragment
     } else {
-        parse_transport(protocol, &buf[ihl..total])?
+        parse_transport(protocol, &buf[ihl..total], more)?
     };
     Ok(PacketMeta {
         src,
@@ -162,6 +180,7 @@ fn parse_v4(buf: &[u8]) -> Result<PacketMeta, PacketError> {
         protocol,
         transport,
         len: total,
+        fragment,
     })
 }
 
@@ -181,7 +200,7 @@ fn parse_v6(buf: &[u8]) -> Result<PacketMeta, PacketError> {
 
     let mut next = buf[6];
     let mut at = 40;
-    let mut fragment = false;
+    let mut fragment = None;
     let mut walked = 0;
     loop {
         match next {
@@ -205,10 +224,18 @@ fn parse_v6(buf: &[u8]) -> Result<PacketMeta, PacketError> {
                 }
                 need(&buf[..total], at + 8, "IPv6 fragment")?;
                 let offset = be16(buf, at + 2) >> 3;
+                let more = be16(buf, at + 2) & 1 != 0;
+                let id = u32::from_be_bytes([buf[at + 4], buf[at + 5], buf[at + 6], buf[at + 7]]);
                 next = buf[at];
                 at += 8;
+                // (Offset 0 without more is an atomic fragment: a whole datagram.)
+                if offset != 0 || more {
+                    fragment = Some(Fragment {
+                        id,
+                        first: offset == 0,
+                    });
+                }
                 if offset != 0 {
-                    fragment = true;
                     break;
                 }
             }
@@ -227,10 +254,9 @@ fn parse_v6(buf: &[u8]) -> Result<PacketMeta, PacketError> {
             _ => break,
         }
     }
-    let transport = if fragment {
-        Transport::Fragment
-    } else {
-        parse_transport(next, &buf[at..total])?
+    let transport = match fragment {
+        Some(Fragment { first: false, .. }) => Transport::Fragment,
+        _ => parse_transport(next, &buf[at..total], fragment.is_some())?,
     };
     Ok(PacketMeta {
         src,
@@ -238,10 +264,14 @@ fn parse_v6(buf: &[u8]) -> Result<PacketMeta, PacketError> {
         protocol: next,
         transport,
         len: total,
+        fragment,
     })
 }
 
-fn parse_transport(protocol: u8, l4: &[u8]) -> Result<Transport, PacketError> {
+/// The transport header at the start of `l4`: the whole transport datagram, or (`first`
+/// fragment) only its start, which must still hold the whole header (a first fragment too
+/// short for it is dropped, as RFC 1858 advises against tiny-fragment attacks).
+fn parse_transport(protocol: u8, l4: &[u8], first: bool) -> Result<Transport, PacketError> {
     Ok(match protocol {
         proto::TCP => {
             need(l4, 20, "TCP")?;
@@ -258,8 +288,9 @@ fn parse_transport(protocol: u8, l4: &[u8]) -> Result<Transport, PacketError> {
         proto::UDP => {
             need(l4, 8, "UDP")?;
             let len = usize::from(be16(l4, 4));
-            // 0 is allowed for IPv6 jumbograms only; we refuse it with them.
-            if len < 8 || len > l4.len() {
+            // 0 is allowed for IPv6 jumbograms only; we refuse it with them. A first
+            // fragment holds only the start of the datagram that the length counts.
+            if len < 8 || (len > l4.len() && !first) {
                 return Err(PacketError::BadLength("UDP"));
             }
             Transport::Udp {
@@ -295,6 +326,32 @@ pub mod build {
         p.extend_from_slice(&dst.octets());
         p.extend_from_slice(l4);
         p
+    }
+
+    /// The IPv4 fragments of a datagram with `l4` as payload and identification `id`,
+    /// each with at most `room` bytes of it (rounded down to a multiple of 8, at least 8),
+    /// as a sender with a smaller MTU cuts it.
+    pub fn ipv4_fragments(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: u8,
+        id: u16,
+        l4: &[u8],
+        room: usize,
+    ) -> Vec<Vec<u8>> {
+        let room = (room / 8).max(1) * 8;
+        let n = l4.len().div_ceil(room).max(1);
+        (0..n)
+            .map(|i| {
+                let part = &l4[i * room..((i + 1) * room).min(l4.len())];
+                let mut p = ipv4(src, dst, protocol, part);
+                p[4..6].copy_from_slice(&id.to_be_bytes());
+                let more = if i + 1 < n { 0x2000 } else { 0 };
+                let field = more | ((i * room / 8) as u16 & 0x1fff);
+                p[6..8].copy_from_slice(&field.to_be_bytes());
+                p
+            })
+            .collect()
     }
 
     /// An IPv6 packet with `l4` as payload.
@@ -392,6 +449,48 @@ mod tests {
         f[6] = 0x00;
         f[7] = 0x10;
         assert_eq!(parse(&f).expect("fragment").transport, Transport::Fragment);
+        // A UDP datagram larger than the MTU: its first fragment holds the ports, and
+        // the length of the whole datagram (more than the fragment carries).
+        let frags = ipv4_fragments(A4, B4, proto::UDP, 77, &udp(5, 5060, 4088), 1400);
+        assert_eq!(frags.len(), 3);
+        let first = parse(&frags[0]).expect("first fragment");
+        assert_eq!(first.dst_port(), Some(5060));
+        assert_eq!(
+            first.fragment,
+            Some(Fragment {
+                id: 77,
+                first: true
+            })
+        );
+        for f in &frags[1..] {
+            let p = parse(f).expect("later fragment");
+            assert_eq!(p.transport, Transport::Fragment);
+            assert_eq!(
+                p.fragment,
+                Some(Fragment {
+                    id: 77,
+                    first: false
+                })
+            );
+        }
+        // A whole datagram is no fragment; a first fragment too short for the UDP header
+        // (a tiny-fragment trick) is malformed, and one whose length field is below the
+        // header's too.
+        let whole = parse(&ipv4(A4, B4, proto::UDP, &udp(5, 53, 3))).expect("udp");
+        assert_eq!(whole.fragment, None);
+        let mut tiny = ipv4(A4, B4, proto::UDP, &udp(5, 53, 3)[..4]);
+        tiny[6] = 0x20;
+        assert!(matches!(
+            parse(&tiny),
+            Err(PacketError::Truncated { header: "UDP", .. })
+        ));
+        let mut short = frags[0].clone();
+        short[20 + 4..20 + 6].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(parse(&short), Err(PacketError::BadLength("UDP")));
+        // Not a fragment, the UDP length may not exceed the packet.
+        let mut lying = frags[0].clone();
+        lying[6] = 0;
+        assert_eq!(parse(&lying), Err(PacketError::BadLength("UDP")));
     }
 
     #[test]
@@ -427,13 +526,32 @@ mod tests {
         // First fragment (offset 0) keeps its transport header; a later one does not.
         let mut f = vec![proto::UDP, 0, 0, 1, 0, 0, 0, 1];
         f.extend_from_slice(&udp(1, 53, 0));
+        let p = parse(&ipv6(A6, B6, 44, &f)).expect("frag0");
+        assert_eq!(p.dst_port(), Some(53));
+        assert_eq!(p.fragment, Some(Fragment { id: 1, first: true }));
+        // The first of a datagram larger than the fragment: its UDP length counts the
+        // whole datagram.
+        let mut big = vec![proto::UDP, 0, 0, 1, 0, 0, 0, 2];
+        big.extend_from_slice(&udp(1, 4789, 3000)[..1400]);
+        let p = parse(&ipv6(A6, B6, 44, &big)).expect("first of a large datagram");
+        assert_eq!(p.dst_port(), Some(4789));
+        // An atomic fragment (offset 0, no more) is a whole datagram.
+        let mut atomic = vec![proto::UDP, 0, 0, 0, 0, 0, 0, 3];
+        atomic.extend_from_slice(&udp(1, 53, 0));
         assert_eq!(
-            parse(&ipv6(A6, B6, 44, &f)).expect("frag0").dst_port(),
-            Some(53)
+            parse(&ipv6(A6, B6, 44, &atomic)).expect("atomic").fragment,
+            None
         );
         let later = [proto::UDP, 0, 0x05, 0x00, 0, 0, 0, 1, 9, 9];
         let p = parse(&ipv6(A6, B6, 44, &later)).expect("frag");
         assert_eq!((p.transport, p.protocol), (Transport::Fragment, proto::UDP));
+        assert_eq!(
+            p.fragment,
+            Some(Fragment {
+                id: 1,
+                first: false
+            })
+        );
         let p = parse(&ipv6(A6, B6, proto::ICMPV6, &[128, 0, 0, 0])).expect("icmp6");
         assert_eq!(p.transport, Transport::Icmp { kind: 128, code: 0 });
     }

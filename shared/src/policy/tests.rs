@@ -394,3 +394,72 @@ fn policed_upstream_meets_the_rate_with_a_wider_burst_and_the_whitelist() {
         Decision::DropMalformed(_)
     ));
 }
+
+/// A 4 KiB UDP datagram to a port-only catalog, cut at a 1,420-byte MTU: every fragment
+/// answers to the rule its first fragment matched, and to its limiter.
+#[test]
+fn the_fragments_of_a_datagram_follow_its_first_fragment() {
+    let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+    let sip = |rate, burst| {
+        catalog(
+            vec![rule("sip", Protocol::Udp, Some(5060), rate, burst)],
+            DefaultAction::Drop,
+        )
+    };
+    let (mut e, _clock) = engine(sip(0, 0));
+    let src = e.source_key(&vnf("client"));
+    let datagram =
+        |id| build::ipv4_fragments(a, b, proto::UDP, id, &build::udp(5, 5060, 4088), 1400);
+    for f in datagram(1) {
+        assert_eq!(e.handle_packet(src, &f), Decision::Pass(Matched::Rule(0)));
+    }
+    // Later fragments without a first that passed match no port rule: not listed.
+    for f in &datagram(2)[1..] {
+        assert_eq!(e.handle_packet(src, f), Decision::DropNotListed);
+    }
+    // Nor do they ride on another source's datagram of the same identification.
+    let other = e.source_key(&vnf("intruder"));
+    let d3 = datagram(3);
+    assert!(e.handle_packet(src, &d3[0]).passes());
+    assert_eq!(e.handle_packet(other, &d3[1]), Decision::DropNotListed);
+    assert!(e.handle_packet(src, &d3[1]).passes());
+    // A first fragment to a port the catalog does not list opens nothing.
+    let to_other_port =
+        build::ipv4_fragments(a, b, proto::UDP, 4, &build::udp(5, 5061, 4088), 1400);
+    for f in &to_other_port {
+        assert_eq!(e.handle_packet(src, f), Decision::DropNotListed);
+    }
+    // A new catalog forgets what the old one passed.
+    let d5 = datagram(5);
+    assert!(e.handle_packet(src, &d5[0]).passes());
+    e.set_catalog(sip(0, 0));
+    assert_eq!(e.handle_packet(src, &d5[1]), Decision::DropNotListed);
+    // Only the last FRAGMENTED_DATAGRAMS datagrams are remembered.
+    let firsts: Vec<Vec<u8>> = (0..=FRAGMENTED_DATAGRAMS as u16)
+        .map(|id| datagram(1000 + id).swap_remove(0))
+        .collect();
+    for f in &firsts {
+        assert!(e.handle_packet(src, f).passes());
+    }
+    assert_eq!(
+        e.handle_packet(src, &datagram(1000)[1]),
+        Decision::DropNotListed,
+        "the oldest datagram is forgotten"
+    );
+    assert!(e.handle_packet(src, &datagram(1001)[1]).passes());
+    // Later fragments count against the rule's limiter: a burst of 16 kbit (2,000
+    // bytes) holds the first 1,420-byte fragment, not the second too.
+    let (mut e, clock) = engine(sip(8, 16));
+    let src = e.source_key(&vnf("client"));
+    clock.advance(Duration::from_secs(60));
+    let d = datagram(9);
+    assert_eq!(
+        e.handle_packet(src, &d[0]),
+        Decision::Pass(Matched::Rule(0))
+    );
+    assert_eq!(
+        e.handle_packet(src, &d[1]),
+        Decision::DropLimited(Matched::Rule(0))
+    );
+    assert_eq!(e.counters().rules["sip"].limited_packets, 1);
+}
