@@ -60,7 +60,8 @@
 //!   wake-up pre-empts ordinary tasks at once), and waits for a full socket buffer by
 //!   sleeping, not yielding (`sched_yield` lets no ordinary task run).
 //! - Batch: without a priority, a VNF's thread runs `SCHED_BATCH` under load (the same
-//!   test, the same way back), where a wake-up does not pre-empt the task that woke it.
+//!   test and way back, but a limiter dropping is no load here: a trickle of oversized
+//!   packets would hold it batch), where a wake-up does not pre-empt the task that woke it.
 //!   Ordinary, each packet of a sender's burst woke the thread at once on the sender's
 //!   CPU and it ran for that one packet: at 19.5 kpps of 64-byte UDP in bursts of about
 //!   4, 6,200 wake-ups a second with a packet each; as a batch task it ran when the
@@ -476,7 +477,10 @@ fn end_round(
     limited: bool,
 ) {
     rate.count(round, packets);
-    if (packets > 0 && rate.dense()) || limited {
+    // A limiter dropping is a load for a real-time plane, whose limiters' timing matters
+    // then; not for a batch one (a trickle of oversized packets from any peer would keep
+    // it batch, and every sparse packet paying a batch thread's wait).
+    if (packets > 0 && rate.dense()) || (limited && schedule.priority.is_some()) {
         schedule.load(round);
     }
 }
@@ -1815,6 +1819,29 @@ mod tests {
             under_load(Some(7), Role::Vnf, a, false),
             UnderLoad::Realtime(7)
         );
+    }
+
+    #[test]
+    fn a_trickle_of_limited_drops_does_not_hold_a_vnf_batch() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let (mut rate, mut s) = (Rate::new(t0), Schedule::new(None, t0));
+        s.batch = true;
+        let (mut now, mut batched) = (t0, 0);
+        for _ in 0..50 {
+            if let Some(sw) = s.switch(now) {
+                s.switched(sw, true, now);
+            }
+            batched += usize::from(s.batched);
+            end_round(&mut rate, &mut s, now, 1, true);
+            now += ms(190);
+            s.slept(ms(190), now);
+        }
+        assert_eq!(batched, 0, "5 dropped packets a second held it batch");
+        // With a priority, drops are a load: it goes real-time.
+        let mut rt = Schedule::new(Some(10), t0);
+        end_round(&mut Rate::new(t0), &mut rt, t0, 1, true);
+        assert_eq!(rt.switch(t0), Some(Switch::Realtime(10)));
     }
 
     #[test]

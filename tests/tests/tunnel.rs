@@ -557,7 +557,13 @@ fn agents_that_do_not_busy_poll_never_warm_up_and_poll_and_batch_only_for_dense_
             .expect("asmn_agent_dataplane_batch_entries_total")
     };
     let pid = |i: usize| t.vnfs[i].agent.as_ref().expect("agent").pid();
-    let started: Vec<f64> = [c, s].iter().map(|&i| batched(i)).collect();
+    // (Right after enrolment the data plane may not be up yet: no entries then.)
+    let started: Vec<f64> = [c, s]
+        .iter()
+        .map(|&i| {
+            metric(&metrics(&t, i), "asmn_agent_dataplane_batch_entries_total").unwrap_or(0.0)
+        })
+        .collect();
     assert!(ping_until_up(&t, c, &server_ip), "no tunnel");
     // Start-up and the first handshake can be a burst of work (a busy plane is under
     // load); what counts is that sparse echoes after it are not.

@@ -15,11 +15,16 @@
 //!
 //! Fragments: a non-first fragment carries no transport header, so it cannot match a rule
 //! by port. A first fragment that passes records the rule (or default) that passed it, by
-//! datagram (source VNF, addresses, protocol, identification), and the later fragments of
-//! that datagram answer to the same rule and its limiter; others match only port-less
-//! rules or the default. The record holds the last [`FRAGMENTED_DATAGRAMS`] first
-//! fragments that passed (an older datagram's later fragments fall back as above), and
-//! starts afresh with each catalog.
+//! datagram (source VNF, addresses, identification, and for IPv4 the protocol: what the
+//! receiving kernel reassembles by), and the later fragments of that datagram answer to
+//! the same rule and its limiter until the last passes. A later fragment without a
+//! record (its first dropped, forgotten, or not yet come) is dropped: there is nothing
+//! the catalog allowed for it to join, and judged alone it could take a port-less rule's
+//! or the default's rate to a port whose rule is tighter. The record holds at most
+//! [`FRAGMENTED_DATAGRAMS`] unfinished datagrams (the oldest forgotten first), at most
+//! [`FRAGMENTED_PER_SOURCE`] of one source VNF, and starts afresh with each catalog. A
+//! sender whose fragments arrive out of order, first fragment not first, loses the
+//! datagram; within a tunnel they come in the order the sender's kernel cut them.
 //!
 //! Keys are bounded: each rule keeps at most `max_keys` per-source limiters (for the first
 //! `max_keys` source VNFs the engine interns); later and unknown sources share one overflow
@@ -41,16 +46,23 @@ use crate::catalog::{DefaultAction, Police, Protocol, SecCatalog};
 use crate::ids::VnfId;
 use packet::{PacketError, PacketMeta, proto};
 
-/// How many fragmented datagrams the engine remembers the rule of (see the module's notes):
-/// at 1 Gbit/s of 4 KiB datagrams, the last 30 ms of them.
+/// How many unfinished fragmented datagrams the engine remembers the rule of (see the
+/// module's notes): at 1 Gbit/s of 4 KiB datagrams, the last 30 ms of them.
 pub const FRAGMENTED_DATAGRAMS: usize = 1024;
+/// How many of them may be one source VNF's: its first fragments beyond are dropped (as
+/// limited), so that one source cannot make the engine forget the datagrams of others.
+pub const FRAGMENTED_PER_SOURCE: usize = FRAGMENTED_DATAGRAMS / 4;
 
-/// A fragmented datagram, as the engine tells them apart.
+/// A fragmented datagram, as the engine tells them apart: as the receiver's kernel
+/// reassembles them (IPv4 by addresses, protocol and identification; IPv6 by addresses
+/// and identification, the protocol being the first fragment's), and by source VNF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Datagram {
     source: SourceKey,
     src: std::net::IpAddr,
     dst: std::net::IpAddr,
+    /// IPv4's protocol; 0 for IPv6 (a later fragment's next header is the sender's word
+    /// only: the kernel keeps the first's).
     protocol: u8,
     id: u32,
 }
@@ -61,35 +73,73 @@ impl Datagram {
             source,
             src: meta.src,
             dst: meta.dst,
-            protocol: meta.protocol,
+            protocol: if meta.src.is_ipv4() { meta.protocol } else { 0 },
             id,
         }
     }
 }
 
-/// The rules that passed the first fragments of the last [`FRAGMENTED_DATAGRAMS`]
-/// datagrams (the oldest forgotten first).
+/// The rules that passed the first fragments of datagrams not yet finished (their last
+/// fragment passed): at most [`FRAGMENTED_DATAGRAMS`] (the oldest forgotten first), and
+/// at most [`FRAGMENTED_PER_SOURCE`] of one source VNF.
 #[derive(Debug, Default)]
 struct Fragments {
-    rules: HashMap<Datagram, Matched>,
-    order: std::collections::VecDeque<Datagram>,
+    /// By datagram: the rule, and the number of its insertion (its place in `order`).
+    rules: HashMap<Datagram, (Matched, u64)>,
+    /// Datagrams by age with their insertion's number; stale once finished.
+    order: std::collections::VecDeque<(Datagram, u64)>,
+    /// Unfinished datagrams per source.
+    per_source: HashMap<SourceKey, usize>,
+    inserted: u64,
 }
 
 impl Fragments {
     fn get(&self, d: &Datagram) -> Option<Matched> {
-        self.rules.get(d).copied()
+        self.rules.get(d).map(|e| e.0)
     }
 
+    /// Whether `source` has as many unfinished datagrams as it may.
+    fn full_for(&self, source: SourceKey) -> bool {
+        self.per_source.get(&source).copied().unwrap_or(0) >= FRAGMENTED_PER_SOURCE
+    }
+
+    /// Records that `which` passed the first fragment of `d` (the caller checked
+    /// [`Fragments::full_for`]).
     fn insert(&mut self, d: Datagram, which: Matched) {
-        if self.rules.insert(d, which).is_some() {
+        if let Some(e) = self.rules.get_mut(&d) {
             // The identification came round again: it keeps its place.
+            e.0 = which;
             return;
         }
-        self.order.push_back(d);
-        if self.order.len() > FRAGMENTED_DATAGRAMS
-            && let Some(old) = self.order.pop_front()
+        self.inserted += 1;
+        self.rules.insert(d, (which, self.inserted));
+        self.order.push_back((d, self.inserted));
+        *self.per_source.entry(d.source).or_default() += 1;
+        while self.rules.len() > FRAGMENTED_DATAGRAMS {
+            let Some((old, n)) = self.order.pop_front() else {
+                break;
+            };
+            if self.rules.get(&old).is_some_and(|e| e.1 == n) {
+                self.remove(&old);
+            }
+        }
+        // Finished datagrams leave stale places behind: swept when they outnumber the rest.
+        if self.order.len() > 2 * FRAGMENTED_DATAGRAMS {
+            let rules = &self.rules;
+            self.order
+                .retain(|(d, n)| rules.get(d).is_some_and(|e| e.1 == *n));
+        }
+    }
+
+    /// `d` is finished (or forgotten).
+    fn remove(&mut self, d: &Datagram) {
+        if self.rules.remove(d).is_some()
+            && let Some(n) = self.per_source.get_mut(&d.source)
         {
-            self.rules.remove(&old);
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&d.source);
+            }
         }
     }
 }
@@ -561,20 +611,51 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     }
 
     fn decide_as(&mut self, source: SourceKey, meta: &PacketMeta, policing: Policing) -> Decision {
-        let datagram = meta
-            .fragment
-            .map(|f| (f.first, Datagram::of(source, meta, f.id)));
-        if let Some((false, d)) = &datagram
-            && let Some(which) = self.fragments.get(d)
-        {
+        let Some(f) = meta.fragment else {
+            let which = self.classify(source, meta);
             return self.admit(which, source, meta.len, policing);
+        };
+        let d = Datagram::of(source, meta, f.id);
+        if !f.first {
+            // A later fragment goes where its first went; without a first that passed
+            // (or sent before it), there is nothing the catalog allowed to join.
+            let Some(which) = self.fragments.get(&d) else {
+                self.not_listed.0 += 1;
+                self.not_listed.1 += meta.len as u64;
+                return Decision::DropNotListed;
+            };
+            let decision = self.admit(which, source, meta.len, policing);
+            if f.last && decision.passes() {
+                self.fragments.remove(&d);
+            }
+            return decision;
         }
         let which = self.classify(source, meta);
+        if self.fragments.full_for(source) && self.fragments.get(&d).is_none() {
+            return self.refuse(which, meta.len);
+        }
         let decision = self.admit(which, source, meta.len, policing);
-        if let (Some((true, d)), Decision::Pass(which)) = (datagram, decision) {
+        if let Decision::Pass(which) = decision {
             self.fragments.insert(d, which);
         }
         decision
+    }
+
+    /// Drops `len` bytes under `which` as limited, without asking its limiter (the
+    /// default without one: not listed).
+    fn refuse(&mut self, which: Matched, len: usize) -> Decision {
+        let c = match which {
+            Matched::Rule(r) => &mut self.counters[usize::from(r)],
+            Matched::Default if self.default_limiter.is_some() => &mut self.default_counters,
+            Matched::Default => {
+                self.not_listed.0 += 1;
+                self.not_listed.1 += len as u64;
+                return Decision::DropNotListed;
+            }
+        };
+        c.limited_packets += 1;
+        c.limited_bytes += len as u64;
+        Decision::DropLimited(which)
     }
 
     /// The rule that `meta` from `source` matches, if any: else the default.

@@ -75,15 +75,17 @@ pub struct PacketMeta {
     pub fragment: Option<Fragment>,
 }
 
-/// A fragment of an IP datagram: its identification (with the addresses and protocol,
-/// what names the datagram) and whether it is the first (offset 0, more to come), the
-/// one that carries the transport header.
+/// A fragment of an IP datagram: its identification (with the addresses, and for IPv4
+/// the protocol, what names the datagram), whether it is the first (offset 0, more to
+/// come: the one that carries the transport header) and whether it is the last (no more).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fragment {
     /// The IPv4 identification or the IPv6 fragment header's.
     pub id: u32,
     /// Offset 0: the transport header is in it.
     pub first: bool,
+    /// No more fragments follow it (its offset is not 0).
+    pub last: bool,
 }
 
 impl PacketMeta {
@@ -165,6 +167,7 @@ fn parse_v4(buf: &[u8]) -> Result<PacketMeta, PacketError> {
     let fragment = (offset != 0 || more).then(|| Fragment {
         id: u32::from(be16(buf, 4)),
         first: offset == 0,
+        last: !more,
     });
     let protocol = buf[9];
     let src = IpAddr::V4(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
@@ -233,6 +236,7 @@ fn parse_v6(buf: &[u8]) -> Result<PacketMeta, PacketError> {
                     fragment = Some(Fragment {
                         id,
                         first: offset == 0,
+                        last: !more,
                     });
                 }
                 if offset != 0 {
@@ -455,23 +459,18 @@ mod tests {
         assert_eq!(frags.len(), 3);
         let first = parse(&frags[0]).expect("first fragment");
         assert_eq!(first.dst_port(), Some(5060));
-        assert_eq!(
-            first.fragment,
+        let at = |first, last| {
             Some(Fragment {
                 id: 77,
-                first: true
+                first,
+                last,
             })
-        );
-        for f in &frags[1..] {
+        };
+        assert_eq!(first.fragment, at(true, false));
+        for (i, f) in frags.iter().enumerate().skip(1) {
             let p = parse(f).expect("later fragment");
             assert_eq!(p.transport, Transport::Fragment);
-            assert_eq!(
-                p.fragment,
-                Some(Fragment {
-                    id: 77,
-                    first: false
-                })
-            );
+            assert_eq!(p.fragment, at(false, i == 2));
         }
         // A whole datagram is no fragment; a first fragment too short for the UDP header
         // (a tiny-fragment trick) is malformed, and one whose length field is below the
@@ -528,7 +527,8 @@ mod tests {
         f.extend_from_slice(&udp(1, 53, 0));
         let p = parse(&ipv6(A6, B6, 44, &f)).expect("frag0");
         assert_eq!(p.dst_port(), Some(53));
-        assert_eq!(p.fragment, Some(Fragment { id: 1, first: true }));
+        let at = |first, last| Some(Fragment { id: 1, first, last });
+        assert_eq!(p.fragment, at(true, false));
         // The first of a datagram larger than the fragment: its UDP length counts the
         // whole datagram.
         let mut big = vec![proto::UDP, 0, 0, 1, 0, 0, 0, 2];
@@ -545,13 +545,7 @@ mod tests {
         let later = [proto::UDP, 0, 0x05, 0x00, 0, 0, 0, 1, 9, 9];
         let p = parse(&ipv6(A6, B6, 44, &later)).expect("frag");
         assert_eq!((p.transport, p.protocol), (Transport::Fragment, proto::UDP));
-        assert_eq!(
-            p.fragment,
-            Some(Fragment {
-                id: 1,
-                first: false
-            })
-        );
+        assert_eq!(p.fragment, at(false, true));
         let p = parse(&ipv6(A6, B6, proto::ICMPV6, &[128, 0, 0, 0])).expect("icmp6");
         assert_eq!(p.transport, Transport::Icmp { kind: 128, code: 0 });
     }

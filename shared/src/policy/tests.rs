@@ -235,13 +235,11 @@ fn protocols_ports_icmp_and_fragments() {
     );
     let out = build::ipv4(a, b, proto::UDP, &build::udp(9, 2001, 4));
     assert_eq!(e.handle_packet(src, &out), Decision::Pass(Matched::Rule(2)));
-    // A non-first fragment skips the port rule and matches the port-less UDP rule.
+    // A non-first fragment alone (no first fragment of its datagram passed) is dropped,
+    // even where a port-less rule would take any UDP packet.
     let mut frag = build::ipv4(a, b, proto::UDP, &[1, 2, 3, 4]);
     frag[7] = 0x20;
-    assert_eq!(
-        e.handle_packet(src, &frag),
-        Decision::Pass(Matched::Rule(2))
-    );
+    assert_eq!(e.handle_packet(src, &frag), Decision::DropNotListed);
     let tcp = build::tcp4(1500, 40);
     assert_eq!(e.handle_packet(src, &tcp), Decision::DropNotListed);
     assert!(matches!(
@@ -434,19 +432,48 @@ fn the_fragments_of_a_datagram_follow_its_first_fragment() {
     assert!(e.handle_packet(src, &d5[0]).passes());
     e.set_catalog(sip(0, 0));
     assert_eq!(e.handle_packet(src, &d5[1]), Decision::DropNotListed);
-    // Only the last FRAGMENTED_DATAGRAMS datagrams are remembered.
-    let firsts: Vec<Vec<u8>> = (0..=FRAGMENTED_DATAGRAMS as u16)
-        .map(|id| datagram(1000 + id).swap_remove(0))
-        .collect();
-    for f in &firsts {
+    // A source has at most FRAGMENTED_PER_SOURCE unfinished datagrams: its next first
+    // fragment is refused (as limited) until one finishes.
+    let per = FRAGMENTED_PER_SOURCE as u16;
+    let unfinished: Vec<Vec<Vec<u8>>> = (0..per).map(|i| datagram(1000 + i)).collect();
+    for d in &unfinished {
+        assert!(e.handle_packet(src, &d[0]).passes());
+    }
+    let one_more = datagram(2000);
+    assert_eq!(
+        e.handle_packet(src, &one_more[0]),
+        Decision::DropLimited(Matched::Rule(0))
+    );
+    // Meanwhile another source's datagrams cross.
+    for f in datagram(3000) {
+        assert!(e.handle_packet(other, &f).passes());
+    }
+    for f in &unfinished[0][1..] {
         assert!(e.handle_packet(src, f).passes());
     }
+    for f in &one_more {
+        assert!(
+            e.handle_packet(src, f).passes(),
+            "a finished datagram frees its place"
+        );
+    }
+    // In all, FRAGMENTED_DATAGRAMS are remembered: past that the oldest is forgotten
+    // (here, the first source's second datagram).
+    let sources: Vec<SourceKey> = (0..4)
+        .map(|i| e.source_key(&vnf(&format!("s{i}"))))
+        .collect();
+    // (The first source has FRAGMENTED_PER_SOURCE - 1 unfinished now.)
+    let filler = (FRAGMENTED_DATAGRAMS - (FRAGMENTED_PER_SOURCE - 1) + 1) as u16;
+    for i in 0..filler {
+        let s = sources[usize::from(i) % sources.len()];
+        assert!(e.handle_packet(s, &datagram(4000 + i)[0]).passes());
+    }
     assert_eq!(
-        e.handle_packet(src, &datagram(1000)[1]),
+        e.handle_packet(src, &unfinished[1][1]),
         Decision::DropNotListed,
         "the oldest datagram is forgotten"
     );
-    assert!(e.handle_packet(src, &datagram(1001)[1]).passes());
+    assert!(e.handle_packet(src, &unfinished[2][1]).passes());
     // Later fragments count against the rule's limiter: a burst of 16 kbit (2,000
     // bytes) holds the first 1,420-byte fragment, not the second too.
     let (mut e, clock) = engine(sip(8, 16));
@@ -462,4 +489,77 @@ fn the_fragments_of_a_datagram_follow_its_first_fragment() {
         Decision::DropLimited(Matched::Rule(0))
     );
     assert_eq!(e.counters().rules["sip"].limited_packets, 1);
+}
+
+/// Fragments sent before their first (the kernel reassembles them in any order) do not
+/// take the default's rate to a port whose rule is tighter: alone, they are dropped.
+#[test]
+fn fragments_sent_before_their_first_are_dropped() {
+    let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+    let lowered = DefaultAction::Police(Police {
+        rate: KbitPerSec(100_000),
+        burst: Kbit(100_000),
+    });
+    let (mut e, clock) = engine(catalog(
+        vec![rule("sip", Protocol::Udp, Some(5060), 8, 16)],
+        lowered,
+    ));
+    let src = e.source_key(&vnf("client"));
+    clock.advance(Duration::from_secs(60));
+    let frags = build::ipv4_fragments(a, b, proto::UDP, 9, &build::udp(5, 5060, 4088), 1400);
+    for f in frags[1..].iter().rev() {
+        assert_eq!(e.handle_packet(src, f), Decision::DropNotListed);
+    }
+    assert!(e.handle_packet(src, &frags[0]).passes());
+    // Whole packets still take the lowered default.
+    let other = build::ipv4(a, b, proto::UDP, &build::udp(5, 7000, 100));
+    assert_eq!(
+        e.handle_packet(src, &other),
+        Decision::Pass(Matched::Default)
+    );
+}
+
+/// IPv6 reassembles by addresses and identification, with the first fragment's protocol:
+/// a later fragment that names another protocol still answers to the first's rule.
+#[test]
+fn ipv6_later_fragments_cannot_relabel_their_protocol() {
+    let (a, b) = (
+        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
+    );
+    let (mut e, clock) = engine(catalog(
+        vec![
+            rule("sip", Protocol::Udp, Some(5060), 8, 16),
+            rule("ping", Protocol::Icmp, None, 0, 0),
+        ],
+        DefaultAction::Drop,
+    ));
+    let src = e.source_key(&vnf("client"));
+    clock.advance(Duration::from_secs(60));
+    let udp = build::udp(1, 5060, 16_000);
+    let frag = |next: u8, off: usize, more: bool, d: &[u8]| {
+        let mut l = vec![next, 0];
+        l.extend_from_slice(&(off as u16 | u16::from(more)).to_be_bytes());
+        l.extend_from_slice(&7u32.to_be_bytes());
+        l.extend_from_slice(d);
+        build::ipv6(a, b, 44, &l)
+    };
+    assert!(
+        e.handle_packet(src, &frag(proto::UDP, 0, true, &udp[..1400]))
+            .passes()
+    );
+    let mut passed = 1400;
+    for off in (1400..udp.len()).step_by(1400) {
+        let end = (off + 1400).min(udp.len());
+        let f = frag(proto::ICMPV6, off, end < udp.len(), &udp[off..end]);
+        if e.handle_packet(src, &f).passes() {
+            passed += end - off;
+        }
+    }
+    assert!(
+        passed <= 2_000,
+        "{passed} bytes passed a 2,000-byte-burst rule"
+    );
+    assert!(e.counters().rules["sip"].limited_packets > 0);
+    assert_eq!(e.counters().rules["ping"].passed_packets, 0);
 }
