@@ -854,6 +854,11 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
     // the gateway's real-time priority, or, kept off the CPU here, it delivers what the
     // gateway passed in bunches (see `DATAPLANE_REALTIME`).
     t.realtime(s).expect("realtime");
+    // The attacker's agent, which encrypts the flood, stays ordinary: batch under load it
+    // waits behind the real-time planes on these two cores, and a flood in gaps meets the
+    // gateway's burst after each (see `asmn_lab::scenarios::flood`).
+    t.configure(c, "batch_under_load = false\n")
+        .expect("config");
     for i in [g, c, s, w, st] {
         t.start(i).expect("start");
     }
