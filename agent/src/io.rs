@@ -1635,13 +1635,7 @@ mod tests {
         assert_eq!(never.switch(t0 + ms(50)), None);
         let mut s = Schedule::new(Some(7), t0);
         // Sparse traffic: awake 100 us at a time, asleep between.
-        let mut now = t0;
-        for _ in 0..100 {
-            now += Duration::from_micros(100);
-            assert_eq!(s.switch(now), None);
-            now += ms(5);
-            s.slept(ms(5), now);
-        }
+        let now = sparse(&mut s, t0);
         // Awake (running, or runnable and kept waiting) for REALTIME_BUSY: real-time.
         assert_eq!(s.switch(now + ms(1)), None);
         let busy = now + REALTIME_BUSY;
@@ -1821,6 +1815,19 @@ mod tests {
         );
     }
 
+    /// 100 rounds of sparse traffic from `t0`, awake 100 us at a time and asleep 5 ms
+    /// between, none calling for a switch; when they end.
+    fn sparse(s: &mut Schedule, t0: Instant) -> Instant {
+        let mut now = t0;
+        for _ in 0..100 {
+            now += Duration::from_micros(100);
+            assert_eq!(s.switch(now), None);
+            now += Duration::from_millis(5);
+            s.slept(Duration::from_millis(5), now);
+        }
+        now
+    }
+
     #[test]
     fn a_trickle_of_limited_drops_does_not_hold_a_vnf_batch() {
         let t0 = Instant::now();
@@ -1851,13 +1858,7 @@ mod tests {
         let mut s = Schedule::new(None, t0);
         s.batch = true;
         // Sparse traffic: ordinary.
-        let mut now = t0;
-        for _ in 0..100 {
-            now += Duration::from_micros(100);
-            assert_eq!(s.switch(now), None);
-            now += ms(5);
-            s.slept(ms(5), now);
-        }
+        let now = sparse(&mut s, t0);
         // Dense packets: batch, and no rests (it is not real-time).
         s.load(now);
         assert_eq!(s.switch(now), Some(Switch::Batch));

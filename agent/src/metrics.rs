@@ -250,8 +250,9 @@ pub fn render(stats: &PlaneStats) -> String {
 }
 
 /// The data-plane thread's scheduling: its real-time priority, whether it runs real-time
-/// (or batch) now, how often it went real-time (or batch) and rested, and its busy-poll warm-ups; and its
-/// underlay sockets (one, or two with handshakes apart) and the handshake socket's reads.
+/// (or batch) now, how often it went real-time (or batch) and rested, and its busy-poll
+/// warm-ups; and its underlay sockets (one, or two with handshakes apart) and the
+/// handshake socket's reads.
 fn render_scheduling(s: crate::io::SchedulingStats, out: &mut String) {
     let _ = writeln!(
         out,

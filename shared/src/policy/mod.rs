@@ -644,18 +644,7 @@ impl<C: Clock + Clone> PolicyEngine<C> {
     /// Drops `len` bytes under `which` as limited, without asking its limiter (the
     /// default without one: not listed).
     fn refuse(&mut self, which: Matched, len: usize) -> Decision {
-        let c = match which {
-            Matched::Rule(r) => &mut self.counters[usize::from(r)],
-            Matched::Default if self.default_limiter.is_some() => &mut self.default_counters,
-            Matched::Default => {
-                self.not_listed.0 += 1;
-                self.not_listed.1 += len as u64;
-                return Decision::DropNotListed;
-            }
-        };
-        c.limited_packets += 1;
-        c.limited_bytes += len as u64;
-        Decision::DropLimited(which)
+        self.settle(which, len, |_| false)
     }
 
     /// The rule that `meta` from `source` matches, if any: else the default.
@@ -694,40 +683,41 @@ impl<C: Clock + Clone> PolicyEngine<C> {
         len: usize,
         policing: Policing,
     ) -> Decision {
-        if let Matched::Rule(r) = which {
-            let i = usize::from(r);
-            let ok = match &mut self.limiters[i] {
-                None => true,
-                Some(l) => l.admit(source, len, policing),
-            };
-            let c = &mut self.counters[i];
-            return if ok {
-                c.passed_packets += 1;
-                c.passed_bytes += len as u64;
-                Decision::Pass(Matched::Rule(r))
-            } else {
-                c.limited_packets += 1;
-                c.limited_bytes += len as u64;
-                Decision::DropLimited(Matched::Rule(r))
-            };
-        }
-        match &mut self.default_limiter {
-            None => {
-                self.not_listed.0 += 1;
-                self.not_listed.1 += len as u64;
-                Decision::DropNotListed
+        self.settle(which, len, |l| {
+            l.is_none_or(|l| l.admit(source, len, policing))
+        })
+    }
+
+    /// Counts `len` bytes under `which` as passed or limited, as `passes` says given the
+    /// limiter (none: unlimited); the default without a limiter drops them as not listed.
+    fn settle(
+        &mut self,
+        which: Matched,
+        len: usize,
+        passes: impl FnOnce(Option<&mut RuleLimiters<C>>) -> bool,
+    ) -> Decision {
+        let (limiter, c) = match which {
+            Matched::Rule(r) => {
+                let i = usize::from(r);
+                (self.limiters[i].as_mut(), &mut self.counters[i])
             }
-            Some(l) => {
-                if l.admit(source, len, policing) {
-                    self.default_counters.passed_packets += 1;
-                    self.default_counters.passed_bytes += len as u64;
-                    Decision::Pass(Matched::Default)
-                } else {
-                    self.default_counters.limited_packets += 1;
-                    self.default_counters.limited_bytes += len as u64;
-                    Decision::DropLimited(Matched::Default)
+            Matched::Default => match self.default_limiter.as_mut() {
+                None => {
+                    self.not_listed.0 += 1;
+                    self.not_listed.1 += len as u64;
+                    return Decision::DropNotListed;
                 }
-            }
+                Some(l) => (Some(l), &mut self.default_counters),
+            },
+        };
+        if passes(limiter) {
+            c.passed_packets += 1;
+            c.passed_bytes += len as u64;
+            Decision::Pass(which)
+        } else {
+            c.limited_packets += 1;
+            c.limited_bytes += len as u64;
+            Decision::DropLimited(which)
         }
     }
 
