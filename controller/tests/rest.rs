@@ -1334,6 +1334,89 @@ async fn unauthenticated_peers_cannot_hold_the_rest_api_nor_grow_its_metrics() {
     }
 }
 
+/// CPU time (user and system, in seconds) of process `pid` so far, from `/proc`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The fields after the command's closing parenthesis: utime and stime are 12 and 13.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Peers without a certificate cannot make Sec-EM read a body it refused: a body of
+/// one-byte chunks (six bytes on the wire, two task wake-ups on Sec-EM a byte), sent as
+/// fast as 8 connections at once can, is cut off within a second and costs Sec-EM little
+/// CPU. The first version of reading refused bodies to their end read them for each
+/// anonymous connection's whole 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_peers_cannot_make_sec_em_read_refused_bodies() {
+    use tokio::io::AsyncWriteExt;
+    let s = serve().await;
+    let pid = s.daemon.as_ref().expect("daemon").0.id();
+    let chunks = "1\r\nX\r\n".repeat(10_000).into_bytes();
+    let config = Arc::new(client_tls(s.dir.path(), None));
+    let before = cpu_seconds(pid);
+    let started = Instant::now();
+    let mut attackers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (config, chunks, port) = (Arc::clone(&config), chunks.clone(), s.rest);
+        attackers.spawn(async move {
+            // Three connections one after the other: (bytes written, how long it lasted).
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+                sock.bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))
+                    .expect("bind");
+                let tcp = sock
+                    .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                    .await
+                    .expect("connect");
+                let mut c = tokio_rustls::TlsConnector::from(Arc::clone(&config))
+                    .connect(name, tcp)
+                    .await
+                    .expect("handshake");
+                let t = Instant::now();
+                let head = "POST /v1/instances HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                let mut sent = 0usize;
+                let mut written = c.write_all(head.as_bytes()).await;
+                while written.is_ok() && t.elapsed() < Duration::from_secs(8) {
+                    written = match tokio::time::timeout(Duration::from_secs(8), c.write_all(&chunks))
+                        .await
+                    {
+                        Ok(w) => w,
+                        Err(_) => Err(std::io::Error::other("write stalled")),
+                    };
+                    sent += chunks.len();
+                }
+                held.push((sent, t.elapsed()));
+            }
+            held
+        });
+    }
+    let held: Vec<(usize, Duration)> = attackers.join_all().await.into_iter().flatten().collect();
+    let used = cpu_seconds(pid) - before;
+    let took = started.elapsed().as_secs_f64();
+    let longest = held.iter().map(|h| h.1).max().expect("connections");
+    let most = held.iter().map(|h| h.0).max().expect("connections");
+    eprintln!(
+        "{} connections in {took:.1} s: the longest held {longest:?}, the most written {most} bytes; Sec-EM used {used:.2} s of CPU",
+        held.len()
+    );
+    assert!(
+        longest < Duration::from_secs(1),
+        "an anonymous refused body was read for {longest:?}: {held:?}"
+    );
+    assert!(
+        used < 0.5,
+        "Sec-EM used {used:.2} s of CPU for 24 anonymous refused bodies: {held:?}"
+    );
+    // And it still answers its operator.
+    let r = s.api(Some("admin")).get("/v1/instances").await;
+    assert_eq!(r.0, 200, "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_part_over_1_mib_is_refused() {
     let s = serve().await;

@@ -77,13 +77,21 @@ const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 512;
 /// Connections from one source address at once; more are closed at once.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
-/// Most of a request body read and thrown away after an answer that did not need it.
+/// Most of a request body read and thrown away after an answer that did not need it, on
+/// a connection with an admin certificate.
 const DRAIN_BYTES: usize = 16 << 20;
+/// The same without a client certificate (a health check or the document: nothing with a
+/// body is theirs to send).
+const DRAIN_BYTES_ANONYMOUS: usize = 64 << 10;
+/// What each frame of such a body counts at least: a chunked body of 1-byte chunks costs
+/// two task wake-ups a byte, and would otherwise be read for the whole deadline.
+const DRAIN_FRAME_COST: usize = 4 << 10;
 /// Longest such a body is read after the answer.
 const DRAIN_TIME: Duration = Duration::from_secs(10);
 
-/// A request body that is read to its end (at most [`DRAIN_BYTES`] more, for at most
-/// [`DRAIN_TIME`]) when the handler answers without it: a refusal before the body is read
+/// A request body that is read to its end (at most `budget` more, [`DRAIN_BYTES`] or
+/// [`DRAIN_BYTES_ANONYMOUS`], each frame counting at least [`DRAIN_FRAME_COST`], for at
+/// most [`DRAIN_TIME`]) when the handler answers without it: a refusal before the body is read
 /// (an image part before the descriptor, an unknown method, a wrong content type, a
 /// descriptor over 1 MiB). Without this, hyper closed the connection with the body's rest
 /// unread in the socket, the kernel answered the client's next bytes with a reset, and a
@@ -93,6 +101,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 struct Drained {
     body: Option<hyper::body::Incoming>,
     ended: bool,
+    budget: usize,
 }
 
 impl hyper::body::Body for Drained {
@@ -137,12 +146,14 @@ impl Drop for Drained {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let mut left = self.budget;
         rt.spawn(async move {
             use http_body_util::BodyExt;
-            let mut left = DRAIN_BYTES;
             let _ = tokio::time::timeout(DRAIN_TIME, async {
                 while let Some(Ok(frame)) = body.frame().await {
-                    let n = frame.data_ref().map_or(0, |d| d.len());
+                    let n = frame
+                        .data_ref()
+                        .map_or(DRAIN_FRAME_COST, |d| d.len().max(DRAIN_FRAME_COST));
                     if n > left {
                         // Given up: hyper closes the connection.
                         tracing::debug!("REST: an unread request body is over the drain limit");
@@ -375,6 +386,11 @@ async fn serve_connection(
                     axum::body::Body::new(Drained {
                         body: Some(body),
                         ended: false,
+                        budget: if anonymous {
+                            DRAIN_BYTES_ANONYMOUS
+                        } else {
+                            DRAIN_BYTES
+                        },
                     })
                 }))
                 .await
