@@ -22,7 +22,8 @@ pub struct Flood {
     pub fell_at_s: Option<f64>,
     /// Mean rate before the rule (after the first second).
     pub before_mbps: f64,
-    /// Highest 100 ms rate from 100 ms after the command.
+    /// Highest 100 ms rate from 100 ms after the command (a window under 50 ms counted
+    /// with the next).
     pub max_after_mbps: f64,
     /// Mean rate from 1 s after the command.
     pub after_mbps: f64,
@@ -254,10 +255,7 @@ pub(super) fn flood_figure(run: &crate::scenarios::FloodRun) -> Flood {
             .find(|w| w.from_ns >= applied && w.mbps <= CEILING_MBPS)
             .map(|w| secs(w.from_ns)),
         before_mbps: run.before_mbps(Duration::from_secs(1)),
-        max_after_mbps: run
-            .after(Duration::from_millis(100))
-            .map(|w| w.mbps)
-            .fold(0.0, f64::max),
+        max_after_mbps: run.highest_after(Duration::from_millis(100), Duration::from_millis(50)),
         after_mbps: {
             let v: Vec<f64> = run.after(Duration::from_secs(1)).map(|w| w.mbps).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
