@@ -1077,14 +1077,22 @@ async fn tls_as(
     source: std::net::IpAddr,
     identity: Option<&str>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let config = client_tls(s.dir.path(), identity);
+    connect_tls(Arc::new(client_tls(s.dir.path(), identity)), source, s.rest).await
+}
+
+/// A TLS connection with `config` from `source` to the REST API on loopback `port`.
+async fn connect_tls(
+    config: Arc<rustls::ClientConfig>,
+    source: std::net::IpAddr,
+    port: u16,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(std::net::SocketAddr::new(source, 0))?;
     let tcp = sock
-        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], s.rest)))
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
 }
@@ -1365,18 +1373,9 @@ async fn anonymous_peers_cannot_make_sec_em_read_refused_bodies() {
             // Three connections one after the other: (bytes written, how long it lasted).
             let mut held = Vec::new();
             for _ in 0..3 {
-                let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
-                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-                sock.bind(std::net::SocketAddr::from(([127, 0, 0, 2], 0)))
-                    .expect("bind");
-                let tcp = sock
-                    .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                let mut c = connect_tls(Arc::clone(&config), [127, 0, 0, 2].into(), port)
                     .await
                     .expect("connect");
-                let mut c = tokio_rustls::TlsConnector::from(Arc::clone(&config))
-                    .connect(name, tcp)
-                    .await
-                    .expect("handshake");
                 let t = Instant::now();
                 let head = "POST /v1/instances HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
                 let mut sent = 0usize;

@@ -376,6 +376,11 @@ async fn serve_connection(
         .and_then(|c| crate::pki::serial_of(c));
     let anonymous = serial.is_none();
     let peer = Peer(serial);
+    let budget = if anonymous {
+        DRAIN_BYTES_ANONYMOUS
+    } else {
+        DRAIN_BYTES
+    };
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
@@ -386,11 +391,7 @@ async fn serve_connection(
                     axum::body::Body::new(Drained {
                         body: Some(body),
                         ended: false,
-                        budget: if anonymous {
-                            DRAIN_BYTES_ANONYMOUS
-                        } else {
-                            DRAIN_BYTES
-                        },
+                        budget,
                     })
                 }))
                 .await
