@@ -11,6 +11,11 @@
 //! overhead. With `busy`, each trial then runs the busy-polling agents and the busy null
 //! tunnel, one at a time (each takes the CPUs), against the same trial's boringtun-cli.
 //! How often the null tunnel meets a target is the floor of that target on this machine.
+//!
+//! Each trial also measures what the tunnels' own processes spend per echo at the load of
+//! the paper's Fig. 6 (100 echoes a second, 64 bytes), one path after another in rotated
+//! order while all three run: the CPU target (ASMN's added CPU at most 0.5x boringtun-cli's)
+//! beside its floor, the null tunnel that sleeps in epoll and does no cryptography.
 
 use crate::bench::{
     self, BORINGTUN_B, DirectPair, NULL_B, RTT_RUNS, Run, TUNNEL_B, VETH_B, median,
@@ -25,6 +30,10 @@ pub const BUSY_TARGET: f64 = 0.6;
 
 /// Packets [`rtt_odds`] times each way for its [`CryptoWake`].
 const CRYPTO_PACKETS: usize = 400;
+/// Echoes of each path's CPU measurement in a trial, [`CPU_INTERVAL_MS`] apart (3 s).
+pub const CPU_ECHOES: usize = 300;
+/// The gap between those echoes: 100 a second, Fig. 6's load.
+pub const CPU_INTERVAL_MS: u64 = 10;
 
 /// One path of the trials.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -35,6 +44,9 @@ pub struct OddsPath {
     pub target: Option<f64>,
     /// Per trial, the median RTT of each of its [`RTT_RUNS`] runs, microseconds.
     pub trials: Vec<Vec<f64>>,
+    /// Per trial, the CPU time of the tunnel's processes (both ends, all threads) per
+    /// echo answered at 100 echoes a second, microseconds (none for the plain veth).
+    pub cpu_us_per_echo: Vec<f64>,
 }
 
 /// The trials: the plain veth first, boringtun-cli (one thread) second, then the paths
@@ -65,6 +77,8 @@ pub struct Verdict {
     pub runs: usize,
     /// Per trial, its median overhead over boringtun-cli's.
     pub ratios: Vec<f64>,
+    /// Per trial, its processes' CPU per echo over boringtun-cli's.
+    pub cpu_ratios: Vec<f64>,
 }
 
 impl RttOdds {
@@ -85,6 +99,13 @@ impl RttOdds {
                     runs_met: 0,
                     runs: 0,
                     ratios: Vec::new(),
+                    cpu_ratios: p
+                        .cpu_us_per_echo
+                        .iter()
+                        .zip(&bt.cpu_us_per_echo)
+                        .filter(|(_, theirs)| **theirs > 0.0)
+                        .map(|(mine, theirs)| mine / theirs)
+                        .collect(),
                 };
                 for ((runs, vt), bt) in p.trials.iter().zip(&veth.trials).zip(&bt.trials) {
                     let (Some(base), Some(theirs), Some(mine)) = (
@@ -113,6 +134,39 @@ fn one_run(run: Run<'_>, ns: &Netns, to: &str) -> anyhow::Result<f64> {
     bench::rtt_run(run, ns, to).map_err(anyhow::Error::msg)
 }
 
+/// The CPU time of `pids` per echo answered while `ns` pings `to` [`CPU_ECHOES`] times,
+/// [`CPU_INTERVAL_MS`] apart, with the lab's generator; microseconds.
+fn cpu_per_echo(run: Run<'_>, ns: &Netns, to: &str, pids: &[u32]) -> anyhow::Result<f64> {
+    // The path up (a handshake after two idle minutes) before anything is counted.
+    let _ = bench::generate(
+        ns,
+        run.me,
+        &["ping", to, "--count", "3", "--interval-ms", "100"],
+    );
+    let cpu = || pids.iter().map(|p| bench::cpu_seconds(*p)).sum::<f64>();
+    let before = cpu();
+    let r = bench::generate(
+        ns,
+        run.me,
+        &[
+            "ping",
+            to,
+            "--count",
+            &CPU_ECHOES.to_string(),
+            "--interval-ms",
+            &CPU_INTERVAL_MS.to_string(),
+        ],
+    )
+    .map_err(anyhow::Error::msg)?;
+    let spent = cpu() - before;
+    let answered = r["rtt_us"].as_array().map_or(0, Vec::len);
+    anyhow::ensure!(
+        answered >= CPU_ECHOES * 3 / 4,
+        "only {answered} of {CPU_ECHOES} echoes answered to {to}"
+    );
+    Ok(1e6 * spent / answered as f64)
+}
+
 /// Runs `trials` trials (see the module's documentation).
 pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOdds> {
     anyhow::ensure!(
@@ -123,6 +177,7 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
         path: name.to_string(),
         target,
         trials: Vec::new(),
+        cpu_us_per_echo: Vec::new(),
     };
     let mut out = RttOdds {
         crypto: None,
@@ -152,7 +207,7 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
         for p in &mut out.paths {
             p.trials.push(Vec::with_capacity(RTT_RUNS));
         }
-        pair.start_agents(false)?;
+        let agents = pair.start_agents(false)?;
         let nulls = bench::null_tunnels(run, &pair, NullWait::Epoll)?;
         let bt = pair.start_boringtun(1)?;
         let side_by_side = [VETH_B, BORINGTUN_B, TUNNEL_B, NULL_B];
@@ -162,6 +217,17 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
                 let r = one_run(run, &pair.a, side_by_side[i])?;
                 out.paths[i].trials[trial].push(r);
             }
+        }
+        // The tunnels' CPU per echo, in an order rotated from trial to trial.
+        let pids = [
+            bt.pids(),
+            agents.to_vec(),
+            nulls.iter().map(Proc::pid).collect(),
+        ];
+        for k in 0..pids.len() {
+            let i = (k + trial) % pids.len();
+            let us = cpu_per_echo(run, &pair.a, side_by_side[i + 1], &pids[i])?;
+            out.paths[i + 1].cpu_us_per_echo.push(us);
         }
         drop(bt);
         drop(nulls);
@@ -189,6 +255,16 @@ pub fn rtt_odds(run: Run<'_>, trials: usize, busy: bool) -> anyhow::Result<RttOd
     Ok(out)
 }
 
+/// `v`'s median, least and most, as "m (l-h)" with `unit` after the median.
+fn spread(v: &[f64], unit: &str) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match median(&mut v.to_vec()) {
+        Some(m) => format!("{m:.2}{unit} ({lo:.2}-{hi:.2})"),
+        None => "-".into(),
+    }
+}
+
 /// The verdicts as a Markdown table, the baselines' medians above it.
 pub fn markdown(o: &RttOdds) -> String {
     use std::fmt::Write as _;
@@ -211,22 +287,43 @@ pub fn markdown(o: &RttOdds) -> String {
         "\n| path | target (x boringtun-cli's overhead) | trials with every run within it | runs within it | overhead / boringtun-cli's, per trial: median (least-most) |\n|---|---:|---:|---:|---:|"
     );
     for v in o.verdicts() {
-        let mut r = v.ratios.clone();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let _ = writeln!(
             s,
-            "| {} | {:.1} | {} of {} | {} of {} | {:.2}x ({:.2}-{:.2}) |",
+            "| {} | {:.1} | {} of {} | {} of {} | {} |",
             v.path,
             v.target,
             v.trials_met,
             v.trials,
             v.runs_met,
             v.runs,
-            median(&mut r).unwrap_or(f64::NAN),
-            lo,
-            hi
+            spread(&v.ratios, "x")
         );
+    }
+    let cpu: Vec<&OddsPath> = o
+        .paths
+        .iter()
+        .filter(|p| !p.cpu_us_per_echo.is_empty())
+        .collect();
+    if !cpu.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nThe tunnels' processes (both ends, all threads), CPU per echo at {} echoes a second, 64 bytes (Fig. 6's load), each trial's paths one after another:\n\n| path | per echo, per trial: median (least-most) | over boringtun-cli's, per trial: median (least-most) |\n|---|---:|---:|",
+            1000 / CPU_INTERVAL_MS
+        );
+        let verdicts = o.verdicts();
+        for p in cpu {
+            let ratios = verdicts
+                .iter()
+                .find(|v| v.path == p.path)
+                .map(|v| spread(&v.cpu_ratios, "x"))
+                .unwrap_or_else(|| "(the reference)".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {ratios} |",
+                p.path,
+                spread(&p.cpu_us_per_echo, " us")
+            );
+        }
     }
     if let Some(c) = o.crypto {
         let _ = writeln!(
@@ -254,6 +351,7 @@ mod tests {
             path: path.into(),
             target,
             trials,
+            cpu_us_per_echo: Vec::new(),
         };
         RttOdds {
             crypto: None,
@@ -307,5 +405,26 @@ mod tests {
         assert_eq!((v[0].trials, v[0].trials_met), (1, 1));
         assert!(RttOdds::default().verdicts().is_empty());
         assert!(markdown(&odds(vec![vec![100.0; 5]; 2])).contains("| asmn | 1.0 | 2 of 2 |"));
+    }
+
+    #[test]
+    fn cpu_per_echo_is_compared_with_the_references_trial_by_trial() {
+        let mut o = odds(vec![vec![200.0; 5]; 2]);
+        o.paths[1].cpu_us_per_echo = vec![200.0, 250.0];
+        o.paths[2].cpu_us_per_echo = vec![260.0, 250.0];
+        let v = o.verdicts();
+        assert_eq!(v[0].cpu_ratios, vec![1.3, 1.0]);
+        let md = markdown(&o);
+        assert!(
+            md.contains("| asmn | 255.00 us (250.00-260.00) | 1.15x (1.00-1.30) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| bt | 225.00 us (200.00-250.00) | (the reference) |"),
+            "{md}"
+        );
+        // A reference without a figure in a trial: that trial is not compared.
+        o.paths[1].cpu_us_per_echo = vec![0.0, 250.0];
+        assert_eq!(o.verdicts()[0].cpu_ratios, vec![1.0]);
     }
 }

@@ -297,8 +297,8 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
 }
 
 /// `asmn-lab rtt-odds` runs a trial end to end: every path's runs measured side by side,
-/// each judged path given a verdict over the trial, the cryptography timed hot and woken,
-/// and nothing left behind.
+/// each judged path given a verdict over the trial, each tunnel's CPU per echo measured,
+/// the cryptography timed hot and woken, and nothing left behind.
 #[test]
 fn rtt_odds_judges_each_path_over_a_trial_and_leaves_nothing_behind() {
     if !netns::can_run("asmn-lab rtt-odds") {
@@ -352,6 +352,17 @@ fn rtt_odds_judges_each_path_over_a_trial_and_leaves_nothing_behind() {
             "{p}"
         );
     }
+    // The tunnels' CPU per echo: one figure a trial for each tunnel, none for the veth.
+    // An echo crosses each end twice, each crossing a wake-up: more than 1 us of CPU.
+    for (i, p) in paths.iter().enumerate() {
+        let cpu = p["cpu_us_per_echo"].as_array().expect("cpu_us_per_echo");
+        assert_eq!(cpu.len(), usize::from(i > 0), "{p}");
+        assert!(
+            cpu.iter()
+                .all(|us| us.as_f64().is_some_and(|us| us > 1.0 && us < 1e6)),
+            "{p}"
+        );
+    }
     let verdicts = json["verdicts"].as_array().expect("verdicts");
     let judged: Vec<&str> = verdicts.iter().filter_map(|v| v["path"].as_str()).collect();
     assert_eq!(
@@ -367,11 +378,16 @@ fn rtt_odds_judges_each_path_over_a_trial_and_leaves_nothing_behind() {
             (Some(1), Some(5)),
             "{v}"
         );
+        assert_eq!(v["cpu_ratios"].as_array().map(Vec::len), Some(1), "{v}");
     }
     let c = &json["crypto"];
     for k in ["hot_encapsulate_ns", "woken_decapsulate_ns"] {
         assert!(c[k].as_u64().is_some_and(|ns| ns > 0), "{c}");
     }
     assert!(text.contains("trials with every run within it"), "{text}");
+    assert!(
+        text.contains("CPU per echo at 100 echoes a second"),
+        "{text}"
+    );
     assert_eq!(namespaces(), before, "namespaces left behind");
 }
