@@ -47,6 +47,12 @@ pub struct PathResult {
     pub cpu_s_per_gb: Option<f64>,
 }
 
+/// CPU seconds the processes `pids` (all their threads) have run, together (see
+/// [`cpu_seconds`]): a tunnel's two ends.
+pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
 /// CPU seconds a process (all its threads) has run: the scheduler's nanosecond counts
 /// (`/proc/PID/task/*/schedstat`), or the 10 ms ticks of `/proc/PID/stat` where those are
 /// missing.
@@ -276,9 +282,9 @@ fn measure_tools(
     }
     let rtt4096 = ping_rtt(a, to, 4088)?;
     let slug: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
-    let cpu0: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu0: f64 = cpu_seconds_of(procs);
     let tcp = iperf3(run, (a, b), to, 7001, &[], &format!("{slug}-iperf-tcp.log"))?;
-    let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu1: f64 = cpu_seconds_of(procs);
     let received = &tcp["end"]["sum_received"];
     let bytes = received["bytes"].as_f64().unwrap_or(0.0);
     // UDP to port 7002 with iperf3's `args`, logged under `tag`.
@@ -366,9 +372,9 @@ fn measure_lab(
         &work.join(format!("{name}-tcp-sink.log")),
     )?;
     std::thread::sleep(Duration::from_millis(300));
-    let cpu0: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu0: f64 = cpu_seconds_of(procs);
     let tcp = generate(a, me, &["tcp", &format!("{to}:7001"), "--seconds", &secs])?;
-    let cpu1: f64 = procs.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu1: f64 = cpu_seconds_of(procs);
     let bytes = tcp["bytes"].as_f64().unwrap_or(0.0);
     let mut usink = spawn_generator(
         b,

@@ -143,8 +143,7 @@ fn cpu_per_echo(run: Run<'_>, ns: &Netns, to: &str, pids: &[u32]) -> anyhow::Res
         run.me,
         &["ping", to, "--count", "3", "--interval-ms", "100"],
     );
-    let cpu = || pids.iter().map(|p| bench::cpu_seconds(*p)).sum::<f64>();
-    let before = cpu();
+    let before = bench::cpu_seconds_of(pids);
     let r = bench::generate(
         ns,
         run.me,
@@ -158,7 +157,7 @@ fn cpu_per_echo(run: Run<'_>, ns: &Netns, to: &str, pids: &[u32]) -> anyhow::Res
         ],
     )
     .map_err(anyhow::Error::msg)?;
-    let spent = cpu() - before;
+    let spent = bench::cpu_seconds_of(pids) - before;
     let answered = r["rtt_us"].as_array().map_or(0, Vec::len);
     anyhow::ensure!(
         answered >= CPU_ECHOES * 3 / 4,
@@ -286,7 +285,8 @@ pub fn markdown(o: &RttOdds) -> String {
         s,
         "\n| path | target (x boringtun-cli's overhead) | trials with every run within it | runs within it | overhead / boringtun-cli's, per trial: median (least-most) |\n|---|---:|---:|---:|---:|"
     );
-    for v in o.verdicts() {
+    let verdicts = o.verdicts();
+    for v in &verdicts {
         let _ = writeln!(
             s,
             "| {} | {:.1} | {} of {} | {} of {} | {} |",
@@ -310,7 +310,6 @@ pub fn markdown(o: &RttOdds) -> String {
             "\nThe tunnels' processes (both ends, all threads), CPU per echo at {} echoes a second, 64 bytes (Fig. 6's load), each trial's paths one after another:\n\n| path | per echo, per trial: median (least-most) | over boringtun-cli's, per trial: median (least-most) |\n|---|---:|---:|",
             1000 / CPU_INTERVAL_MS
         );
-        let verdicts = o.verdicts();
         for p in cpu {
             let ratios = verdicts
                 .iter()

@@ -208,7 +208,7 @@ fn busy_polling_agents_deep_tun_queues_and_the_null_tunnels_answer_echoes() {
     // They poll while packets flow (a core's worth of CPU time between them), and sleep
     // once a second has passed without one. Loose bounds: a second of echoes costs far
     // more than 0.3 s of CPU, two idle seconds far less than 0.2 s.
-    let cpu = || pids.iter().map(|p| bench::cpu_seconds(*p)).sum::<f64>();
+    let cpu = || bench::cpu_seconds_of(&pids);
     let c0 = cpu();
     five_answered(&pair.a, TUNNEL_B, "busy agents, a to b again");
     pair.a

@@ -184,9 +184,9 @@ pub(super) fn cpu(
                     &args,
                     &work.join(format!("cpu-{protocol}-{size}.log")),
                 )?;
-                let cpu0: f64 = pids.iter().map(|p| bench::cpu_seconds(*p)).sum();
+                let cpu0: f64 = bench::cpu_seconds_of(pids);
                 let samples = sample_cpu(secs);
-                let cpu1: f64 = pids.iter().map(|p| bench::cpu_seconds(*p)).sum();
+                let cpu1: f64 = bench::cpu_seconds_of(pids);
                 g.wait_exit(Duration::from_secs(secs + 10));
                 let out = bench::last_json(&g.log()).unwrap_or_default();
                 let delivered = match (protocol, udp_sink) {
