@@ -390,26 +390,35 @@ pub fn metrics(t: &Tenant, i: usize) -> String {
         .unwrap_or_default()
 }
 
+/// The `/proc` directory of VNF `i`'s data-plane thread (the task named
+/// `asmn-dataplane` of its agent). None when the agent or its thread is not found.
+pub fn dataplane_task(t: &Tenant, i: usize) -> Option<PathBuf> {
+    let pid = t.vnfs[i].agent.as_ref()?.pid();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .map(|task| task.path())
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "asmn-dataplane")
+        })
+}
+
 /// Write system calls made so far by VNF `i`'s data-plane thread (`syscw` in its
 /// `/proc` task): its writes to the TUN device, one per packet or coalesced
 /// super-packet. None when the agent or its thread is not found.
 pub fn dataplane_writes(t: &Tenant, i: usize) -> Option<u64> {
-    let pid = t.vnfs[i].agent.as_ref()?.pid();
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim() == "asmn-dataplane" {
-            let io = std::fs::read_to_string(dir.join("io")).ok()?;
-            return io
-                .lines()
-                .find_map(|l| l.strip_prefix("syscw:"))
-                .and_then(|v| v.trim().parse().ok());
-        }
-    }
-    None
+    let io = std::fs::read_to_string(dataplane_task(t, i)?.join("io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Nanoseconds the thread of `/proc` task directory `task` has run, and has waited
+/// runnable for a CPU, so far (its `schedstat`). None when it is gone.
+pub fn schedstat(task: &Path) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    let mut f = s.split_whitespace().map(str::parse::<u64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
 }
 
 /// The value of the unlabelled metric `name` in `text`.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use asmn_testkit::netns::{self, Proc};
-use asmn_testkit::tenant::{Tenant, metrics};
+use asmn_testkit::tenant::{Tenant, dataplane_task, metrics, schedstat};
 use serde::Serialize;
 
 use crate::bench::{last_json, spawn_generator};
@@ -95,6 +95,23 @@ pub struct FloodRun {
     pub gateway_rss_kib: Vec<u64>,
     /// SYNs the attacker sent.
     pub syns: u64,
+    /// The data-plane threads of the gateway, the victim and the attacker, and the SYN
+    /// generator, every ~100 ms of the flood: what explains a window off the rule's rate
+    /// (a thread kept off the CPU waits runnable; one with nothing to do neither runs nor
+    /// waits).
+    pub planes: Vec<PlaneSample>,
+}
+
+/// The CPU so far of the threads that carry a flood, at one instant of it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PlaneSample {
+    /// ns since the epoch.
+    pub at_ns: u128,
+    /// ns each of the gateway's, the victim's and the attacker's data-plane threads and
+    /// the SYN generator ran, and waited runnable (0 for a thread not found).
+    pub ran_ns: [u64; 4],
+    /// See `ran_ns`.
+    pub waited_ns: [u64; 4],
 }
 
 impl FloodRun {
@@ -169,7 +186,47 @@ impl FloodRun {
             let at = w.from_ns.saturating_sub(self.start_ns) as f64 / 1e9;
             out.push_str(&format!("{at:.2}s {:.2}\n", w.mbps));
         }
+        if self.planes.len() > 1 {
+            out.push_str(
+                "threads, ms ran/waited runnable: the data planes of the gateway, the \
+                 victim and the attacker, the SYN generator\n",
+            );
+        }
+        for t in self.thread_intervals() {
+            out.push_str(&format!("{:.2}s", t.from_s));
+            for (ran, waited) in t.ran_ms.iter().zip(&t.waited_ms) {
+                out.push_str(&format!(" {ran:.0}/{waited:.0}"));
+            }
+            out.push('\n');
+        }
         out
+    }
+}
+
+/// What the threads that carry a flood did between two [`PlaneSample`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ThreadInterval {
+    /// Its start, s after the flood started.
+    pub from_s: f64,
+    /// ms each ran: the gateway's, the victim's and the attacker's data planes, the SYN
+    /// generator.
+    pub ran_ms: [f64; 4],
+    /// ms each waited runnable for a CPU.
+    pub waited_ms: [f64; 4],
+}
+
+impl FloodRun {
+    /// The threads' CPU between consecutive samples.
+    pub fn thread_intervals(&self) -> Vec<ThreadInterval> {
+        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
+        self.planes
+            .windows(2)
+            .map(|p| ThreadInterval {
+                from_s: p[0].at_ns.saturating_sub(self.start_ns) as f64 / 1e9,
+                ran_ms: std::array::from_fn(|k| ms(p[0].ran_ns[k], p[1].ran_ns[k])),
+                waited_ms: std::array::from_fn(|k| ms(p[0].waited_ns[k], p[1].waited_ns[k])),
+            })
+            .collect()
     }
 }
 
@@ -249,23 +306,48 @@ pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
         .as_ref()
         .map(Proc::pid)
         .ok_or_else(|| anyhow::anyhow!("the gateway's agent is not running"))?;
+    let generator = attacker.pid();
+    let tasks = [
+        dataplane_task(t, plan.gateway),
+        dataplane_task(t, plan.victim),
+        dataplane_task(t, plan.attacker),
+        Some(PathBuf::from(format!("/proc/{generator}/task/{generator}"))),
+    ];
+    let mut planes = Vec::new();
     let mut rss = Vec::new();
-    let second = |rss: &mut Vec<u64>, until: Duration| {
+    // Until `until` after the start: the planes every 100 ms, the gateway's memory once
+    // a second.
+    let second = |rss: &mut Vec<u64>, planes: &mut Vec<PlaneSample>, until: Duration| {
         while started.elapsed() < until {
-            let next = Duration::from_secs(started.elapsed().as_secs() + 1);
-            std::thread::sleep(next.min(until).saturating_sub(started.elapsed()));
-            if started.elapsed() >= next {
+            let tick =
+                Duration::from_millis(started.elapsed().as_millis() as u64 / 100 * 100 + 100);
+            std::thread::sleep(tick.min(until).saturating_sub(started.elapsed()));
+            if started.elapsed() < tick {
+                continue;
+            }
+            let mut p = PlaneSample {
+                at_ns: epoch_ns(),
+                ran_ns: [0; 4],
+                waited_ns: [0; 4],
+            };
+            for (k, task) in tasks.iter().enumerate() {
+                if let Some((ran, waited)) = task.as_deref().and_then(schedstat) {
+                    (p.ran_ns[k], p.waited_ns[k]) = (ran, waited);
+                }
+            }
+            planes.push(p);
+            if tick.as_secs() > rss.len() as u64 {
                 rss.push(rss_kib(gw_pid));
             }
         }
     };
-    second(&mut rss, plan.rule_at);
+    second(&mut rss, &mut planes, plan.rule_at);
     let rule = t.file("flood-rule.yaml", plan.rule.as_bytes())?;
     t.asmnctl(&["catalog", "apply", rule.to_str().unwrap_or_default()])?;
     let applied_ns = epoch_ns();
     let applied = started.elapsed();
     let (from, to) = (vnf_of(t, plan.attacker), vnf_of(t, plan.victim));
-    second(&mut rss, applied + Duration::from_secs(1));
+    second(&mut rss, &mut planes, applied + Duration::from_secs(1));
     let window_start = (
         Instant::now(),
         gateway_bytes(t, plan.gateway, &from, "rx"),
@@ -273,6 +355,7 @@ pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
     );
     second(
         &mut rss,
+        &mut planes,
         plan.length.saturating_sub(Duration::from_millis(300)),
     );
     let gateway = {
@@ -313,6 +396,7 @@ pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
         gateway,
         gateway_rss_kib: rss,
         syns,
+        planes,
     })
 }
 
@@ -425,6 +509,7 @@ mod tests {
             gateway: None,
             gateway_rss_kib: Vec::new(),
             syns: 0,
+            planes: Vec::new(),
         }
     }
 
@@ -444,5 +529,31 @@ mod tests {
         let r = run(&[(100, 10.0), (100, 12.5), (100, 10.0)]);
         let h = r.highest_after(Duration::ZERO, Duration::from_millis(50));
         assert!((h - 12.5).abs() < 1e-9, "{h}");
+    }
+
+    #[test]
+    fn the_threads_cpu_is_the_difference_of_consecutive_samples() {
+        let mut r = run(&[(100, 10.0)]);
+        r.start_ns = 1_000_000_000;
+        let sample = |at_ms: u128, ran: [u64; 4], waited: [u64; 4]| PlaneSample {
+            at_ns: r.start_ns + at_ms * 1_000_000,
+            ran_ns: ran.map(|x| x * 1_000_000),
+            waited_ns: waited.map(|x| x * 1_000_000),
+        };
+        r.planes = vec![
+            sample(100, [10, 20, 30, 0], [0, 1, 2, 0]),
+            sample(200, [60, 25, 30, 0], [1, 1, 102, 0]),
+        ];
+        let t = r.thread_intervals();
+        assert_eq!(t.len(), 1);
+        assert!((t[0].from_s - 0.1).abs() < 1e-9, "{t:?}");
+        assert_eq!(t[0].ran_ms, [50.0, 5.0, 0.0, 0.0]);
+        assert_eq!(t[0].waited_ms, [1.0, 0.0, 100.0, 0.0]);
+        // The report shows the attacker kept off the CPU for the whole interval.
+        assert!(
+            r.report().contains("0.10s 50/1 5/0 0/100 0/0"),
+            "{}",
+            r.report()
+        );
     }
 }

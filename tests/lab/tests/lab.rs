@@ -160,12 +160,33 @@ fn the_quick_evaluation_writes_the_full_report() {
         mean_before > 10.0,
         "{mean_before} Mbit/s before the rule\n{csv}"
     );
+    // What the flood's threads did around a time: a window off the rule says why.
+    let threads = std::fs::read_to_string(dir.join("fig9_threads.csv")).expect("fig9 threads");
+    let header = threads.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("seconds_since_flood_start,gateway_ran_ms"),
+        "{header}"
+    );
+    assert!(threads.lines().count() > 20, "{threads}");
+    let threads_near = |at: f64| -> String {
+        let rows = threads.lines().skip(1).filter(|l| {
+            l.split(',')
+                .next()
+                .and_then(|t| t.parse::<f64>().ok())
+                .is_some_and(|t| (at - 0.5..=at + 0.3).contains(&t))
+        });
+        std::iter::once(header)
+            .chain(rows)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let after: Vec<&(f64, f64)> = rate.iter().filter(|(t, _)| *t >= rule_at + 0.1).collect();
     assert!(after.len() >= 30, "{csv}");
     for (t, r) in after {
         assert!(
             *r <= 10.5,
-            "{r} Mbit/s at {t} s (rule at {rule_at} s)\n{csv}"
+            "{r} Mbit/s at {t} s (rule at {rule_at} s)\n{csv}\nthe threads around it:\n{}",
+            threads_near(*t)
         );
     }
 }

@@ -27,6 +27,10 @@ pub struct Flood {
     pub max_after_mbps: f64,
     /// Mean rate from 1 s after the command.
     pub after_mbps: f64,
+    /// What the threads that carry the flood did every ~100 ms: the data planes of the
+    /// gateway, the victim and the attacker, and the SYN generator (what explains a
+    /// window off the rule's rate).
+    pub threads: Vec<crate::scenarios::ThreadInterval>,
 }
 
 /// Latencies beyond the paper.
@@ -260,5 +264,6 @@ pub(super) fn flood_figure(run: &crate::scenarios::FloodRun) -> Flood {
             let v: Vec<f64> = run.after(Duration::from_secs(1)).map(|w| w.mbps).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         },
+        threads: run.thread_intervals(),
     }
 }

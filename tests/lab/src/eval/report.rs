@@ -102,6 +102,19 @@ pub fn write(o: &Options, r: &Report) -> anyhow::Result<()> {
         "seconds_since_flood_start,mbit_per_s",
         r.flood.rate.iter().map(|(t, v)| format!("{t:.3},{v:.3}")),
     )?;
+    csv(
+        &out.join("fig9_threads.csv"),
+        "seconds_since_flood_start,gateway_ran_ms,gateway_waited_ms,victim_ran_ms,\
+         victim_waited_ms,attacker_ran_ms,attacker_waited_ms,generator_ran_ms,\
+         generator_waited_ms",
+        r.flood.threads.iter().map(|t| {
+            let mut row = format!("{:.3}", t.from_s);
+            for (ran, waited) in t.ran_ms.iter().zip(&t.waited_ms) {
+                row.push_str(&format!(",{ran:.1},{waited:.1}"));
+            }
+            row
+        }),
+    )?;
     let mut lat_rows = Vec::new();
     for (kind, v) in [
         ("catalog_open_ms", &r.latency.catalog_open_ms),
@@ -449,6 +462,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         w,
         "`table2_hashing.csv`, `fig5_paths.csv`, `fig6_8_cpu.csv`, `fig9_flood.csv`, \
+         `fig9_threads.csv` (the flood's threads, ms ran and waited for a CPU per ~100 ms), \
          `latency.csv` (raw data); `fig5_rtt`, `fig6_cpu_icmp`, `fig7_cpu_tcp`, \
          `fig8_cpu_udp`, `fig9_flood` (`.png` and `.svg`); `report.json` (everything above)."
     );
