@@ -7,8 +7,8 @@ use asmn_lab::bench::cpu_seconds;
 use asmn_lab::scenarios;
 use asmn_testkit::netns::{self, SCHED_OTHER, dataplane_policy, wait_for_policy};
 use asmn_testkit::tenant::{
-    CLIENT_VNFD, GATEWAY_VNFD, Tenant, dataplane_writes, image, metric, metrics, ping_once,
-    ping_until_up,
+    CLIENT_VNFD, DATAPLANE_REALTIME, FLOODER_REALTIME, GATEWAY_VNFD, Tenant, dataplane_writes,
+    image, metric, metrics, ping_once, ping_until_up,
 };
 
 const SERVER_VNFD: &str = "vnfd:
@@ -854,11 +854,10 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
     // the gateway's real-time priority, or, kept off the CPU here, it delivers what the
     // gateway passed in bunches (see `DATAPLANE_REALTIME`).
     t.realtime(s).expect("realtime");
-    // The attacker's agent, which encrypts the flood, stays ordinary: batch under load it
-    // waits behind the real-time planes on these two cores, and a flood in gaps meets the
-    // gateway's burst after each (see `asmn_lab::scenarios::flood`).
-    t.configure(c, "batch_under_load = false\n")
-        .expect("config");
+    // The attacker's agent, which encrypts the flood, runs real-time under load below the
+    // planes under test: an ordinary one, kept off the CPU by any busy process, floods in
+    // gaps, and after each gap the gateway passes only its burst (see `FLOODER_REALTIME`).
+    t.flooder(c).expect("flooder");
     for i in [g, c, s, w, st] {
         t.start(i).expect("start");
     }
@@ -866,9 +865,13 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
         t.wait_enrolled(i, Duration::from_secs(20))
             .expect("enrolled");
     }
-    // Both may run their data plane real-time under load (the gateway by its role's
+    // All three may run their data plane real-time under load (the gateway by its role's
     // default): without it this test would fail as if the limiter were wrong.
-    for i in [g, s] {
+    for (i, priority) in [
+        (g, DATAPLANE_REALTIME),
+        (s, DATAPLANE_REALTIME),
+        (c, FLOODER_REALTIME),
+    ] {
         let agent = t.vnfs[i].agent.as_mut().expect("agent");
         assert!(
             agent.wait_log(
@@ -881,7 +884,7 @@ fn a_syn_flood_is_shaped_by_a_live_catalog_change() {
         let m = metrics(&t, i);
         assert_eq!(
             metric(&m, "asmn_agent_dataplane_realtime_priority"),
-            Some(f64::from(asmn_testkit::tenant::DATAPLANE_REALTIME)),
+            Some(f64::from(priority)),
             "{m}"
         );
     }

@@ -618,8 +618,10 @@ fn demo(json: bool) -> anyhow::Result<bool> {
         ),
         true,
     );
-    // The flood's victim, measured in 100 ms windows, as the flood test runs it.
+    // The flood's victim, measured in 100 ms windows, and its source, as the flood test
+    // runs them.
     t.realtime(s).map_err(anyhow::Error::msg)?;
+    t.flooder(c).map_err(anyhow::Error::msg)?;
     for i in [g, c, s, f] {
         t.start(i).map_err(anyhow::Error::msg)?;
     }

@@ -267,9 +267,9 @@ fn vnf_of(t: &Tenant, i: usize) -> String {
 /// Runs the flood of `plan` on `t`: a sampler of the victim's TUN counter, the SYN flood
 /// from the attacker (its generator at the lowest priority: on this one machine it shares
 /// the cores with the agents it floods, which an attacker elsewhere would not; its agent,
-/// which encrypts the flood, keeps its priority, or the flood comes in gaps that no
-/// policer can fill), the rule applied at `rule_at`, the gateway's memory each second and
-/// its rates after the rule.
+/// which encrypts the flood, should run real-time under load, [`Tenant::flooder`], or the
+/// flood comes in gaps that no policer can fill), the rule applied at `rule_at`, the
+/// gateway's memory each second and its rates after the rule.
 pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
     let me = lab_binary()?;
     let dir = t.dir.path().to_path_buf();
