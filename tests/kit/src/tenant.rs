@@ -82,8 +82,8 @@ pub const DATAPLANE_REALTIME: u8 = 10;
 /// at 10 Mbit/s). Measured in the SYN-flood test with a busy process of another session
 /// (its own autogroup) on the CPU 300 ms at a time: an ordinary attacker's plane waited
 /// runnable 75 ms of each 100 ms, the victim got 100 ms windows of 7.3-7.5 Mbit/s and 1 s
-/// averages of 9.12 and 9.38 Mbit/s (a CI run failed so, on 8.94); at this priority it
-/// waited 5 ms and the averages stayed at 9.80-10.0.
+/// averages of 9.12 and 9.38 Mbit/s (a CI run failed with that symptom, on 8.94); at this
+/// priority it waited 5 ms and the averages stayed at 9.80-10.0.
 pub const FLOODER_REALTIME: u8 = 5;
 
 /// The tenant.
