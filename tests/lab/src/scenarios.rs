@@ -96,9 +96,9 @@ pub struct FloodRun {
     /// SYNs the attacker sent.
     pub syns: u64,
     /// The data-plane threads of the gateway, the victim and the attacker, and the SYN
-    /// generator, every ~100 ms of the flood: what explains a window off the rule's rate
-    /// (a thread kept off the CPU waits runnable; one with nothing to do neither runs nor
-    /// waits).
+    /// generator, every ~100 ms of the flood (longer across the rule's command): what
+    /// explains a window off the rule's rate (a thread kept off the CPU waits runnable;
+    /// one with nothing to do neither runs nor waits).
     pub planes: Vec<PlaneSample>,
 }
 
@@ -108,10 +108,8 @@ pub struct PlaneSample {
     /// ns since the epoch.
     pub at_ns: u128,
     /// ns each of the gateway's, the victim's and the attacker's data-plane threads and
-    /// the SYN generator ran, and waited runnable (0 for a thread not found).
-    pub ran_ns: [u64; 4],
-    /// See `ran_ns`.
-    pub waited_ns: [u64; 4],
+    /// the SYN generator ran, and waited runnable (None: the thread was not found).
+    pub cpu_ns: [Option<(u64, u64)>; 4],
 }
 
 impl FloodRun {
@@ -193,9 +191,12 @@ impl FloodRun {
             );
         }
         for t in self.thread_intervals() {
-            out.push_str(&format!("{:.2}s", t.from_s));
-            for (ran, waited) in t.ran_ms.iter().zip(&t.waited_ms) {
-                out.push_str(&format!(" {ran:.0}/{waited:.0}"));
+            out.push_str(&format!("{:.2}s+{:.0}ms", t.from_s, t.length_ms));
+            for cpu in t.cpu_ms {
+                match cpu {
+                    Some((ran, waited)) => out.push_str(&format!(" {ran:.0}/{waited:.0}")),
+                    None => out.push_str(" -"),
+                }
             }
             out.push('\n');
         }
@@ -208,11 +209,11 @@ impl FloodRun {
 pub struct ThreadInterval {
     /// Its start, s after the flood started.
     pub from_s: f64,
-    /// ms each ran: the gateway's, the victim's and the attacker's data planes, the SYN
-    /// generator.
-    pub ran_ms: [f64; 4],
-    /// ms each waited runnable for a CPU.
-    pub waited_ms: [f64; 4],
+    /// Its length, ms.
+    pub length_ms: f64,
+    /// ms each ran, and waited runnable for a CPU: the gateway's, the victim's and the
+    /// attacker's data planes, the SYN generator (None: not found at either end).
+    pub cpu_ms: [Option<(f64, f64)>; 4],
 }
 
 impl FloodRun {
@@ -223,8 +224,11 @@ impl FloodRun {
             .windows(2)
             .map(|p| ThreadInterval {
                 from_s: p[0].at_ns.saturating_sub(self.start_ns) as f64 / 1e9,
-                ran_ms: std::array::from_fn(|k| ms(p[0].ran_ns[k], p[1].ran_ns[k])),
-                waited_ms: std::array::from_fn(|k| ms(p[0].waited_ns[k], p[1].waited_ns[k])),
+                length_ms: p[1].at_ns.saturating_sub(p[0].at_ns) as f64 / 1e6,
+                cpu_ms: std::array::from_fn(|k| {
+                    let ((ran0, waited0), (ran1, waited1)) = (p[0].cpu_ns[k]?, p[1].cpu_ns[k]?);
+                    Some((ms(ran0, ran1), ms(waited0, waited1)))
+                }),
             })
             .collect()
     }
@@ -325,17 +329,10 @@ pub fn flood(t: &Tenant, plan: &FloodPlan<'_>) -> anyhow::Result<FloodRun> {
             if started.elapsed() < tick {
                 continue;
             }
-            let mut p = PlaneSample {
+            planes.push(PlaneSample {
                 at_ns: epoch_ns(),
-                ran_ns: [0; 4],
-                waited_ns: [0; 4],
-            };
-            for (k, task) in tasks.iter().enumerate() {
-                if let Some((ran, waited)) = task.as_deref().and_then(schedstat) {
-                    (p.ran_ns[k], p.waited_ns[k]) = (ran, waited);
-                }
-            }
-            planes.push(p);
+                cpu_ns: std::array::from_fn(|k| tasks[k].as_deref().and_then(schedstat)),
+            });
             if tick.as_secs() > rss.len() as u64 {
                 rss.push(rss_kib(gw_pid));
             }
@@ -535,25 +532,37 @@ mod tests {
     fn the_threads_cpu_is_the_difference_of_consecutive_samples() {
         let mut r = run(&[(100, 10.0)]);
         r.start_ns = 1_000_000_000;
-        let sample = |at_ms: u128, ran: [u64; 4], waited: [u64; 4]| PlaneSample {
+        let ms = |x: u64| x * 1_000_000;
+        let sample = |at_ms: u128, cpu: [Option<(u64, u64)>; 4]| PlaneSample {
             at_ns: r.start_ns + at_ms * 1_000_000,
-            ran_ns: ran.map(|x| x * 1_000_000),
-            waited_ns: waited.map(|x| x * 1_000_000),
+            cpu_ns: cpu.map(|c| c.map(|(ran, waited)| (ms(ran), ms(waited)))),
         };
         r.planes = vec![
-            sample(100, [10, 20, 30, 0], [0, 1, 2, 0]),
-            sample(200, [60, 25, 30, 0], [1, 1, 102, 0]),
+            sample(
+                100,
+                [Some((10, 0)), Some((20, 1)), Some((30, 2)), Some((5, 5))],
+            ),
+            sample(200, [Some((60, 1)), Some((25, 1)), Some((30, 102)), None]),
+            sample(450, [Some((60, 1)), Some((25, 1)), Some((30, 102)), None]),
         ];
         let t = r.thread_intervals();
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.len(), 2);
         assert!((t[0].from_s - 0.1).abs() < 1e-9, "{t:?}");
-        assert_eq!(t[0].ran_ms, [50.0, 5.0, 0.0, 0.0]);
-        assert_eq!(t[0].waited_ms, [1.0, 0.0, 100.0, 0.0]);
-        // The report shows the attacker kept off the CPU for the whole interval.
-        assert!(
-            r.report().contains("0.10s 50/1 5/0 0/100 0/0"),
-            "{}",
-            r.report()
+        assert!((t[0].length_ms - 100.0).abs() < 1e-9, "{t:?}");
+        assert!((t[1].length_ms - 250.0).abs() < 1e-9, "{t:?}");
+        assert_eq!(
+            t[0].cpu_ms,
+            [
+                Some((50.0, 1.0)),
+                Some((5.0, 0.0)),
+                Some((0.0, 100.0)),
+                None
+            ]
         );
+        // The report shows the attacker kept off the CPU for the whole interval, and a
+        // thread not found as such, not as idle.
+        let report = r.report();
+        assert!(report.contains("0.10s+100ms 50/1 5/0 0/100 -"), "{report}");
+        assert!(report.contains("0.20s+250ms 0/0 0/0 0/0 -"), "{report}");
     }
 }

@@ -164,7 +164,7 @@ fn the_quick_evaluation_writes_the_full_report() {
     let threads = std::fs::read_to_string(dir.join("fig9_threads.csv")).expect("fig9 threads");
     let header = threads.lines().next().unwrap_or_default();
     assert!(
-        header.starts_with("seconds_since_flood_start,gateway_ran_ms"),
+        header.starts_with("seconds_since_flood_start,interval_ms,gateway_ran_ms"),
         "{header}"
     );
     assert!(threads.lines().count() > 20, "{threads}");

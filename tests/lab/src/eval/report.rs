@@ -104,13 +104,16 @@ pub fn write(o: &Options, r: &Report) -> anyhow::Result<()> {
     )?;
     csv(
         &out.join("fig9_threads.csv"),
-        "seconds_since_flood_start,gateway_ran_ms,gateway_waited_ms,victim_ran_ms,\
-         victim_waited_ms,attacker_ran_ms,attacker_waited_ms,generator_ran_ms,\
-         generator_waited_ms",
+        "seconds_since_flood_start,interval_ms,gateway_ran_ms,gateway_waited_ms,\
+         victim_ran_ms,victim_waited_ms,attacker_ran_ms,attacker_waited_ms,\
+         generator_ran_ms,generator_waited_ms",
         r.flood.threads.iter().map(|t| {
-            let mut row = format!("{:.3}", t.from_s);
-            for (ran, waited) in t.ran_ms.iter().zip(&t.waited_ms) {
-                row.push_str(&format!(",{ran:.1},{waited:.1}"));
+            let mut row = format!("{:.3},{:.1}", t.from_s, t.length_ms);
+            for cpu in t.cpu_ms {
+                match cpu {
+                    Some((ran, waited)) => row.push_str(&format!(",{ran:.1},{waited:.1}")),
+                    None => row.push_str(",,"),
+                }
             }
             row
         }),
@@ -462,7 +465,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         w,
         "`table2_hashing.csv`, `fig5_paths.csv`, `fig6_8_cpu.csv`, `fig9_flood.csv`, \
-         `fig9_threads.csv` (the flood's threads, ms ran and waited for a CPU per ~100 ms), \
+         `fig9_threads.csv` (the flood's threads, ms ran and waited for a CPU, ~100 ms a row), \
          `latency.csv` (raw data); `fig5_rtt`, `fig6_cpu_icmp`, `fig7_cpu_tcp`, \
          `fig8_cpu_udp`, `fig9_flood` (`.png` and `.svg`); `report.json` (everything above)."
     );
