@@ -330,18 +330,31 @@ pub fn wait_for_policy(pid: u32, want: u32, within: Duration) -> Option<u32> {
     dataplane_policy(pid)
 }
 
+/// The `/proc` directory of agent `pid`'s data-plane thread (its task named
+/// `asmn-dataplane`). None when the agent or its thread is not found.
+pub fn dataplane_thread(pid: u32) -> Option<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .map(|task| task.path())
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "asmn-dataplane")
+        })
+}
+
 /// The scheduling policy of agent `pid`'s data-plane thread (the 41st field of its stat).
 pub fn dataplane_policy(pid: u32) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    tasks.flatten().find_map(|t| {
-        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-        if comm.trim() != "asmn-dataplane" {
-            return None;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        // Fields after the command name (which may hold spaces) closing with ')': the
-        // state is the third field.
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().nth(41 - 3)?.parse().ok()
-    })
+    let stat = std::fs::read_to_string(dataplane_thread(pid)?.join("stat")).ok()?;
+    // Fields after the command name (which may hold spaces) closing with ')': the state
+    // is the third field.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(41 - 3)?.parse().ok()
+}
+
+/// Nanoseconds the thread of `/proc` task directory `task` has run, and has waited
+/// runnable for a CPU, so far (its `schedstat`). None when it is gone.
+pub fn schedstat(task: &Path) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    let mut f = s.split_whitespace().map(str::parse::<u64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
 }

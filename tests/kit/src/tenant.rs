@@ -410,17 +410,10 @@ pub fn metrics(t: &Tenant, i: usize) -> String {
         .unwrap_or_default()
 }
 
-/// The `/proc` directory of VNF `i`'s data-plane thread (the task named
-/// `asmn-dataplane` of its agent). None when the agent or its thread is not found.
+/// The `/proc` directory of VNF `i`'s data-plane thread (see
+/// [`netns::dataplane_thread`]). None when the agent or its thread is not found.
 pub fn dataplane_task(t: &Tenant, i: usize) -> Option<PathBuf> {
-    let pid = t.vnfs[i].agent.as_ref()?.pid();
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-        .map(|task| task.path())
-        .find(|dir| {
-            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "asmn-dataplane")
-        })
+    netns::dataplane_thread(t.vnfs[i].agent.as_ref()?.pid())
 }
 
 /// Write system calls made so far by VNF `i`'s data-plane thread (`syscw` in its
@@ -431,14 +424,6 @@ pub fn dataplane_writes(t: &Tenant, i: usize) -> Option<u64> {
     io.lines()
         .find_map(|l| l.strip_prefix("syscw:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// Nanoseconds the thread of `/proc` task directory `task` has run, and has waited
-/// runnable for a CPU, so far (its `schedstat`). None when it is gone.
-pub fn schedstat(task: &Path) -> Option<(u64, u64)> {
-    let s = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    let mut f = s.split_whitespace().map(str::parse::<u64>);
-    Some((f.next()?.ok()?, f.next()?.ok()?))
 }
 
 /// The value of the unlabelled metric `name` in `text`.

@@ -62,8 +62,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .map(|tasks| {
             tasks
                 .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .filter_map(|t| netns::schedstat(&t.path()))
+                .map(|(ran, _)| ran)
                 .sum()
         });
     if let Some(ns) = ns.filter(|n| *n > 0) {

@@ -15,8 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use asmn_testkit::netns::{self, Proc};
-use asmn_testkit::tenant::{Tenant, dataplane_task, metrics, schedstat};
+use asmn_testkit::netns::{self, Proc, schedstat};
+use asmn_testkit::tenant::{Tenant, dataplane_task, metrics};
 use serde::Serialize;
 
 use crate::bench::{last_json, spawn_generator};
